@@ -1,0 +1,43 @@
+# Two commands for a newcomer: `make run` (start the service) and `make test` (the whole suite).
+# Both create .venv/ and install everything; only Python >= 3.11 is assumed.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# A CPU build of torch keeps the install lean on machines without a GPU. Override TORCH_SPEC to pick
+# another build, and set TORCH_INDEX to a wheel index (for example PyTorch's CPU index) to use it.
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+STAMP := $(VENV)/.installed
+TINY := .cache/tiny
+OUT ?= out
+PYTEST_WORKERS ?= 2
+
+.PHONY: install run test lint clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "dense-serve needs Python >= 3.11"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+run: $(STAMP)
+	@echo "== dense-serve: random-weight tiny checkpoints for trying the tool; configure a real model for real maps =="
+	test -f $(TINY)/lotus-g-depth/model_index.json || $(BIN)/dense-serve make-tiny $(TINY)/lotus-g-depth --family lotus-g --task depth
+	test -f $(TINY)/lotus-g-normals/model_index.json || $(BIN)/dense-serve make-tiny $(TINY)/lotus-g-normals --family lotus-g --task normals
+	$(BIN)/dense-serve predict assets/sample.png --model $(TINY)/lotus-g-depth --processing-res 128 --format png16,npy,color --out $(OUT)
+	$(BIN)/dense-serve predict assets/sample.png --model $(TINY)/lotus-g-normals --processing-res 128 --format png16,npy,color --out $(OUT)
+
+test: $(STAMP)
+	$(BIN)/python -m ruff check .
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) -q
+
+lint: $(STAMP)
+	$(BIN)/python -m ruff check .
+	$(BIN)/python -m ruff format --check .
+
+clean:
+	rm -rf $(VENV) .cache $(OUT) .pytest_cache .ruff_cache

@@ -1,0 +1,13 @@
+"""Typed failures of the model side, so front-ends can map them to status codes in one table."""
+
+
+class ModelError(Exception):
+    """Base class of every error raised by the model side."""
+
+
+class ModelLoadError(ModelError):
+    """A checkpoint cannot be found, fetched, or does not match its spec."""
+
+
+class SpecError(ModelError):
+    """A model spec file or argument is malformed."""

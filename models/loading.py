@@ -1,0 +1,119 @@
+"""Load a served model from a spec: find the checkpoint (local folder or hub), check it, build its predictor."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from models.detect import CheckpointConfig, ModelIdentity, identify
+from models.errors import ModelLoadError
+from models.inference import DensePredictor
+from models.predictors import E2EFTPredictor, LotusPredictor, SingleStepPredictor
+from models.spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+COMPONENT_DIRS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+WEIGHTS = (".safetensors", ".bin")
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device '{name}' requested but CUDA is not available on this machine")
+    return device
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """fp16 on CUDA, fp32 on the CPU (CPU half precision is slow and inexact)."""
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return {"fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+def resolve_source(spec: ModelSpec) -> Path:
+    """A local folder as is; a hub id through the Hugging Face cache (respects HF_HUB_OFFLINE)."""
+    source = Path(spec.source).expanduser()
+    if source.is_dir():
+        return source.resolve()
+    if source.is_absolute() or spec.source.startswith((".", "~")) or spec.source.count("/") != 1:
+        raise ModelLoadError(f"model '{spec.id}': local checkpoint folder '{spec.source}' does not exist")
+    from huggingface_hub import snapshot_download
+
+    hint = (
+        f"download it where a network exists (`hf download {spec.source} --local-dir DIR`), copy DIR here, "
+        f"and set source = \"DIR\" in the model spec (or pass --model DIR)"
+    )
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    try:
+        path = Path(
+            snapshot_download(
+                spec.source,
+                revision=spec.revision,
+                allow_patterns=["model_index.json", *(f"{c}/*.json" for c in COMPONENT_DIRS), "tokenizer/*.txt",
+                                *(f"{c}/*.safetensors" for c in COMPONENT_DIRS)],
+                ignore_patterns=["*.fp16.*", "*non_ema*"],
+            )
+        )
+        for comp in ("unet", "vae", "text_encoder"):
+            if not any(p.suffix in WEIGHTS for p in (path / comp).glob("*")):
+                snapshot_download(spec.source, revision=spec.revision, allow_patterns=[f"{comp}/*.bin"],
+                                  ignore_patterns=["*.fp16.*", "*non_ema*"])
+    except Exception as exc:  # the hub client raises many types; all mean "not available here"
+        why = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else str(exc).splitlines()[0]
+        raise ModelLoadError(f"model '{spec.id}': cannot fetch hub checkpoint '{spec.source}' ({why}); {hint}") from exc
+    return path
+
+
+def empty_prompt_embedding(path: Path) -> torch.Tensor:
+    """Tokenise "" without padding (BOS, EOS) and encode it once, in fp32 on the CPU: `[1, 2, C]`."""
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer")
+    encoder = CLIPTextModel.from_pretrained(path / "text_encoder", torch_dtype=torch.float32).eval()
+    ids = tokenizer("", padding="do_not_pad", truncation=True, max_length=tokenizer.model_max_length,
+                    return_tensors="pt").input_ids
+    with torch.inference_mode():
+        return encoder(ids)[0].clone()
+
+
+def build_core(path: Path, cfg: CheckpointConfig, ident: ModelIdentity, device: torch.device,
+               dtype: torch.dtype) -> SingleStepPredictor:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype)
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype)
+    for module in (unet, vae):
+        module.set_attn_processor(AttnProcessor2_0())  # fused SDPA attention
+        module.requires_grad_(False)
+    prompt = empty_prompt_embedding(path).to(dtype)
+    core: SingleStepPredictor
+    if ident.family == "e2e-ft":
+        core = E2EFTPredictor(
+            unet, vae, prompt, ident.output_kind,
+            alpha_bar=E2EFTPredictor.alpha_bar_from_scheduler(cfg.scheduler),
+            use_full_z_range=bool(cfg.model_index.get("use_full_z_range", True)),
+        )
+    else:
+        core = LotusPredictor(unet, vae, prompt, ident.output_kind, generative=ident.family == "lotus-g")
+    return core.to(device).eval()
+
+
+def load_model(spec: ModelSpec, device: str | None = None, dtype: str | None = None) -> DensePredictor:
+    path = resolve_source(spec)
+    cfg = CheckpointConfig.read(path)
+    ident = identify(spec, cfg)
+    dev = pick_device(device or spec.device)
+    dt = pick_dtype(dtype or spec.dtype, dev)
+    try:
+        core = build_core(path, cfg, ident, dev, dt)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"model '{spec.id}': cannot load {path}: {exc}") from exc
+    log.info("loaded %s (%s, %s -> %s) on %s %s", spec.id, ident.family, ident.task, ident.output_kind, dev, dt)
+    return DensePredictor(core, spec.id, ident.family, ident.processing_res, spec.seed, spec.minmax_normalize)

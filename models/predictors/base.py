@@ -1,0 +1,85 @@
+"""The shape every family shares: VAE encoder -> one UNet call at t = 999 -> VAE decoder -> map."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+
+from models.outputs import OutputKind
+
+TIMESTEP = 999
+
+
+class SingleStepPredictor(torch.nn.Module, ABC):
+    """Batch-first, device-agnostic core: `[B, 3, H, W]` in [-1, 1] -> `[B, C, H, W]` float32 maps.
+
+    Stages are separate methods so exporters and the multi-seed path can call them one by one
+    (for example: encode once, repeat the latent, run the rest per seed).
+    """
+
+    #: Whether the UNet input carries seeded noise (Lotus-G only).
+    generative: bool = False
+
+    def __init__(
+        self,
+        unet: UNet2DConditionModel,
+        vae: AutoencoderKL,
+        prompt_embeds: torch.Tensor,
+        output_kind: OutputKind,
+    ) -> None:
+        super().__init__()
+        self.unet = unet
+        self.vae = vae
+        self.output_kind = output_kind
+        self.scaling_factor = float(vae.config.scaling_factor)
+        # The empty prompt (BOS, EOS) is computed once at load time: `[1, 2, C]`.
+        self.register_buffer("prompt_embeds", prompt_embeds, persistent=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def out_channels(self) -> int:
+        return 3 if self.output_kind == "normals" else 1
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Posterior mean, not a sample: a service must be deterministic."""
+        return self.vae.encode(images).latent_dist.mode() * self.scaling_factor
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latents / self.scaling_factor).sample
+
+    def unet_step(self, sample: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        batch = sample.shape[0]
+        timestep = torch.full((batch,), TIMESTEP, dtype=torch.long, device=sample.device)
+        hidden = self.prompt_embeds.to(sample.dtype).expand(batch, -1, -1)
+        return self.unet(sample, timestep, encoder_hidden_states=hidden, class_labels=class_labels).sample
+
+    def make_noise(self, seeds: Sequence[int], latent_hw: tuple[int, int]) -> torch.Tensor | None:
+        """Seeded noise for generative families; drawn on the CPU so every device gets the same numbers."""
+        if not self.generative:
+            return None
+        noise = [
+            torch.randn((1, 4, *latent_hw), generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds
+        ]
+        return torch.cat(noise).to(self.device, self.dtype)
+
+    @abstractmethod
+    def predict_latent(self, image_latent: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """One UNet call, returning the predicted clean latent x0."""
+
+    @abstractmethod
+    def postprocess(self, decoded: torch.Tensor) -> torch.Tensor:
+        """Decoded RGB `[B, 3, H, W]` -> float32 map in the output kind's range."""
+
+    def forward(self, images: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        latent = self.predict_latent(self.encode(images), noise)
+        return self.postprocess(self.decode(latent))

@@ -1,0 +1,124 @@
+"""Tiny random-weight checkpoints with the real component classes and config keys.
+
+They let tests and newcomers exercise the whole path offline. Same seed, same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from models.outputs import Family, Task
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+TINY_PROCESSING_RES = 64
+PIPELINE_CLASS: dict[tuple[Family, Task], str] = {
+    ("lotus-g", "depth"): "DirectDiffusionY0Pipeline",
+    ("lotus-g", "normals"): "DirectDiffusionY0Pipeline",
+    ("lotus-d", "depth"): "DirectRegressionPipeline",
+    ("lotus-d", "normals"): "DirectRegressionPipeline",
+    ("e2e-ft", "depth"): "MarigoldDepthPipeline",
+    ("e2e-ft", "normals"): "MarigoldNormalsPipeline",
+}
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """The byte-level alphabet of CLIP's BPE: printable bytes map to themselves, the rest are shifted."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+def write_tokenizer(out: Path) -> int:
+    """A CLIP BPE tokenizer over single bytes (no merges), in the files real checkpoints ship; returns its size."""
+    chars = list(_bytes_to_unicode().values())
+    vocab = {tok: i for i, tok in enumerate([*chars, *(c + "</w>" for c in chars), BOS, EOS])}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False))
+    (out / "merges.txt").write_text("#version: 0.2\n")
+    config = {
+        "tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True, "errors": "replace",
+        "bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    special = {"bos_token": BOS, "eos_token": EOS, "unk_token": EOS, "pad_token": EOS}
+    (out / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+    return len(vocab)
+
+
+def make_tiny(out: str | Path, family: Family, task: Task, seed: int = 0) -> Path:
+    """Write a diffusers-format checkpoint (well under 5 MB) to `out` and return its path."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    out = Path(out)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    lotus = family.startswith("lotus")
+    vocab_size = write_tokenizer(out / "tokenizer")
+
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=vocab_size, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=77, projection_dim=32, hidden_act="gelu",
+            bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
+        )
+    )
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1, norm_num_groups=8,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(8, 16, 16, 16), sample_size=TINY_PROCESSING_RES, scaling_factor=0.18215,
+    )
+    torch.manual_seed(seed + 2)
+    unet = UNet2DConditionModel(
+        sample_size=TINY_PROCESSING_RES // 8, in_channels=4 if family == "lotus-d" else 8, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32, attention_head_dim=(2, 4),
+        norm_num_groups=8, use_linear_projection=True,
+        class_embed_type="projection" if lotus else None,
+        projection_class_embeddings_input_dim=4 if lotus else None,
+    )
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        clip_sample=False, set_alpha_to_one=True, steps_offset=1, timestep_spacing="trailing",
+        prediction_type="sample" if lotus else "v_prediction",
+    )
+    for name, module in (("text_encoder", text_encoder), ("vae", vae), ("unet", unet)):
+        module.save_pretrained(out / name, safe_serialization=True)
+    scheduler.save_pretrained(out / "scheduler")
+    _write_model_index(out, family, task)
+    return out
+
+
+def _write_model_index(out: Path, family: Family, task: Task) -> None:
+    import diffusers
+
+    index: dict[str, object] = {
+        "_class_name": PIPELINE_CLASS[(family, task)],
+        "_diffusers_version": diffusers.__version__,
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    if family == "e2e-ft":
+        index |= {
+            "prediction_type": task,
+            "default_denoising_steps": 1,
+            "default_processing_resolution": TINY_PROCESSING_RES,
+        }
+        index |= {"use_full_z_range": True} if task == "normals" else {"scale_invariant": True, "shift_invariant": True}
+    (out / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")

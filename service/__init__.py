@@ -1,0 +1,1 @@
+"""Online side of dense-serve: codec, CLI, and (later) the API, gRPC, queue and worker."""

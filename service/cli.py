@@ -1,0 +1,167 @@
+"""`dense-serve` command line: parse, then call. Each subcommand is a thin shell over a library function."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from models.errors import ModelError
+from models.outputs import FAMILIES, TASKS, PredictionMap
+
+FORMATS = ("png16", "npy", "color")
+
+
+def _quiet_hub_libraries() -> None:
+    """Library progress bars for tiny local files only clutter the CLI's own output."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def _formats(value: str) -> list[str]:
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    bad = [v for v in items if v not in FORMATS]
+    if bad or not items:
+        raise argparse.ArgumentTypeError(f"formats must be a comma list of {', '.join(FORMATS)}; got {value!r}")
+    return items
+
+
+def _processing_res(value: str) -> int:
+    n = int(value)
+    if n < 0 or n % 8:
+        raise argparse.ArgumentTypeError(f"processing resolution must be 0 or a multiple of 8, got {n}")
+    return n
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dense-serve", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("predict", help="predict depth or normals for image files")
+    p.add_argument("images", nargs="+", type=Path, help="input image files")
+    p.add_argument("--model", required=True, help="spec .toml, local diffusers folder, shipped spec id or hub id")
+    p.add_argument("--task", choices=TASKS, help="override the detected task")
+    p.add_argument("--processing-res", type=_processing_res, help="long edge to process at (0 = native)")
+    p.add_argument("--seed", type=int, help="Lotus-G noise seed (default: the spec's, 0)")
+    p.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default 4)")
+    p.add_argument("--format", type=_formats, default=["png16"], help="comma list of png16,npy,color")
+    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N (default: the spec's, auto)")
+    p.add_argument("--dtype", choices=("auto", "fp16", "fp32"), help="default: fp16 on CUDA, fp32 on CPU")
+    p.add_argument("--max-pixels", type=int, default=None, help="refuse larger images (default 40 MP)")
+    p.add_argument("--native-size", action="store_true", help="return maps at the processing size, not the input's")
+    p.set_defaults(func=cmd_predict)
+
+    t = sub.add_parser("make-tiny", help="write a tiny random-weight checkpoint for tests and trials")
+    t.add_argument("out", type=Path)
+    t.add_argument("--family", choices=FAMILIES, required=True)
+    t.add_argument("--task", choices=TASKS, required=True)
+    t.add_argument("--seed", type=int, default=0)
+    t.set_defaults(func=cmd_make_tiny)
+    return parser
+
+
+def cmd_make_tiny(args: argparse.Namespace) -> int:
+    _quiet_hub_libraries()
+    from models.tiny import make_tiny
+
+    path = make_tiny(args.out, args.family, args.task, args.seed)
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    print(f"wrote tiny {args.family} {args.task} checkpoint (random weights, {size / 1e6:.1f} MB) to {path}")
+    return 0
+
+
+def output_files(pred: PredictionMap, stem: str, formats: Sequence[str]) -> dict[str, bytes]:
+    from service import codec
+
+    files: dict[str, bytes] = {}
+    for fmt in formats:
+        if fmt == "png16":
+            files[f"{stem}_{pred.kind}.png"] = codec.encode_map_png(pred)
+        elif fmt == "npy":
+            files[f"{stem}_{pred.kind}.npy"] = codec.encode_npy(pred.array)
+        elif fmt == "color":
+            files[f"{stem}_{pred.kind}_color.png"] = codec.encode_color_png(pred)
+    return files
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    if args.batch_size < 1:
+        print("error: --batch-size must be >= 1", file=sys.stderr)
+        return 2
+    _quiet_hub_libraries()
+    from tqdm import tqdm
+
+    from models.loading import load_model
+    from models.spec import resolve_spec
+    from service import codec
+
+    max_pixels = args.max_pixels or codec.DEFAULT_MAX_PIXELS
+    try:
+        spec = resolve_spec(args.model, task=args.task)
+        model = load_model(spec, device=args.device, dtype=args.dtype)
+    except ModelError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    stems = _unique_stems(args.images)
+    failed = 0
+    chunk = args.batch_size * 8  # decode lazily: memory stays bounded for long file lists
+    start = time.perf_counter()
+    with tqdm(total=len(args.images), unit="img", disable=len(args.images) < 2, file=sys.stderr) as bar:
+        for lo in range(0, len(args.images), chunk):
+            names, images = [], []
+            for path, stem in zip(args.images[lo : lo + chunk], stems[lo : lo + chunk], strict=True):
+                try:
+                    images.append(codec.decode_image(path, max_pixels))
+                    names.append(stem)
+                except codec.ImageDecodeError as exc:
+                    failed += 1
+                    bar.update(1)
+                    tqdm.write(f"error: {path}: {exc}", file=sys.stderr)
+            if not images:
+                continue
+            preds = model.predict(
+                images, processing_res=args.processing_res, seeds=args.seed, batch_size=args.batch_size,
+                match_input_resolution=not args.native_size, on_batch=bar.update,
+            )
+            for stem, pred in zip(names, preds, strict=True):
+                for name, data in output_files(pred, stem, args.format).items():
+                    (args.out / name).write_bytes(data)
+    done = len(args.images) - failed
+    elapsed = time.perf_counter() - start
+    print(
+        f"{done} of {len(args.images)} images -> {args.out} ({model.model_id}: {model.family} {model.output_kind}, "
+        f"{elapsed:.2f} s)"
+    )
+    return 1 if failed else 0
+
+
+def _unique_stems(paths: Sequence[Path]) -> list[str]:
+    """Output names per input; repeated stems (same name, other folder) get -1, -2, ... appended."""
+    seen: dict[str, int] = {}
+    stems: list[str] = []
+    for path in paths:
+        n = seen.get(path.stem, 0)
+        seen[path.stem] = n + 1
+        stems.append(path.stem if n == 0 else f"{path.stem}-{n}")
+    return stems
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
