@@ -1,0 +1,66 @@
+"""Shared fixtures: tiny checkpoints built once per test session (per xdist worker), real images."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models.outputs import Family, Task
+
+COMBOS: list[tuple[Family, Task]] = [
+    ("lotus-g", "depth"), ("lotus-g", "normals"),
+    ("lotus-d", "depth"), ("lotus-d", "normals"),
+    ("e2e-ft", "depth"), ("e2e-ft", "normals"),
+]
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE = REPO / "assets" / "sample.png"
+
+torch.set_num_threads(1)  # two xdist workers on two cores
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[[Family, Task], Path]:
+    """Builds each tiny checkpoint on first use, then reuses it."""
+    from models.tiny import make_tiny
+
+    root = tmp_path_factory.mktemp("tiny")
+    built: dict[tuple[str, str], Path] = {}
+
+    def get(family: Family, task: Task) -> Path:
+        key = (family, task)
+        if key not in built:
+            built[key] = make_tiny(root / f"{family}-{task}", family, task, seed=0)
+        return built[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_dir: Callable[[Family, Task], Path]):  # noqa: ANN201
+    """A loaded DensePredictor per (family, task), cached for the session."""
+    from models.loading import load_model
+    from models.spec import resolve_spec
+
+    loaded: dict[tuple[str, str], object] = {}
+
+    def get(family: Family, task: Task):  # noqa: ANN202
+        key = (family, task)
+        if key not in loaded:
+            loaded[key] = load_model(resolve_spec(str(tiny_dir(family, task))))
+        return loaded[key]
+
+    return get
+
+
+def random_image(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """A smooth random RGB image (float32 [H, W, 3] in [0, 1]), so resizing is not trivially lossless."""
+    rng = np.random.default_rng(seed)
+    base = rng.random((max(2, h // 4), max(2, w // 4), 3)).astype(np.float32)
+    t = torch.from_numpy(base).permute(2, 0, 1)[None]
+    up = torch.nn.functional.interpolate(t, (h, w), mode="bilinear", align_corners=False)[0].permute(1, 2, 0)
+    noise = rng.random((h, w, 3)).astype(np.float32) * 0.2
+    return np.clip(up.numpy() * 0.8 + noise, 0.0, 1.0).astype(np.float32)
