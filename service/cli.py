@@ -147,13 +147,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _unique_stems(paths: Sequence[Path]) -> list[str]:
-    """Output names per input; repeated stems (same name, other folder) get -1, -2, ... appended."""
-    seen: dict[str, int] = {}
+    """Output names per input; a name already taken (same stem, other folder) gets -1, -2, ... appended."""
+    taken: set[str] = set()
     stems: list[str] = []
     for path in paths:
-        n = seen.get(path.stem, 0)
-        seen[path.stem] = n + 1
-        stems.append(path.stem if n == 0 else f"{path.stem}-{n}")
+        name, n = path.stem, 0
+        while name in taken:
+            n += 1
+            name = f"{path.stem}-{n}"
+        taken.add(name)
+        stems.append(name)
     return stems
 
 

@@ -1,12 +1,14 @@
 """Image decoding with limits, and output encodings. Shared by the front-ends and the CLI; no torch here.
 
-Decoding applies EXIF orientation, drops alpha, expands grayscale and keeps 16-bit precision. Everything
+Decoding applies EXIF orientation, drops alpha, expands grayscale and keeps 16-bit grayscale precision
+(Pillow reads 16-bit RGB as 8-bit). Everything
 it refuses raises `ImageDecodeError` with a one-line reason.
 """
 
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 from pathlib import Path
 
@@ -54,6 +56,9 @@ def decode_image(data: bytes | Path | str, max_pixels: int = DEFAULT_MAX_PIXELS)
             raise ImageDecodeError("not a recognised image (corrupt or unsupported format)") from exc
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
             raise ImageTooLargeError(f"image too large: {exc}") from exc
+        except (OSError, ValueError, EOFError, SyntaxError, struct.error) as exc:
+            # Pillow's header readers raise these when a file is cut short or mangled.
+            raise ImageDecodeError(f"truncated or corrupt image header ({exc})") from exc
         if img.format not in SUPPORTED_FORMATS:
             raise ImageDecodeError(
                 f"unsupported image format {img.format}; supported: {', '.join(sorted(SUPPORTED_FORMATS))}"
@@ -74,9 +79,10 @@ def decode_image(data: bytes | Path | str, max_pixels: int = DEFAULT_MAX_PIXELS)
 def _to_rgb_float(img: Image.Image) -> np.ndarray:
     mode = img.mode
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
+        # Pillow gives 16-bit gray (PNG, TIFF, PGM) as I;16* or I; the scale follows the container's bit
+        # depth, never the pixel values (a dark 16-bit image is not an 8-bit one).
         gray = np.asarray(img, dtype=np.float64)
-        scale = 65535.0 if mode.startswith("I;16") or gray.max(initial=0) > 255 else 255.0
-        arr = np.clip(gray / scale, 0.0, 1.0).astype(np.float32)
+        arr = np.clip(gray / 65535.0, 0.0, 1.0).astype(np.float32)
         return np.repeat(arr[:, :, None], 3, axis=2)
     if mode == "F":
         raise ImageDecodeError("floating-point images (mode F) are not supported; send 8- or 16-bit RGB/gray")

@@ -40,14 +40,14 @@ def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[[Family, Task
 
 
 @pytest.fixture(scope="session")
-def tiny_model(tiny_dir: Callable[[Family, Task], Path]):  # noqa: ANN201
+def tiny_model(tiny_dir: Callable[[Family, Task], Path]):
     """A loaded DensePredictor per (family, task), cached for the session."""
     from models.loading import load_model
     from models.spec import resolve_spec
 
     loaded: dict[tuple[str, str], object] = {}
 
-    def get(family: Family, task: Task):  # noqa: ANN202
+    def get(family: Family, task: Task):
         key = (family, task)
         if key not in loaded:
             loaded[key] = load_model(resolve_spec(str(tiny_dir(family, task))))

@@ -1,7 +1,6 @@
 """`service.codec`: decoding real image bytes (made with Pillow here) and the output writers.
 
 Every decode case either yields exact pixels or raises `ImageDecodeError` with a one-line message.
-Known bugs are marked `xfail(strict=True)`: once fixed, the test XPASSes, fails, and the marker should go.
 """
 
 from __future__ import annotations
@@ -52,7 +51,8 @@ def _noise(h: int, w: int, seed: int = 0) -> np.ndarray:
 
 
 def _png_chunk(kind: bytes, data: bytes) -> bytes:
-    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
 
 
 def _crafted_png(width: int, height: int, bit_depth: int = 8, color_type: int = 2, raw: bytes = b"") -> bytes:
@@ -153,28 +153,23 @@ def test_png_with_corrupted_image_data_is_refused() -> None:
     assert "corrupt" in str(_decode_error(bytes(data)))
 
 
-# Truncations that end inside the headers make `Image.open` itself raise OSError / ValueError, which
-# `decode_image` does not catch (it only catches UnidentifiedImageError and the decompression-bomb errors
-# around `Image.open`). Any one of these in a CLI file list aborts the whole run with a traceback.
-@pytest.mark.xfail(strict=True, raises=OSError, reason="BUG: OSError from Image.open escapes decode_image")
+# Truncations that end inside the headers make `Image.open` itself raise OSError / ValueError; they must
+# come out as ImageDecodeError, or one such file in a CLI list would abort the whole run.
 def test_jpeg_truncated_in_its_headers_is_refused() -> None:
     data = _save(Image.fromarray(_noise(23, 31)), "JPEG")
     _decode_error(data[: len(data) // 2])  # the 600-odd bytes of tables are cut: 'Truncated File Read'
 
 
-@pytest.mark.xfail(strict=True, raises=OSError, reason="BUG: OSError from Image.open escapes decode_image")
 def test_png_truncated_inside_ihdr_is_refused() -> None:
     data = _save(Image.fromarray(_noise(8, 8)), "PNG")
     _decode_error(data[:20])
 
 
-@pytest.mark.xfail(strict=True, raises=OSError, reason="BUG: OSError from Image.open escapes decode_image")
 def test_truncated_webp_is_refused() -> None:
     data = _save(Image.fromarray(_noise(64, 48)), "WEBP", quality=80)
     _decode_error(data[: len(data) // 2])  # 'could not create decoder object'
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="BUG: ValueError from Image.open escapes decode_image")
 def test_ppm_truncated_in_its_header_is_refused() -> None:
     data = _save(Image.fromarray(_noise(8, 8)), "PPM")
     assert data.startswith(b"P6")
@@ -233,7 +228,7 @@ def test_decompression_bomb_header_raises_too_large(max_pixels: int) -> None:
 
 
 def test_decompression_bomb_warning_range_raises_too_large() -> None:
-    # Between MAX_IMAGE_PIXELS and twice that, Pillow only warns; decode_image turns the warning into a refusal.
+    # Between MAX_IMAGE_PIXELS and twice that, Pillow only warns; decode_image makes the warning a refusal.
     side = 10_000
     assert Image.MAX_IMAGE_PIXELS < side * side <= 2 * Image.MAX_IMAGE_PIXELS
     err = _decode_error(_crafted_png(side, side), max_pixels=10**12)
@@ -333,16 +328,11 @@ def test_16bit_big_endian_tiff_keeps_precision() -> None:
     np.testing.assert_allclose(out[0, :, 1], values[0] / 65535.0, rtol=0, atol=1e-6)
 
 
-@pytest.mark.xfail(
-    strict=True, raises=AssertionError,
-    reason="BUG: 16-bit PGM opens as mode I and _to_rgb_float guesses 8-bit scale when max <= 255",
-)
 def test_dark_16bit_pgm_is_not_mistaken_for_8bit() -> None:
     values = np.full((3, 4), 200, dtype=np.uint16)
     data = b"P5\n4 3\n65535\n" + values.astype(">u2").tobytes()
     assert Image.open(io.BytesIO(data)).format == "PPM"
     out = decode_image(data)
-    # Today: 200/255 = 0.784 instead of 200/65535 = 0.003.
     np.testing.assert_allclose(out, np.full((3, 4, 3), 200 / 65535), rtol=0, atol=1e-6)
 
 

@@ -34,7 +34,7 @@ def test_value_ranges_and_metadata(tiny_model, family, task) -> None:
         np.testing.assert_allclose(np.linalg.norm(pred.array, axis=-1), 1.0, atol=1e-5)
         assert not pred.affine_invariant
     else:
-        assert 0.0 <= pred.array.min() and pred.array.max() <= 1.0
+        assert pred.array.min() >= 0.0 and pred.array.max() <= 1.0
         assert pred.affine_invariant
     meta = pred.metadata()
     assert meta["kind"] == task and meta["model"] == f"{family}-{task}"
@@ -127,7 +127,7 @@ def test_task_switcher_and_timestep_reach_the_unet(tiny_model) -> None:
     core = tiny_model("lotus-g", "normals").core
     seen: dict[str, torch.Tensor] = {}
 
-    def hook(_module, args, kwargs):  # noqa: ANN001, ANN202
+    def hook(_module, args, kwargs):
         seen["t"] = args[1]
         seen["labels"] = kwargs["class_labels"]
         seen["hidden"] = kwargs["encoder_hidden_states"]

@@ -1,0 +1,62 @@
+"""The README quickstart: tiny checkpoints, `dense-serve predict` on the shipped sample, PNG/NPY out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.cli import main
+from tests.conftest import SAMPLE
+
+
+@pytest.mark.parametrize(("family", "task"), [("lotus-g", "depth"), ("lotus-g", "normals"), ("e2e-ft", "depth")])
+def test_predict_sample_writes_every_format(tiny_dir, tmp_path: Path, capsys, family, task) -> None:
+    out = tmp_path / "out"
+    rc = main(["predict", str(SAMPLE), "--model", str(tiny_dir(family, task)), "--processing-res", "64",
+               "--format", "png16,npy,color", "--out", str(out), "--seed", "3"])
+    assert rc == 0
+    assert f"1 of 1 images -> {out}" in capsys.readouterr().out
+    w, h = Image.open(SAMPLE).size
+    arr = np.load(out / f"sample_{task}.npy")
+    png = Image.open(out / f"sample_{task}.png")
+    color = Image.open(out / f"sample_{task}_color.png")
+    assert png.size == color.size == (w, h)
+    assert color.mode == "RGB"
+    if task == "normals":
+        assert arr.shape == (h, w, 3) and png.mode == "RGB"
+        back = np.asarray(png, dtype=np.float32) / 255 * 2 - 1
+        assert np.abs(back - arr).max() <= 1 / 255 + 1e-6
+    else:
+        assert arr.shape == (h, w) and png.mode.startswith("I")
+        assert np.abs(np.asarray(png, dtype=np.float64) / 65535 - arr).max() <= 0.5 / 65535 + 1e-6
+
+
+def test_predict_many_images_in_batches_matches_single(tiny_dir, tmp_path: Path, capsys) -> None:
+    src = Image.open(SAMPLE)
+    paths = []
+    for i, size in enumerate([(64, 48), (64, 48), (53, 37), (64, 48), (80, 60)]):
+        p = tmp_path / "in" / f"img{i}.png"
+        p.parent.mkdir(exist_ok=True)
+        src.resize(size).save(p)
+        paths.append(str(p))
+    model = str(tiny_dir("lotus-d", "depth"))
+    assert main(["predict", *paths, "--model", model, "--processing-res", "64", "--batch-size", "3",
+                 "--format", "npy", "--out", str(tmp_path / "batched")]) == 0
+    assert main(["predict", paths[3], "--model", model, "--processing-res", "64", "--batch-size", "1",
+                 "--format", "npy", "--out", str(tmp_path / "single")]) == 0
+    capsys.readouterr()
+    np.testing.assert_allclose(np.load(tmp_path / "batched" / "img3_depth.npy"),
+                               np.load(tmp_path / "single" / "img3_depth.npy"), atol=1e-5, rtol=0)
+    assert len(list((tmp_path / "batched").iterdir())) == 5
+
+
+def test_usage_errors(tiny_dir, tmp_path: Path, capsys) -> None:
+    with pytest.raises(SystemExit):
+        main(["predict", str(SAMPLE), "--model", "x", "--out", str(tmp_path), "--processing-res", "100"])
+    with pytest.raises(SystemExit):
+        main(["predict", str(SAMPLE), "--model", "x", "--out", str(tmp_path), "--format", "jpeg"])
+    assert main(["predict", str(SAMPLE), "--model", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
+    assert "error: unknown model" in capsys.readouterr().err
