@@ -8,9 +8,13 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from models.errors import ModelError
 from models.outputs import FAMILIES, TASKS, PredictionMap
+
+if TYPE_CHECKING:
+    from models.inference import DensePredictor
 
 FORMATS = ("png16", "npy", "color")
 
@@ -41,6 +45,16 @@ def _processing_res(value: str) -> int:
     return n
 
 
+def _int_list(value: str) -> list[int]:
+    try:
+        items = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected a comma list of integers, got {value!r}") from exc
+    if not items or min(items) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {value!r}")
+    return items
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dense-serve", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -61,6 +75,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--native-size", action="store_true", help="return maps at the processing size, not the input's")
     p.set_defaults(func=cmd_predict)
 
+    b = sub.add_parser("bench", help="time the predictor at fixed resolutions and batch sizes")
+    b.add_argument("--model", required=True, help="spec .toml, local diffusers folder, shipped spec id or hub id")
+    b.add_argument("--resolutions", type=_int_list, default=[64, 128], help="comma list (default 64,128)")
+    b.add_argument("--batch-sizes", type=_int_list, default=[1, 8], help="comma list (default 1,8)")
+    b.add_argument("--images", type=int, default=16, help="images per measurement (default 16)")
+    b.add_argument("--device", help="auto, cpu, cuda, cuda:N")
+    b.add_argument("--dtype", choices=("auto", "fp16", "fp32"))
+    b.set_defaults(func=cmd_bench)
+
+    m = sub.add_parser("models", help="list the shipped model specs (documented hub checkpoints)")
+    m.set_defaults(func=cmd_models)
+
     t = sub.add_parser("make-tiny", help="write a tiny random-weight checkpoint for tests and trials")
     t.add_argument("out", type=Path)
     t.add_argument("--family", choices=FAMILIES, required=True)
@@ -68,6 +94,39 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.set_defaults(func=cmd_make_tiny)
     return parser
+
+
+def _load(model: str, device: str | None, dtype: str | None, task: str | None = None) -> DensePredictor:
+    from models.loading import load_model
+    from models.spec import resolve_spec
+
+    return load_model(resolve_spec(model, task=task), device=device, dtype=dtype)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    _quiet_hub_libraries()
+    import torch
+
+    from models.benchmark import bench_predictor, format_table
+
+    try:
+        model = _load(args.model, args.device, args.dtype)
+    except ModelError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    core = model.core
+    where = f"{core.device.type} {str(core.dtype).removeprefix('torch.')}, {torch.get_num_threads()} threads"
+    rows = bench_predictor(model, args.resolutions, args.batch_sizes, args.images)
+    print(format_table(rows, f"{model.model_id} ({model.family} {model.output_kind}) on {where}"))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from models.spec import shipped_specs
+
+    for spec in shipped_specs().values():
+        print(f"{spec.id:34} {spec.family:8} {spec.output_kind:10} {spec.source}")
+    return 0
 
 
 def cmd_make_tiny(args: argparse.Namespace) -> int:
@@ -101,14 +160,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     _quiet_hub_libraries()
     from tqdm import tqdm
 
-    from models.loading import load_model
-    from models.spec import resolve_spec
     from service import codec
 
     max_pixels = args.max_pixels or codec.DEFAULT_MAX_PIXELS
     try:
-        spec = resolve_spec(args.model, task=args.task)
-        model = load_model(spec, device=args.device, dtype=args.dtype)
+        model = _load(args.model, args.device, args.dtype, args.task)
     except ModelError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

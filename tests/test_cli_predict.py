@@ -60,3 +60,17 @@ def test_usage_errors(tiny_dir, tmp_path: Path, capsys) -> None:
         main(["predict", str(SAMPLE), "--model", "x", "--out", str(tmp_path), "--format", "jpeg"])
     assert main(["predict", str(SAMPLE), "--model", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
     assert "error: unknown model" in capsys.readouterr().err
+
+
+def test_bench_prints_a_table_with_ratios(tiny_dir, capsys) -> None:
+    rc = main(["bench", "--model", str(tiny_dir("lotus-d", "depth")), "--resolutions", "32",
+               "--batch-sizes", "1,2", "--images", "2"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "| 32 | 1 | 2 |" in out and "| 32 | 2 | 2 |" in out and "1.00x" in out
+
+
+def test_models_lists_the_shipped_specs(capsys) -> None:
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    assert "GonzaloMG/marigold-e2e-ft-depth" in out and "jingheya/lotus-normal-g-v1-1" in out
