@@ -81,9 +81,7 @@ class DensePredictor:
             raise ValueError("batch_size must be >= 1")
         res = self.processing_res if processing_res is None else processing_res
         seed_list = self._seeds(seeds, len(images))
-        items = [
-            _Item(i, img, plan(img.shape[0], img.shape[1], res), seed_list[i]) for i, img in enumerate(images)
-        ]
+        items = [_Item(i, img, plan(img.shape[0], img.shape[1], res), seed_list[i]) for i, img in enumerate(images)]
         results: list[PredictionMap | None] = [None] * len(items)
         for batch in _batches(items, batch_size):
             maps = self._forward(batch)

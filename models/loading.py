@@ -47,7 +47,7 @@ def resolve_source(spec: ModelSpec) -> Path:
 
     hint = (
         f"download it where a network exists (`hf download {spec.source} --local-dir DIR`), copy DIR here, "
-        f"and set source = \"DIR\" in the model spec (or pass --model DIR)"
+        f'and set source = "DIR" in the model spec (or pass --model DIR)'
     )
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     try:
@@ -55,15 +55,23 @@ def resolve_source(spec: ModelSpec) -> Path:
             snapshot_download(
                 spec.source,
                 revision=spec.revision,
-                allow_patterns=["model_index.json", *(f"{c}/*.json" for c in COMPONENT_DIRS), "tokenizer/*.txt",
-                                *(f"{c}/*.safetensors" for c in COMPONENT_DIRS)],
+                allow_patterns=[
+                    "model_index.json",
+                    *(f"{c}/*.json" for c in COMPONENT_DIRS),
+                    "tokenizer/*.txt",
+                    *(f"{c}/*.safetensors" for c in COMPONENT_DIRS),
+                ],
                 ignore_patterns=["*.fp16.*", "*non_ema*"],
             )
         )
         for comp in ("unet", "vae", "text_encoder"):
             if not any(p.suffix in WEIGHTS for p in (path / comp).glob("*")):
-                snapshot_download(spec.source, revision=spec.revision, allow_patterns=[f"{comp}/*.bin"],
-                                  ignore_patterns=["*.fp16.*", "*non_ema*"])
+                snapshot_download(
+                    spec.source,
+                    revision=spec.revision,
+                    allow_patterns=[f"{comp}/*.bin"],
+                    ignore_patterns=["*.fp16.*", "*non_ema*"],
+                )
     except Exception as exc:  # the hub client raises many types; all mean "not available here"
         why = "HF_HUB_OFFLINE is set and it is not in the local cache" if offline else str(exc).splitlines()[0]
         raise ModelLoadError(f"model '{spec.id}': cannot fetch hub checkpoint '{spec.source}' ({why}); {hint}") from exc
@@ -76,14 +84,16 @@ def empty_prompt_embedding(path: Path) -> torch.Tensor:
 
     tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer")
     encoder = CLIPTextModel.from_pretrained(path / "text_encoder", torch_dtype=torch.float32).eval()
-    ids = tokenizer("", padding="do_not_pad", truncation=True, max_length=tokenizer.model_max_length,
-                    return_tensors="pt").input_ids
+    ids = tokenizer(
+        "", padding="do_not_pad", truncation=True, max_length=tokenizer.model_max_length, return_tensors="pt"
+    ).input_ids
     with torch.inference_mode():
         return encoder(ids)[0].clone()
 
 
-def build_core(path: Path, cfg: CheckpointConfig, ident: ModelIdentity, device: torch.device,
-               dtype: torch.dtype) -> SingleStepPredictor:
+def build_core(
+    path: Path, cfg: CheckpointConfig, ident: ModelIdentity, device: torch.device, dtype: torch.dtype
+) -> SingleStepPredictor:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.models.attention_processor import AttnProcessor2_0
 
@@ -96,7 +106,10 @@ def build_core(path: Path, cfg: CheckpointConfig, ident: ModelIdentity, device: 
     core: SingleStepPredictor
     if ident.family == "e2e-ft":
         core = E2EFTPredictor(
-            unet, vae, prompt, ident.output_kind,
+            unet,
+            vae,
+            prompt,
+            ident.output_kind,
             alpha_bar=E2EFTPredictor.alpha_bar_from_scheduler(cfg.scheduler),
             use_full_z_range=bool(cfg.model_index.get("use_full_z_range", True)),
         )

@@ -187,8 +187,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
             if not images:
                 continue
             preds = model.predict(
-                images, processing_res=args.processing_res, seeds=args.seed, batch_size=args.batch_size,
-                match_input_resolution=not args.native_size, on_batch=bar.update,
+                images,
+                processing_res=args.processing_res,
+                seeds=args.seed,
+                batch_size=args.batch_size,
+                match_input_resolution=not args.native_size,
+                on_batch=bar.update,
             )
             for stem, pred in zip(names, preds, strict=True):
                 for name, data in output_files(pred, stem, args.format).items():

@@ -12,9 +12,12 @@ import torch
 from models.outputs import Family, Task
 
 COMBOS: list[tuple[Family, Task]] = [
-    ("lotus-g", "depth"), ("lotus-g", "normals"),
-    ("lotus-d", "depth"), ("lotus-d", "normals"),
-    ("e2e-ft", "depth"), ("e2e-ft", "normals"),
+    ("lotus-g", "depth"),
+    ("lotus-g", "normals"),
+    ("lotus-d", "depth"),
+    ("lotus-d", "normals"),
+    ("e2e-ft", "depth"),
+    ("e2e-ft", "normals"),
 ]
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "assets" / "sample.png"

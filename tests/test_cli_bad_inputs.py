@@ -83,9 +83,7 @@ def _check_depth_png(path: Path, size: tuple[int, int]) -> None:
     assert img.size == size, (path, img.size, size)
 
 
-def test_mixed_good_and_bad_inputs(
-    tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_mixed_good_and_bad_inputs(tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     good = _good_images(tmp_path / "in")
     bad = _bad_images(tmp_path / "in")
     good_paths, bad_paths = list(good), list(bad)
@@ -114,9 +112,7 @@ def test_mixed_good_and_bad_inputs(
     assert f"{len(good)} of {len(images)} images" in captured.out
 
 
-def test_all_good_inputs_exit_zero(
-    tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_all_good_inputs_exit_zero(tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     good = _good_images(tmp_path / "in")
     out = tmp_path / "out"
     rc = _predict(tiny_model, list(good), out)
@@ -183,9 +179,7 @@ def test_jpeg_truncated_in_its_headers_is_reported_not_fatal(
         _check_depth_png(out / f"{path.stem}_depth.png", size)
 
 
-def test_every_input_gets_its_own_output(
-    tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_every_input_gets_its_own_output(tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     sizes = [(40, 24), (24, 40), (32, 32)]
     paths = [tmp_path / "x" / "a.png", tmp_path / "y" / "a.png", tmp_path / "a-1.png"]
     for i, (path, (w, h)) in enumerate(zip(paths, sizes, strict=True)):

@@ -15,8 +15,22 @@ from tests.conftest import SAMPLE
 @pytest.mark.parametrize(("family", "task"), [("lotus-g", "depth"), ("lotus-g", "normals"), ("e2e-ft", "depth")])
 def test_predict_sample_writes_every_format(tiny_dir, tmp_path: Path, capsys, family, task) -> None:
     out = tmp_path / "out"
-    rc = main(["predict", str(SAMPLE), "--model", str(tiny_dir(family, task)), "--processing-res", "64",
-               "--format", "png16,npy,color", "--out", str(out), "--seed", "3"])
+    rc = main(
+        [
+            "predict",
+            str(SAMPLE),
+            "--model",
+            str(tiny_dir(family, task)),
+            "--processing-res",
+            "64",
+            "--format",
+            "png16,npy,color",
+            "--out",
+            str(out),
+            "--seed",
+            "3",
+        ]
+    )
     assert rc == 0
     assert f"1 of 1 images -> {out}" in capsys.readouterr().out
     w, h = Image.open(SAMPLE).size
@@ -43,13 +57,51 @@ def test_predict_many_images_in_batches_matches_single(tiny_dir, tmp_path: Path,
         src.resize(size).save(p)
         paths.append(str(p))
     model = str(tiny_dir("lotus-d", "depth"))
-    assert main(["predict", *paths, "--model", model, "--processing-res", "64", "--batch-size", "3",
-                 "--format", "npy", "--out", str(tmp_path / "batched")]) == 0
-    assert main(["predict", paths[3], "--model", model, "--processing-res", "64", "--batch-size", "1",
-                 "--format", "npy", "--out", str(tmp_path / "single")]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                *paths,
+                "--model",
+                model,
+                "--processing-res",
+                "64",
+                "--batch-size",
+                "3",
+                "--format",
+                "npy",
+                "--out",
+                str(tmp_path / "batched"),
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "predict",
+                paths[3],
+                "--model",
+                model,
+                "--processing-res",
+                "64",
+                "--batch-size",
+                "1",
+                "--format",
+                "npy",
+                "--out",
+                str(tmp_path / "single"),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
-    np.testing.assert_allclose(np.load(tmp_path / "batched" / "img3_depth.npy"),
-                               np.load(tmp_path / "single" / "img3_depth.npy"), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(
+        np.load(tmp_path / "batched" / "img3_depth.npy"),
+        np.load(tmp_path / "single" / "img3_depth.npy"),
+        atol=1e-5,
+        rtol=0,
+    )
     assert len(list((tmp_path / "batched").iterdir())) == 5
 
 
@@ -63,8 +115,19 @@ def test_usage_errors(tiny_dir, tmp_path: Path, capsys) -> None:
 
 
 def test_bench_prints_a_table_with_ratios(tiny_dir, capsys) -> None:
-    rc = main(["bench", "--model", str(tiny_dir("lotus-d", "depth")), "--resolutions", "32",
-               "--batch-sizes", "1,2", "--images", "2"])
+    rc = main(
+        [
+            "bench",
+            "--model",
+            str(tiny_dir("lotus-d", "depth")),
+            "--resolutions",
+            "32",
+            "--batch-sizes",
+            "1,2",
+            "--images",
+            "2",
+        ]
+    )
     assert rc == 0
     out = capsys.readouterr().out
     assert "| 32 | 1 | 2 |" in out and "| 32 | 2 | 2 |" in out and "1.00x" in out

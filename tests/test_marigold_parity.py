@@ -24,8 +24,12 @@ def test_e2eft_equals_diffusers_marigold(tiny_dir, tiny_model, task, hw, res) ->
     lh, lw = plan(*hw, res).latent_hw
     out = pipe(
         torch.from_numpy(image).permute(2, 0, 1)[None],
-        num_inference_steps=1, ensemble_size=1, processing_resolution=res, match_input_resolution=True,
-        latents=torch.zeros(1, 4, lh, lw), output_type="np",
+        num_inference_steps=1,
+        ensemble_size=1,
+        processing_resolution=res,
+        match_input_resolution=True,
+        latents=torch.zeros(1, 4, lh, lw),
+        output_type="np",
     ).prediction[0]
     ours = tiny_model("e2e-ft", task).predict([image], processing_res=res)[0].array
     expected = out[..., 0] if task == "depth" else out

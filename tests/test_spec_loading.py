@@ -118,7 +118,11 @@ def test_shipped_specs_name_the_documented_hub_checkpoints() -> None:
 def _cli(args: list[str], **env: str) -> subprocess.CompletedProcess[str]:
     full_env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"} | env
     return subprocess.run(
-        [sys.executable, "-m", "service.cli", *args], cwd=REPO, env=full_env, capture_output=True, text=True,
+        [sys.executable, "-m", "service.cli", *args],
+        cwd=REPO,
+        env=full_env,
+        capture_output=True,
+        text=True,
         timeout=120,
     )
 
@@ -128,8 +132,17 @@ def test_hub_id_offline_is_a_clear_error(tmp_path: Path, mode: str) -> None:
     env = {"HF_HOME": str(tmp_path / "hf")}
     # Loopback only: port 9 (discard) is closed, so the hub client fails at once.
     env |= {"HF_HUB_OFFLINE": "1"} if mode == "HF_HUB_OFFLINE" else {"HF_ENDPOINT": "http://127.0.0.1:9"}
-    result = _cli(["predict", str(REPO / "assets" / "sample.png"), "--model", "lotus-depth-g-v2-1-disparity",
-                   "--out", str(tmp_path / "o")], **env)
+    result = _cli(
+        [
+            "predict",
+            str(REPO / "assets" / "sample.png"),
+            "--model",
+            "lotus-depth-g-v2-1-disparity",
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        **env,
+    )
     assert result.returncode == 2
     err = result.stderr.strip()
     assert "jingheya/lotus-depth-g-v2-1-disparity" in err
@@ -161,3 +174,30 @@ def test_fp16_cuda_close_to_fp32_cpu(tiny_dir) -> None:
     gpu = load_model(spec, device="cuda").predict([img], processing_res=64)[0].array
     cpu = load_model(spec, device="cpu").predict([img], processing_res=64)[0].array
     assert np.abs(gpu - cpu).max() < 5e-3
+
+
+def test_hub_id_loads_from_the_hugging_face_cache_offline(tiny_dir, tmp_path: Path) -> None:
+    """The hub path for real: a snapshot laid out as the hub client caches it, read with HF_HUB_OFFLINE=1."""
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf" / "hub" / "models--tiny-org--lotus-d-depth"
+    shutil.copytree(tiny_dir("lotus-d", "depth"), repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    out = tmp_path / "o"
+    result = _cli(
+        [
+            "predict",
+            str(REPO / "assets" / "sample.png"),
+            "--model",
+            "tiny-org/lotus-d-depth",
+            "--processing-res",
+            "64",
+            "--out",
+            str(out),
+        ],
+        HF_HOME=str(tmp_path / "hf"),
+        HF_HUB_OFFLINE="1",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "lotus-d depth" in result.stdout
+    assert (out / "sample_depth.png").is_file()

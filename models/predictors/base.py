@@ -67,9 +67,7 @@ class SingleStepPredictor(torch.nn.Module, ABC):
         """Seeded noise for generative families; drawn on the CPU so every device gets the same numbers."""
         if not self.generative:
             return None
-        noise = [
-            torch.randn((1, 4, *latent_hw), generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds
-        ]
+        noise = [torch.randn((1, 4, *latent_hw), generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds]
         return torch.cat(noise).to(self.device, self.dtype)
 
     @abstractmethod
