@@ -1,6 +1,6 @@
 """Reference execution: group images by processing shape, run batched forwards, undo padding/resizing.
 
-This is the eager PyTorch path the CLI uses and every other runtime is checked against.
+This is the eager PyTorch path the CLI and the worker use and every other runtime is checked against.
 """
 
 from __future__ import annotations
@@ -14,21 +14,26 @@ import torch
 from models.outputs import Family, OutputKind, PredictionMap, Task, task_of
 from models.predictors.base import SingleStepPredictor
 from models.predictors.processing import Geometry, normalize_vectors, plan, preprocess, resize_back, unpad
+from models.uncertainty import Reduction, reduce_normals, reduce_scalar
 
 
 @dataclass(frozen=True)
-class PredictOptions:
-    processing_res: int
-    match_input_resolution: bool = True
-    minmax_normalize: bool = False
+class BatchItem:
+    """One image ready for a forward pass: its pixels, its geometry, and per-request options."""
 
-
-@dataclass(frozen=True)
-class _Item:
-    index: int
     image: np.ndarray
     geometry: Geometry
-    seed: int | None
+    seed: int | None = None
+    match_input_resolution: bool = True
+
+
+@dataclass(frozen=True)
+class UncertaintyResult:
+    prediction: PredictionMap
+    uncertainty: np.ndarray
+    members: np.ndarray | None
+    seeds: list[int]
+    reduction: Reduction
 
 
 class DensePredictor:
@@ -62,6 +67,15 @@ class DensePredictor:
     def generative(self) -> bool:
         return self.core.generative
 
+    def plan(self, image: np.ndarray, processing_res: int | None = None) -> Geometry:
+        return plan(image.shape[0], image.shape[1], self.processing_res if processing_res is None else processing_res)
+
+    def resolve_seed(self, seed: int | None) -> int | None:
+        """The seed a request runs with: None for deterministic families, the default when not given."""
+        if not self.generative:
+            return None
+        return self.default_seed if seed is None else seed
+
     @torch.inference_mode()
     def predict(
         self,
@@ -79,49 +93,94 @@ class DensePredictor:
         """
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
-        res = self.processing_res if processing_res is None else processing_res
-        seed_list = self._seeds(seeds, len(images))
-        items = [_Item(i, img, plan(img.shape[0], img.shape[1], res), seed_list[i]) for i, img in enumerate(images)]
-        results: list[PredictionMap | None] = [None] * len(items)
-        for batch in _batches(items, batch_size):
-            maps = self._forward(batch)
-            for item, pred in zip(batch, maps, strict=True):
-                results[item.index] = self._finish(item, pred, match_input_resolution)
+        if seeds is None or isinstance(seeds, int):
+            seed_list = [seeds] * len(images)
+        elif len(seeds) != len(images):
+            raise ValueError(f"got {len(seeds)} seeds for {len(images)} images")
+        else:
+            seed_list = list(seeds)
+        items = [
+            BatchItem(img, self.plan(img, processing_res), self.resolve_seed(s), match_input_resolution)
+            for img, s in zip(images, seed_list, strict=True)
+        ]
+        results: dict[int, PredictionMap] = {}
+        for batch in _batches(list(enumerate(items)), batch_size):
+            maps = self.predict_batch([item for _, item in batch])
+            results.update({i: m for (i, _), m in zip(batch, maps, strict=True)})
             if on_batch:
                 on_batch(len(batch))
-        return [r for r in results if r is not None]
+        return [results[i] for i in range(len(items))]
 
-    def _seeds(self, seeds: Sequence[int] | int | None, n: int) -> list[int | None]:
-        if not self.generative:
-            return [None] * n
-        if seeds is None:
-            return [self.default_seed] * n
-        if isinstance(seeds, int):
-            return [seeds] * n
-        if len(seeds) != n:
-            raise ValueError(f"got {len(seeds)} seeds for {n} images")
-        return list(seeds)
-
-    def _forward(self, batch: list[_Item]) -> torch.Tensor:
+    @torch.inference_mode()
+    def predict_batch(self, items: Sequence[BatchItem]) -> list[PredictionMap]:
+        """ONE forward pass of encoder, UNet and decoder over items that share a padded shape."""
+        shapes = {it.geometry.padded_hw for it in items}
+        if len(shapes) != 1:
+            raise ValueError(f"a batch must share one processing shape, got {sorted(shapes)}")
         core = self.core
-        x = torch.stack([preprocess(torch.from_numpy(it.image).permute(2, 0, 1), it.geometry) for it in batch])
-        noise = core.make_noise([it.seed for it in batch], batch[0].geometry.latent_hw)
-        return core(x.to(core.device, core.dtype), noise).float().cpu()
+        x = torch.stack([_to_tensor(it) for it in items])
+        noise = core.make_noise([it.seed for it in items], items[0].geometry.latent_hw)
+        maps = core(x.to(core.device, core.dtype), noise).float().cpu()
+        return [self._finish(it, pred) for it, pred in zip(items, maps, strict=True)]
 
-    def _finish(self, item: _Item, pred: torch.Tensor, match_input_resolution: bool) -> PredictionMap:
+    @torch.inference_mode()
+    def predict_uncertainty(
+        self,
+        item: BatchItem,
+        seeds: Sequence[int],
+        reduction: Reduction = "mean",
+        return_members: bool = False,
+    ) -> UncertaintyResult:
+        """Lotus-G multi-seed ensemble as ONE batch: encode once, repeat the latent per seed."""
+        if not self.generative:
+            raise ValueError(f"model '{self.model_id}' ({self.family}) is deterministic: seeds do not vary it")
+        if len(seeds) < 2:
+            raise ValueError("uncertainty needs at least two seeds")
+        core = self.core
+        x = _to_tensor(item).unsqueeze(0).to(core.device, core.dtype)
+        latent = core.encode(x).expand(len(seeds), -1, -1, -1)
+        noise = core.make_noise(seeds, item.geometry.latent_hw)
+        maps = core.postprocess(core.decode(core.predict_latent(latent, noise))).float().cpu()
+        members = torch.stack([self._finish_tensor(item, m) for m in maps])
+        if self.output_kind == "normals":
+            centre, spread = reduce_normals(members, reduction)
+            pred_array = centre.permute(1, 2, 0)
+            member_array = members.permute(0, 2, 3, 1)
+        else:
+            pred_array, spread = reduce_scalar(members[:, 0], reduction)
+            member_array = members[:, 0]
+        prediction = PredictionMap(
+            array=_numpy(pred_array),
+            kind=self.output_kind,
+            model_id=self.model_id,
+            processing_size=item.geometry.processing_hw,
+            seed=None,
+            extra={"seeds": list(seeds), "reduction": reduction},
+        )
+        return UncertaintyResult(
+            prediction=prediction,
+            uncertainty=_numpy(spread),
+            members=_numpy(member_array) if return_members else None,
+            seeds=list(seeds),
+            reduction=reduction,
+        )
+
+    def _finish_tensor(self, item: BatchItem, pred: torch.Tensor) -> torch.Tensor:
         pred = unpad(pred, item.geometry)
-        if match_input_resolution:
+        if item.match_input_resolution:
             pred = resize_back(pred, item.geometry)
         if self.output_kind == "normals":
-            pred = normalize_vectors(pred, dim=0)
-            array = pred.permute(1, 2, 0)
-        else:
-            if self.minmax_normalize:
-                lo, hi = pred.min(), pred.max()
-                pred = (pred - lo) / (hi - lo).clamp(min=1e-6)
-            array = pred[0]
+            return normalize_vectors(pred, dim=0)
+        if self.minmax_normalize:
+            lo, hi = pred.min(), pred.max()
+            pred = (pred - lo) / (hi - lo).clamp(min=1e-6)
+        return pred
+
+    def _finish(self, item: BatchItem, pred: torch.Tensor) -> PredictionMap:
+        pred = self._finish_tensor(item, pred)
+        array = pred.permute(1, 2, 0) if self.output_kind == "normals" else pred[0]
         return PredictionMap(
-            array=np.ascontiguousarray(array.numpy(), dtype=np.float32),
+            array=_numpy(array),
             kind=self.output_kind,
             model_id=self.model_id,
             processing_size=item.geometry.processing_hw,
@@ -129,11 +188,19 @@ class DensePredictor:
         )
 
 
-def _batches(items: list[_Item], batch_size: int) -> Iterator[list[_Item]]:
+def _to_tensor(item: BatchItem) -> torch.Tensor:
+    return preprocess(torch.from_numpy(item.image).permute(2, 0, 1), item.geometry)
+
+
+def _numpy(t: torch.Tensor) -> np.ndarray:
+    return np.ascontiguousarray(t.numpy(), dtype=np.float32)
+
+
+def _batches(items: list[tuple[int, BatchItem]], batch_size: int) -> Iterator[list[tuple[int, BatchItem]]]:
     """Group by padded shape (first-seen order), then chunk each group."""
-    groups: dict[tuple[int, int], list[_Item]] = {}
-    for it in items:
-        groups.setdefault(it.geometry.padded_hw, []).append(it)
+    groups: dict[tuple[int, int], list[tuple[int, BatchItem]]] = {}
+    for entry in items:
+        groups.setdefault(entry[1].geometry.padded_hw, []).append(entry)
     for group in groups.values():
         for start in range(0, len(group), batch_size):
             yield group[start : start + batch_size]

@@ -40,6 +40,10 @@ class ModelSpec(BaseModel):
     minmax_normalize: bool = Field(
         default=False, description="E2E-FT repo behaviour: min-max normalise each depth map (off = diffusers)"
     )
+    max_batch_size: int | None = Field(default=None, ge=1, description="serving: largest batch (None = global)")
+    max_queue_delay_ms: float | None = Field(
+        default=None, ge=0, description="serving: longest wait to fill a batch (None = global)"
+    )
 
     @field_validator("processing_res")
     @classmethod

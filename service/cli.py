@@ -75,6 +75,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--native-size", action="store_true", help="return maps at the processing size, not the input's")
     p.set_defaults(func=cmd_predict)
 
+    s = sub.add_parser("serve", help="run the REST API and the worker in one process (embedded queue)")
+    s.add_argument("--config", type=Path, help="settings file (.toml or .yaml); env DENSE_* overrides it")
+    s.add_argument("--model", action="append", dest="models", metavar="SPEC",
+                   help="model to serve (repeatable): spec .toml, diffusers folder, shipped id or hub id")
+    s.add_argument("--host", help="bind address (default 127.0.0.1)")
+    s.add_argument("--port", type=int, help="port (default 8000)")
+    s.add_argument("--api-key", action="append", dest="api_keys", metavar="KEY", help="require this key (repeatable)")
+    s.set_defaults(func=cmd_serve)
+
     b = sub.add_parser("bench", help="time the predictor at fixed resolutions and batch sizes")
     b.add_argument("--model", required=True, help="spec .toml, local diffusers folder, shipped spec id or hub id")
     b.add_argument("--resolutions", type=_int_list, default=[64, 128], help="comma list (default 64,128)")
@@ -118,6 +127,33 @@ def cmd_bench(args: argparse.Namespace) -> int:
     where = f"{core.device.type} {str(core.dtype).removeprefix('torch.')}, {torch.get_num_threads()} threads"
     rows = bench_predictor(model, args.resolutions, args.batch_sizes, args.images)
     print(format_table(rows, f"{model.model_id} ({model.family} {model.output_kind}) on {where}"))
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    _quiet_hub_libraries()
+    import uvicorn
+    from pydantic import ValidationError
+
+    from service.config import load_settings
+    from service.embedded import TINY_BANNER, build_embedded_app, preflight, serving_specs
+
+    try:
+        settings = load_settings(args.config, host=args.host, port=args.port, models=args.models,
+                                 api_keys=args.api_keys)
+        specs, tiny = serving_specs(settings)
+        preflight(specs)
+    except (ModelError, ValidationError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if tiny:
+        print(TINY_BANNER.format(ids=", ".join(s.id for s in specs), path=settings.tiny_dir), file=sys.stderr)
+    logging.getLogger().setLevel(settings.log_level.upper())
+    app = build_embedded_app(settings, specs)
+    print(f"dense-serve: http://{settings.host}:{settings.port} (docs at /docs), models: "
+          f"{', '.join(s.id for s in specs)}", file=sys.stderr)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                timeout_graceful_shutdown=int(settings.shutdown_grace_s) or None)
     return 0
 
 

@@ -49,38 +49,56 @@ class ImageTooLargeError(ImageDecodeError):
 
 def decode_image(data: bytes | Path | str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Bytes or a path -> `[H, W, 3]` float32 RGB in [0, 1]."""
-    try:
-        raw = Path(data).read_bytes() if isinstance(data, (str, Path)) else data
-    except OSError as exc:
-        raise ImageDecodeError(f"cannot read file: {exc.strerror or exc}") from exc
-    if not raw:
-        raise ImageDecodeError("empty file (0 bytes)")
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            img = Image.open(io.BytesIO(raw))
-        except UnidentifiedImageError as exc:
-            raise ImageDecodeError("not a recognised image (corrupt or unsupported format)") from exc
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-            raise ImageTooLargeError(f"image too large: {exc}") from exc
-        except (OSError, ValueError, EOFError, SyntaxError, struct.error) as exc:
-            # Pillow's header readers raise these when a file is cut short or mangled.
-            raise ImageDecodeError(f"truncated or corrupt image header ({exc})") from exc
-        if img.format not in SUPPORTED_FORMATS:
-            raise ImageDecodeError(
-                f"unsupported image format {img.format}; supported: {', '.join(sorted(SUPPORTED_FORMATS))}"
-            )
-        w, h = img.size
-        if w < 1 or h < 1:
-            raise ImageDecodeError(f"image has no pixels ({w} x {h})")
-        if w * h > max_pixels:
-            raise ImageTooLargeError(f"image is {w} x {h} = {w * h} pixels, over the limit of {max_pixels}")
+        img = _open(_read(data), max_pixels)
         try:
             img.load()
             img = ImageOps.exif_transpose(img)
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning) as exc:
             raise ImageDecodeError(f"truncated or corrupt image data ({exc})") from exc
     return _to_rgb_float(img)
+
+
+def probe_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[str, int, int]:
+    """Check format and size from the header alone (no pixel decoding): `(format, width, height)`."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        img = _open(_read(data), max_pixels)
+    return str(img.format), img.size[0], img.size[1]
+
+
+def _read(data: bytes | Path | str) -> bytes:
+    try:
+        raw = Path(data).read_bytes() if isinstance(data, (str, Path)) else data
+    except OSError as exc:
+        raise ImageDecodeError(f"cannot read file: {exc.strerror or exc}") from exc
+    if not raw:
+        raise ImageDecodeError("empty file (0 bytes)")
+    return raw
+
+
+def _open(raw: bytes, max_pixels: int) -> Image.Image:
+    """Open lazily and refuse what is not a supported image or is too large, before any decoding."""
+    try:
+        img = Image.open(io.BytesIO(raw))
+    except UnidentifiedImageError as exc:
+        raise ImageDecodeError("not a recognised image (corrupt or unsupported format)") from exc
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageTooLargeError(f"image too large: {exc}") from exc
+    except (OSError, ValueError, EOFError, SyntaxError, struct.error) as exc:
+        # Pillow's header readers raise these when a file is cut short or mangled.
+        raise ImageDecodeError(f"truncated or corrupt image header ({exc})") from exc
+    if img.format not in SUPPORTED_FORMATS:
+        raise ImageDecodeError(
+            f"unsupported image format {img.format}; supported: {', '.join(sorted(SUPPORTED_FORMATS))}"
+        )
+    w, h = img.size
+    if w < 1 or h < 1:
+        raise ImageDecodeError(f"image has no pixels ({w} x {h})")
+    if w * h > max_pixels:
+        raise ImageTooLargeError(f"image is {w} x {h} = {w * h} pixels, over the limit of {max_pixels}")
+    return img
 
 
 def _to_rgb_float(img: Image.Image) -> np.ndarray:
@@ -142,12 +160,16 @@ def spectral(values: np.ndarray) -> np.ndarray:
     return np.round(rgb * 255.0).astype(np.uint8)
 
 
+def encode_spectral_png(values: np.ndarray) -> bytes:
+    """`[H, W]` in [0, 1] as a Spectral-coloured 8-bit RGB PNG."""
+    return _png(Image.fromarray(spectral(values)))
+
+
 def encode_color_png(pred: PredictionMap) -> bytes:
     """A preview: Spectral with near in red for depth and disparity alike; normals as their RGB image."""
     if pred.kind == "normals":
         return encode_normals_png(pred.array)
-    near_is_zero = 1.0 - pred.array if pred.near_is_high else pred.array
-    return _png(Image.fromarray(spectral(near_is_zero)))
+    return encode_spectral_png(1.0 - pred.array if pred.near_is_high else pred.array)
 
 
 def encode_map_png(pred: PredictionMap) -> bytes:

@@ -1,0 +1,75 @@
+"""The FastAPI application: routers, problem handlers, edge middleware, and the broker/worker lifecycle."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
+
+from fastapi import Depends, FastAPI
+
+from service.api import problems
+from service.api.auth import check_api_key
+from service.api.middleware import BodyLimitMiddleware, RequestIdMiddleware
+from service.api.routes_meta import health_router, models_router
+from service.api.routes_predict import router as predict_router
+from service.api.schemas import PredictionJSON
+from service.config import Settings
+from service.queue.base import Broker
+
+if TYPE_CHECKING:  # the embedded worker is optional and lives on the torch side
+    from service.worker.worker import Worker
+
+DESCRIPTION = """Depth, normals and their uncertainty from single-step diffusion predictors (Lotus, E2E-FT).
+
+Send an image as a multipart `image` file, a raw image body, or JSON with base64 `image`. Results come back
+as a 16-bit PNG by default, or NPY / JSON / a colour preview by `Accept` or `format`. Errors are RFC 9457
+`application/problem+json`."""
+
+
+def create_app(
+    settings: Settings,
+    broker: Broker,
+    worker: Worker | None = None,
+    expected_models: Sequence[str] = (),
+) -> FastAPI:
+    """`worker` runs in this process (embedded mode); `expected_models` are the ids readiness waits for."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await broker.start()
+        if worker is not None:
+            await worker.start()
+        try:
+            yield
+        finally:
+            if worker is not None:
+                await worker.stop()
+            await broker.close()
+
+    app = FastAPI(title="dense-serve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.broker = broker
+    app.state.worker = worker
+    app.state.expected_models = list(expected_models)
+    problems.install(app)
+    auth = [Depends(check_api_key)] if settings.api_keys else []
+    app.include_router(predict_router, dependencies=auth)
+    app.include_router(models_router, dependencies=auth)
+    app.include_router(health_router, dependencies=[] if settings.auth_exempt_health else auth)
+    app.add_middleware(BodyLimitMiddleware, max_image_bytes=settings.max_upload_bytes)
+    app.add_middleware(RequestIdMiddleware)
+
+    original_openapi = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = original_openapi()
+            schema.setdefault("components", {}).setdefault("schemas", {})["PredictionJSON"] = (
+                PredictionJSON.model_json_schema(ref_template="#/components/schemas/{model}")
+            )
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app

@@ -1,0 +1,112 @@
+"""Edge concerns as plain ASGI middleware: a request id on every response, and the body size limit
+enforced while the body streams in (a 413 before the whole upload is read)."""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.api.problems import PROBLEM, TYPE_BASE
+
+REQUEST_ID = re.compile(r"^[\w.:-]{1,128}$")
+
+
+class RequestIdMiddleware:
+    """Echo a sane client `X-Request-ID`, or make one; store it in `request.state.request_id`."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        given = _header(scope, b"x-request-id")
+        request_id = given if given and REQUEST_ID.match(given) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class BodyLimitMiddleware:
+    """`max_image_bytes` is the upload limit; a body may carry a little more (multipart framing, form
+    fields), and a JSON body a third more (base64). The image itself is checked exactly by the handler."""
+
+    SLACK = 64 * 1024
+
+    def __init__(self, app: ASGIApp, max_image_bytes: int) -> None:
+        self.app = app
+        self.max_image_bytes = max_image_bytes
+
+    def limit_for(self, scope: Scope) -> int:
+        ctype = (_header(scope, b"content-type") or "").split(";")[0].strip().lower()
+        base = self.max_image_bytes * 4 // 3 + 4 if ctype == "application/json" else self.max_image_bytes
+        return base + self.SLACK
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.limit_for(scope)
+        declared = _header(scope, b"content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            await self._reject(scope, send, f"request body of {declared} bytes")
+            return
+        seen = 0
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise _TooLarge
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _TooLarge:
+            if not started:
+                await self._reject(scope, send, f"request body over {seen} bytes (still streaming)")
+
+    async def _reject(self, scope: Scope, send: Send, what: str) -> None:
+        body = json.dumps({
+            "type": TYPE_BASE + "payload_too_large",
+            "title": "Payload too large",
+            "status": 413,
+            "detail": f"{what} exceeds the upload limit of {self.max_image_bytes} bytes (max_upload_bytes)",
+            "instance": scope.get("path"),
+            "request_id": scope.get("state", {}).get("request_id"),
+            "limit": self.max_image_bytes,
+        }).encode()
+        await send({"type": "http.response.start", "status": 413, "headers": [
+            (b"content-type", PROBLEM.encode()), (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+        ]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", []):
+        if key == name:
+            return value.decode("latin-1")
+    return None

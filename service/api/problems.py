@@ -1,0 +1,82 @@
+"""RFC 9457 problem+json: the one table from service error codes to HTTP statuses, and the handlers."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.errors import ServiceError
+
+log = logging.getLogger(__name__)
+PROBLEM = "application/problem+json"
+TYPE_BASE = "https://dense-serve.dev/problems/"
+
+STATUS: dict[str, int] = {
+    "unauthorized": 401,
+    "not_acceptable": 406,
+    "payload_too_large": 413,
+    "unsupported_media": 415,
+    "invalid_parameter": 422,
+    "task_not_served": 422,
+    "model_not_found": 404,
+    "queue_full": 429,
+    "model_failure": 500,
+    "internal": 500,
+    "unavailable": 503,
+    "deadline_exceeded": 504,
+}
+
+
+def problem(
+    request: Request | None,
+    status: int,
+    code: str,
+    title: str,
+    detail: str,
+    headers: dict[str, str] | None = None,
+    **extra: object,
+) -> JSONResponse:
+    body: dict[str, object] = {"type": TYPE_BASE + code, "title": title, "status": status, "detail": detail}
+    if request is not None:
+        body["instance"] = request.url.path
+        body["request_id"] = getattr(request.state, "request_id", None)
+    body.update({k: v for k, v in extra.items() if v is not None})
+    return JSONResponse(body, status_code=status, media_type=PROBLEM, headers=headers)
+
+
+def service_error_response(request: Request, exc: ServiceError) -> JSONResponse:
+    status = STATUS.get(exc.code, 500)
+    headers: dict[str, str] = {}
+    if exc.code == "queue_full" or (exc.code == "unavailable" and "retry_after" in exc.extra):
+        headers["Retry-After"] = str(exc.extra.get("retry_after", 1))
+    if exc.code == "unauthorized":
+        headers["WWW-Authenticate"] = 'Bearer realm="dense-serve"'
+    extra = {k: v for k, v in exc.extra.items() if k != "retry_after"}
+    return problem(request, status, exc.code, exc.title, exc.detail, headers, **extra)
+
+
+def install(app: FastAPI) -> None:
+    @app.exception_handler(ServiceError)
+    async def _service(request: Request, exc: ServiceError) -> JSONResponse:
+        return service_error_response(request, exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = [{"field": ".".join(str(p) for p in e["loc"][1:]) or str(e["loc"][0]), "message": e["msg"]}
+                  for e in exc.errors()]
+        detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
+        return problem(request, 422, "invalid_parameter", "Invalid parameter", detail, errors=errors)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return problem(request, exc.status_code, f"http_{exc.status_code}", str(exc.detail), str(exc.detail),
+                       headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)
+        return problem(request, 500, "internal", "Internal error", f"{type(exc).__name__}: {exc}")

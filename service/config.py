@@ -1,0 +1,114 @@
+"""One settings object for the whole service: defaults < config file (TOML/YAML) < `DENSE_*` env < CLI flags."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+    YamlConfigSettingsSource,
+)
+
+CONFIG_ENV = "DENSE_CONFIG"
+
+
+def _split_list(value: Any) -> Any:
+    """Env lists may be JSON (`["a","b"]`) or comma-separated (`a,b`)."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith("["):
+            return json.loads(text)
+        return [v.strip() for v in text.split(",") if v.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Every knob of `dense-serve serve`; each is documented in the README's configuration table."""
+
+    model_config = SettingsConfigDict(env_prefix="DENSE_", extra="forbid", validate_default=True)
+
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    models: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="model specs to serve: spec .toml files, diffusers folders, shipped ids or hub ids",
+    )
+    device: str | None = Field(default=None, description="override every spec's device (auto, cpu, cuda:N)")
+    dtype: Literal["auto", "fp16", "fp32"] | None = None
+    tiny_dir: Path = Field(default=Path(".cache/tiny"), description="where random tiny checkpoints are built")
+
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    auth_exempt_health: bool = Field(default=True, description="/healthz, /readyz and /metrics without a key")
+
+    max_upload_bytes: int = Field(default=20 * 2**20, ge=1024)
+    max_pixels: int = Field(default=40_000_000, ge=1)
+    max_processing_res: int = Field(default=2048, ge=8)
+    default_timeout_ms: int = Field(default=30_000, ge=1)
+    max_timeout_ms: int = Field(default=300_000, ge=1)
+
+    queue_max_jobs: int = Field(default=256, ge=1, description="jobs waiting per model before 429")
+    max_batch_size: int = Field(default=8, ge=1)
+    max_queue_delay_ms: float = Field(default=5.0, ge=0)
+    uncertainty_max_seeds: int = Field(default=32, ge=2)
+    warmup: bool = Field(default=True, description="run one batch per model before reporting ready")
+    io_threads: int = Field(default=4, ge=1, description="threads for image decode and output encode")
+    shutdown_grace_s: float = Field(default=30.0, ge=0)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("models", "api_keys", mode="before")
+    @classmethod
+    def _lists(cls, value: Any) -> Any:
+        return _split_list(value)
+
+    @field_validator("max_processing_res")
+    @classmethod
+    def _res_multiple_of_8(cls, v: int) -> int:
+        if v % 8:
+            raise ValueError("max_processing_res must be a multiple of 8")
+        return v
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = os.environ.get(CONFIG_ENV)
+        if path:
+            suffix = Path(path).suffix.lower()
+            if suffix == ".toml":
+                sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+            elif suffix in (".yaml", ".yml"):
+                sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
+            else:
+                raise ValueError(f"config file must be .toml, .yaml or .yml: {path}")
+        return tuple(sources)
+
+
+def load_settings(config_file: str | Path | None = None, **overrides: Any) -> Settings:
+    """Settings from an optional file, the environment, then explicit overrides (CLI flags)."""
+    previous = os.environ.get(CONFIG_ENV)
+    if config_file is not None:
+        if not Path(config_file).is_file():
+            raise FileNotFoundError(f"config file not found: {config_file}")
+        os.environ[CONFIG_ENV] = str(config_file)
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    finally:
+        if config_file is not None:
+            if previous is None:
+                os.environ.pop(CONFIG_ENV, None)
+            else:
+                os.environ[CONFIG_ENV] = previous

@@ -1,0 +1,103 @@
+"""The Broker interface. Front-ends submit jobs and await replies; workers consume, reply and publish
+what they serve. Nothing outside `service/queue/` knows which implementation runs."""
+
+from __future__ import annotations
+
+import math
+import time
+from abc import ABC, abstractmethod
+from collections import deque
+from dataclasses import dataclass, field
+
+from service.jobs import Job, ModelInfo, Reply
+
+
+@dataclass
+class Delivery:
+    """A job handed to a worker. `attempt` counts deliveries (a crashed worker's job comes back)."""
+
+    job: Job
+    attempt: int = 1
+    received_at: float = field(default_factory=time.time)
+
+    def abandoned(self) -> bool:
+        """True when nobody waits for the answer any more (client gone); the worker skips it."""
+        return False
+
+
+class DrainRate:
+    """Jobs finished per second over a sliding window: the basis of `Retry-After` under backpressure."""
+
+    def __init__(self, window_s: float = 30.0) -> None:
+        self.window_s = window_s
+        self._done: deque[float] = deque()
+
+    def record(self, n: int = 1, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        self._done.extend([now] * n)
+        self._trim(now)
+
+    def per_second(self, now: float | None = None) -> float:
+        now = time.monotonic() if now is None else now
+        self._trim(now)
+        if len(self._done) < 2:
+            return 0.0
+        span = max(now - self._done[0], 1e-3)
+        return len(self._done) / span
+
+    def retry_after(self, backlog: int, floor_s: int = 1, cap_s: int = 60) -> int:
+        rate = self.per_second()
+        if rate <= 0:
+            return floor_s
+        return int(min(cap_s, max(floor_s, math.ceil(backlog / rate))))
+
+    def _trim(self, now: float) -> None:
+        while self._done and now - self._done[0] > self.window_s:
+            self._done.popleft()
+
+
+class Broker(ABC):
+    """Submit/await on the front-end side; consume/reply/publish on the worker side."""
+
+    async def start(self) -> None:  # noqa: B027 - optional hook
+        """Connect or allocate; called once before use."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections; pending submitters get an `Unavailable` error."""
+
+    # ---- front-end side
+    @abstractmethod
+    async def submit(self, job: Job) -> Reply:
+        """Enqueue and wait for the reply until `job.deadline`.
+
+        Raises QueueFull (with `retry_after`), DeadlineExceeded or Unavailable.
+        """
+
+    @abstractmethod
+    async def catalog(self) -> list[ModelInfo]:
+        """Models some worker serves and has warmed up."""
+
+    @abstractmethod
+    async def reachable(self) -> bool:
+        """Whether the queue itself answers (readiness)."""
+
+    # ---- worker side
+    @abstractmethod
+    async def publish_models(self, infos: list[ModelInfo]) -> None:
+        """Announce loaded and warmed-up models."""
+
+    @abstractmethod
+    async def withdraw_models(self, ids: list[str]) -> None:
+        """Stop announcing models (worker shutting down)."""
+
+    @abstractmethod
+    async def consume(self, model: str, max_items: int, timeout_s: float) -> list[Delivery]:
+        """Up to `max_items` jobs for one model; waits at most `timeout_s` for the first one."""
+
+    @abstractmethod
+    async def reply(self, delivery: Delivery, reply: Reply) -> None:
+        """Deliver the reply and acknowledge the job (in that order)."""
+
+    @abstractmethod
+    def depth(self, model: str) -> int:
+        """Jobs waiting for a model (not yet consumed)."""
