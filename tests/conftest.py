@@ -67,3 +67,8 @@ def random_image(h: int, w: int, seed: int = 0) -> np.ndarray:
     up = torch.nn.functional.interpolate(t, (h, w), mode="bilinear", align_corners=False)[0].permute(1, 2, 0)
     noise = rng.random((h, w, 3)).astype(np.float32) * 0.2
     return np.clip(up.numpy() * 0.8 + noise, 0.0, 1.0).astype(np.float32)
+
+
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    return "asyncio"

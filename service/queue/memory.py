@@ -44,6 +44,8 @@ class MemoryBroker(Broker):
     async def submit(self, job: Job) -> Reply:
         if self._closed:
             raise Unavailable("the service is shutting down")
+        if job.expired():
+            raise DeadlineExceeded(f"job {job.id} was already past its deadline when enqueued")
         queue = self._queue(job.model)
         if queue.qsize() >= self.max_jobs_per_model:
             retry = self._rates[job.model].retry_after(queue.qsize())

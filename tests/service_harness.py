@@ -1,0 +1,92 @@
+"""Run the real embedded service (in-process broker + worker + FastAPI app) for tests, over an ASGI client."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+from fastapi import FastAPI
+from PIL import Image
+
+from models.outputs import Family, Task
+from models.spec import ModelSpec
+from service.config import Settings
+from service.embedded import build_embedded_app
+from service.worker.worker import Worker
+
+DEFAULT_MODELS: list[tuple[Family, Task]] = [("lotus-g", "depth"), ("lotus-g", "normals"), ("lotus-d", "depth")]
+TEST_RES = 64
+
+
+@dataclass
+class Harness:
+    app: FastAPI
+    client: httpx.AsyncClient
+    settings: Settings
+
+    @property
+    def worker(self) -> Worker:
+        return self.app.state.worker
+
+
+def specs_for(tiny_dir: Callable[[Family, Task], Path], models: list[tuple[Family, Task]]) -> list[ModelSpec]:
+    return [
+        ModelSpec(id=f"{family}-{task}", source=str(tiny_dir(family, task)), processing_res=TEST_RES)
+        for family, task in models
+    ]
+
+
+@asynccontextmanager
+async def running_service(
+    tiny_dir: Callable[[Family, Task], Path],
+    models: list[tuple[Family, Task]] = DEFAULT_MODELS,
+    wait_ready: bool = True,
+    **settings: Any,
+) -> AsyncIterator[Harness]:
+    cfg = Settings(**settings)
+    app = build_embedded_app(cfg, specs_for(tiny_dir, models))
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as client:
+            harness = Harness(app, client, cfg)
+            if wait_ready:
+                await until_ready(client)
+            yield harness
+
+
+async def until_ready(client: httpx.AsyncClient, timeout_s: float = 60.0) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout_s
+    while loop.time() < end:
+        if (await client.get("/readyz")).status_code == 200:
+            return
+        await asyncio.sleep(0.05)
+    raise TimeoutError("service not ready")
+
+
+def png_bytes(h: int, w: int, seed: int = 0, value: float | None = None) -> bytes:
+    """A real PNG image: smooth random colours (or one flat value)."""
+    if value is not None:
+        arr = np.full((h, w, 3), round(value * 255), dtype=np.uint8)
+    else:
+        rng = np.random.default_rng(seed)
+        small = rng.integers(0, 256, (max(2, h // 4), max(2, w // 4), 3), dtype=np.uint8)
+        arr = np.asarray(Image.fromarray(small).resize((w, h), Image.BILINEAR))
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def read_png16(data: bytes) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(data)), dtype=np.float64) / 65535.0
+
+
+def read_npy(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
