@@ -1,4 +1,5 @@
 # Two commands for a newcomer: `make run` (start the service) and `make test` (the whole suite).
+# `make run SERVE_ARGS='--model DIR --port 8080'` passes options to `dense-serve serve`.
 # Both create .venv/ and install everything; only Python >= 3.11 is assumed.
 PYTHON ?= python3
 VENV ?= .venv
@@ -12,7 +13,7 @@ TINY := .cache/tiny
 OUT ?= out
 PYTEST_WORKERS ?= 2
 
-.PHONY: install run test lint clean
+.PHONY: install run demo bench-http test lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "dense-serve needs Python >= 3.11"; exit 1; }
@@ -25,11 +26,17 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
-	@echo "== dense-serve: random-weight tiny checkpoints for trying the tool; configure a real model for real maps =="
+	$(BIN)/dense-serve serve $(SERVE_ARGS)
+
+demo: $(STAMP)
+	@echo "== dense-serve predict on random-weight tiny checkpoints; configure a real model for real maps =="
 	test -f $(TINY)/lotus-g-depth/model_index.json || $(BIN)/dense-serve make-tiny $(TINY)/lotus-g-depth --family lotus-g --task depth
 	test -f $(TINY)/lotus-g-normals/model_index.json || $(BIN)/dense-serve make-tiny $(TINY)/lotus-g-normals --family lotus-g --task normals
 	$(BIN)/dense-serve predict assets/sample.png --model $(TINY)/lotus-g-depth --processing-res 128 --format png16,npy,color --out $(OUT)
 	$(BIN)/dense-serve predict assets/sample.png --model $(TINY)/lotus-g-normals --processing-res 128 --format png16,npy,color --out $(OUT)
+
+bench-http: $(STAMP)
+	$(BIN)/python load_tests/bench_http.py
 
 test: $(STAMP)
 	$(BIN)/python -m ruff check .

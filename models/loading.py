@@ -126,7 +126,7 @@ def load_model(spec: ModelSpec, device: str | None = None, dtype: str | None = N
     dt = pick_dtype(dtype or spec.dtype, dev)
     try:
         core = build_core(path, cfg, ident, dev, dt)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ModelLoadError(f"model '{spec.id}': cannot load {path}: {exc}") from exc
+    except Exception as exc:  # corrupt weights raise library-specific types; name the model either way
+        raise ModelLoadError(f"model '{spec.id}': cannot load {path}: {type(exc).__name__}: {exc}") from exc
     log.info("loaded %s (%s, %s -> %s) on %s %s", spec.id, ident.family, ident.task, ident.output_kind, dev, dt)
     return DensePredictor(core, spec.id, ident.family, ident.processing_res, spec.seed, spec.minmax_normalize)

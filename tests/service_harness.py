@@ -48,10 +48,12 @@ async def running_service(
     tiny_dir: Callable[[Family, Task], Path],
     models: list[tuple[Family, Task]] = DEFAULT_MODELS,
     wait_ready: bool = True,
+    specs: list[ModelSpec] | None = None,
     **settings: Any,
 ) -> AsyncIterator[Harness]:
+    """Serve `models` (tiny checkpoints, processing_res 64), or exactly `specs` when given."""
     cfg = Settings(**settings)
-    app = build_embedded_app(cfg, specs_for(tiny_dir, models))
+    app = build_embedded_app(cfg, specs if specs is not None else specs_for(tiny_dir, models))
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as client:

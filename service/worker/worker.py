@@ -38,10 +38,10 @@ class Worker:
         return self.state == "ready"
 
     async def start(self) -> None:
+        self.state = "loading"
         self._main = asyncio.create_task(self._run(), name="dense-worker")
 
     async def _run(self) -> None:
-        self.state = "loading"
         loop = asyncio.get_running_loop()
         try:
             for spec in self.specs:
