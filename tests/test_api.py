@@ -20,12 +20,12 @@ pytestmark = pytest.mark.anyio
 
 
 @pytest.fixture(scope="module")
-async def svc(tiny_dir):  # noqa: ANN201
+async def svc(tiny_dir):
     async with running_service(tiny_dir) as harness:
         yield harness
 
 
-def direct(tiny_model, family: str, task: str, image: bytes, **kw) -> np.ndarray:  # noqa: ANN001
+def direct(tiny_model, family: str, task: str, image: bytes, **kw) -> np.ndarray:
     model = tiny_model(family, task)
     return model.predict([codec.decode_image(image)], processing_res=kw.pop("processing_res", TEST_RES), **kw)[0].array
 

@@ -129,3 +129,14 @@ def test_serve_process_tiny_default_then_sigterm_drains(tmp_path: Path) -> None:
         _, err = proc.communicate(timeout=30)
     assert "TINY RANDOM-WEIGHT" in err
     assert "Application shutdown complete" in err and "did not drain" not in err
+
+
+def test_serve_fails_fast_on_a_bad_model(tmp_path: Path) -> None:
+    for model, message in [(str(tmp_path / "missing"), "does not exist"), ("org/not-here", "cannot fetch hub")]:
+        result = subprocess.run(
+            [sys.executable, "-m", "service.cli", "serve", "--model", model, "--port", str(_free_port())],
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")},
+            capture_output=True, text=True, timeout=60,
+        )
+        assert result.returncode == 2
+        assert message in result.stderr and result.stderr.startswith("error: ")
