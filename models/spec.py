@@ -88,6 +88,8 @@ def resolve_spec(arg: str, **overrides: object) -> ModelSpec:
         spec = ModelSpec(id=_safe_id(path.resolve().name), source=str(path.resolve()))
     elif arg in (shipped := shipped_specs()):
         spec = shipped[arg]
+    elif arg.startswith(("/", ".", "~")) or arg.count("/") > 1 or path.suffix == ".toml":
+        raise SpecError(f"model path '{arg}' does not exist (expected a diffusers folder or a spec .toml file)")
     elif HUB_ID.match(arg):
         spec = ModelSpec(id=_safe_id(arg.split("/")[-1]), source=arg)
     else:
