@@ -63,11 +63,13 @@ async def http_run(base: str, image: bytes, res: int, n: int, concurrency: int) 
     batches: Counter[int] = Counter()
     sem = asyncio.Semaphore(concurrency)
     async with httpx.AsyncClient(base_url=base, timeout=120) as client:
+
         async def one() -> None:
             async with sem:
                 t0 = time.perf_counter()
-                r = await client.post(f"/v1/depth?processing_res={res}&format=npy", content=image,
-                                      headers={"content-type": "image/png"})
+                r = await client.post(
+                    f"/v1/depth?processing_res={res}&format=npy", content=image, headers={"content-type": "image/png"}
+                )
                 latencies.append(time.perf_counter() - t0)
                 r.raise_for_status()
                 batches[int(r.headers["x-batch-size"])] += 1
@@ -100,10 +102,16 @@ def main() -> int:
     single, batched = direct_times(model_dir, image, args.res, args.requests, args.max_batch)
 
     port = _free_port()
-    env = {**os.environ, "DENSE_MAX_BATCH_SIZE": str(args.max_batch), "DENSE_MAX_QUEUE_DELAY_MS": str(args.delay_ms),
-           "DENSE_LOG_LEVEL": "warning", "DENSE_QUEUE_MAX_JOBS": str(max(256, args.requests))}
-    server = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--model", model_dir, "--port", str(port)],
-                              cwd=REPO, env=env)
+    env = {
+        **os.environ,
+        "DENSE_MAX_BATCH_SIZE": str(args.max_batch),
+        "DENSE_MAX_QUEUE_DELAY_MS": str(args.delay_ms),
+        "DENSE_LOG_LEVEL": "warning",
+        "DENSE_QUEUE_MAX_JOBS": str(max(256, args.requests)),
+    }
+    server = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "serve", "--model", model_dir, "--port", str(port)], cwd=REPO, env=env
+    )
     base = f"http://127.0.0.1:{port}"
     try:
         end = time.monotonic() + 120
@@ -125,20 +133,28 @@ def main() -> int:
     lat1 = c1["latencies"]
     latn = cn["latencies"]
     direct_tput = 1.0 / single
-    print(f"### served vs direct: {Path(model_dir).name}, {args.res} px, {args.requests} requests, "
-          f"max batch {args.max_batch}, delay {args.delay_ms} ms, {os.cpu_count()} cores\n")
+    print(
+        f"### served vs direct: {Path(model_dir).name}, {args.res} px, {args.requests} requests, "
+        f"max batch {args.max_batch}, delay {args.delay_ms} ms, {os.cpu_count()} cores\n"
+    )
     print("| measure | value |\n|---|---:|")
     print(f"| direct call, 1 image (ms) | {single * 1e3:.1f} |")
     print(f"| direct call, batch {args.max_batch} (ms / image) | {batched * 1e3:.1f} |")
     print(f"| HTTP, concurrency 1: mean latency (ms) | {statistics.mean(lat1) * 1e3:.1f} |")
     print(f"| HTTP overhead per request at concurrency 1 (ms) | {(statistics.mean(lat1) - single) * 1e3:.1f} |")
     print(f"| HTTP, concurrency {args.concurrency}: throughput (img/s) | {args.requests / cn['wall']:.1f} |")
-    print(f"| throughput ratio: HTTP c={args.concurrency} / direct unbatched | "
-          f"{args.requests / cn['wall'] / direct_tput:.2f}x |")
-    print(f"| throughput ratio: HTTP c={args.concurrency} / direct batch {args.max_batch} | "
-          f"{args.requests / cn['wall'] * batched:.2f}x |")
-    print(f"| HTTP c={args.concurrency} latency p50 / p95 / p99 (ms) | {_percentile(latn, 50) * 1e3:.0f} / "
-          f"{_percentile(latn, 95) * 1e3:.0f} / {_percentile(latn, 99) * 1e3:.0f} |")
+    print(
+        f"| throughput ratio: HTTP c={args.concurrency} / direct unbatched | "
+        f"{args.requests / cn['wall'] / direct_tput:.2f}x |"
+    )
+    print(
+        f"| throughput ratio: HTTP c={args.concurrency} / direct batch {args.max_batch} | "
+        f"{args.requests / cn['wall'] * batched:.2f}x |"
+    )
+    print(
+        f"| HTTP c={args.concurrency} latency p50 / p95 / p99 (ms) | {_percentile(latn, 50) * 1e3:.0f} / "
+        f"{_percentile(latn, 95) * 1e3:.0f} / {_percentile(latn, 99) * 1e3:.0f} |"
+    )
     dist = ", ".join(f"{size}: {count}" for size, count in sorted(cn["batches"].items()))
     print(f"| batch sizes seen at c={args.concurrency} (size: requests) | {dist} |")
     dist1 = ", ".join(f"{size}: {count}" for size, count in sorted(c1["batches"].items()))

@@ -77,8 +77,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="run the REST API and the worker in one process (embedded queue)")
     s.add_argument("--config", type=Path, help="settings file (.toml or .yaml); env DENSE_* overrides it")
-    s.add_argument("--model", action="append", dest="models", metavar="SPEC",
-                   help="model to serve (repeatable): spec .toml, diffusers folder, shipped id or hub id")
+    s.add_argument(
+        "--model",
+        action="append",
+        dest="models",
+        metavar="SPEC",
+        help="model to serve (repeatable): spec .toml, diffusers folder, shipped id or hub id",
+    )
     s.add_argument("--host", help="bind address (default 127.0.0.1)")
     s.add_argument("--port", type=int, help="port (default 8000)")
     s.add_argument("--api-key", action="append", dest="api_keys", metavar="KEY", help="require this key (repeatable)")
@@ -139,8 +144,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from service.embedded import TINY_BANNER, build_embedded_app, preflight, serving_specs
 
     try:
-        settings = load_settings(args.config, host=args.host, port=args.port, models=args.models,
-                                 api_keys=args.api_keys)
+        settings = load_settings(
+            args.config, host=args.host, port=args.port, models=args.models, api_keys=args.api_keys
+        )
         specs, tiny = serving_specs(settings)
         preflight(specs)
     except (ModelError, ValidationError, FileNotFoundError, ValueError) as exc:
@@ -150,10 +156,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(TINY_BANNER.format(ids=", ".join(s.id for s in specs), path=settings.tiny_dir), file=sys.stderr)
     logging.getLogger().setLevel(settings.log_level.upper())
     app = build_embedded_app(settings, specs)
-    print(f"dense-serve: http://{settings.host}:{settings.port} (docs at /docs), models: "
-          f"{', '.join(s.id for s in specs)}", file=sys.stderr)
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=int(settings.shutdown_grace_s) or None)
+    print(
+        f"dense-serve: http://{settings.host}:{settings.port} (docs at /docs), models: "
+        f"{', '.join(s.id for s in specs)}",
+        file=sys.stderr,
+    )
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=int(settings.shutdown_grace_s) or None,
+    )
     return 0
 
 

@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     NoDecode,
@@ -57,7 +57,7 @@ class Settings(BaseSettings):
     queue_max_jobs: int = Field(default=256, ge=1, description="jobs waiting per model before 429")
     max_batch_size: int = Field(default=8, ge=1)
     max_queue_delay_ms: float = Field(default=5.0, ge=0)
-    uncertainty_max_seeds: int = Field(default=32, ge=2)
+    uncertainty_max_seeds: int = Field(default=32, ge=2, le=32, description="the API's hard cap is 32")
     warmup: bool = Field(default=True, description="run one batch per model before reporting ready")
     io_threads: int = Field(default=4, ge=1, description="threads for image decode and output encode")
     shutdown_grace_s: float = Field(default=30.0, ge=0)
@@ -74,6 +74,14 @@ class Settings(BaseSettings):
         if v % 8:
             raise ValueError("max_processing_res must be a multiple of 8")
         return v
+
+    @model_validator(mode="after")
+    def _timeouts_consistent(self) -> Settings:
+        if self.default_timeout_ms > self.max_timeout_ms:
+            raise ValueError(
+                f"default_timeout_ms ({self.default_timeout_ms}) exceeds max_timeout_ms ({self.max_timeout_ms})"
+            )
+        return self
 
     @classmethod
     def settings_customise_sources(

@@ -34,8 +34,11 @@ def tiny_specs(tiny_dir: Path) -> list[ModelSpec]:
         path = tiny_dir / f"{family}-{task}"
         if not (path / "model_index.json").is_file():
             make_tiny(path, family, task)
-        specs.append(ModelSpec(id=f"tiny-{family}-{task}", source=str(path.resolve()), family=family, task=task,
-                               processing_res=128))
+        specs.append(
+            ModelSpec(
+                id=f"tiny-{family}-{task}", source=str(path.resolve()), family=family, task=task, processing_res=128
+            )
+        )
     return specs
 
 

@@ -56,8 +56,17 @@ class Unavailable(ServiceError):
 ERRORS: dict[str, type[ServiceError]] = {
     cls.code: cls
     for cls in (
-        ServiceError, Unauthorized, PayloadTooLarge, UnsupportedMedia, InvalidParameter, ModelNotFound,
-        TaskNotServed, QueueFull, DeadlineExceeded, ModelFailure, Unavailable,
+        ServiceError,
+        Unauthorized,
+        PayloadTooLarge,
+        UnsupportedMedia,
+        InvalidParameter,
+        ModelNotFound,
+        TaskNotServed,
+        QueueFull,
+        DeadlineExceeded,
+        ModelFailure,
+        Unavailable,
     )
 }
 

@@ -46,7 +46,8 @@ async def test_multipart_default_is_png16_equal_to_direct_call(svc, tiny_model) 
 async def test_raw_body_npy_and_query_parameters(svc, tiny_model) -> None:
     image = png_bytes(40, 30, seed=2)
     r = await svc.client.post(
-        "/v1/depth?format=npy&model=lotus-d-depth&processing_res=32", content=image,
+        "/v1/depth?format=npy&model=lotus-d-depth&processing_res=32",
+        content=image,
         headers={"content-type": "image/png"},
     )
     assert r.status_code == 200, r.text
@@ -91,19 +92,22 @@ async def test_normals_png_color_and_accept_header(svc) -> None:
 
 async def test_resolution_options(svc) -> None:
     image = png_bytes(37, 53, seed=5)
-    r = await svc.client.post("/v1/depth?format=npy&processing_res=0", content=image,
-                              headers={"content-type": "image/png"})
+    r = await svc.client.post(
+        "/v1/depth?format=npy&processing_res=0", content=image, headers={"content-type": "image/png"}
+    )
     assert read_npy(r.content).shape == (37, 53)
-    r = await svc.client.post("/v1/depth?format=json&match_input_resolution=false", content=image,
-                              headers={"content-type": "image/png"})
+    r = await svc.client.post(
+        "/v1/depth?format=json&match_input_resolution=false", content=image, headers={"content-type": "image/png"}
+    )
     data = r.json()
     assert data["shape"] == [44, 64] == data["processing_size"]
 
 
 async def test_seed_changes_lotus_g_and_request_id_is_echoed(svc) -> None:
     image = png_bytes(32, 32, seed=6)
-    a = await svc.client.post("/v1/depth?seed=5&format=npy", content=image, headers={"content-type": "image/png",
-                                                                                     "x-request-id": "abc-123"})
+    a = await svc.client.post(
+        "/v1/depth?seed=5&format=npy", content=image, headers={"content-type": "image/png", "x-request-id": "abc-123"}
+    )
     b = await svc.client.post("/v1/depth?seed=6&format=npy", content=image, headers={"content-type": "image/png"})
     assert a.headers["x-request-id"] == "abc-123"
     assert len(b.headers["x-request-id"]) == 32
@@ -133,10 +137,12 @@ async def test_models_health_and_openapi(svc) -> None:
 async def test_concurrent_requests_are_batched_and_each_gets_its_answer(tiny_dir, tiny_model) -> None:
     async with running_service(tiny_dir, models=[("lotus-d", "depth")], max_queue_delay_ms=200) as svc:
         images = [png_bytes(48, 64, seed=100 + i) for i in range(16)]
-        replies = await asyncio.gather(*(
-            svc.client.post("/v1/depth?format=npy", content=img, headers={"content-type": "image/png"})
-            for img in images
-        ))
+        replies = await asyncio.gather(
+            *(
+                svc.client.post("/v1/depth?format=npy", content=img, headers={"content-type": "image/png"})
+                for img in images
+            )
+        )
         sizes = svc.worker.stats.batch_sizes["lotus-d-depth"]
         assert sum(sizes) == 16 and max(sizes) > 1, sizes
         assert max(int(r.headers["x-batch-size"]) for r in replies) > 1

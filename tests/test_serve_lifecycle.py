@@ -65,10 +65,13 @@ async def test_load_failure_is_reported_by_readyz(tiny_dir, tmp_path: Path) -> N
 @pytest.mark.anyio
 async def test_api_answers_while_a_batch_computes(tiny_dir) -> None:
     async with running_service(tiny_dir, models=[("lotus-g", "depth")]) as svc:
-        slow = asyncio.create_task(svc.client.post(
-            "/v1/uncertainty?seeds=32&processing_res=256&format=json", content=png_bytes(96, 128),
-            headers={"content-type": "image/png"},
-        ))
+        slow = asyncio.create_task(
+            svc.client.post(
+                "/v1/uncertainty?seeds=32&processing_res=256&format=json",
+                content=png_bytes(96, 128),
+                headers={"content-type": "image/png"},
+            )
+        )
         lane = svc.worker.lanes["lotus-g-depth"]
         while not lane.busy:
             await asyncio.sleep(0.005)
@@ -89,8 +92,11 @@ def test_serve_process_tiny_default_then_sigterm_drains(tmp_path: Path) -> None:
     port = _free_port()
     env = {**os.environ, "DENSE_TINY_DIR": str(tmp_path / "tiny"), "DENSE_SHUTDOWN_GRACE_S": "60"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "--port", str(port)], env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [sys.executable, "-m", "service.cli", "serve", "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     base = f"http://127.0.0.1:{port}"
     try:
@@ -112,7 +118,9 @@ def test_serve_process_tiny_default_then_sigterm_drains(tmp_path: Path) -> None:
         def slow() -> None:
             result["r"] = httpx.post(
                 f"{base}/v1/uncertainty?seeds=32&processing_res=256&format=json",
-                content=png_bytes(96, 128), headers={"content-type": "image/png"}, timeout=120,
+                content=png_bytes(96, 128),
+                headers={"content-type": "image/png"},
+                timeout=120,
             )
 
         thread = threading.Thread(target=slow)
@@ -136,7 +144,9 @@ def test_serve_fails_fast_on_a_bad_model(tmp_path: Path) -> None:
         result = subprocess.run(
             [sys.executable, "-m", "service.cli", "serve", "--model", model, "--port", str(_free_port())],
             env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")},
-            capture_output=True, text=True, timeout=60,
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         assert result.returncode == 2
         assert message in result.stderr and result.stderr.startswith("error: ")

@@ -54,8 +54,6 @@ def test_normal_reduction_angles_in_degrees() -> None:
     assert spread.item() == pytest.approx(45.0, abs=1e-4)
 
 
-
-
 @pytest.mark.anyio
 @pytest.mark.parametrize("task", ["depth", "normals"])
 async def test_endpoint_members_match_single_seed_predictions(tiny_dir, tiny_model, task) -> None:
@@ -64,7 +62,8 @@ async def test_endpoint_members_match_single_seed_predictions(tiny_dir, tiny_mod
         forwards = svc.worker.stats.forwards[f"lotus-g-{task}"]
         r = await svc.client.post(
             f"/v1/uncertainty?task={task}&seeds=4&seed=20&format=json&json_encoding=npy&return_members=true",
-            content=image, headers={"content-type": "image/png"},
+            content=image,
+            headers={"content-type": "image/png"},
         )
         assert r.status_code == 200, r.text
         data = r.json()
@@ -90,13 +89,15 @@ async def test_endpoint_members_match_single_seed_predictions(tiny_dir, tiny_mod
             np.testing.assert_allclose(outs["uncertainty"], angles.mean(0), atol=1e-2)
             assert data["uncertainty_unit"] == "degrees"
         # Binary default: the uncertainty map as a 16-bit PNG of value / uncertainty_png_max.
-        r = await svc.client.post(f"/v1/uncertainty?task={task}&seeds=4&seed=20", content=image,
-                                  headers={"content-type": "image/png"})
+        r = await svc.client.post(
+            f"/v1/uncertainty?task={task}&seeds=4&seed=20", content=image, headers={"content-type": "image/png"}
+        )
         assert r.headers["content-type"] == "image/png"
         scale = data["uncertainty_png_max"]
         np.testing.assert_allclose(read_png16(r.content) * scale, outs["uncertainty"], atol=scale / 65535 + 1e-4)
         # A deterministic model cannot give multi-seed uncertainty.
         if task == "depth":
-            r = await svc.client.post("/v1/uncertainty?model=lotus-d-depth", content=image,
-                                      headers={"content-type": "image/png"})
+            r = await svc.client.post(
+                "/v1/uncertainty?model=lotus-d-depth", content=image, headers={"content-type": "image/png"}
+            )
             assert r.status_code == 422 and "deterministic" in r.json()["detail"]

@@ -29,7 +29,7 @@ async def read_input(request: Request, max_image_bytes: int) -> tuple[bytes, dic
     elif ctype == "application/json":
         try:
             body = await request.json()
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise InvalidParameter(f"request body is not valid JSON: {exc}", field="body") from exc
         if not isinstance(body, dict) or not isinstance(body.get("image"), str):
             raise InvalidParameter("JSON body needs an 'image' field with base64 bytes", field="image")

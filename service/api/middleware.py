@@ -4,18 +4,23 @@ enforced while the body streams in (a 413 before the whole upload is read)."""
 from __future__ import annotations
 
 import json
+import logging
 import re
 import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api.problems import PROBLEM, TYPE_BASE
+from service.api.problems import PROBLEM, problem_body
 
+log = logging.getLogger(__name__)
 REQUEST_ID = re.compile(r"^[\w.:-]{1,128}$")
 
 
 class RequestIdMiddleware:
-    """Echo a sane client `X-Request-ID`, or make one; store it in `request.state.request_id`."""
+    """Echo a sane client `X-Request-ID`, or make one; store it in `request.state.request_id`.
+
+    It also turns an unexpected exception into a 500 problem, so that answer carries the id too (Starlette's
+    own last-resort handler sits outside every user middleware)."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -28,12 +33,25 @@ class RequestIdMiddleware:
         request_id = given if given and REQUEST_ID.match(given) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = request_id
 
+        started = False
+
         async def send_with_id(message: Message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 message.setdefault("headers", []).append((b"x-request-id", request_id.encode()))
             await send(message)
 
-        await self.app(scope, receive, send_with_id)
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception as exc:
+            if started:
+                raise
+            log.exception("unhandled error on %s (request %s)", scope.get("path"), request_id)
+            body = problem_body(
+                500, "internal", "Internal error", f"{type(exc).__name__}: {exc}", scope.get("path"), request_id
+            )
+            await _send_json(send_with_id, 500, body)
 
 
 class _TooLarge(Exception):
@@ -89,20 +107,25 @@ class BodyLimitMiddleware:
                 await self._reject(scope, send, f"request body over {seen} bytes (still streaming)")
 
     async def _reject(self, scope: Scope, send: Send, what: str) -> None:
-        body = json.dumps({
-            "type": TYPE_BASE + "payload_too_large",
-            "title": "Payload too large",
-            "status": 413,
-            "detail": f"{what} exceeds the upload limit of {self.max_image_bytes} bytes (max_upload_bytes)",
-            "instance": scope.get("path"),
-            "request_id": scope.get("state", {}).get("request_id"),
-            "limit": self.max_image_bytes,
-        }).encode()
-        await send({"type": "http.response.start", "status": 413, "headers": [
-            (b"content-type", PROBLEM.encode()), (b"content-length", str(len(body)).encode()),
-            (b"connection", b"close"),
-        ]})
-        await send({"type": "http.response.body", "body": body})
+        body = problem_body(
+            413,
+            "payload_too_large",
+            "Payload too large",
+            f"{what} exceeds the upload limit of {self.max_image_bytes} bytes (max_upload_bytes)",
+            scope.get("path"),
+            scope.get("state", {}).get("request_id"),
+            limit=self.max_image_bytes,
+        )
+        await _send_json(send, 413, body, close=True)
+
+
+async def _send_json(send: Send, status: int, body: dict[str, object], close: bool = False) -> None:
+    data = json.dumps(body).encode()
+    headers = [(b"content-type", PROBLEM.encode()), (b"content-length", str(len(data)).encode())]
+    if close:
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": data})
 
 
 def _header(scope: Scope, name: bytes) -> str | None:

@@ -31,6 +31,21 @@ STATUS: dict[str, int] = {
 }
 
 
+def problem_body(
+    status: int, code: str, title: str, detail: str, instance: str | None, request_id: str | None, **extra: object
+) -> dict[str, object]:
+    body: dict[str, object] = {
+        "type": TYPE_BASE + code,
+        "title": title,
+        "status": status,
+        "detail": detail,
+        "instance": instance,
+        "request_id": request_id,
+    }
+    body.update({k: v for k, v in extra.items() if v is not None})
+    return body
+
+
 def problem(
     request: Request | None,
     status: int,
@@ -40,11 +55,15 @@ def problem(
     headers: dict[str, str] | None = None,
     **extra: object,
 ) -> JSONResponse:
-    body: dict[str, object] = {"type": TYPE_BASE + code, "title": title, "status": status, "detail": detail}
-    if request is not None:
-        body["instance"] = request.url.path
-        body["request_id"] = getattr(request.state, "request_id", None)
-    body.update({k: v for k, v in extra.items() if v is not None})
+    body = problem_body(
+        status,
+        code,
+        title,
+        detail,
+        request.url.path if request else None,
+        getattr(request.state, "request_id", None) if request else None,
+        **extra,
+    )
     return JSONResponse(body, status_code=status, media_type=PROBLEM, headers=headers)
 
 
@@ -66,17 +85,22 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [{"field": ".".join(str(p) for p in e["loc"][1:]) or str(e["loc"][0]), "message": e["msg"]}
-                  for e in exc.errors()]
+        errors = [
+            {"field": ".".join(str(p) for p in e["loc"][1:]) or str(e["loc"][0]), "message": e["msg"]}
+            for e in exc.errors()
+        ]
         detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
         return problem(request, 422, "invalid_parameter", "Invalid parameter", detail, errors=errors)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return problem(request, exc.status_code, f"http_{exc.status_code}", str(exc.detail), str(exc.detail),
-                       headers=getattr(exc, "headers", None))
+        return problem(
+            request,
+            exc.status_code,
+            f"http_{exc.status_code}",
+            str(exc.detail),
+            str(exc.detail),
+            headers=getattr(exc, "headers", None),
+        )
 
-    @app.exception_handler(Exception)
-    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unhandled error on %s", request.url.path)
-        return problem(request, 500, "internal", "Internal error", f"{type(exc).__name__}: {exc}")
+    # Unexpected exceptions are rendered by RequestIdMiddleware, inside the request-id scope.

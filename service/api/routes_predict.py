@@ -58,13 +58,23 @@ def _openapi(params: dict[str, str], binary_doc: str) -> dict[str, Any]:
             "required": True,
             "description": "the image: a multipart 'image' file, a raw image body, or JSON with base64 'image'",
             "content": {
-                "multipart/form-data": {"schema": {"type": "object", "required": ["image"], "properties": {
-                    "image": {"type": "string", "format": "binary"}, **fields}}},
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["image"],
+                        "properties": {"image": {"type": "string", "format": "binary"}, **fields},
+                    }
+                },
                 "image/png": {"schema": {"type": "string", "format": "binary"}},
                 "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
                 "image/webp": {"schema": {"type": "string", "format": "binary"}},
-                "application/json": {"schema": {"type": "object", "required": ["image"], "properties": {
-                    "image": {"type": "string", "format": "byte"}, **fields}}},
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["image"],
+                        "properties": {"image": {"type": "string", "format": "byte"}, **fields},
+                    }
+                },
             },
         },
         "responses": {
@@ -83,18 +93,25 @@ def _openapi(params: dict[str, str], binary_doc: str) -> dict[str, Any]:
 _ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": Problem, "description": text, "content": {"application/problem+json": {}}}
     for status, text in [
-        (401, "missing or invalid API key"), (404, "unknown model"), (406, "no acceptable representation"),
-        (413, "upload or pixel limit exceeded"), (415, "not a supported image"),
+        (401, "missing or invalid API key"),
+        (404, "unknown model"),
+        (406, "no acceptable representation"),
+        (413, "upload or pixel limit exceeded"),
+        (415, "not a supported image"),
         (422, "invalid parameter, or the model does not serve this request"),
-        (429, "queue full (see Retry-After)"), (500, "the model failed on this request"),
-        (503, "no model ready yet, or shutting down"), (504, "deadline exceeded"),
+        (429, "queue full (see Retry-After)"),
+        (500, "the model failed on this request"),
+        (503, "no model ready yet, or shutting down"),
+        (504, "deadline exceeded"),
     ]
 }
 _MODELS = {"PredictionJSON": PredictionJSON}
 
 
 @router.post(
-    "/depth", summary="Depth (or disparity) map of an image", responses=_ERRORS,
+    "/depth",
+    summary="Depth (or disparity) map of an image",
+    responses=_ERRORS,
     openapi_extra=_openapi(_PARAMS_DOC, "16-bit PNG (round(v * 65535)), float32 NPY, JSON, or a colour preview"),
 )
 async def depth(request: Request) -> Response:
@@ -102,7 +119,9 @@ async def depth(request: Request) -> Response:
 
 
 @router.post(
-    "/normals", summary="Surface normals of an image", responses=_ERRORS,
+    "/normals",
+    summary="Surface normals of an image",
+    responses=_ERRORS,
     openapi_extra=_openapi(_PARAMS_DOC, "8-bit RGB PNG ((n + 1) / 2 * 255), float32 NPY [H, W, 3], or JSON"),
 )
 async def normals(request: Request) -> Response:
@@ -110,7 +129,9 @@ async def normals(request: Request) -> Response:
 
 
 @router.post(
-    "/uncertainty", summary="Lotus-G multi-seed prediction and its uncertainty", responses=_ERRORS,
+    "/uncertainty",
+    summary="Lotus-G multi-seed prediction and its uncertainty",
+    responses=_ERRORS,
     openapi_extra=_openapi(
         _PARAMS_DOC | _UNC_DOC,
         "binary formats carry the uncertainty map (16-bit PNG of value / uncertainty_png_max, NPY, or colour); "
@@ -139,20 +160,28 @@ async def _handle(request: Request, kind: JobKind, task: Task | None) -> Respons
     ):
         raise InvalidParameter(
             f"processing_res: must be 0 or a multiple of 8 up to {settings.max_processing_res}, "
-            f"got {params.processing_res}", field="processing_res",
+            f"got {params.processing_res}",
+            field="processing_res",
         )
-    timeout_ms = params.timeout_ms or settings.default_timeout_ms
-    if timeout_ms > settings.max_timeout_ms:
+    if params.timeout_ms is not None and params.timeout_ms > settings.max_timeout_ms:
         raise InvalidParameter(f"timeout_ms: at most {settings.max_timeout_ms}", field="timeout_ms")
+    timeout_ms = params.timeout_ms or settings.default_timeout_ms
     await _probe(image, settings.max_pixels)
 
     base_seed = params.seed if params.seed is not None else 0
     job = Job(
-        kind=kind, model=info.id, task=task, deadline=time.time() + timeout_ms / 1000.0, image=image,
-        request_id=request.state.request_id, traceparent=request.headers.get("traceparent"),
+        kind=kind,
+        model=info.id,
+        task=task,
+        deadline=time.time() + timeout_ms / 1000.0,
+        image=image,
+        request_id=request.state.request_id,
+        traceparent=request.headers.get("traceparent"),
         params=JobParams(
-            processing_res=params.processing_res, match_input_resolution=params.match_input_resolution,
-            seed=params.seed, encoding=choice.encoding,
+            processing_res=params.processing_res,
+            match_input_resolution=params.match_input_resolution,
+            seed=params.seed,
+            encoding=choice.encoding,
             seeds=[base_seed + i for i in range(params.seeds)] if isinstance(params, UncertaintyParams) else None,
             reduction=params.reduction if isinstance(params, UncertaintyParams) else "mean",
             return_members=isinstance(params, UncertaintyParams) and params.return_members and choice.as_json,
@@ -188,7 +217,8 @@ async def _resolve_model(request: Request, broker: Broker, name: str | None, tas
     if kind == "uncertainty" and not info.generative:
         raise TaskNotServed(
             f"model '{name}' ({info.family}) is deterministic, so seeds do not vary it: multi-seed "
-            "uncertainty needs a Lotus-G model", model=name,
+            "uncertainty needs a Lotus-G model",
+            model=name,
         )
     return info
 
@@ -224,7 +254,10 @@ def _respond(request: Request, reply: Reply, choice: OutputChoice, main: str, to
         for name, data in reply.outputs.items()
     }
     body = {
-        **meta, "request_id": request.state.request_id, "batch_size": reply.batch_size,
-        "timings": timings, "outputs": outputs,
+        **meta,
+        "request_id": request.state.request_id,
+        "batch_size": reply.batch_size,
+        "timings": timings,
+        "outputs": outputs,
     }
     return JSONResponse(body, headers=headers)

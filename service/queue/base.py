@@ -45,8 +45,8 @@ class DrainRate:
         span = max(now - self._done[0], 1e-3)
         return len(self._done) / span
 
-    def retry_after(self, backlog: int, floor_s: int = 1, cap_s: int = 60) -> int:
-        rate = self.per_second()
+    def retry_after(self, backlog: int, floor_s: int = 1, cap_s: int = 60, now: float | None = None) -> int:
+        rate = self.per_second(now)
         if rate <= 0:
             return floor_s
         return int(min(cap_s, max(floor_s, math.ceil(backlog / rate))))

@@ -25,6 +25,7 @@ class MemoryBroker(Broker):
         self._queues: dict[str, asyncio.Queue[tuple[Job, asyncio.Future[Reply]]]] = {}
         self._models: dict[str, ModelInfo] = {}
         self._rates: dict[str, DrainRate] = {}
+        self._abandoned: dict[str, int] = {}  # queued entries whose submitter gave up (deadline, disconnect)
         self._closed = False
 
     def _queue(self, model: str) -> asyncio.Queue[tuple[Job, asyncio.Future[Reply]]]:
@@ -47,11 +48,11 @@ class MemoryBroker(Broker):
         if job.expired():
             raise DeadlineExceeded(f"job {job.id} was already past its deadline when enqueued")
         queue = self._queue(job.model)
-        if queue.qsize() >= self.max_jobs_per_model:
-            retry = self._rates[job.model].retry_after(queue.qsize())
+        waiting = self.depth(job.model)
+        if waiting >= self.max_jobs_per_model:
             raise QueueFull(
-                f"{queue.qsize()} jobs already wait for model '{job.model}' (limit {self.max_jobs_per_model})",
-                retry_after=retry,
+                f"{waiting} jobs already wait for model '{job.model}' (limit {self.max_jobs_per_model})",
+                retry_after=self._rates[job.model].retry_after(waiting),
             )
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         queue.put_nowait((job, future))
@@ -61,7 +62,8 @@ class MemoryBroker(Broker):
             raise DeadlineExceeded(f"no answer within the deadline for job {job.id}") from None
         finally:
             if not future.done():
-                future.cancel()  # the worker sees the job abandoned and never computes it
+                future.cancel()  # the job stays queued but no longer counts, and is never computed
+                self._abandoned[job.model] = self._abandoned.get(job.model, 0) + 1
 
     async def catalog(self) -> list[ModelInfo]:
         return list(self._models.values())
@@ -80,19 +82,34 @@ class MemoryBroker(Broker):
 
     async def consume(self, model: str, max_items: int, timeout_s: float) -> list[Delivery]:
         queue = self._queue(model)
-        if queue.empty():
-            if timeout_s <= 0:
-                return []
-            try:
-                first = await asyncio.wait_for(queue.get(), timeout=timeout_s)
-            except TimeoutError:
-                return []
-        else:
-            first = queue.get_nowait()
-        entries = [first]
-        while len(entries) < max_items and not queue.empty():
-            entries.append(queue.get_nowait())
+        loop = asyncio.get_running_loop()
+        end = loop.time() + max(timeout_s, 0.0)
+        entries: list[tuple[Job, asyncio.Future[Reply]]] = []
+        while not entries:
+            if queue.empty():
+                remaining = end - loop.time()
+                if remaining <= 0:
+                    return []
+                try:
+                    entries.append(await asyncio.wait_for(queue.get(), timeout=remaining))
+                except TimeoutError:
+                    return []
+            while len(entries) < max_items and not queue.empty():
+                entries.append(queue.get_nowait())
+            entries = self._live(model, entries)
         return [_MemoryDelivery(job=job, future=fut) for job, fut in entries]
+
+    def _live(
+        self, model: str, entries: list[tuple[Job, asyncio.Future[Reply]]]
+    ) -> list[tuple[Job, asyncio.Future[Reply]]]:
+        """Drop entries nobody waits for any more; they were already answered (504, disconnect)."""
+        live = []
+        for job, fut in entries:
+            if fut.cancelled():
+                self._abandoned[model] = max(0, self._abandoned.get(model, 0) - 1)
+            else:
+                live.append((job, fut))
+        return live
 
     async def reply(self, delivery: Delivery, reply: Reply) -> None:
         assert isinstance(delivery, _MemoryDelivery)
@@ -103,4 +120,4 @@ class MemoryBroker(Broker):
 
     def depth(self, model: str) -> int:
         queue = self._queues.get(model)
-        return queue.qsize() if queue else 0
+        return max(0, queue.qsize() - self._abandoned.get(model, 0)) if queue else 0

@@ -45,8 +45,10 @@ def uncertainty_metadata(result: UncertaintyResult) -> dict[str, object]:
         "seeds": result.seeds,
         "reduction": result.reduction,
         "uncertainty_unit": "degrees" if kind == "normals" else "map units (aligned members)",
-        "uncertainty_measure": ("mean angle to the mean direction" if result.reduction == "mean"
-                                else "median angle to the median direction") if kind == "normals"
+        "uncertainty_measure": (
+            "mean angle to the mean direction" if result.reduction == "mean" else "median angle to the median direction"
+        )
+        if kind == "normals"
         else ("standard deviation" if result.reduction == "mean" else "median absolute deviation"),
         "uncertainty_png_max": uncertainty_png_max(kind),
         "uncertainty_max": float(result.uncertainty.max(initial=0.0)),

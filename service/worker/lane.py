@@ -104,22 +104,25 @@ class Lane:
         return group
 
     async def _drop_dead(self, pending: list[Prepared]) -> list[Prepared]:
-        """Never compute work nobody waits for: expired deadlines and abandoned requests."""
-        alive = []
         now = time.time()
-        for p in pending:
-            if p.delivery.abandoned():
-                await self._finish(p.delivery, Reply(id=p.job.id, status="dropped"))
-            elif p.job.expired(now):
-                await self._fail(p.delivery, DeadlineExceeded("the deadline passed before the job was computed"),
-                                 status="expired")
-            else:
-                alive.append(p)
-        return alive
+        return [p for p in pending if not await self._dispose_if_dead(p.delivery, now)]
+
+    async def _dispose_if_dead(self, delivery: Delivery, now: float) -> bool:
+        """Never compute (or even decode) work nobody waits for: abandoned requests, expired deadlines."""
+        if delivery.abandoned():
+            await self._finish(delivery, Reply(id=delivery.job.id, status="dropped"))
+            return True
+        if delivery.job.expired(now):
+            error = DeadlineExceeded("the deadline passed before the job was computed")
+            await self._fail(delivery, error, status="expired")
+            return True
+        return False
 
     # ------------------------------------------------------------------ stages
 
     async def _prepare(self, deliveries: list[Delivery]) -> list[Prepared]:
+        now = time.time()
+        deliveries = [d for d in deliveries if not await self._dispose_if_dead(d, now)]
         loop = asyncio.get_running_loop()
         results = await asyncio.gather(
             *(loop.run_in_executor(self.io_pool, self._decode, d) for d in deliveries), return_exceptions=True
@@ -158,8 +161,12 @@ class Lane:
             if batch[0].job.kind == "uncertainty":
                 job = batch[0].job
                 result = await loop.run_in_executor(
-                    self.compute_pool, self.model.predict_uncertainty, batch[0].item,
-                    job.params.seeds or [], job.params.reduction, job.params.return_members,
+                    self.compute_pool,
+                    self.model.predict_uncertainty,
+                    batch[0].item,
+                    job.params.seeds or [],
+                    job.params.reduction,
+                    job.params.return_members,
                 )
                 self.stats.record_forward(self.model_id, len(job.params.seeds or []))
             else:
@@ -193,17 +200,22 @@ class Lane:
         t0 = time.perf_counter()
         data = encode_prediction(pred, p.job.params.encoding)
         return Reply(
-            id=p.job.id, status="ok", outputs={"prediction": data}, metadata=pred.metadata(),
-            timings=_timings(p.job, started, compute_ms, t0), batch_size=batch_size,
+            id=p.job.id,
+            status="ok",
+            outputs={"prediction": data},
+            metadata=pred.metadata(),
+            timings=_timings(p.job, started, compute_ms, t0),
+            batch_size=batch_size,
         )
 
-    def _encode_uncertainty(
-        self, p: Prepared, result: UncertaintyResult, started: float, compute_ms: float
-    ) -> Reply:
+    def _encode_uncertainty(self, p: Prepared, result: UncertaintyResult, started: float, compute_ms: float) -> Reply:
         t0 = time.perf_counter()
         return Reply(
-            id=p.job.id, status="ok", outputs=encode_uncertainty(result, p.job.params.encoding),
-            metadata=uncertainty_metadata(result), timings=_timings(p.job, started, compute_ms, t0),
+            id=p.job.id,
+            status="ok",
+            outputs=encode_uncertainty(result, p.job.params.encoding),
+            metadata=uncertainty_metadata(result),
+            timings=_timings(p.job, started, compute_ms, t0),
             batch_size=len(result.seeds),
         )
 

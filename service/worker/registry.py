@@ -46,8 +46,9 @@ def load_served(spec: ModelSpec, max_batch: int, max_delay_ms: float, warmup: bo
     """Blocking: load one model and optionally run one batch so the first request pays no start-up cost."""
     start = time.perf_counter()
     predictor = load_model(spec)
-    served = ServedModel(spec, predictor, describe(spec, predictor, max_batch, max_delay_ms),
-                         load_s=time.perf_counter() - start)
+    served = ServedModel(
+        spec, predictor, describe(spec, predictor, max_batch, max_delay_ms), load_s=time.perf_counter() - start
+    )
     if warmup:
         start = time.perf_counter()
         image = np.full((64, 64, 3), 0.5, dtype=np.float32)

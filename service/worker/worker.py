@@ -48,7 +48,11 @@ class Worker:
                 pool = ThreadPoolExecutor(1, thread_name_prefix=f"dense-model-{spec.id}")
                 self._compute_pools[spec.id] = pool
                 self.served[spec.id] = await loop.run_in_executor(
-                    pool, load_served, spec, self.settings.max_batch_size, self.settings.max_queue_delay_ms,
+                    pool,
+                    load_served,
+                    spec,
+                    self.settings.max_batch_size,
+                    self.settings.max_queue_delay_ms,
                     self.settings.warmup,
                 )
         except Exception as exc:
