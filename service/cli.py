@@ -15,6 +15,8 @@ from models.outputs import FAMILIES, TASKS, PredictionMap
 
 if TYPE_CHECKING:
     from models.inference import DensePredictor
+    from models.spec import ModelSpec
+    from service.config import Settings
 
 FORMATS = ("png16", "npy", "color")
 
@@ -87,7 +89,33 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", help="bind address (default 127.0.0.1)")
     s.add_argument("--port", type=int, help="port (default 8000)")
     s.add_argument("--api-key", action="append", dest="api_keys", metavar="KEY", help="require this key (repeatable)")
-    s.set_defaults(func=cmd_serve)
+    s.add_argument("--queue", choices=("memory", "redis"), help="embedded queue (default) or Redis Streams")
+    s.add_argument("--redis-url", help="Redis URL for --queue redis (default redis://127.0.0.1:6379/0)")
+    s.set_defaults(func=cmd_serve, role="serve")
+
+    a = sub.add_parser("api", help="run only the REST API; workers join through Redis")
+    a.add_argument("--config", type=Path, help="settings file (.toml or .yaml)")
+    a.add_argument("--queue", choices=("redis",), default="redis", help="the queue (Redis Streams)")
+    a.add_argument("--redis-url", help="Redis URL (default redis://127.0.0.1:6379/0)")
+    a.add_argument(
+        "--model",
+        action="append",
+        dest="models",
+        metavar="ID",
+        help="model ids readiness waits for (default: ready once any worker serves a model)",
+    )
+    a.add_argument("--host", help="bind address (default 127.0.0.1)")
+    a.add_argument("--port", type=int, help="port (default 8000)")
+    a.add_argument("--api-key", action="append", dest="api_keys", metavar="KEY", help="require this key (repeatable)")
+    a.set_defaults(func=cmd_serve, role="api")
+
+    w = sub.add_parser("worker", help="run only a GPU/CPU worker that serves models from Redis")
+    w.add_argument("--config", type=Path, help="settings file (.toml or .yaml)")
+    w.add_argument("--queue", choices=("redis",), default="redis", help="the queue (Redis Streams)")
+    w.add_argument("--redis-url", help="Redis URL (default redis://127.0.0.1:6379/0)")
+    w.add_argument("--model", action="append", dest="models", metavar="SPEC", help="model to serve (repeatable)")
+    w.add_argument("--name", dest="worker_name", help="consumer name; keep it stable across restarts")
+    w.set_defaults(func=cmd_worker)
 
     b = sub.add_parser("bench", help="time the predictor at fixed resolutions and batch sizes")
     b.add_argument("--model", required=True, help="spec .toml, local diffusers folder, shipped spec id or hub id")
@@ -135,30 +163,48 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serving_setup(args: argparse.Namespace) -> tuple[Settings, list[ModelSpec], bool]:
+    """Settings from file/env/flags, the specs to serve (tiny ones when none), checked before starting."""
+    from service.config import load_settings
+    from service.embedded import preflight, serving_specs
+
+    keys = ("host", "port", "models", "api_keys", "queue", "redis_url", "worker_name")
+    settings = load_settings(args.config, **{k: getattr(args, k, None) for k in keys})
+    specs, tiny = serving_specs(settings)
+    preflight(specs)
+    return settings, specs, tiny
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     _quiet_hub_libraries()
     import uvicorn
     from pydantic import ValidationError
 
-    from service.config import load_settings
-    from service.embedded import TINY_BANNER, build_embedded_app, preflight, serving_specs
+    from models.spec import ModelSpec
+    from service.embedded import TINY_BANNER, build_app
 
+    api_only = args.role == "api"
     try:
-        settings = load_settings(
-            args.config, host=args.host, port=args.port, models=args.models, api_keys=args.api_keys
-        )
-        specs, tiny = serving_specs(settings)
-        preflight(specs)
+        if api_only:
+            from service.config import load_settings
+
+            overrides = {k: getattr(args, k, None) for k in ("host", "port", "api_keys", "queue", "redis_url")}
+            settings = load_settings(args.config, **overrides)
+            # The API only needs the ids to wait for; the workers own the checkpoints.
+            specs, tiny = [ModelSpec(id=m, source=m) for m in (args.models or [])], False
+        else:
+            settings, specs, tiny = _serving_setup(args)
     except (ModelError, ValidationError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if tiny:
         print(TINY_BANNER.format(ids=", ".join(s.id for s in specs), path=settings.tiny_dir), file=sys.stderr)
     logging.getLogger().setLevel(settings.log_level.upper())
-    app = build_embedded_app(settings, specs)
+    app = build_app(settings, specs, with_worker=not api_only)
+    what = "API" if api_only else "API + worker"
     print(
-        f"dense-serve: http://{settings.host}:{settings.port} (docs at /docs), models: "
-        f"{', '.join(s.id for s in specs)}",
+        f"dense-serve {what} on {settings.queue} queue: http://{settings.host}:{settings.port} (docs at /docs)"
+        f"{', models: ' + ', '.join(s.id for s in specs) if specs else ''}",
         file=sys.stderr,
     )
     uvicorn.run(
@@ -169,6 +215,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=int(settings.shutdown_grace_s) or None,
     )
     return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    _quiet_hub_libraries()
+    import asyncio
+
+    from pydantic import ValidationError
+
+    from service.embedded import TINY_BANNER, run_worker
+
+    try:
+        settings, specs, tiny = _serving_setup(args)
+    except (ModelError, ValidationError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if tiny:
+        print(TINY_BANNER.format(ids=", ".join(s.id for s in specs), path=settings.tiny_dir), file=sys.stderr)
+    logging.getLogger().setLevel(settings.log_level.upper())
+    print(
+        f"dense-serve worker {settings.worker_name or ''} on {settings.redis_url}: {', '.join(s.id for s in specs)}",
+        file=sys.stderr,
+    )
+    return asyncio.run(run_worker(settings, specs))
 
 
 def cmd_models(args: argparse.Namespace) -> int:

@@ -63,6 +63,16 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = Field(default=30.0, ge=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
+    queue: Literal["memory", "redis"] = Field(default="memory", description="embedded queue or Redis Streams")
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_prefix: str = Field(default="dense", pattern=r"^[\w.-]+$", description="namespace of every key")
+    stream_maxlen: int = Field(default=10_000, ge=100, description="approximate cap of each job stream")
+    result_ttl_s: int = Field(default=600, ge=1, description="how long results stay for Idempotency-Key")
+    min_idle_ms: int = Field(default=60_000, ge=100, description="reclaim jobs idle this long; > worst batch")
+    max_deliveries: int = Field(default=3, ge=1, description="tries before a job goes to the dead-letter stream")
+    worker_name: str | None = Field(default=None, description="consumer name (default host-pid); keep it stable")
+    heartbeat_s: float = Field(default=2.0, gt=0, description="worker heartbeat; its key lives 3 heartbeats")
+
     @field_validator("models", "api_keys", mode="before")
     @classmethod
     def _lists(cls, value: Any) -> Any:

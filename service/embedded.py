@@ -1,8 +1,11 @@
-"""One process serves everything: the API, the in-process queue and the worker (the embedded default)."""
+"""Wiring of the three process shapes: all-in-one (`serve`), API only (`api`) and worker only (`worker`),
+on the in-process queue (embedded default) or Redis Streams."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
 from pathlib import Path
 
 from fastapi import FastAPI
@@ -13,6 +16,7 @@ from models.loading import resolve_source
 from models.spec import ModelSpec, resolve_spec
 from service.api.app import create_app
 from service.config import Settings
+from service.queue.base import Broker
 from service.queue.memory import MemoryBroker
 from service.worker.worker import Worker
 
@@ -60,7 +64,54 @@ def preflight(specs: list[ModelSpec]) -> None:
         identify(spec, CheckpointConfig.read(resolve_source(spec)))
 
 
-def build_embedded_app(settings: Settings, specs: list[ModelSpec]) -> FastAPI:
-    broker = MemoryBroker(settings.queue_max_jobs)
-    worker = Worker(broker, specs, settings)
+def make_broker(settings: Settings) -> Broker:
+    if settings.queue == "redis":
+        from service.queue.redis_streams import RedisBroker
+
+        return RedisBroker(
+            settings.redis_url,
+            settings.redis_prefix,
+            max_depth=settings.queue_max_jobs,
+            stream_maxlen=settings.stream_maxlen,
+            result_ttl_s=settings.result_ttl_s,
+            min_idle_ms=settings.min_idle_ms,
+            max_deliveries=settings.max_deliveries,
+            heartbeat_s=settings.heartbeat_s,
+            consumer=settings.worker_name,
+        )
+    return MemoryBroker(settings.queue_max_jobs, settings.result_ttl_s)
+
+
+def build_app(settings: Settings, specs: list[ModelSpec], with_worker: bool = True) -> FastAPI:
+    """The API; with `with_worker` the worker runs in the same process (`serve`), else only the API (`api`).
+    `specs` are the models readiness waits for."""
+    broker = make_broker(settings)
+    worker = Worker(broker, specs, settings) if with_worker else None
     return create_app(settings, broker, worker, [s.id for s in specs])
+
+
+def build_embedded_app(settings: Settings, specs: list[ModelSpec]) -> FastAPI:
+    return build_app(settings, specs, with_worker=True)
+
+
+async def run_worker(settings: Settings, specs: list[ModelSpec]) -> int:
+    """A worker process: serve `specs` from the queue until SIGTERM/SIGINT, then drain and exit."""
+    broker = make_broker(settings)
+    worker = Worker(broker, specs, settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await broker.start()
+    await worker.start()
+    try:
+        while not stop.is_set() and worker.state not in ("failed", "stopped"):
+            await asyncio.wait([asyncio.create_task(stop.wait())], timeout=0.5)
+    finally:
+        log.info("worker %s: draining", settings.worker_name or "")
+        await worker.stop()
+        await broker.close()
+    if worker.error:
+        log.error("worker failed: %s", worker.error)
+        return 1
+    return 0

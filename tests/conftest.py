@@ -72,3 +72,27 @@ def random_image(h: int, w: int, seed: int = 0) -> np.ndarray:
 @pytest.fixture(scope="session")
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def redis_url():
+    """A real Redis for the session: REDIS_URL, or a private server started here (and stopped after)."""
+    from tests.redis_server import RedisServer, external_url
+
+    url = external_url()
+    if url:
+        yield url
+        return
+    server = RedisServer().start()
+    try:
+        yield server.url
+    finally:
+        server.close()
+
+
+@pytest.fixture
+def redis_prefix() -> str:
+    """A key namespace per test, so tests sharing one server never see each other's keys."""
+    import uuid
+
+    return f"t{uuid.uuid4().hex[:10]}"

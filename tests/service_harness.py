@@ -18,7 +18,7 @@ from PIL import Image
 from models.outputs import Family, Task
 from models.spec import ModelSpec
 from service.config import Settings
-from service.embedded import build_embedded_app
+from service.embedded import build_app
 from service.worker.worker import Worker
 
 DEFAULT_MODELS: list[tuple[Family, Task]] = [("lotus-g", "depth"), ("lotus-g", "normals"), ("lotus-d", "depth")]
@@ -49,11 +49,14 @@ async def running_service(
     models: list[tuple[Family, Task]] = DEFAULT_MODELS,
     wait_ready: bool = True,
     specs: list[ModelSpec] | None = None,
+    with_worker: bool = True,
     **settings: Any,
 ) -> AsyncIterator[Harness]:
-    """Serve `models` (tiny checkpoints, processing_res 64), or exactly `specs` when given."""
+    """Serve `models` (tiny checkpoints, processing_res 64), or exactly `specs` when given. Without a worker
+    it is an API instance only (for the Redis queue, where worker processes join)."""
     cfg = Settings(**settings)
-    app = build_embedded_app(cfg, specs if specs is not None else specs_for(tiny_dir, models))
+    chosen = specs if specs is not None else specs_for(tiny_dir, models)
+    app = build_app(cfg, chosen if with_worker else [], with_worker=with_worker)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as client:

@@ -187,7 +187,10 @@ async def _handle(request: Request, kind: JobKind, task: Task | None) -> Respons
             return_members=isinstance(params, UncertaintyParams) and params.return_members and choice.as_json,
         ),
     )
-    reply = await broker.submit(job)
+    key = request.headers.get("idempotency-key")
+    if key is not None and not 1 <= len(key) <= 255:
+        raise InvalidParameter("Idempotency-Key must be 1 to 255 characters", field="Idempotency-Key")
+    reply = await broker.submit(job, key)
     if reply.status != "ok":
         error = reply.error
         raise from_code(error.code if error else "internal", error.detail if error else f"job {reply.status}")
@@ -243,6 +246,8 @@ def _respond(request: Request, reply: Reply, choice: OutputChoice, main: str, to
     }
     if reply.metadata.get("seed") is not None:
         headers["X-Seed"] = str(reply.metadata["seed"])
+    if reply.metadata.get("worker"):
+        headers["X-Worker"] = str(reply.metadata["worker"])
     if not choice.as_json:
         return Response(reply.outputs[main], media_type=choice.media_type, headers=headers)
     meta = {k: v for k, v in reply.metadata.items() if k not in ("height", "width")}

@@ -3,13 +3,15 @@ what they serve. Nothing outside `service/queue/` knows which implementation run
 
 from __future__ import annotations
 
+import hashlib
 import math
 import time
 from abc import ABC, abstractmethod
 from collections import deque
 from dataclasses import dataclass, field
 
-from service.jobs import Job, ModelInfo, Reply
+from service.errors import ServiceError
+from service.jobs import ErrorInfo, Job, ModelInfo, Reply
 
 
 @dataclass
@@ -56,6 +58,13 @@ class DrainRate:
             self._done.popleft()
 
 
+def fingerprint(job: Job) -> str:
+    """What makes two submissions the same request, for Idempotency-Key checks."""
+    digest = hashlib.sha256(job.image)
+    digest.update(f"{job.kind}|{job.model}|{job.task}|{job.params.model_dump_json()}".encode())
+    return digest.hexdigest()
+
+
 class Broker(ABC):
     """Submit/await on the front-end side; consume/reply/publish on the worker side."""
 
@@ -67,10 +76,12 @@ class Broker(ABC):
 
     # ---- front-end side
     @abstractmethod
-    async def submit(self, job: Job) -> Reply:
+    async def submit(self, job: Job, idempotency_key: str | None = None) -> Reply:
         """Enqueue and wait for the reply until `job.deadline`.
 
-        Raises QueueFull (with `retry_after`), DeadlineExceeded or Unavailable.
+        With an `idempotency_key` seen before (within the result TTL), return that job's stored reply, or
+        wait for it while it is in flight, instead of computing again. Raises QueueFull (with
+        `retry_after`), DeadlineExceeded, Unavailable, or InvalidParameter (key reused for another request).
         """
 
     @abstractmethod
@@ -97,6 +108,12 @@ class Broker(ABC):
     @abstractmethod
     async def reply(self, delivery: Delivery, reply: Reply) -> None:
         """Deliver the reply and acknowledge the job (in that order)."""
+
+    async def reject(self, delivery: Delivery, error: ServiceError) -> None:
+        """The model failed on this job here. Brokers that can retry elsewhere do; the default answers."""
+        await self.reply(
+            delivery, Reply(id=delivery.job.id, status="error", error=ErrorInfo(code=error.code, detail=error.detail))
+        )
 
     @abstractmethod
     def depth(self, model: str) -> int:

@@ -6,9 +6,9 @@ import asyncio
 import time
 from dataclasses import dataclass
 
-from service.errors import DeadlineExceeded, QueueFull, Unavailable
+from service.errors import DeadlineExceeded, InvalidParameter, QueueFull, Unavailable
 from service.jobs import Job, ModelInfo, Reply
-from service.queue.base import Broker, Delivery, DrainRate
+from service.queue.base import Broker, Delivery, DrainRate, fingerprint
 
 
 @dataclass
@@ -20,8 +20,11 @@ class _MemoryDelivery(Delivery):
 
 
 class MemoryBroker(Broker):
-    def __init__(self, max_jobs_per_model: int = 256) -> None:
+    def __init__(self, max_jobs_per_model: int = 256, result_ttl_s: float = 600.0) -> None:
         self.max_jobs_per_model = max_jobs_per_model
+        self.result_ttl_s = result_ttl_s
+        # Idempotency-Key -> (fingerprint, the first submission's future, expiry)
+        self._idempotent: dict[str, tuple[str, asyncio.Future[Reply], float]] = {}
         self._queues: dict[str, asyncio.Queue[tuple[Job, asyncio.Future[Reply]]]] = {}
         self._models: dict[str, ModelInfo] = {}
         self._rates: dict[str, DrainRate] = {}
@@ -42,9 +45,33 @@ class MemoryBroker(Broker):
                 if not fut.done():
                     fut.set_exception(Unavailable("the service is shutting down"))
 
-    async def submit(self, job: Job) -> Reply:
+    async def submit(self, job: Job, idempotency_key: str | None = None) -> Reply:
         if self._closed:
             raise Unavailable("the service is shutting down")
+        if idempotency_key is not None:
+            return await self._submit_idempotent(job, idempotency_key)
+        return await self._submit(job, asyncio.get_running_loop().create_future())
+
+    async def _submit_idempotent(self, job: Job, key: str) -> Reply:
+        now = time.time()
+        self._idempotent = {k: v for k, v in self._idempotent.items() if v[2] > now}
+        seen = self._idempotent.get(key)
+        if seen is not None:
+            fp, future, _ = seen
+            if fp != fingerprint(job):
+                raise InvalidParameter(
+                    "Idempotency-Key was already used for a different request", field="Idempotency-Key"
+                )
+            if not future.cancelled():  # a first attempt that timed out is forgotten: compute afresh
+                try:
+                    return await asyncio.wait_for(asyncio.shield(future), timeout=max(0.0, job.deadline - now))
+                except TimeoutError:
+                    raise DeadlineExceeded(f"no answer within the deadline for job {job.id}") from None
+        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+        self._idempotent[key] = (fingerprint(job), future, now + self.result_ttl_s)
+        return await self._submit(job, future)
+
+    async def _submit(self, job: Job, future: asyncio.Future[Reply]) -> Reply:
         if job.expired():
             raise DeadlineExceeded(f"job {job.id} was already past its deadline when enqueued")
         queue = self._queue(job.model)
@@ -54,7 +81,6 @@ class MemoryBroker(Broker):
                 f"{waiting} jobs already wait for model '{job.model}' (limit {self.max_jobs_per_model})",
                 retry_after=self._rates[job.model].retry_after(waiting),
             )
-        future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         queue.put_nowait((job, future))
         try:
             return await asyncio.wait_for(asyncio.shield(future), timeout=max(0.0, job.deadline - time.time()))

@@ -19,6 +19,7 @@ from service.errors import (
     ModelFailure,
     PayloadTooLarge,
     ServiceError,
+    Unavailable,
     UnsupportedMedia,
 )
 from service.jobs import ErrorInfo, Job, Reply
@@ -29,6 +30,7 @@ from service.worker.stats import WorkerStats
 
 log = logging.getLogger(__name__)
 IDLE_POLL_S = 0.25
+BACKOFF_MAX_S = 2.0
 
 
 @dataclass
@@ -66,10 +68,18 @@ class Lane:
 
     async def run(self, stop: asyncio.Event) -> None:
         pending: list[Prepared] = []
+        backoff = 0.05
         while not (stop.is_set() and not pending):
             if not stop.is_set():
                 wait = self._time_to_due(pending) if pending else IDLE_POLL_S
-                deliveries = await self.broker.consume(self.model_id, self.max_batch, wait)
+                try:
+                    deliveries = await self.broker.consume(self.model_id, self.max_batch, wait)
+                    backoff = 0.05
+                except Unavailable as exc:  # the queue is down: keep what we hold, retry with backoff
+                    log.warning("lane %s: %s; retrying in %.2fs", self.model_id, exc.detail, backoff)
+                    await asyncio.sleep(backoff)
+                    backoff = min(backoff * 2, BACKOFF_MAX_S)
+                    deliveries = []
                 pending.extend(await self._prepare(deliveries))
             pending = await self._drop_dead(pending)
             batch = self._take_due(pending, force=stop.is_set())
@@ -180,7 +190,8 @@ class Lane:
                     await self._execute([p])
                 return
             log.exception("model %s failed on job %s", self.model_id, batch[0].job.id)
-            await self._fail(batch[0].delivery, ModelFailure(f"model '{self.model_id}' failed: {exc}"))
+            self.stats.record_outcome(self.model_id, "error")
+            await self.broker.reject(batch[0].delivery, ModelFailure(f"model '{self.model_id}' failed: {exc}"))
             return
         compute_ms = (time.time() - started) * 1000.0
         if batch[0].job.kind == "uncertainty":
