@@ -3,6 +3,10 @@ loopback) and through a direct predictor call. Reports per-request overhead at c
 at concurrency C, latency percentiles and the batch sizes the worker formed.
 
     .venv/bin/python load_tests/bench_http.py [--model DIR] [--res 128] [--requests 64] [--concurrency 16]
+                                              [--redis]
+
+With --redis it also runs `serve --queue redis` (against REDIS_URL or a private server) in the same run, so
+the Redis path's overhead is measured against the embedded one.
 
 Bounded in count and time; talks to 127.0.0.1 only.
 """
@@ -88,6 +92,7 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--max-batch", type=int, default=8)
     parser.add_argument("--delay-ms", type=float, default=5.0)
+    parser.add_argument("--redis", action="store_true", help="also measure `serve --queue redis` in the same run")
     args = parser.parse_args()
 
     from tests.service_harness import png_bytes
@@ -101,6 +106,30 @@ def main() -> int:
     image = png_bytes(args.res * 3 // 4, args.res, seed=1)
     single, batched = direct_times(model_dir, image, args.res, args.requests, args.max_batch)
 
+    runs = {"embedded": _serve_and_load(model_dir, image, args, [])}
+    if args.redis:
+        from tests.redis_server import RedisServer, external_url
+
+        server = None if external_url() else RedisServer().start()
+        url = external_url() or server.url
+        try:
+            runs["redis"] = _serve_and_load(
+                model_dir,
+                image,
+                args,
+                ["--queue", "redis", "--redis-url", url],
+                {"DENSE_REDIS_PREFIX": f"bench{os.getpid()}"},
+            )
+        finally:
+            if server:
+                server.close()
+    _report(model_dir, args, single, batched, runs)
+    return 0
+
+
+def _serve_and_load(
+    model_dir: str, image: bytes, args: argparse.Namespace, extra: list[str], env_extra: dict[str, str] | None = None
+) -> tuple[dict, dict]:
     port = _free_port()
     env = {
         **os.environ,
@@ -108,9 +137,12 @@ def main() -> int:
         "DENSE_MAX_QUEUE_DELAY_MS": str(args.delay_ms),
         "DENSE_LOG_LEVEL": "warning",
         "DENSE_QUEUE_MAX_JOBS": str(max(256, args.requests)),
+        **(env_extra or {}),
     }
     server = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "serve", "--model", model_dir, "--port", str(port)], cwd=REPO, env=env
+        [sys.executable, "-m", "service.cli", "serve", "--model", model_dir, "--port", str(port), *extra],
+        cwd=REPO,
+        env=env,
     )
     base = f"http://127.0.0.1:{port}"
     try:
@@ -120,7 +152,8 @@ def main() -> int:
                 if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
                     break
             except httpx.TransportError:
-                time.sleep(0.2)
+                pass
+            time.sleep(0.2)
         else:
             raise SystemExit("server did not become ready")
         asyncio.run(http_run(base, image, args.res, 4, 1))  # warm the connection path
@@ -129,37 +162,59 @@ def main() -> int:
     finally:
         server.terminate()
         server.wait(timeout=60)
+    return c1, cn
 
-    lat1 = c1["latencies"]
-    latn = cn["latencies"]
+
+def _report(
+    model_dir: str, args: argparse.Namespace, single: float, batched: float, runs: dict[str, tuple[dict, dict]]
+) -> None:
     direct_tput = 1.0 / single
     print(
         f"### served vs direct: {Path(model_dir).name}, {args.res} px, {args.requests} requests, "
         f"max batch {args.max_batch}, delay {args.delay_ms} ms, {os.cpu_count()} cores\n"
     )
-    print("| measure | value |\n|---|---:|")
-    print(f"| direct call, 1 image (ms) | {single * 1e3:.1f} |")
-    print(f"| direct call, batch {args.max_batch} (ms / image) | {batched * 1e3:.1f} |")
-    print(f"| HTTP, concurrency 1: mean latency (ms) | {statistics.mean(lat1) * 1e3:.1f} |")
-    print(f"| HTTP overhead per request at concurrency 1 (ms) | {(statistics.mean(lat1) - single) * 1e3:.1f} |")
-    print(f"| HTTP, concurrency {args.concurrency}: throughput (img/s) | {args.requests / cn['wall']:.1f} |")
-    print(
-        f"| throughput ratio: HTTP c={args.concurrency} / direct unbatched | "
-        f"{args.requests / cn['wall'] / direct_tput:.2f}x |"
-    )
-    print(
-        f"| throughput ratio: HTTP c={args.concurrency} / direct batch {args.max_batch} | "
-        f"{args.requests / cn['wall'] * batched:.2f}x |"
-    )
-    print(
-        f"| HTTP c={args.concurrency} latency p50 / p95 / p99 (ms) | {_percentile(latn, 50) * 1e3:.0f} / "
-        f"{_percentile(latn, 95) * 1e3:.0f} / {_percentile(latn, 99) * 1e3:.0f} |"
-    )
-    dist = ", ".join(f"{size}: {count}" for size, count in sorted(cn["batches"].items()))
-    print(f"| batch sizes seen at c={args.concurrency} (size: requests) | {dist} |")
-    dist1 = ", ".join(f"{size}: {count}" for size, count in sorted(c1["batches"].items()))
-    print(f"| batch sizes seen at c=1 | {dist1} |")
-    return 0
+    names = list(runs)
+    print("| measure | " + " | ".join(names) + " |\n|---|" + "---:|" * len(names))
+    rows: list[tuple[str, list[str]]] = [
+        ("direct call, 1 image (ms)", [f"{single * 1e3:.1f}"] * len(names)),
+        (f"direct call, batch {args.max_batch} (ms / image)", [f"{batched * 1e3:.1f}"] * len(names)),
+    ]
+    c = args.concurrency
+    lat1 = [statistics.mean(c1["latencies"]) for c1, _ in runs.values()]
+    rows += [
+        ("HTTP, concurrency 1: mean latency (ms)", [f"{v * 1e3:.1f}" for v in lat1]),
+        ("HTTP overhead per request at concurrency 1 (ms)", [f"{(v - single) * 1e3:.1f}" for v in lat1]),
+        (
+            f"HTTP, concurrency {c}: throughput (img/s)",
+            [f"{args.requests / cn['wall']:.1f}" for _, cn in runs.values()],
+        ),
+        (
+            f"throughput ratio: HTTP c={c} / direct unbatched",
+            [f"{args.requests / cn['wall'] / direct_tput:.2f}x" for _, cn in runs.values()],
+        ),
+        (
+            f"throughput ratio: HTTP c={c} / direct batch {args.max_batch}",
+            [f"{args.requests / cn['wall'] * batched:.2f}x" for _, cn in runs.values()],
+        ),
+        (
+            f"HTTP c={c} latency p50 / p95 / p99 (ms)",
+            [
+                f"{_percentile(cn['latencies'], 50) * 1e3:.0f} / {_percentile(cn['latencies'], 95) * 1e3:.0f} / "
+                f"{_percentile(cn['latencies'], 99) * 1e3:.0f}"
+                for _, cn in runs.values()
+            ],
+        ),
+        (
+            f"batch sizes seen at c={c} (size: requests)",
+            [", ".join(f"{k}: {v}" for k, v in sorted(cn["batches"].items())) for _, cn in runs.values()],
+        ),
+        (
+            "batch sizes seen at c=1",
+            [", ".join(f"{k}: {v}" for k, v in sorted(c1["batches"].items())) for c1, _ in runs.values()],
+        ),
+    ]
+    for label, values in rows:
+        print(f"| {label} | " + " | ".join(values) + " |")
 
 
 if __name__ == "__main__":

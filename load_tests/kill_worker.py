@@ -180,14 +180,36 @@ async def _main(args: argparse.Namespace) -> None:
                 stop(w)
     if server:
         server.close()
-    header = ["requests", "answered ok", "lost", "wrong", "errors", "duplicate replies", "killed after (in flight)",
-              "reclaimed", "p50 / p99 / max latency (ms)", "wall (s)", "served by"]
-    row = [run.requests, run.answered_ok, run.lost, run.wrong, dict(run.errors), dup,
-           f"{run.killed_after} ({run.in_flight_at_kill})", run.reclaimed,
-           f"{run.p(50):.0f} / {run.p(99):.0f} / {run.p(100):.0f}", f"{wall:.1f}", dict(run.served_by)]
+    header = [
+        "requests",
+        "answered ok",
+        "lost",
+        "wrong",
+        "errors",
+        "duplicate replies",
+        "killed after (in flight)",
+        "reclaimed",
+        "p50 / p99 / max latency (ms)",
+        "wall (s)",
+        "served by",
+    ]
+    row = [
+        run.requests,
+        run.answered_ok,
+        run.lost,
+        run.wrong,
+        dict(run.errors),
+        dup,
+        f"{run.killed_after} ({run.in_flight_at_kill})",
+        run.reclaimed,
+        f"{run.p(50):.0f} / {run.p(99):.0f} / {run.p(100):.0f}",
+        f"{wall:.1f}",
+        dict(run.served_by),
+    ]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     print("| " + " | ".join(str(v) for v in row) + " |")
+
 
 if __name__ == "__main__":
     raise SystemExit(main())

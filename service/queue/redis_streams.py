@@ -41,6 +41,8 @@ REPLY_STREAM_TTL_S = 300
 REPLY_STREAM_MAXLEN = 10_000
 DEAD_TTL_S = 7 * 24 * 3600
 CATALOG_CACHE_S = 0.5
+PRECISE_WAIT_S = 0.15  # below this, wait by polling (Redis's own timeouts are coarse)
+POLL_INTERVAL_S = 0.002
 
 
 @dataclass
@@ -342,8 +344,12 @@ class RedisBroker(Broker):
         start = "0" if model not in self._own_pending_done else ">"
         try:
             await self._ensure_group(model)
-            block = int(timeout_s * 1000) if start == ">" and timeout_s > 0 else None
-            response = await self.rb.xreadgroup(GROUP, self.consumer, {key: start}, count=max_items, block=block)
+            if start == "0" or timeout_s >= PRECISE_WAIT_S:
+                # BLOCK 0 means "forever" to Redis: never let a wait round down to it.
+                block = max(1, round(timeout_s * 1000)) if start == ">" and timeout_s > 0 else None
+                response = await self.rb.xreadgroup(GROUP, self.consumer, {key: start}, count=max_items, block=block)
+            else:
+                response = await self._poll(key, max_items, timeout_s)
         except ResponseError as exc:
             if "NOGROUP" in str(exc):
                 self._groups.discard(model)
@@ -361,6 +367,17 @@ class RedisBroker(Broker):
                 if delivery is not None:
                     deliveries.append(delivery)
         return deliveries
+
+    async def _poll(self, key: str, max_items: int, timeout_s: float) -> list:
+        """Short waits (filling a batch) poll without BLOCK: Redis times blocked reads only to ~1/hz
+        (100 ms at the default hz 10), which would add up to 100 ms to every batch."""
+        end = time.monotonic() + timeout_s
+        while True:
+            response = await self.r.xreadgroup(GROUP, self.consumer, {key: ">"}, count=max_items)
+            remaining = end - time.monotonic()
+            if (response and response[0][1]) or remaining <= 0:
+                return response
+            await asyncio.sleep(min(remaining, POLL_INTERVAL_S))
 
     async def _delivery(
         self, model: str, entry_id: bytes, fields: dict[bytes, bytes], redelivered: bool = False, times: int = 1

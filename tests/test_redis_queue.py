@@ -1,0 +1,252 @@
+"""The Redis Streams queue against a real Redis server: delivery, deadlines, backpressure, idempotency,
+dead letters, reclaim, outages, and several API instances."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from service import codec
+from service.jobs import Job, ModelInfo, Reply
+from service.queue.redis_streams import GROUP, RedisBroker
+from tests.redis_server import RedisServer
+from tests.service_harness import TEST_RES, png_bytes, read_npy, running_service, until_ready
+
+pytestmark = pytest.mark.anyio
+SLOW = "/v1/uncertainty?seeds=32&processing_res=256&format=json"
+
+
+def on_redis(tiny_dir, redis_url: str, prefix: str, **kw):
+    return running_service(tiny_dir, queue="redis", redis_url=redis_url, redis_prefix=prefix, **kw)
+
+
+async def post(h, url: str, image: bytes, **headers: str):
+    return await h.client.post(url, content=image, headers={"content-type": "image/png", **headers})
+
+
+async def start_slow(h, model: str = "lotus-g-depth") -> asyncio.Task:
+    task = asyncio.create_task(post(h, SLOW, png_bytes(96, 128)))
+    lane = h.worker.lanes[model]
+    while not lane.busy:
+        await asyncio.sleep(0.005)
+    return task
+
+
+def direct(tiny_model, family: str, task: str, image: bytes) -> np.ndarray:
+    return tiny_model(family, task).predict([codec.decode_image(image)], processing_res=TEST_RES)[0].array
+
+
+async def test_round_trip_equals_direct_and_every_key_is_bounded(tiny_dir, tiny_model, redis_url, redis_prefix) -> None:
+    async with on_redis(tiny_dir, redis_url, redis_prefix, models=[("lotus-d", "depth")]) as h:
+        image = png_bytes(40, 56, seed=3)
+        r = await post(h, "/v1/depth?format=npy", image)
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(read_npy(r.content), direct(tiny_model, "lotus-d", "depth", image), atol=1e-5)
+        assert r.headers["x-worker"]
+        client = h.app.state.broker.r
+        stream = f"{redis_prefix}:jobs:lotus-d-depth"
+        assert (await client.xpending(stream, GROUP))["pending"] == 0  # acknowledged after the reply
+        for key in await client.keys(f"{redis_prefix}:*"):
+            if key.decode() != stream:
+                assert await client.ttl(key) > 0, f"{key} has no TTL"
+        assert (await client.xinfo_stream(stream))["length"] <= h.settings.stream_maxlen
+
+
+async def test_expired_jobs_never_reach_the_model(tiny_dir, redis_url, redis_prefix) -> None:
+    async with on_redis(tiny_dir, redis_url, redis_prefix, models=[("lotus-g", "depth")], max_batch_size=1) as h:
+        before = h.worker.stats.forwards["lotus-g-depth"]
+        slow = await start_slow(h)
+        r = await post(h, "/v1/depth?timeout_ms=300", png_bytes(32, 32))
+        assert r.status_code == 504 and not slow.done()
+        assert (await slow).status_code == 200
+        client = h.app.state.broker.r
+        stream = f"{redis_prefix}:jobs:lotus-g-depth"
+        for _ in range(100):  # the expired entry is read, acknowledged and answered without compute
+            if (await client.xinfo_groups(stream))[0]["lag"] == 0 and (await client.xpending(stream, GROUP))[
+                "pending"
+            ] == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert h.worker.stats.forwards["lotus-g-depth"] == before + 1
+        assert h.worker.stats.outcomes[("lotus-g-depth", "expired")] == 1
+
+
+async def test_queue_full_is_429_with_retry_after(tiny_dir, redis_url, redis_prefix) -> None:
+    async with on_redis(
+        tiny_dir, redis_url, redis_prefix, models=[("lotus-g", "depth")], queue_max_jobs=1, max_batch_size=1
+    ) as h:
+        slow = await start_slow(h)
+        r = await post(h, "/v1/depth", png_bytes(32, 32))
+        assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+        assert r.headers["content-type"] == "application/problem+json"
+        assert (await slow).status_code == 200
+        assert (await post(h, "/v1/depth", png_bytes(32, 32))).status_code == 200
+
+
+async def test_idempotent_retry_returns_the_same_bytes_without_recompute(tiny_dir, redis_url, redis_prefix) -> None:
+    async with on_redis(tiny_dir, redis_url, redis_prefix, models=[("lotus-g", "depth")]) as h:
+        image = png_bytes(32, 48, seed=7)
+        before = h.worker.stats.forwards["lotus-g-depth"]
+        first = await post(h, "/v1/depth", image, **{"idempotency-key": "order-1"})
+        again = await post(h, "/v1/depth", image, **{"idempotency-key": "order-1"})
+        assert first.status_code == again.status_code == 200 and first.content == again.content
+        assert h.worker.stats.forwards["lotus-g-depth"] == before + 1
+        together = await asyncio.gather(
+            *(post(h, "/v1/depth", image, **{"idempotency-key": "order-2"}) for _ in range(3))
+        )
+        assert {r.content for r in together} == {first.content}
+        assert h.worker.stats.forwards["lotus-g-depth"] == before + 2
+        other = await post(h, "/v1/depth", png_bytes(32, 48, seed=8), **{"idempotency-key": "order-1"})
+        assert other.status_code == 422 and "Idempotency-Key" in other.json()["detail"]
+
+
+async def test_poison_job_is_dead_lettered_and_the_rest_are_served(
+    tiny_dir, tiny_model, redis_url, redis_prefix
+) -> None:
+    async with on_redis(
+        tiny_dir, redis_url, redis_prefix, models=[("lotus-d", "depth")], max_deliveries=2, max_queue_delay_ms=300
+    ) as h:
+        encoder = h.worker.served["lotus-d-depth"].predictor.core.vae.encoder
+
+        def poison(_module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+            if any(bool((x == -1).all()) for x in args[0]):
+                raise RuntimeError("injected fault: all-black input")
+
+        handle = encoder.register_forward_pre_hook(poison)
+        try:
+            good = [png_bytes(48, 64, seed=s) for s in range(3)]
+            replies = await asyncio.gather(
+                *(post(h, "/v1/depth?format=npy", img) for img in [*good, png_bytes(48, 64, value=0.0)])
+            )
+        finally:
+            handle.remove()
+        for img, r in zip(good, replies[:3], strict=True):
+            assert r.status_code == 200
+            np.testing.assert_allclose(read_npy(r.content), direct(tiny_model, "lotus-d", "depth", img), atol=1e-5)
+        bad = replies[3]
+        assert bad.status_code == 500 and "dead-letter" in bad.json()["detail"]
+        client = h.app.state.broker.r
+        dead = await client.xrange(f"{redis_prefix}:dead:lotus-d-depth")
+        assert len(dead) == 1 and b"injected fault" in dead[0][1][b"reason"]
+        assert dead[0][1][b"attempts"] == b"2"
+        assert (await client.xpending(f"{redis_prefix}:jobs:lotus-d-depth", GROUP))["pending"] == 0
+
+
+def _info(model: str) -> ModelInfo:
+    return ModelInfo(
+        id=model,
+        family="lotus-d",
+        task="depth",
+        output_kind="depth",
+        generative=False,
+        processing_res=64,
+        device="cpu",
+        dtype="float32",
+        max_batch_size=8,
+        max_queue_delay_ms=5,
+    )
+
+
+async def test_reaper_reclaims_a_dead_consumers_job_then_dead_letters(redis_url, redis_prefix) -> None:
+    api = RedisBroker(redis_url, redis_prefix)
+    dead = RedisBroker(redis_url, redis_prefix, consumer="dead")
+    alive = RedisBroker(redis_url, redis_prefix, consumer="alive", min_idle_ms=300, max_deliveries=2)
+    try:
+        await alive.publish_models([_info("m")])  # starts its heartbeat and reaper
+        submitted = asyncio.create_task(
+            api.submit(Job(model="m", task="depth", deadline=time.time() + 20, image=b"img"))
+        )
+        taken = []
+        while not taken:
+            taken = await dead.consume("m", 8, 0.2)  # ...and this worker dies without answering
+        t0 = time.monotonic()
+        reclaimed = []
+        while not reclaimed:
+            reclaimed = await alive.consume("m", 8, 0.1)
+        assert time.monotonic() - t0 >= 0.2, "live work is not stolen before min_idle_ms"
+        (delivery,) = reclaimed
+        assert delivery.job.id == taken[0].job.id and delivery.attempt == 2
+        await alive.reply(delivery, Reply(id=delivery.job.id, status="ok", outputs={"prediction": b"map"}))
+        assert (await submitted).outputs["prediction"] == b"map"
+        assert alive.stats["reclaimed"] == 1
+
+        # Delivered more than max_deliveries times without an answer: dead-lettered, the client gets a 500.
+        alive.max_deliveries = 1
+        submitted = asyncio.create_task(
+            api.submit(Job(model="m", task="depth", deadline=time.time() + 20, image=b"img2"))
+        )
+        while not await dead.consume("m", 8, 0.2):
+            pass
+        reply = await asyncio.wait_for(submitted, timeout=10)
+        assert reply.status == "error" and reply.error and "dead-letter" in reply.error.detail
+        assert await alive.r.xlen(f"{redis_prefix}:dead:m") == 1
+        assert await alive.consume("m", 8, 0) == []
+    finally:
+        for b in (api, dead, alive):
+            await b.close()
+
+
+async def test_restarted_worker_rereads_its_own_pending_first(redis_url, redis_prefix) -> None:
+    api = RedisBroker(redis_url, redis_prefix)
+    first = RedisBroker(redis_url, redis_prefix, consumer="w")
+    try:
+        await first.publish_models([_info("m")])
+        task = asyncio.create_task(api.submit(Job(model="m", task="depth", deadline=time.time() + 20, image=b"x")))
+        while not await first.consume("m", 8, 0.2):
+            pass
+        await first.close()  # crashed before answering
+        again = RedisBroker(redis_url, redis_prefix, consumer="w")
+        (delivery,) = await again.consume("m", 8, 0)
+        assert delivery.attempt == 2
+        await again.reply(delivery, Reply(id=delivery.job.id, status="ok"))
+        assert (await task).status == "ok"
+        await again.close()
+    finally:
+        await api.close()
+
+
+async def test_redis_outage_gives_fast_503s_and_recovers(tiny_dir, redis_prefix) -> None:
+    server = RedisServer().start()
+    try:
+        async with on_redis(tiny_dir, server.url, redis_prefix, models=[("lotus-g", "depth")]) as h:
+            assert (await post(h, "/v1/depth", png_bytes(32, 32))).status_code == 200
+            in_flight = await start_slow(h)
+            server.stop()
+            t0 = time.monotonic()
+            r = await post(h, "/v1/depth", png_bytes(32, 32))
+            assert r.status_code == 503 and time.monotonic() - t0 < 1.5
+            assert r.headers["content-type"] == "application/problem+json"
+            assert (await h.client.get("/readyz")).status_code == 503
+            stuck = await asyncio.wait_for(in_flight, timeout=5)  # answered, not left hanging
+            assert stuck.status_code in (200, 503)
+            server.start()
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                r = await post(h, "/v1/depth", png_bytes(32, 32))
+                if r.status_code == 200:
+                    break
+                assert r.status_code == 503
+                await asyncio.sleep(0.2)
+            assert r.status_code == 200, "service recovered by itself after Redis came back"
+            await until_ready(h.client, 10)
+    finally:
+        server.close()
+
+
+async def test_several_api_instances_share_the_workers(tiny_dir, tiny_model, redis_url, redis_prefix) -> None:
+    async with (
+        on_redis(tiny_dir, redis_url, redis_prefix, models=[("lotus-d", "depth")], max_queue_delay_ms=50) as a,
+        on_redis(tiny_dir, redis_url, redis_prefix, with_worker=False) as b,
+    ):
+        images = [png_bytes(40, 40, seed=50 + i) for i in range(12)]
+        replies = await asyncio.gather(
+            *(post(a if i % 2 else b, "/v1/depth?format=npy", img) for i, img in enumerate(images))
+        )
+        for img, r in zip(images, replies, strict=True):
+            assert r.status_code == 200
+            np.testing.assert_allclose(read_npy(r.content), direct(tiny_model, "lotus-d", "depth", img), atol=1e-5)
+        assert a.app.state.broker.reply_stream != b.app.state.broker.reply_stream
