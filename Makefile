@@ -13,7 +13,7 @@ TINY := .cache/tiny
 OUT ?= out
 PYTEST_WORKERS ?= 2
 
-.PHONY: install run demo bench-http test lint clean
+.PHONY: install run demo bench-http chaos test lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "dense-serve needs Python >= 3.11"; exit 1; }
@@ -36,7 +36,10 @@ demo: $(STAMP)
 	$(BIN)/dense-serve predict assets/sample.png --model $(TINY)/lotus-g-normals --processing-res 128 --format png16,npy,color --out $(OUT)
 
 bench-http: $(STAMP)
-	$(BIN)/python load_tests/bench_http.py
+	$(BIN)/python load_tests/bench_http.py $(ARGS)
+
+chaos: $(STAMP)
+	$(BIN)/python -m load_tests.kill_worker $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m ruff check .
