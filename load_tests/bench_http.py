@@ -136,6 +136,7 @@ def _serve_and_load(
         "DENSE_MAX_BATCH_SIZE": str(args.max_batch),
         "DENSE_MAX_QUEUE_DELAY_MS": str(args.delay_ms),
         "DENSE_LOG_LEVEL": "warning",
+        "DENSE_GRPC_ENABLED": "false",
         "DENSE_QUEUE_MAX_JOBS": str(max(256, args.requests)),
         **(env_extra or {}),
     }

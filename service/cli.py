@@ -109,6 +109,16 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--api-key", action="append", dest="api_keys", metavar="KEY", help="require this key (repeatable)")
     a.set_defaults(func=cmd_serve, role="api")
 
+    g = sub.add_parser("grpc", help="run only the gRPC front-end; workers join through Redis")
+    g.add_argument("--config", type=Path, help="settings file (.toml or .yaml)")
+    g.add_argument("--queue", choices=("redis",), default="redis", help="the queue (Redis Streams)")
+    g.add_argument("--redis-url", help="Redis URL (default redis://127.0.0.1:6379/0)")
+    g.add_argument("--model", action="append", dest="models", metavar="ID", help="model ids readiness waits for")
+    g.add_argument("--host", dest="grpc_host", help="bind address (default 127.0.0.1)")
+    g.add_argument("--port", type=int, dest="grpc_port", help="port (default 50051)")
+    g.add_argument("--api-key", action="append", dest="api_keys", metavar="KEY", help="require this key (repeatable)")
+    g.set_defaults(func=cmd_grpc)
+
     w = sub.add_parser("worker", help="run only a GPU/CPU worker that serves models from Redis")
     w.add_argument("--config", type=Path, help="settings file (.toml or .yaml)")
     w.add_argument("--queue", choices=("redis",), default="redis", help="the queue (Redis Streams)")
@@ -215,6 +225,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=int(settings.shutdown_grace_s) or None,
     )
     return 0
+
+
+def cmd_grpc(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from pydantic import ValidationError
+
+    from service.config import load_settings
+    from service.embedded import run_grpc
+
+    try:
+        keys = ("grpc_host", "grpc_port", "api_keys", "queue", "redis_url")
+        settings = load_settings(args.config, **{k: getattr(args, k, None) for k in keys})
+    except (ValidationError, FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    logging.getLogger().setLevel(settings.log_level.upper())
+    print(f"dense-serve gRPC on {settings.grpc_host or settings.host}:{settings.grpc_port}, queue "
+          f"{settings.redis_url}", file=sys.stderr)
+    return asyncio.run(run_grpc(settings, args.models or []))
 
 
 def cmd_worker(args: argparse.Namespace) -> int:

@@ -60,6 +60,22 @@ def decode_image(data: bytes | Path | str, max_pixels: int = DEFAULT_MAX_PIXELS)
     return _to_rgb_float(img)
 
 
+def decode_raw_rgb(data: bytes, height: int, width: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Uncompressed uint8 RGB rows (what a camera driver hands over) -> `[H, W, 3]` float32 in [0, 1]."""
+    check_raw_rgb(len(data), height, width, max_pixels)
+    return np.frombuffer(data, dtype=np.uint8).reshape(height, width, 3).astype(np.float32) / 255.0
+
+
+def check_raw_rgb(size: int, height: int, width: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+    if height < 1 or width < 1:
+        raise ImageDecodeError(f"raw image has no pixels ({width} x {height})")
+    if height * width > max_pixels:
+        raise ImageTooLargeError(f"image is {width} x {height} = {width * height} pixels, over the limit of "
+                                 f"{max_pixels}")
+    if size != height * width * 3:
+        raise ImageDecodeError(f"raw image of {width} x {height} RGB needs {height * width * 3} bytes, got {size}")
+
+
 def probe_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[str, int, int]:
     """Check format and size from the header alone (no pixel decoding): `(format, width, height)`."""
     with warnings.catch_warnings():

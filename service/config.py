@@ -63,6 +63,12 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = Field(default=30.0, ge=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
+    grpc_enabled: bool = Field(default=True, description="run the gRPC front-end beside REST in `serve`")
+    grpc_host: str | None = Field(default=None, description="gRPC bind address (default: host)")
+    grpc_port: int = Field(default=50051, ge=0, le=65535)
+    grpc_max_in_flight: int = Field(default=16, ge=1, description="cap of a stream's in-flight window")
+    grpc_default_in_flight: int = Field(default=4, ge=1, description="a stream's window unless it asks")
+
     queue: Literal["memory", "redis"] = Field(default="memory", description="embedded queue or Redis Streams")
     redis_url: str = "redis://127.0.0.1:6379/0"
     redis_prefix: str = Field(default="dense", pattern=r"^[\w.-]+$", description="namespace of every key")

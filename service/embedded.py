@@ -84,10 +84,33 @@ def make_broker(settings: Settings) -> Broker:
 
 def build_app(settings: Settings, specs: list[ModelSpec], with_worker: bool = True) -> FastAPI:
     """The API; with `with_worker` the worker runs in the same process (`serve`), else only the API (`api`).
-    `specs` are the models readiness waits for."""
+    `specs` are the models readiness waits for. gRPC runs beside REST when `grpc_enabled`."""
+    from service.grpc.server import GrpcFrontend
+
     broker = make_broker(settings)
     worker = Worker(broker, specs, settings) if with_worker else None
-    return create_app(settings, broker, worker, [s.id for s in specs])
+    grpc = GrpcFrontend(settings) if settings.grpc_enabled else None
+    return create_app(settings, broker, worker, [s.id for s in specs], grpc)
+
+
+async def run_grpc(settings: Settings, expected: list[str]) -> int:
+    """`dense-serve grpc`: the gRPC front-end alone, on the Redis queue, until SIGTERM/SIGINT."""
+    from service.grpc.server import GrpcFrontend
+
+    broker = make_broker(settings)
+    frontend = GrpcFrontend(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await broker.start()
+    await frontend.start(broker, None, expected)
+    try:
+        await stop.wait()
+    finally:
+        await frontend.stop()
+        await broker.close()
+    return 0
 
 
 def build_embedded_app(settings: Settings, specs: list[ModelSpec]) -> FastAPI:

@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field
 from models.outputs import OutputKind, Task
 
 JobKind = Literal["predict", "uncertainty"]
-Encoding = Literal["png16", "npy", "color"]
+Encoding = Literal["png16", "npy", "color", "raw16", "raw32"]
 
 
 class JobParams(BaseModel):
@@ -39,6 +39,7 @@ class Job(BaseModel):
     traceparent: str | None = None
     request_id: str = ""
     image: bytes
+    raw_shape: list[int] | None = Field(default=None, description="[H, W] when `image` is raw uint8 RGB")
     enqueued_at: float = Field(default_factory=time.time)
 
     def expired(self, now: float | None = None) -> bool:

@@ -54,7 +54,7 @@ async def running_service(
 ) -> AsyncIterator[Harness]:
     """Serve `models` (tiny checkpoints, processing_res 64), or exactly `specs` when given. Without a worker
     it is an API instance only (for the Redis queue, where worker processes join)."""
-    cfg = Settings(**settings)
+    cfg = Settings(**{"grpc_enabled": False, **settings})
     chosen = specs if specs is not None else specs_for(tiny_dir, models)
     app = build_app(cfg, chosen if with_worker else [], with_worker=with_worker)
     async with app.router.lifespan_context(app):

@@ -18,6 +18,7 @@ from service.config import Settings
 from service.queue.base import Broker
 
 if TYPE_CHECKING:  # the embedded worker is optional and lives on the torch side
+    from service.grpc.server import GrpcFrontend
     from service.worker.worker import Worker
 
 DESCRIPTION = """Depth, normals and their uncertainty from single-step diffusion predictors (Lotus, E2E-FT).
@@ -32,17 +33,23 @@ def create_app(
     broker: Broker,
     worker: Worker | None = None,
     expected_models: Sequence[str] = (),
+    grpc: GrpcFrontend | None = None,
 ) -> FastAPI:
-    """`worker` runs in this process (embedded mode); `expected_models` are the ids readiness waits for."""
+    """`worker` runs in this process (embedded mode); `expected_models` are the ids readiness waits for;
+    `grpc` is a gRPC front-end served beside REST on the same queue."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await broker.start()
         if worker is not None:
             await worker.start()
+        if grpc is not None:
+            await grpc.start(broker, worker, expected_models)
         try:
             yield
         finally:
+            if grpc is not None:
+                await grpc.stop()
             if worker is not None:
                 await worker.stop()
             await broker.close()
@@ -52,6 +59,7 @@ def create_app(
     app.state.broker = broker
     app.state.worker = worker
     app.state.expected_models = list(expected_models)
+    app.state.grpc = grpc
     problems.install(app)
     auth = [Depends(check_api_key)] if settings.api_keys else []
     app.include_router(predict_router, dependencies=auth)

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from service.api.schemas import ModelOut, ModelsOut
+from service.readiness import readiness
 
 models_router = APIRouter(prefix="/v1", tags=["models"])
 health_router = APIRouter(tags=["health"])
@@ -24,18 +25,6 @@ async def healthz() -> dict[str, str]:
 
 @health_router.get("/readyz", summary="Readiness: every model loaded and warmed up, queue reachable")
 async def readyz(request: Request) -> JSONResponse:
-    broker = request.app.state.broker
-    worker = request.app.state.worker
-    queue_ok = await broker.reachable()
-    served = {m.id for m in await broker.catalog()} if queue_ok else set()
-    expected: list[str] = request.app.state.expected_models
-    models = {model: model in served for model in expected} if expected else {m: True for m in served}
-    ready = queue_ok and bool(models) and all(models.values())
-    body: dict[str, object] = {"ready": ready, "queue": queue_ok, "models": models}
-    if worker is not None:
-        body["worker"] = worker.state
-        ready = ready and worker.ready
-        body["ready"] = ready
-        if worker.error:
-            body["error"] = worker.error
-    return JSONResponse(body, status_code=200 if ready else 503)
+    state = request.app.state
+    body = await readiness(state.broker, state.worker, state.expected_models)
+    return JSONResponse(body, status_code=200 if body["ready"] else 503)

@@ -16,16 +16,9 @@ from service.api.inputs import read_input, validate_params
 from service.api.negotiate import MEDIA_TYPES, OutputChoice, choose
 from service.api.schemas import PredictionJSON, PredictParams, Problem, UncertaintyParams
 from service.config import Settings
-from service.errors import (
-    InvalidParameter,
-    ModelNotFound,
-    PayloadTooLarge,
-    TaskNotServed,
-    Unavailable,
-    UnsupportedMedia,
-    from_code,
-)
-from service.jobs import Job, JobKind, JobParams, ModelInfo, Reply
+from service.errors import InvalidParameter, PayloadTooLarge, UnsupportedMedia, from_code
+from service.frontend import resolve_model
+from service.jobs import Job, JobKind, JobParams, Reply
 from service.queue.base import Broker
 
 router = APIRouter(prefix="/v1", tags=["predictions"])
@@ -154,7 +147,7 @@ async def _handle(request: Request, kind: JobKind, task: Task | None) -> Respons
             raise InvalidParameter(f"seeds: at most {settings.uncertainty_max_seeds}", field="seeds")
     assert task is not None
     choice = choose(params.format, request.headers.get("accept"), params.json_encoding)
-    info = await _resolve_model(request, broker, params.model, task, kind)
+    info = await resolve_model(broker, params.model, task, kind, request.app.state.expected_models)
     if params.processing_res is not None and (
         params.processing_res % 8 or params.processing_res > settings.max_processing_res
     ):
@@ -196,34 +189,6 @@ async def _handle(request: Request, kind: JobKind, task: Task | None) -> Respons
         raise from_code(error.code if error else "internal", error.detail if error else f"job {reply.status}")
     total_ms = (time.perf_counter() - started) * 1000.0
     return _respond(request, reply, choice, "uncertainty" if kind == "uncertainty" else "prediction", total_ms)
-
-
-async def _resolve_model(request: Request, broker: Broker, name: str | None, task: Task, kind: JobKind) -> ModelInfo:
-    catalog = await broker.catalog()
-    expected: list[str] = request.app.state.expected_models
-    if name is None:
-        serving = [m for m in catalog if m.task == task and (m.generative or kind != "uncertainty")]
-        if serving:
-            return serving[0]
-        if not catalog or set(expected) - {m.id for m in catalog}:
-            raise Unavailable("no model is ready yet; try again shortly", retry_after=1)
-        need = "a Lotus-G model" if kind == "uncertainty" else "a model"
-        raise TaskNotServed(f"no served model predicts {task}; this request needs {need} for {task}")
-    info = next((m for m in catalog if m.id == name), None)
-    if info is None:
-        if name in expected:
-            raise Unavailable(f"model '{name}' is still loading; try again shortly", retry_after=1)
-        known = ", ".join(m.id for m in catalog) or "(none ready)"
-        raise ModelNotFound(f"unknown model '{name}'; served models: {known}", model=name)
-    if info.task != task:
-        raise TaskNotServed(f"model '{name}' predicts {info.output_kind}, not {task}", model=name)
-    if kind == "uncertainty" and not info.generative:
-        raise TaskNotServed(
-            f"model '{name}' ({info.family}) is deterministic, so seeds do not vary it: multi-seed "
-            "uncertainty needs a Lotus-G model",
-            model=name,
-        )
-    return info
 
 
 async def _probe(image: bytes, max_pixels: int) -> None:

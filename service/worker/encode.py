@@ -11,6 +11,8 @@ from service.jobs import Encoding
 
 
 def encode_prediction(pred: PredictionMap, encoding: Encoding) -> bytes:
+    if encoding in ("raw16", "raw32"):
+        return pred.array.astype("<f2" if encoding == "raw16" else "<f4").tobytes()
     if encoding == "npy":
         return codec.encode_npy(pred.array)
     if encoding == "color":

@@ -150,7 +150,10 @@ class Lane:
     def _decode(self, delivery: Delivery) -> Prepared:
         job = delivery.job
         try:
-            image = codec.decode_image(job.image, self.max_pixels)
+            if job.raw_shape:
+                image = codec.decode_raw_rgb(job.image, job.raw_shape[0], job.raw_shape[1], self.max_pixels)
+            else:
+                image = codec.decode_image(job.image, self.max_pixels)
         except codec.ImageTooLargeError as exc:
             raise PayloadTooLarge(str(exc)) from exc
         except codec.ImageDecodeError as exc:

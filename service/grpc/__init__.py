@@ -1,0 +1,1 @@
+"""gRPC front-end: unary and bidirectional streaming for robots, health and reflection. No torch here."""

@@ -1,0 +1,129 @@
+"""The gRPC server: DenseService plus the standard health service (follows readiness) and reflection,
+API-key auth, message size limits and keepalive."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from service.config import Settings
+from service.grpc.servicer import DenseServicer
+from service.grpc.stubs import dense_pb2, dense_pb2_grpc
+from service.queue.base import Broker
+from service.readiness import readiness
+
+if TYPE_CHECKING:
+    from service.worker.worker import Worker
+
+log = logging.getLogger(__name__)
+SERVICE = dense_pb2.DESCRIPTOR.services_by_name["DenseService"].full_name
+EXEMPT = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
+    """`authorization: Bearer KEY` or `x-api-key: KEY` metadata; health and reflection stay open."""
+
+    def __init__(self, keys: Sequence[str]) -> None:
+        self.keys = [k.encode() for k in keys]
+
+    def _valid(self, metadata: Sequence[tuple[str, str | bytes]]) -> bool:
+        md = {k.lower(): v for k, v in metadata}
+        given = md.get("x-api-key")
+        auth = md.get("authorization")
+        if given is None and isinstance(auth, str) and auth.lower().startswith("bearer "):
+            given = auth[7:].strip()
+        if not isinstance(given, str) or not given:
+            return False
+        valid = False
+        for key in self.keys:
+            valid |= hmac.compare_digest(given.encode(), key)
+        return valid
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if details.method.startswith(EXEMPT) or self._valid(details.invocation_metadata or ()):
+            return handler
+        message = "an API key is required: metadata `authorization: Bearer KEY` or `x-api-key: KEY`"
+
+        async def deny(_request: object, context: grpc.aio.ServicerContext) -> None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+        if handler is None:
+            return handler
+        if handler.request_streaming and handler.response_streaming:
+            return grpc.stream_stream_rpc_method_handler(deny)
+        if handler.request_streaming:
+            return grpc.stream_unary_rpc_method_handler(deny)
+        if handler.response_streaming:
+            return grpc.unary_stream_rpc_method_handler(deny)
+        return grpc.unary_unary_rpc_method_handler(deny)
+
+
+class GrpcFrontend:
+    """Runs beside the REST app (a lifespan sidecar) or alone (`dense-serve grpc`)."""
+
+    def __init__(self, settings: Settings, host: str | None = None, port: int | None = None) -> None:
+        self.settings = settings
+        self.address = f"{host or settings.grpc_host or settings.host}:{settings.grpc_port if port is None else port}"
+        self.server: grpc.aio.Server | None = None
+        self.port = 0
+        self.health = health.aio.HealthServicer()
+        self._watch: asyncio.Task[None] | None = None
+
+    async def start(self, broker: Broker, worker: Worker | None, expected: Sequence[str]) -> None:
+        s = self.settings
+        options = [
+            ("grpc.max_receive_message_length", s.max_upload_bytes + 1024 * 1024),
+            ("grpc.max_send_message_length", 512 * 1024 * 1024),
+            ("grpc.keepalive_time_ms", 30_000),
+            ("grpc.keepalive_timeout_ms", 10_000),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ]
+        keys = [k.get_secret_value() for k in s.api_keys]
+        self.server = grpc.aio.server(interceptors=[ApiKeyInterceptor(keys)] if keys else [], options=options)
+        dense_pb2_grpc.add_DenseServiceServicer_to_server(DenseServicer(broker, s, expected), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection([SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
+        self.port = self.server.add_insecure_port(self.address)
+        if self.port == 0:
+            raise OSError(f"cannot bind the gRPC port {self.address}")
+        await self.server.start()
+        await self._set(False)
+        self._watch = asyncio.create_task(self._follow_readiness(broker, worker, expected))
+        log.info("gRPC on %s", self.address.rsplit(":", 1)[0] + f":{self.port}")
+
+    async def _set(self, ready: bool) -> None:
+        status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE):
+            await self.health.set(name, status)
+
+    async def _follow_readiness(self, broker: Broker, worker: Worker | None, expected: Sequence[str]) -> None:
+        last: bool | None = None
+        while True:
+            ready = bool((await readiness(broker, worker, expected))["ready"])
+            if ready != last:
+                await self._set(ready)
+                last = ready
+            await asyncio.sleep(0.25)
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch
+        if self.server is not None:
+            await self.health.enter_graceful_shutdown()
+            await self.server.stop(self.settings.shutdown_grace_s if grace_s is None else grace_s)

@@ -1,0 +1,224 @@
+"""The DenseService implementation: the same jobs as REST, over unary calls and ordered bidirectional
+streams with a per-stream in-flight window and latest-frame-wins dropping."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+
+import grpc
+
+from service import codec
+from service.config import Settings
+from service.errors import InvalidParameter, PayloadTooLarge, ServiceError, UnsupportedMedia, from_code
+from service.frontend import resolve_model
+from service.grpc.stubs import dense_pb2 as pb
+from service.grpc.stubs import dense_pb2_grpc
+from service.jobs import Encoding, Job, JobParams
+from service.queue.base import Broker
+
+log = logging.getLogger(__name__)
+
+STATUS: dict[str, grpc.StatusCode] = {
+    "unauthorized": grpc.StatusCode.UNAUTHENTICATED,
+    "payload_too_large": grpc.StatusCode.INVALID_ARGUMENT,
+    "unsupported_media": grpc.StatusCode.INVALID_ARGUMENT,
+    "invalid_parameter": grpc.StatusCode.INVALID_ARGUMENT,
+    "task_not_served": grpc.StatusCode.INVALID_ARGUMENT,
+    "not_acceptable": grpc.StatusCode.INVALID_ARGUMENT,
+    "model_not_found": grpc.StatusCode.NOT_FOUND,
+    "queue_full": grpc.StatusCode.RESOURCE_EXHAUSTED,
+    "deadline_exceeded": grpc.StatusCode.DEADLINE_EXCEEDED,
+    "unavailable": grpc.StatusCode.UNAVAILABLE,
+    "model_failure": grpc.StatusCode.INTERNAL,
+    "internal": grpc.StatusCode.INTERNAL,
+}
+ENCODINGS: dict[int, tuple[Encoding, str]] = {
+    pb.OUTPUT_ENCODING_UNSPECIFIED: ("raw16", "float16"),
+    pb.OUTPUT_ENCODING_RAW_FLOAT16: ("raw16", "float16"),
+    pb.OUTPUT_ENCODING_RAW_FLOAT32: ("raw32", "float32"),
+    pb.OUTPUT_ENCODING_PNG16: ("png16", "png"),
+}
+
+
+def status_of(exc: ServiceError) -> grpc.StatusCode:
+    return STATUS.get(exc.code, grpc.StatusCode.INTERNAL)
+
+
+@dataclass
+class _Frame:
+    request: pb.PredictRequest
+    task: asyncio.Task[pb.PredictResponse]
+    dropped: bool = field(default=False)
+
+
+class DenseServicer(dense_pb2_grpc.DenseServiceServicer):
+    def __init__(self, broker: Broker, settings: Settings, expected_models: Sequence[str] = ()) -> None:
+        self.broker = broker
+        self.settings = settings
+        self.expected = list(expected_models)
+
+    # ------------------------------------------------------------------ unary
+
+    async def Predict(self, request: pb.PredictRequest, context: grpc.aio.ServicerContext) -> pb.PredictResponse:
+        try:
+            return await self._predict(request, time.perf_counter())
+        except ServiceError as exc:
+            await context.abort(status_of(exc), exc.detail)
+            raise  # unreachable: abort raises
+
+    async def ListModels(
+        self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelsResponse:
+        try:
+            catalog = await self.broker.catalog()
+        except ServiceError as exc:
+            await context.abort(status_of(exc), exc.detail)
+            raise
+        return pb.ListModelsResponse(models=[
+            pb.ModelInfo(id=m.id, family=m.family, task=m.task, output_kind=m.output_kind,
+                         processing_res=m.processing_res, backend=m.backend, device=m.device, dtype=m.dtype,
+                         max_batch_size=m.max_batch_size, generative=m.generative)
+            for m in catalog
+        ])
+
+    async def _predict(self, req: pb.PredictRequest, started: float) -> pb.PredictResponse:
+        s = self.settings
+        task = "normals" if req.task == pb.TASK_NORMALS else "depth"
+        info = await resolve_model(self.broker, req.model or None, task, "predict", self.expected)
+        if req.processing_res % 8 or req.processing_res > s.max_processing_res:
+            raise InvalidParameter(f"processing_res: must be 0 or a multiple of 8 up to {s.max_processing_res}, "
+                                   f"got {req.processing_res}", field="processing_res")
+        if req.timeout_ms > s.max_timeout_ms:
+            raise InvalidParameter(f"timeout_ms: at most {s.max_timeout_ms}", field="timeout_ms")
+        image, raw_shape = await self._image(req)
+        encoding, dtype = ENCODINGS.get(req.encoding, ("raw16", "float16"))
+        job = Job(
+            model=info.id, task=task, image=image, raw_shape=raw_shape,
+            deadline=time.time() + (req.timeout_ms or s.default_timeout_ms) / 1000.0,
+            params=JobParams(processing_res=req.processing_res or None, match_input_resolution=not req.native_size,
+                             seed=req.seed if req.HasField("seed") else None, encoding=encoding),
+        )
+        reply = await self.broker.submit(job)
+        if reply.status != "ok":
+            error = reply.error
+            raise from_code(error.code if error else "internal", error.detail if error else f"job {reply.status}")
+        meta = reply.metadata
+        return pb.PredictResponse(
+            frame_id=req.frame_id, timestamp_ns=req.timestamp_ns, status=pb.FRAME_STATUS_OK,
+            data=reply.outputs["prediction"], shape=list(meta.get("shape", [])), dtype=dtype,
+            kind=str(meta.get("kind", "")), encoding=req.encoding or pb.OUTPUT_ENCODING_RAW_FLOAT16,
+            model=str(meta.get("model", "")), seed=meta.get("seed"),
+            affine_invariant=bool(meta.get("affine_invariant")),
+            queue_ms=reply.timings.get("queue", 0.0), compute_ms=reply.timings.get("compute", 0.0),
+            total_ms=(time.perf_counter() - started) * 1000.0,
+        )
+
+    async def _image(self, req: pb.PredictRequest) -> tuple[bytes, list[int] | None]:
+        s = self.settings
+        which = req.WhichOneof("image")
+        try:
+            if which == "raw":
+                raw = req.raw
+                codec.check_raw_rgb(len(raw.data), raw.height, raw.width, s.max_pixels)
+                return raw.data, [raw.height, raw.width]
+            if which == "encoded":
+                if len(req.encoded) > s.max_upload_bytes:
+                    raise PayloadTooLarge(f"image of {len(req.encoded)} bytes exceeds the upload limit of "
+                                          f"{s.max_upload_bytes} bytes")
+                await asyncio.to_thread(codec.probe_image, req.encoded, s.max_pixels)
+                return req.encoded, None
+        except codec.ImageTooLargeError as exc:
+            raise PayloadTooLarge(str(exc)) from exc
+        except codec.ImageDecodeError as exc:
+            raise UnsupportedMedia(str(exc)) from exc
+        raise InvalidParameter("the request carries no image (set encoded or raw)", field="image")
+
+    # ------------------------------------------------------------------ streaming
+
+    async def StreamPredict(
+        self, request_iterator: AsyncIterator[pb.StreamRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.PredictResponse]:
+        cap = self.settings.grpc_max_in_flight
+        window = {"max_in_flight": min(self.settings.grpc_default_in_flight, cap), "drop_stale": False}
+        frames: deque[_Frame] = deque()
+        changed = asyncio.Condition()
+        reading_done = False
+
+        async def wake() -> None:
+            async with changed:
+                changed.notify_all()
+
+        def live() -> int:
+            return sum(not f.task.done() and not f.dropped for f in frames)
+
+        async def read() -> None:
+            nonlocal reading_done
+            try:
+                async for message in request_iterator:
+                    if message.HasField("config"):
+                        if message.config.max_in_flight:
+                            window["max_in_flight"] = max(1, min(int(message.config.max_in_flight), cap))
+                        window["drop_stale"] = bool(message.config.drop_stale)
+                        continue
+                    frame = message.frame
+                    async with changed:
+                        if window["drop_stale"]:
+                            for older in frames:  # latest frame wins: drop what has not been answered yet
+                                if not older.task.done() and not older.dropped:
+                                    older.dropped = True
+                                    older.task.cancel()
+                        # Flow control: stop reading (the client's sends back up) while the window is full.
+                        await changed.wait_for(lambda: live() < window["max_in_flight"])
+                        task = asyncio.create_task(self._frame(frame))
+                        task.add_done_callback(lambda _t: asyncio.get_running_loop().create_task(wake()))
+                        frames.append(_Frame(frame, task))
+                        changed.notify_all()
+            finally:
+                async with changed:
+                    reading_done = True
+                    changed.notify_all()
+
+        reader = asyncio.create_task(read())
+        try:
+            while True:
+                async with changed:
+                    await changed.wait_for(lambda: frames or reading_done)
+                    if not frames:
+                        break
+                    head = frames[0]
+                try:
+                    response = await asyncio.shield(head.task)
+                except asyncio.CancelledError:
+                    if not head.dropped:
+                        raise
+                    response = pb.PredictResponse(frame_id=head.request.frame_id,
+                                                  timestamp_ns=head.request.timestamp_ns,
+                                                  status=pb.FRAME_STATUS_DROPPED)
+                async with changed:
+                    frames.popleft()
+                    changed.notify_all()
+                yield response
+            await reader
+        finally:
+            # Client cancel or disconnect: nothing of this stream stays queued.
+            reader.cancel()
+            for frame in frames:
+                frame.task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await reader
+
+    async def _frame(self, req: pb.PredictRequest) -> pb.PredictResponse:
+        """One frame; a bad frame becomes an ERROR response and the stream goes on."""
+        started = time.perf_counter()
+        try:
+            return await self._predict(req, started)
+        except ServiceError as exc:
+            return pb.PredictResponse(frame_id=req.frame_id, timestamp_ns=req.timestamp_ns,
+                                      status=pb.FRAME_STATUS_ERROR, error_code=status_of(exc).value[0],
+                                      error_message=exc.detail, total_ms=(time.perf_counter() - started) * 1000.0)
