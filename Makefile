@@ -13,7 +13,7 @@ TINY := .cache/tiny
 OUT ?= out
 PYTEST_WORKERS ?= 2
 
-.PHONY: install run demo bench-http chaos test lint clean
+.PHONY: install run demo bench-http chaos proto robot test lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "dense-serve needs Python >= 3.11"; exit 1; }
@@ -37,6 +37,12 @@ demo: $(STAMP)
 
 bench-http: $(STAMP)
 	$(BIN)/python load_tests/bench_http.py $(ARGS)
+
+proto: $(STAMP)
+	$(BIN)/python -m service.grpc.codegen
+
+robot: $(STAMP)
+	$(BIN)/python -m load_tests.robot_stream --spawn $(ARGS)
 
 chaos: $(STAMP)
 	$(BIN)/python -m load_tests.kill_worker $(ARGS)

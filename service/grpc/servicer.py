@@ -53,7 +53,7 @@ def status_of(exc: ServiceError) -> grpc.StatusCode:
 @dataclass
 class _Frame:
     request: pb.PredictRequest
-    task: asyncio.Task[pb.PredictResponse]
+    task: asyncio.Task[pb.PredictResponse] | None = None  # None: waiting here, not yet submitted
     dropped: bool = field(default=False)
 
 
@@ -144,18 +144,32 @@ class DenseServicer(dense_pb2_grpc.DenseServiceServicer):
     async def StreamPredict(
         self, request_iterator: AsyncIterator[pb.StreamRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.PredictResponse]:
+        """Answers in frame order. At most `max_in_flight` frames are submitted at once. Without drop_stale,
+        reading pauses while the window is full (the client's sends back up). With drop_stale, reading goes
+        on and frames wait here; a newer frame drops every older one still waiting, so a dropped frame is
+        never submitted, let alone computed."""
         cap = self.settings.grpc_max_in_flight
         window = {"max_in_flight": min(self.settings.grpc_default_in_flight, cap), "drop_stale": False}
         frames: deque[_Frame] = deque()
         changed = asyncio.Condition()
         reading_done = False
 
-        async def wake() -> None:
-            async with changed:
-                changed.notify_all()
+        def submitted_live() -> int:
+            return sum(f.task is not None and not f.task.done() for f in frames)
 
-        def live() -> int:
-            return sum(not f.task.done() and not f.dropped for f in frames)
+        def pump() -> None:
+            """Submit waiting frames, oldest first, while the window has room (call with the lock held)."""
+            for frame in frames:
+                if submitted_live() >= window["max_in_flight"]:
+                    break
+                if frame.task is None and not frame.dropped:
+                    frame.task = asyncio.create_task(self._frame(frame.request))
+                    frame.task.add_done_callback(lambda _t: asyncio.get_running_loop().create_task(settle()))
+
+        async def settle() -> None:
+            async with changed:
+                pump()
+                changed.notify_all()
 
         async def read() -> None:
             nonlocal reading_done
@@ -166,50 +180,50 @@ class DenseServicer(dense_pb2_grpc.DenseServiceServicer):
                             window["max_in_flight"] = max(1, min(int(message.config.max_in_flight), cap))
                         window["drop_stale"] = bool(message.config.drop_stale)
                         continue
-                    frame = message.frame
                     async with changed:
                         if window["drop_stale"]:
-                            for older in frames:  # latest frame wins: drop what has not been answered yet
-                                if not older.task.done() and not older.dropped:
+                            for older in frames:
+                                if older.task is None:
                                     older.dropped = True
-                                    older.task.cancel()
-                        # Flow control: stop reading (the client's sends back up) while the window is full.
-                        await changed.wait_for(lambda: live() < window["max_in_flight"])
-                        task = asyncio.create_task(self._frame(frame))
-                        task.add_done_callback(lambda _t: asyncio.get_running_loop().create_task(wake()))
-                        frames.append(_Frame(frame, task))
+                        else:
+                            await changed.wait_for(lambda: submitted_live() < window["max_in_flight"])
+                        frames.append(_Frame(message.frame))
+                        pump()
                         changed.notify_all()
             finally:
                 async with changed:
                     reading_done = True
                     changed.notify_all()
 
+        def head_ready() -> bool:
+            if not frames:
+                return reading_done
+            head = frames[0]
+            return head.dropped or (head.task is not None and head.task.done())
+
         reader = asyncio.create_task(read())
         try:
             while True:
                 async with changed:
-                    await changed.wait_for(lambda: frames or reading_done)
+                    await changed.wait_for(head_ready)
                     if not frames:
                         break
-                    head = frames[0]
-                try:
-                    response = await asyncio.shield(head.task)
-                except asyncio.CancelledError:
-                    if not head.dropped:
-                        raise
-                    response = pb.PredictResponse(frame_id=head.request.frame_id,
-                                                  timestamp_ns=head.request.timestamp_ns,
-                                                  status=pb.FRAME_STATUS_DROPPED)
-                async with changed:
-                    frames.popleft()
+                    head = frames.popleft()
+                    pump()
                     changed.notify_all()
-                yield response
+                if head.dropped:
+                    yield pb.PredictResponse(frame_id=head.request.frame_id, timestamp_ns=head.request.timestamp_ns,
+                                             status=pb.FRAME_STATUS_DROPPED)
+                else:
+                    assert head.task is not None
+                    yield head.task.result()
             await reader
         finally:
             # Client cancel or disconnect: nothing of this stream stays queued.
             reader.cancel()
             for frame in frames:
-                frame.task.cancel()
+                if frame.task is not None:
+                    frame.task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await reader
 

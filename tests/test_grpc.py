@@ -1,0 +1,210 @@
+"""The gRPC front-end over a real channel: unary parity with REST, ordered streams, drop-stale, cancel,
+bad frames, auth, health, reflection, the Redis queue, and the committed stubs."""
+
+from __future__ import annotations
+
+import asyncio
+import filecmp
+import io
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from PIL import Image
+
+import service.worker.registry as registry
+from service.grpc.codegen import STUBS, generate
+from service.grpc.stubs import dense_pb2 as pb
+from service.grpc.stubs.dense_pb2_grpc import DenseServiceStub
+from tests.service_harness import Harness, png_bytes, read_npy, running_service, until_ready
+
+pytestmark = pytest.mark.anyio
+
+
+@asynccontextmanager
+async def grpc_service(tiny_dir, **kw) -> AsyncIterator[tuple[Harness, DenseServiceStub, grpc.aio.Channel]]:
+    async with running_service(tiny_dir, grpc_enabled=True, grpc_port=0, **kw) as h:  # noqa: SIM117
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{h.app.state.grpc.port}") as channel:
+            yield h, DenseServiceStub(channel), channel
+
+
+def frame(image: bytes, i: int, **kw) -> pb.StreamRequest:
+    return pb.StreamRequest(frame=pb.PredictRequest(encoded=image, frame_id=i, timestamp_ns=1000 + i, **kw))
+
+
+async def test_unary_equals_rest_and_raw_input_equals_encoded(tiny_dir) -> None:
+    async with grpc_service(tiny_dir) as (h, stub, _):
+        image = png_bytes(40, 56, seed=1)
+        rest = await h.client.post("/v1/depth?format=npy&seed=3", content=image, headers={"content-type": "image/png"})
+        reply = await stub.Predict(pb.PredictRequest(encoded=image, seed=3, frame_id=7, timestamp_ns=99,
+                                                     encoding=pb.OUTPUT_ENCODING_RAW_FLOAT32))
+        got = np.frombuffer(reply.data, dtype="<f4").reshape(tuple(reply.shape))
+        np.testing.assert_array_equal(got, read_npy(rest.content))
+        assert (reply.frame_id, reply.timestamp_ns, reply.status, reply.kind, reply.seed) == (7, 99, 0, "depth", 3)
+        assert reply.model == "lotus-g-depth" and reply.compute_ms > 0 and reply.total_ms >= reply.compute_ms
+        rgb = np.asarray(Image.open(io.BytesIO(image)).convert("RGB"))
+        raw = await stub.Predict(pb.PredictRequest(raw=pb.RawImage(height=40, width=56, data=rgb.tobytes()), seed=3,
+                                                   encoding=pb.OUTPUT_ENCODING_RAW_FLOAT32))
+        assert raw.data == reply.data
+        half = await stub.Predict(pb.PredictRequest(encoded=image, seed=3, task=pb.TASK_NORMALS))
+        assert half.dtype == "float16" and tuple(half.shape) == (40, 56, 3) and len(half.data) == 40 * 56 * 3 * 2
+        models = await stub.ListModels(pb.ListModelsRequest())
+        assert {m.id for m in models.models} == {"lotus-g-depth", "lotus-g-normals", "lotus-d-depth"}
+
+
+async def test_unary_errors_are_status_codes(tiny_dir) -> None:
+    async with grpc_service(tiny_dir) as (_h, stub, _):
+        cases = [
+            (pb.PredictRequest(encoded=b"not an image"), grpc.StatusCode.INVALID_ARGUMENT),
+            (pb.PredictRequest(), grpc.StatusCode.INVALID_ARGUMENT),
+            (pb.PredictRequest(encoded=png_bytes(8, 8), model="nope"), grpc.StatusCode.NOT_FOUND),
+            (pb.PredictRequest(encoded=png_bytes(8, 8), processing_res=100), grpc.StatusCode.INVALID_ARGUMENT),
+            (pb.PredictRequest(raw=pb.RawImage(height=4, width=4, data=b"123")), grpc.StatusCode.INVALID_ARGUMENT),
+        ]
+        for request, code in cases:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.Predict(request)
+            assert err.value.code() == code and err.value.details()
+
+
+async def test_stream_of_100_frames_in_order(tiny_dir) -> None:
+    async with grpc_service(tiny_dir, models=[("lotus-d", "depth")], max_queue_delay_ms=20) as (h, stub, _):
+        images = [png_bytes(24, 32, seed=i) for i in range(5)]
+
+        async def frames() -> AsyncIterator[pb.StreamRequest]:
+            yield pb.StreamRequest(config=pb.StreamConfig(max_in_flight=8))
+            for i in range(100):
+                yield frame(images[i % 5], i)
+
+        replies = [r async for r in stub.StreamPredict(frames())]
+        assert [r.frame_id for r in replies] == list(range(100))
+        assert all(r.status == pb.FRAME_STATUS_OK for r in replies)
+        assert replies[5].data == replies[0].data and replies[1].data != replies[0].data
+        assert max(h.worker.stats.batch_sizes["lotus-d-depth"]) > 1  # the window lets frames batch
+
+
+async def test_drop_stale_keeps_latency_bounded_under_a_slow_worker(tiny_dir) -> None:
+    async with grpc_service(tiny_dir, models=[("lotus-d", "depth")]) as (h, stub, _):
+        before = h.worker.stats.forwards["lotus-d-depth"]
+        image = png_bytes(96, 128)
+
+        async def frames() -> AsyncIterator[pb.StreamRequest]:
+            yield pb.StreamRequest(config=pb.StreamConfig(max_in_flight=1, drop_stale=True))
+            for i in range(30):  # far faster than 256 px frames are served
+                yield frame(image, i, processing_res=256)
+                await asyncio.sleep(0.01)
+
+        replies = [r async for r in stub.StreamPredict(frames())]
+        ok = [r for r in replies if r.status == pb.FRAME_STATUS_OK]
+        dropped = [r for r in replies if r.status == pb.FRAME_STATUS_DROPPED]
+        assert [r.frame_id for r in replies] == list(range(30))
+        assert len(ok) + len(dropped) == 30 and len(dropped) >= 10 and ok
+        assert replies[-1].status == pb.FRAME_STATUS_OK  # the latest frame always wins
+        assert h.worker.stats.forwards["lotus-d-depth"] - before == len(ok)  # dropped frames never computed
+        # Bounded: a served frame waited behind at most the one frame in flight.
+        assert max(r.queue_ms for r in ok) < 3 * max(r.compute_ms for r in ok) + 100
+
+
+async def test_cancelling_a_stream_leaves_no_queued_work(tiny_dir) -> None:
+    async with grpc_service(tiny_dir, models=[("lotus-d", "depth")], max_batch_size=1) as (h, stub, _):
+        before = h.worker.stats.forwards["lotus-d-depth"]
+        image = png_bytes(96, 128)
+
+        async def frames() -> AsyncIterator[pb.StreamRequest]:
+            yield pb.StreamRequest(config=pb.StreamConfig(max_in_flight=8))
+            for i in range(8):
+                yield frame(image, i, processing_res=256)
+            await asyncio.sleep(30)
+
+        call = stub.StreamPredict(frames())
+        first = await call.read()
+        assert first.frame_id == 0
+        call.cancel()
+        await asyncio.sleep(1.5)
+        done = h.worker.stats.forwards["lotus-d-depth"] - before
+        await asyncio.sleep(1.5)
+        assert h.worker.stats.forwards["lotus-d-depth"] - before == done  # nothing more runs
+        assert done <= 3, done  # the answered frame and at most the batch that was computing
+        assert h.app.state.broker.depth("lotus-d-depth") == 0
+
+
+async def test_bad_frames_mid_stream_and_the_stream_goes_on(tiny_dir) -> None:
+    async with grpc_service(tiny_dir, models=[("lotus-d", "depth")]) as (_h, stub, _):
+        good = png_bytes(24, 24)
+
+        async def frames() -> AsyncIterator[pb.StreamRequest]:
+            yield frame(good, 0)
+            yield frame(b"garbage", 1)
+            yield pb.StreamRequest(frame=pb.PredictRequest(raw=pb.RawImage(height=5, width=5, data=b"x"), frame_id=2))
+            yield frame(good, 3, model="missing")
+            yield frame(good, 4)
+
+        replies = [r async for r in stub.StreamPredict(frames())]
+        assert [r.frame_id for r in replies] == [0, 1, 2, 3, 4]
+        assert [r.status for r in replies] == [0, 2, 2, 2, 0]
+        assert replies[1].error_code == grpc.StatusCode.INVALID_ARGUMENT.value[0] and replies[1].error_message
+        assert replies[3].error_code == grpc.StatusCode.NOT_FOUND.value[0]
+
+
+async def test_auth_health_and_reflection(tiny_dir, monkeypatch) -> None:
+    import threading
+
+    gate = threading.Event()
+    real = registry.load_model
+    monkeypatch.setattr(registry, "load_model", lambda spec: (gate.wait(60), real(spec))[1])
+    async with running_service(tiny_dir, models=[("lotus-d", "depth")], wait_ready=False, grpc_enabled=True,  # noqa: SIM117
+                               grpc_port=0, api_keys=["k1"]) as h:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{h.app.state.grpc.port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            check = health_pb2.HealthCheckRequest(service="dense.v1.DenseService")
+            assert (await health.Check(check)).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            gate.set()
+            await until_ready(h.client)
+            for _ in range(40):
+                if (await health.Check(check)).status == health_pb2.HealthCheckResponse.SERVING:
+                    break
+                await asyncio.sleep(0.1)
+            assert (await health.Check(check)).status == health_pb2.HealthCheckResponse.SERVING
+
+            stub = DenseServiceStub(channel)
+            request = pb.PredictRequest(encoded=png_bytes(16, 16))
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.Predict(request)
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.Predict(request, metadata=[("x-api-key", "wrong")])
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert (await stub.Predict(request, metadata=[("authorization", "Bearer k1")])).status == 0
+            assert (await stub.Predict(request, metadata=[("x-api-key", "k1")])).status == 0
+
+            refl = reflection_pb2_grpc.ServerReflectionStub(channel)
+
+            async def ask() -> AsyncIterator[reflection_pb2.ServerReflectionRequest]:
+                yield reflection_pb2.ServerReflectionRequest(list_services="")
+
+            names = [s.name async for r in refl.ServerReflectionInfo(ask()) for s in r.list_services_response.service]
+            assert "dense.v1.DenseService" in names and "grpc.health.v1.Health" in names
+
+
+async def test_works_on_the_redis_queue(tiny_dir, redis_url, redis_prefix) -> None:
+    async with grpc_service(tiny_dir, models=[("lotus-d", "depth")], queue="redis", redis_url=redis_url,
+                            redis_prefix=redis_prefix) as (_h, stub, _):
+        reply = await stub.Predict(pb.PredictRequest(encoded=png_bytes(24, 24)))
+        assert reply.status == pb.FRAME_STATUS_OK and reply.kind == "depth"
+
+        async def frames() -> AsyncIterator[pb.StreamRequest]:
+            for i in range(10):
+                yield frame(png_bytes(24, 24, seed=i), i)
+
+        assert [r.frame_id async for r in stub.StreamPredict(frames())] == list(range(10))
+
+
+def test_committed_stubs_match_the_proto(tmp_path: Path) -> None:
+    generate(tmp_path)
+    for name in ("dense_pb2.py", "dense_pb2.pyi", "dense_pb2_grpc.py", "__init__.py"):
+        assert filecmp.cmp(tmp_path / name, STUBS / name, shallow=False), f"{name} is stale: run make proto"
