@@ -50,12 +50,16 @@ class StreamStats:
 
     def row(self) -> str:
         fps = self.ok / self.wall_s if self.wall_s else 0.0
-        return (f"| {self.fps_target:g} | {self.sent} | {self.ok} | {self.dropped} | {self.errors} | {fps:.1f} | "
-                f"{self.p(50):.0f} / {self.p(95):.0f} / {self.p(99):.0f} |")
+        return (
+            f"| {self.fps_target:g} | {self.sent} | {self.ok} | {self.dropped} | {self.errors} | {fps:.1f} | "
+            f"{self.p(50):.0f} / {self.p(95):.0f} / {self.p(99):.0f} |"
+        )
 
 
-HEADER = ("| target fps | frames sent | answered | dropped | errors | achieved fps (answered) | "
-          "latency p50 / p95 / p99 (ms) |\n|---:|---:|---:|---:|---:|---:|---|")
+HEADER = (
+    "| target fps | frames sent | answered | dropped | errors | achieved fps (answered) | "
+    "latency p50 / p95 / p99 (ms) |\n|---:|---:|---:|---:|---:|---:|---|"
+)
 
 
 def load_frames(folder: Path | None, count: int, size: tuple[int, int]) -> list[np.ndarray]:
@@ -64,13 +68,23 @@ def load_frames(folder: Path | None, count: int, size: tuple[int, int]) -> list[
         return [np.asarray(Image.open(p).convert("RGB")) for p in paths[:count]]
     rng = np.random.default_rng(0)
     h, w = size
-    return [np.asarray(Image.fromarray(rng.integers(0, 256, (h // 8, w // 8, 3), dtype=np.uint8)).resize((w, h)))
-            for _ in range(min(count, 8))]
+    return [
+        np.asarray(Image.fromarray(rng.integers(0, 256, (h // 8, w // 8, 3), dtype=np.uint8)).resize((w, h)))
+        for _ in range(min(count, 8))
+    ]
 
 
-async def stream(stub: DenseServiceStub, frames: list[np.ndarray], n: int, fps: float, raw: bool,
-                 drop_stale: bool, max_in_flight: int, processing_res: int,
-                 metadata: list[tuple[str, str]]) -> StreamStats:
+async def stream(
+    stub: DenseServiceStub,
+    frames: list[np.ndarray],
+    n: int,
+    fps: float,
+    raw: bool,
+    drop_stale: bool,
+    max_in_flight: int,
+    processing_res: int,
+    metadata: list[tuple[str, str]],
+) -> StreamStats:
     stats = StreamStats(fps_target=fps)
     encoded = [_png(f) for f in frames]
     sent_at: dict[int, float] = {}
@@ -121,8 +135,13 @@ def _spawn(tmp: str) -> tuple[subprocess.Popen[bytes], str]:
     model = make_tiny(Path(tmp) / "lotus-d-depth", "lotus-d", "depth")
     port, http = _free_port(), _free_port()
     env = {**os.environ, "DENSE_GRPC_PORT": str(port), "DENSE_LOG_LEVEL": "warning"}
-    proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--model", str(model), "--port", str(http)],
-                            cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "serve", "--model", str(model), "--port", str(http)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     return proc, f"127.0.0.1:{port}"
 
 
@@ -148,13 +167,24 @@ async def _main(args: argparse.Namespace) -> None:
     async with grpc.aio.insecure_channel(args.target) as channel:
         await _wait_serving(channel)
         stub = DenseServiceStub(channel)
-        print(f"### robot stream: {args.frames} frames of {args.size}, {'raw RGB' if args.raw else 'PNG'}, "
-              f"drop_stale={args.drop_stale}, max_in_flight={args.max_in_flight}, processing_res="
-              f"{args.processing_res or 'default'}\n")
+        print(
+            f"### robot stream: {args.frames} frames of {args.size}, {'raw RGB' if args.raw else 'PNG'}, "
+            f"drop_stale={args.drop_stale}, max_in_flight={args.max_in_flight}, processing_res="
+            f"{args.processing_res or 'default'}\n"
+        )
         print(HEADER)
         for fps in args.fps:
-            result = await stream(stub, frames, args.frames, fps, args.raw, args.drop_stale, args.max_in_flight,
-                                  args.processing_res, metadata)
+            result = await stream(
+                stub,
+                frames,
+                args.frames,
+                fps,
+                args.raw,
+                args.drop_stale,
+                args.max_in_flight,
+                args.processing_res,
+                metadata,
+            )
             print(result.row())
             if result.latencies_ms:
                 statistics.mean(result.latencies_ms)

@@ -242,8 +242,10 @@ def cmd_grpc(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     logging.getLogger().setLevel(settings.log_level.upper())
-    print(f"dense-serve gRPC on {settings.grpc_host or settings.host}:{settings.grpc_port}, queue "
-          f"{settings.redis_url}", file=sys.stderr)
+    print(
+        f"dense-serve gRPC on {settings.grpc_host or settings.host}:{settings.grpc_port}, queue {settings.redis_url}",
+        file=sys.stderr,
+    )
     return asyncio.run(run_grpc(settings, args.models or []))
 
 

@@ -70,8 +70,9 @@ def check_raw_rgb(size: int, height: int, width: int, max_pixels: int = DEFAULT_
     if height < 1 or width < 1:
         raise ImageDecodeError(f"raw image has no pixels ({width} x {height})")
     if height * width > max_pixels:
-        raise ImageTooLargeError(f"image is {width} x {height} = {width * height} pixels, over the limit of "
-                                 f"{max_pixels}")
+        raise ImageTooLargeError(
+            f"image is {width} x {height} = {width * height} pixels, over the limit of {max_pixels}"
+        )
     if size != height * width * 3:
         raise ImageDecodeError(f"raw image of {width} x {height} RGB needs {height * width * 3} bytes, got {size}")
 

@@ -41,15 +41,23 @@ async def test_unary_equals_rest_and_raw_input_equals_encoded(tiny_dir) -> None:
     async with grpc_service(tiny_dir) as (h, stub, _):
         image = png_bytes(40, 56, seed=1)
         rest = await h.client.post("/v1/depth?format=npy&seed=3", content=image, headers={"content-type": "image/png"})
-        reply = await stub.Predict(pb.PredictRequest(encoded=image, seed=3, frame_id=7, timestamp_ns=99,
-                                                     encoding=pb.OUTPUT_ENCODING_RAW_FLOAT32))
+        reply = await stub.Predict(
+            pb.PredictRequest(
+                encoded=image, seed=3, frame_id=7, timestamp_ns=99, encoding=pb.OUTPUT_ENCODING_RAW_FLOAT32
+            )
+        )
         got = np.frombuffer(reply.data, dtype="<f4").reshape(tuple(reply.shape))
         np.testing.assert_array_equal(got, read_npy(rest.content))
         assert (reply.frame_id, reply.timestamp_ns, reply.status, reply.kind, reply.seed) == (7, 99, 0, "depth", 3)
         assert reply.model == "lotus-g-depth" and reply.compute_ms > 0 and reply.total_ms >= reply.compute_ms
         rgb = np.asarray(Image.open(io.BytesIO(image)).convert("RGB"))
-        raw = await stub.Predict(pb.PredictRequest(raw=pb.RawImage(height=40, width=56, data=rgb.tobytes()), seed=3,
-                                                   encoding=pb.OUTPUT_ENCODING_RAW_FLOAT32))
+        raw = await stub.Predict(
+            pb.PredictRequest(
+                raw=pb.RawImage(height=40, width=56, data=rgb.tobytes()),
+                seed=3,
+                encoding=pb.OUTPUT_ENCODING_RAW_FLOAT32,
+            )
+        )
         assert raw.data == reply.data
         half = await stub.Predict(pb.PredictRequest(encoded=image, seed=3, task=pb.TASK_NORMALS))
         assert half.dtype == "float16" and tuple(half.shape) == (40, 56, 3) and len(half.data) == 40 * 56 * 3 * 2
@@ -157,43 +165,49 @@ async def test_auth_health_and_reflection(tiny_dir, monkeypatch) -> None:
     gate = threading.Event()
     real = registry.load_model
     monkeypatch.setattr(registry, "load_model", lambda spec: (gate.wait(60), real(spec))[1])
-    async with running_service(tiny_dir, models=[("lotus-d", "depth")], wait_ready=False, grpc_enabled=True,  # noqa: SIM117
-                               grpc_port=0, api_keys=["k1"]) as h:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{h.app.state.grpc.port}") as channel:
-            health = health_pb2_grpc.HealthStub(channel)
-            check = health_pb2.HealthCheckRequest(service="dense.v1.DenseService")
-            assert (await health.Check(check)).status == health_pb2.HealthCheckResponse.NOT_SERVING
-            gate.set()
-            await until_ready(h.client)
-            for _ in range(40):
-                if (await health.Check(check)).status == health_pb2.HealthCheckResponse.SERVING:
-                    break
-                await asyncio.sleep(0.1)
-            assert (await health.Check(check)).status == health_pb2.HealthCheckResponse.SERVING
+    async with running_service(
+        tiny_dir,
+        models=[("lotus-d", "depth")],
+        wait_ready=False,
+        grpc_enabled=True,
+        grpc_port=0,
+        api_keys=["k1"],
+    ) as h, grpc.aio.insecure_channel(f"127.0.0.1:{h.app.state.grpc.port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        check = health_pb2.HealthCheckRequest(service="dense.v1.DenseService")
+        assert (await health.Check(check)).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        gate.set()
+        await until_ready(h.client)
+        for _ in range(40):
+            if (await health.Check(check)).status == health_pb2.HealthCheckResponse.SERVING:
+                break
+            await asyncio.sleep(0.1)
+        assert (await health.Check(check)).status == health_pb2.HealthCheckResponse.SERVING
 
-            stub = DenseServiceStub(channel)
-            request = pb.PredictRequest(encoded=png_bytes(16, 16))
-            with pytest.raises(grpc.aio.AioRpcError) as err:
-                await stub.Predict(request)
-            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
-            with pytest.raises(grpc.aio.AioRpcError) as err:
-                await stub.Predict(request, metadata=[("x-api-key", "wrong")])
-            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
-            assert (await stub.Predict(request, metadata=[("authorization", "Bearer k1")])).status == 0
-            assert (await stub.Predict(request, metadata=[("x-api-key", "k1")])).status == 0
+        stub = DenseServiceStub(channel)
+        request = pb.PredictRequest(encoded=png_bytes(16, 16))
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Predict(request)
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.Predict(request, metadata=[("x-api-key", "wrong")])
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert (await stub.Predict(request, metadata=[("authorization", "Bearer k1")])).status == 0
+        assert (await stub.Predict(request, metadata=[("x-api-key", "k1")])).status == 0
 
-            refl = reflection_pb2_grpc.ServerReflectionStub(channel)
+        refl = reflection_pb2_grpc.ServerReflectionStub(channel)
 
-            async def ask() -> AsyncIterator[reflection_pb2.ServerReflectionRequest]:
-                yield reflection_pb2.ServerReflectionRequest(list_services="")
+        async def ask() -> AsyncIterator[reflection_pb2.ServerReflectionRequest]:
+            yield reflection_pb2.ServerReflectionRequest(list_services="")
 
-            names = [s.name async for r in refl.ServerReflectionInfo(ask()) for s in r.list_services_response.service]
-            assert "dense.v1.DenseService" in names and "grpc.health.v1.Health" in names
+        names = [s.name async for r in refl.ServerReflectionInfo(ask()) for s in r.list_services_response.service]
+        assert "dense.v1.DenseService" in names and "grpc.health.v1.Health" in names
 
 
 async def test_works_on_the_redis_queue(tiny_dir, redis_url, redis_prefix) -> None:
-    async with grpc_service(tiny_dir, models=[("lotus-d", "depth")], queue="redis", redis_url=redis_url,
-                            redis_prefix=redis_prefix) as (_h, stub, _):
+    async with grpc_service(
+        tiny_dir, models=[("lotus-d", "depth")], queue="redis", redis_url=redis_url, redis_prefix=redis_prefix
+    ) as (_h, stub, _):
         reply = await stub.Predict(pb.PredictRequest(encoded=png_bytes(24, 24)))
         assert reply.status == pb.FRAME_STATUS_OK and reply.kind == "depth"
 
@@ -208,3 +222,44 @@ def test_committed_stubs_match_the_proto(tmp_path: Path) -> None:
     generate(tmp_path)
     for name in ("dense_pb2.py", "dense_pb2.pyi", "dense_pb2_grpc.py", "__init__.py"):
         assert filecmp.cmp(tmp_path / name, STUBS / name, shallow=False), f"{name} is stale: run make proto"
+
+
+async def test_standalone_grpc_process_serves_redis_workers(tiny_dir, redis_url, redis_prefix) -> None:
+    """`dense-serve grpc` in its own process, a worker elsewhere, joined by Redis."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from tests.redis_server import free_port
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "grpc", "--redis-url", redis_url, "--port", str(port)],
+        env={**os.environ, "DENSE_REDIS_PREFIX": redis_prefix},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        async with (
+            running_service(
+                tiny_dir, models=[("lotus-d", "depth")], queue="redis", redis_url=redis_url, redis_prefix=redis_prefix
+            ),
+            grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel,
+        ):
+            health = health_pb2_grpc.HealthStub(channel)
+            for _ in range(200):
+                try:
+                    status = (await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)).status
+                    if status == health_pb2.HealthCheckResponse.SERVING:
+                        break
+                except grpc.aio.AioRpcError:
+                    pass
+                await asyncio.sleep(0.1)
+            reply = await DenseServiceStub(channel).Predict(pb.PredictRequest(encoded=png_bytes(24, 24)), timeout=30)
+            assert reply.status == pb.FRAME_STATUS_OK and reply.model == "lotus-d-depth"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()

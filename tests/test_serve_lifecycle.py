@@ -90,8 +90,12 @@ def _free_port() -> int:
 def test_serve_process_tiny_default_then_sigterm_drains(tmp_path: Path) -> None:
     """The README command for real: a server process on loopback, curl-style upload, graceful SIGTERM."""
     port = _free_port()
-    env = {**os.environ, "DENSE_TINY_DIR": str(tmp_path / "tiny"), "DENSE_SHUTDOWN_GRACE_S": "60",
-           "DENSE_GRPC_PORT": str(_free_port())}
+    env = {
+        **os.environ,
+        "DENSE_TINY_DIR": str(tmp_path / "tiny"),
+        "DENSE_SHUTDOWN_GRACE_S": "60",
+        "DENSE_GRPC_PORT": str(_free_port()),
+    }
     proc = subprocess.Popen(
         [sys.executable, "-m", "service.cli", "serve", "--port", str(port)],
         env=env,

@@ -20,8 +20,14 @@ def generate(out: Path = STUBS) -> list[Path]:
     from grpc_tools import protoc
 
     with tempfile.TemporaryDirectory() as tmp:
-        args = ["protoc", f"-I{PROTO_ROOT}", f"--python_out={tmp}", f"--pyi_out={tmp}",
-                f"--grpc_python_out={tmp}", str(PROTO)]
+        args = [
+            "protoc",
+            f"-I{PROTO_ROOT}",
+            f"--python_out={tmp}",
+            f"--pyi_out={tmp}",
+            f"--grpc_python_out={tmp}",
+            str(PROTO),
+        ]
         if protoc.main(args) != 0:
             raise RuntimeError("protoc failed")
         out.mkdir(parents=True, exist_ok=True)

@@ -80,29 +80,49 @@ class DenseServicer(dense_pb2_grpc.DenseServiceServicer):
         except ServiceError as exc:
             await context.abort(status_of(exc), exc.detail)
             raise
-        return pb.ListModelsResponse(models=[
-            pb.ModelInfo(id=m.id, family=m.family, task=m.task, output_kind=m.output_kind,
-                         processing_res=m.processing_res, backend=m.backend, device=m.device, dtype=m.dtype,
-                         max_batch_size=m.max_batch_size, generative=m.generative)
-            for m in catalog
-        ])
+        return pb.ListModelsResponse(
+            models=[
+                pb.ModelInfo(
+                    id=m.id,
+                    family=m.family,
+                    task=m.task,
+                    output_kind=m.output_kind,
+                    processing_res=m.processing_res,
+                    backend=m.backend,
+                    device=m.device,
+                    dtype=m.dtype,
+                    max_batch_size=m.max_batch_size,
+                    generative=m.generative,
+                )
+                for m in catalog
+            ]
+        )
 
     async def _predict(self, req: pb.PredictRequest, started: float) -> pb.PredictResponse:
         s = self.settings
         task = "normals" if req.task == pb.TASK_NORMALS else "depth"
         info = await resolve_model(self.broker, req.model or None, task, "predict", self.expected)
         if req.processing_res % 8 or req.processing_res > s.max_processing_res:
-            raise InvalidParameter(f"processing_res: must be 0 or a multiple of 8 up to {s.max_processing_res}, "
-                                   f"got {req.processing_res}", field="processing_res")
+            raise InvalidParameter(
+                f"processing_res: must be 0 or a multiple of 8 up to {s.max_processing_res}, got {req.processing_res}",
+                field="processing_res",
+            )
         if req.timeout_ms > s.max_timeout_ms:
             raise InvalidParameter(f"timeout_ms: at most {s.max_timeout_ms}", field="timeout_ms")
         image, raw_shape = await self._image(req)
         encoding, dtype = ENCODINGS.get(req.encoding, ("raw16", "float16"))
         job = Job(
-            model=info.id, task=task, image=image, raw_shape=raw_shape,
+            model=info.id,
+            task=task,
+            image=image,
+            raw_shape=raw_shape,
             deadline=time.time() + (req.timeout_ms or s.default_timeout_ms) / 1000.0,
-            params=JobParams(processing_res=req.processing_res or None, match_input_resolution=not req.native_size,
-                             seed=req.seed if req.HasField("seed") else None, encoding=encoding),
+            params=JobParams(
+                processing_res=req.processing_res or None,
+                match_input_resolution=not req.native_size,
+                seed=req.seed if req.HasField("seed") else None,
+                encoding=encoding,
+            ),
         )
         reply = await self.broker.submit(job)
         if reply.status != "ok":
@@ -110,12 +130,19 @@ class DenseServicer(dense_pb2_grpc.DenseServiceServicer):
             raise from_code(error.code if error else "internal", error.detail if error else f"job {reply.status}")
         meta = reply.metadata
         return pb.PredictResponse(
-            frame_id=req.frame_id, timestamp_ns=req.timestamp_ns, status=pb.FRAME_STATUS_OK,
-            data=reply.outputs["prediction"], shape=list(meta.get("shape", [])), dtype=dtype,
-            kind=str(meta.get("kind", "")), encoding=req.encoding or pb.OUTPUT_ENCODING_RAW_FLOAT16,
-            model=str(meta.get("model", "")), seed=meta.get("seed"),
+            frame_id=req.frame_id,
+            timestamp_ns=req.timestamp_ns,
+            status=pb.FRAME_STATUS_OK,
+            data=reply.outputs["prediction"],
+            shape=list(meta.get("shape", [])),
+            dtype=dtype,
+            kind=str(meta.get("kind", "")),
+            encoding=req.encoding or pb.OUTPUT_ENCODING_RAW_FLOAT16,
+            model=str(meta.get("model", "")),
+            seed=meta.get("seed"),
             affine_invariant=bool(meta.get("affine_invariant")),
-            queue_ms=reply.timings.get("queue", 0.0), compute_ms=reply.timings.get("compute", 0.0),
+            queue_ms=reply.timings.get("queue", 0.0),
+            compute_ms=reply.timings.get("compute", 0.0),
             total_ms=(time.perf_counter() - started) * 1000.0,
         )
 
@@ -129,8 +156,9 @@ class DenseServicer(dense_pb2_grpc.DenseServiceServicer):
                 return raw.data, [raw.height, raw.width]
             if which == "encoded":
                 if len(req.encoded) > s.max_upload_bytes:
-                    raise PayloadTooLarge(f"image of {len(req.encoded)} bytes exceeds the upload limit of "
-                                          f"{s.max_upload_bytes} bytes")
+                    raise PayloadTooLarge(
+                        f"image of {len(req.encoded)} bytes exceeds the upload limit of {s.max_upload_bytes} bytes"
+                    )
                 await asyncio.to_thread(codec.probe_image, req.encoded, s.max_pixels)
                 return req.encoded, None
         except codec.ImageTooLargeError as exc:
@@ -212,8 +240,11 @@ class DenseServicer(dense_pb2_grpc.DenseServiceServicer):
                     pump()
                     changed.notify_all()
                 if head.dropped:
-                    yield pb.PredictResponse(frame_id=head.request.frame_id, timestamp_ns=head.request.timestamp_ns,
-                                             status=pb.FRAME_STATUS_DROPPED)
+                    yield pb.PredictResponse(
+                        frame_id=head.request.frame_id,
+                        timestamp_ns=head.request.timestamp_ns,
+                        status=pb.FRAME_STATUS_DROPPED,
+                    )
                 else:
                     assert head.task is not None
                     yield head.task.result()
@@ -233,6 +264,11 @@ class DenseServicer(dense_pb2_grpc.DenseServiceServicer):
         try:
             return await self._predict(req, started)
         except ServiceError as exc:
-            return pb.PredictResponse(frame_id=req.frame_id, timestamp_ns=req.timestamp_ns,
-                                      status=pb.FRAME_STATUS_ERROR, error_code=status_of(exc).value[0],
-                                      error_message=exc.detail, total_ms=(time.perf_counter() - started) * 1000.0)
+            return pb.PredictResponse(
+                frame_id=req.frame_id,
+                timestamp_ns=req.timestamp_ns,
+                status=pb.FRAME_STATUS_ERROR,
+                error_code=status_of(exc).value[0],
+                error_message=exc.detail,
+                total_ms=(time.perf_counter() - started) * 1000.0,
+            )
