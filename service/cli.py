@@ -57,6 +57,28 @@ def _int_list(value: str) -> list[int]:
     return items
 
 
+def _config_and_queue(p: argparse.ArgumentParser, embedded: bool) -> None:
+    p.add_argument("--config", type=Path, help="settings file (.toml or .yaml); env DENSE_* overrides it")
+    if embedded:
+        p.add_argument("--queue", choices=("memory", "redis"), help="embedded queue (default) or Redis Streams")
+    else:
+        p.add_argument("--queue", choices=("redis",), default="redis", help="the queue (Redis Streams)")
+    p.add_argument("--redis-url", help="Redis URL (default redis://127.0.0.1:6379/0)")
+
+
+def _models(p: argparse.ArgumentParser, metavar: str, text: str) -> None:
+    p.add_argument("--model", action="append", dest="models", metavar=metavar, help=text)
+
+
+def _bind(p: argparse.ArgumentParser, host_dest: str, port_dest: str, default_port: int) -> None:
+    p.add_argument("--host", dest=host_dest, help="bind address (default 127.0.0.1)")
+    p.add_argument("--port", type=int, dest=port_dest, help=f"port (default {default_port})")
+
+
+def _api_keys(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--api-key", action="append", dest="api_keys", metavar="KEY", help="require this key (repeatable)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dense-serve", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -77,53 +99,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--native-size", action="store_true", help="return maps at the processing size, not the input's")
     p.set_defaults(func=cmd_predict)
 
-    s = sub.add_parser("serve", help="run the REST API and the worker in one process (embedded queue)")
-    s.add_argument("--config", type=Path, help="settings file (.toml or .yaml); env DENSE_* overrides it")
-    s.add_argument(
-        "--model",
-        action="append",
-        dest="models",
-        metavar="SPEC",
-        help="model to serve (repeatable): spec .toml, diffusers folder, shipped id or hub id",
-    )
-    s.add_argument("--host", help="bind address (default 127.0.0.1)")
-    s.add_argument("--port", type=int, help="port (default 8000)")
-    s.add_argument("--api-key", action="append", dest="api_keys", metavar="KEY", help="require this key (repeatable)")
-    s.add_argument("--queue", choices=("memory", "redis"), help="embedded queue (default) or Redis Streams")
-    s.add_argument("--redis-url", help="Redis URL for --queue redis (default redis://127.0.0.1:6379/0)")
+    s = sub.add_parser("serve", help="run the REST API (and gRPC) with the worker in one process")
+    _config_and_queue(s, embedded=True)
+    _models(s, "SPEC", "model to serve (repeatable): spec .toml, diffusers folder, shipped id or hub id")
+    _bind(s, "host", "port", 8000)
+    _api_keys(s)
     s.set_defaults(func=cmd_serve, role="serve")
 
-    a = sub.add_parser("api", help="run only the REST API; workers join through Redis")
-    a.add_argument("--config", type=Path, help="settings file (.toml or .yaml)")
-    a.add_argument("--queue", choices=("redis",), default="redis", help="the queue (Redis Streams)")
-    a.add_argument("--redis-url", help="Redis URL (default redis://127.0.0.1:6379/0)")
-    a.add_argument(
-        "--model",
-        action="append",
-        dest="models",
-        metavar="ID",
-        help="model ids readiness waits for (default: ready once any worker serves a model)",
-    )
-    a.add_argument("--host", help="bind address (default 127.0.0.1)")
-    a.add_argument("--port", type=int, help="port (default 8000)")
-    a.add_argument("--api-key", action="append", dest="api_keys", metavar="KEY", help="require this key (repeatable)")
+    a = sub.add_parser("api", help="run only the REST API (and gRPC); workers join through Redis")
+    _config_and_queue(a, embedded=False)
+    _models(a, "ID", "model ids readiness waits for (default: ready once any worker serves a model)")
+    _bind(a, "host", "port", 8000)
+    _api_keys(a)
     a.set_defaults(func=cmd_serve, role="api")
 
     g = sub.add_parser("grpc", help="run only the gRPC front-end; workers join through Redis")
-    g.add_argument("--config", type=Path, help="settings file (.toml or .yaml)")
-    g.add_argument("--queue", choices=("redis",), default="redis", help="the queue (Redis Streams)")
-    g.add_argument("--redis-url", help="Redis URL (default redis://127.0.0.1:6379/0)")
-    g.add_argument("--model", action="append", dest="models", metavar="ID", help="model ids readiness waits for")
-    g.add_argument("--host", dest="grpc_host", help="bind address (default 127.0.0.1)")
-    g.add_argument("--port", type=int, dest="grpc_port", help="port (default 50051)")
-    g.add_argument("--api-key", action="append", dest="api_keys", metavar="KEY", help="require this key (repeatable)")
+    _config_and_queue(g, embedded=False)
+    _models(g, "ID", "model ids readiness waits for")
+    _bind(g, "grpc_host", "grpc_port", 50051)
+    _api_keys(g)
     g.set_defaults(func=cmd_grpc)
 
     w = sub.add_parser("worker", help="run only a GPU/CPU worker that serves models from Redis")
-    w.add_argument("--config", type=Path, help="settings file (.toml or .yaml)")
-    w.add_argument("--queue", choices=("redis",), default="redis", help="the queue (Redis Streams)")
-    w.add_argument("--redis-url", help="Redis URL (default redis://127.0.0.1:6379/0)")
-    w.add_argument("--model", action="append", dest="models", metavar="SPEC", help="model to serve (repeatable)")
+    _config_and_queue(w, embedded=False)
+    _models(w, "SPEC", "model to serve (repeatable)")
     w.add_argument("--name", dest="worker_name", help="consumer name; keep it stable across restarts")
     w.set_defaults(func=cmd_worker)
 

@@ -165,14 +165,17 @@ async def test_auth_health_and_reflection(tiny_dir, monkeypatch) -> None:
     gate = threading.Event()
     real = registry.load_model
     monkeypatch.setattr(registry, "load_model", lambda spec: (gate.wait(60), real(spec))[1])
-    async with running_service(
-        tiny_dir,
-        models=[("lotus-d", "depth")],
-        wait_ready=False,
-        grpc_enabled=True,
-        grpc_port=0,
-        api_keys=["k1"],
-    ) as h, grpc.aio.insecure_channel(f"127.0.0.1:{h.app.state.grpc.port}") as channel:
+    async with (
+        running_service(
+            tiny_dir,
+            models=[("lotus-d", "depth")],
+            wait_ready=False,
+            grpc_enabled=True,
+            grpc_port=0,
+            api_keys=["k1"],
+        ) as h,
+        grpc.aio.insecure_channel(f"127.0.0.1:{h.app.state.grpc.port}") as channel,
+    ):
         health = health_pb2_grpc.HealthStub(channel)
         check = health_pb2.HealthCheckRequest(service="dense.v1.DenseService")
         assert (await health.Check(check)).status == health_pb2.HealthCheckResponse.NOT_SERVING

@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from service.api.schemas import ModelOut, ModelsOut
+from service.api.schemas import ModelsOut
 from service.readiness import readiness
 
 models_router = APIRouter(prefix="/v1", tags=["models"])
@@ -15,7 +15,7 @@ health_router = APIRouter(tags=["health"])
 @models_router.get("/models", response_model=ModelsOut, summary="Models served right now")
 async def list_models(request: Request) -> ModelsOut:
     catalog = await request.app.state.broker.catalog()
-    return ModelsOut(models=[ModelOut(**m.model_dump()) for m in catalog])
+    return ModelsOut(models=catalog)
 
 
 @health_router.get("/healthz", summary="Liveness: the process answers")

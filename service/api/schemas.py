@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from models.outputs import OutputKind, Task
+from service.jobs import ModelInfo
 
 Format = Literal["png", "png16", "npy", "json", "color"]
 
@@ -68,19 +69,5 @@ class Problem(BaseModel):
     request_id: str | None = None
 
 
-class ModelOut(BaseModel):
-    id: str
-    family: str
-    task: Task
-    output_kind: OutputKind
-    generative: bool
-    processing_res: int
-    backend: str
-    device: str
-    dtype: str
-    max_batch_size: int
-    max_queue_delay_ms: float
-
-
 class ModelsOut(BaseModel):
-    models: list[ModelOut]
+    models: list[ModelInfo]
