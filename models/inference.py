@@ -1,6 +1,7 @@
-"""Reference execution: group images by processing shape, run batched forwards, undo padding/resizing.
+"""Serving-side execution: group images by processing shape, run batched forwards, undo padding/resizing.
 
-This is the eager PyTorch path the CLI and the worker use and every other runtime is checked against.
+The forward passes go through a `Runtime` (eager torch, ONNX Runtime, TensorRT, Triton); everything else
+here is identical for all of them, and runs on the runtime's device.
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import numpy as np
 import torch
 
 from models.outputs import Family, OutputKind, PredictionMap, Task, task_of
-from models.predictors.base import SingleStepPredictor
 from models.predictors.processing import Geometry, normalize_vectors, plan, preprocess, resize_back, unpad
+from models.runtime.base import Runtime
 from models.uncertainty import Reduction, reduce_normals, reduce_scalar
 
 
@@ -37,18 +38,18 @@ class UncertaintyResult:
 
 
 class DensePredictor:
-    """A loaded model: the predictor core plus the metadata and options it is served with."""
+    """A loaded model: its runtime plus the metadata and options it is served with."""
 
     def __init__(
         self,
-        core: SingleStepPredictor,
+        runtime: Runtime,
         model_id: str,
         family: Family,
         processing_res: int,
         default_seed: int = 0,
         minmax_normalize: bool = False,
     ) -> None:
-        self.core = core.eval()
+        self.runtime = runtime
         self.model_id = model_id
         self.family = family
         self.processing_res = processing_res
@@ -57,15 +58,15 @@ class DensePredictor:
 
     @property
     def output_kind(self) -> OutputKind:
-        return self.core.output_kind
+        return self.runtime.output_kind
 
     @property
     def task(self) -> Task:
-        return task_of(self.core.output_kind)
+        return task_of(self.runtime.output_kind)
 
     @property
     def generative(self) -> bool:
-        return self.core.generative
+        return self.runtime.generative
 
     def plan(self, image: np.ndarray, processing_res: int | None = None) -> Geometry:
         return plan(image.shape[0], image.shape[1], self.processing_res if processing_res is None else processing_res)
@@ -117,10 +118,11 @@ class DensePredictor:
         shapes = {it.geometry.padded_hw for it in items}
         if len(shapes) != 1:
             raise ValueError(f"a batch must share one processing shape, got {sorted(shapes)}")
-        core = self.core
+        rt = self.runtime
         x = torch.stack([_to_tensor(it) for it in items])
-        noise = core.make_noise([it.seed for it in items], items[0].geometry.latent_hw)
-        maps = core(x.to(core.device, core.dtype), noise).float().cpu()
+        seeds = [self.default_seed if it.seed is None else it.seed for it in items]
+        noise = rt.make_noise(seeds, items[0].geometry.latent_hw)
+        maps = rt.run(x.to(rt.device), noise)
         return [self._finish(it, pred) for it, pred in zip(items, maps, strict=True)]
 
     @torch.inference_mode()
@@ -136,12 +138,11 @@ class DensePredictor:
             raise ValueError(f"model '{self.model_id}' ({self.family}) is deterministic: seeds do not vary it")
         if len(seeds) < 2:
             raise ValueError("uncertainty needs at least two seeds")
-        core = self.core
-        x = _to_tensor(item).unsqueeze(0).to(core.device, core.dtype)
-        latent = core.encode(x).expand(len(seeds), -1, -1, -1)
-        noise = core.make_noise(seeds, item.geometry.latent_hw)
-        maps = core.postprocess(core.decode(core.predict_latent(latent, noise))).float().cpu()
-        members = torch.stack([self._finish_tensor(item, m) for m in maps])
+        rt = self.runtime
+        latent = rt.encode(_to_tensor(item).unsqueeze(0).to(rt.device))
+        noise = rt.make_noise(seeds, item.geometry.latent_hw)
+        maps = rt.head(latent.expand(len(seeds), -1, -1, -1).contiguous(), noise)
+        members = torch.stack([self._finish_tensor(item, m) for m in maps]).cpu()
         if self.output_kind == "normals":
             centre, spread = reduce_normals(members, reduction)
             pred_array = centre.permute(1, 2, 0)
@@ -177,7 +178,7 @@ class DensePredictor:
         return pred
 
     def _finish(self, item: BatchItem, pred: torch.Tensor) -> PredictionMap:
-        pred = self._finish_tensor(item, pred)
+        pred = self._finish_tensor(item, pred).cpu()
         array = pred.permute(1, 2, 0) if self.output_kind == "normals" else pred[0]
         return PredictionMap(
             array=_numpy(array),

@@ -10,8 +10,10 @@ import torch
 
 from models.detect import CheckpointConfig, ModelIdentity, identify
 from models.errors import ModelLoadError
+from models.export.manifest import Manifest, checkpoint_hash, is_export
 from models.inference import DensePredictor
 from models.predictors import E2EFTPredictor, LotusPredictor, SingleStepPredictor
+from models.runtime import Runtime, TorchRuntime
 from models.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -118,15 +120,104 @@ def build_core(
     return core.to(device).eval()
 
 
-def load_model(spec: ModelSpec, device: str | None = None, dtype: str | None = None) -> DensePredictor:
+DEFAULT_ENGINE_CACHE = Path(".cache/engines")
+
+
+def load_model(
+    spec: ModelSpec, device: str | None = None, dtype: str | None = None, backend: str | None = None
+) -> DensePredictor:
+    """A servable model on the backend the spec (or the caller) asks for.
+
+    A checkpoint served on an exported backend is exported into the engine cache first (once per checkpoint
+    hash, format and dtype); an export folder is served as is, without its checkpoint.
+    """
     path = resolve_source(spec)
+    chosen = backend or spec.backend
+    device = device or spec.device
+    if is_export(path):
+        return _load_export(spec, path, Manifest.read(path), chosen, device)
     cfg = CheckpointConfig.read(path)
     ident = identify(spec, cfg)
-    dev = pick_device(device or spec.device)
-    dt = pick_dtype(dtype or spec.dtype, dev)
-    try:
-        core = build_core(path, cfg, ident, dev, dt)
-    except Exception as exc:  # corrupt weights raise library-specific types; name the model either way
-        raise ModelLoadError(f"model '{spec.id}': cannot load {path}: {type(exc).__name__}: {exc}") from exc
-    log.info("loaded %s (%s, %s -> %s) on %s %s", spec.id, ident.family, ident.task, ident.output_kind, dev, dt)
-    return DensePredictor(core, spec.id, ident.family, ident.processing_res, spec.seed, spec.minmax_normalize)
+    if chosen in ("auto", "torch"):
+        dev = pick_device(device)
+        dt = pick_dtype(dtype or spec.dtype, dev)
+        try:
+            core = build_core(path, cfg, ident, dev, dt)
+        except Exception as exc:  # corrupt weights raise library-specific types; name the model either way
+            raise ModelLoadError(f"model '{spec.id}': cannot load {path}: {type(exc).__name__}: {exc}") from exc
+        log.info("loaded %s (%s, %s -> %s) on %s %s", spec.id, ident.family, ident.task, ident.output_kind, dev, dt)
+        runtime = TorchRuntime(core, compile=spec.compile)
+        return DensePredictor(runtime, spec.id, ident.family, ident.processing_res, spec.seed, spec.minmax_normalize)
+    if chosen == "triton":
+        raise ModelLoadError(
+            f"model '{spec.id}': backend triton serves a Triton repository; run `dense-serve export --format triton`, "
+            "load it into a Triton server, and set source to the repository folder and triton_url to the server"
+        )
+    folder = cached_export(spec, path, chosen, _export_dtype(dtype or spec.dtype, device))
+    return _load_export(spec, folder, Manifest.read(folder), chosen, device)
+
+
+def _export_dtype(dtype: str, device: str) -> str:
+    if dtype != "auto":
+        return dtype
+    return "fp16" if device != "cpu" and torch.cuda.is_available() else "fp32"
+
+
+def cached_export(spec: ModelSpec, path: Path, backend: str, dtype: str) -> Path:
+    """The export of a checkpoint for a backend, from the engine cache or made now (atomically, so workers
+    starting together never see half an export)."""
+    from models.export.exporter import export_model
+
+    fmt = "tensorrt" if backend == "tensorrt" else "onnx"
+    cache = Path(spec.engine_cache or DEFAULT_ENGINE_CACHE)
+    folder = cache / f"{spec.id}-{checkpoint_hash(path)[:16]}" / f"{fmt}-{dtype}"
+    if is_export(folder):
+        manifest = Manifest.read(folder)
+        wanted = spec.export_resolutions or manifest.resolutions
+        if manifest.verification and manifest.verification.passed is not False and manifest.resolutions == wanted:
+            return folder
+    log.info("exporting %s to %s %s in %s (first start with this checkpoint)", spec.id, fmt, dtype, folder)
+    export_model(
+        spec,
+        fmt,  # type: ignore[arg-type]
+        folder,
+        dtype=dtype,  # type: ignore[arg-type]
+        max_batch=max(spec.max_batch_size or 8, 8),
+        resolutions=spec.export_resolutions,
+        device=spec.device,
+    )
+    return folder
+
+
+def _load_export(spec: ModelSpec, folder: Path, manifest: Manifest, backend: str, device: str) -> DensePredictor:
+    if backend == "auto":
+        backend = {"tensorrt": "tensorrt", "triton": "triton"}.get(manifest.format, "onnxruntime")
+    runtime: Runtime
+    if backend == "torch":
+        raise ModelLoadError(
+            f"model '{spec.id}': {folder} is an export ({manifest.format}); torch serves the diffusers checkpoint "
+            f"({manifest.source}); pick backend onnxruntime, tensorrt or triton for an export"
+        )
+    if backend == "triton":
+        from models.runtime.triton_runtime import TritonRuntime
+
+        if not spec.triton_url:
+            raise ModelLoadError(f"model '{spec.id}': backend triton needs triton_url (the server's gRPC host:port)")
+        runtime = TritonRuntime(spec.triton_url, manifest)
+    elif backend == "tensorrt":
+        from models.runtime.tensorrt_runtime import TensorRTRuntime
+
+        runtime = TensorRTRuntime(folder, manifest, device)
+    else:
+        from models.runtime.onnxruntime_runtime import OnnxRuntime
+
+        runtime = OnnxRuntime(folder, manifest, device)
+    log.info("loaded %s from export %s on %s %s", spec.id, folder, backend, runtime.device)
+    return DensePredictor(
+        runtime,
+        spec.id,
+        manifest.family,
+        spec.processing_res if spec.processing_res is not None else manifest.processing_res,
+        spec.seed,
+        spec.minmax_normalize or manifest.minmax_normalize,
+    )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import tomllib
 from pathlib import Path
@@ -15,6 +16,7 @@ from models.outputs import Family, OutputKind, Task
 SPECS_DIR = Path(__file__).parent / "specs"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 DEFAULT_PROCESSING_RES = 768
+BACKEND_CHOICES = ("auto", "torch", "onnxruntime", "tensorrt", "triton")
 
 
 class ModelSpec(BaseModel):
@@ -40,6 +42,17 @@ class ModelSpec(BaseModel):
     minmax_normalize: bool = Field(
         default=False, description="E2E-FT repo behaviour: min-max normalise each depth map (off = diffusers)"
     )
+    backend: Literal["auto", "torch", "onnxruntime", "tensorrt", "triton"] = Field(
+        default="auto", description="auto: torch for a checkpoint, the export's own backend for an export folder"
+    )
+    compile: bool = Field(default=False, description="torch backend: torch.compile the graphs")
+    engine_cache: str | None = Field(
+        default=None, description="where exported backends keep exports of checkpoints (default .cache/engines)"
+    )
+    export_resolutions: list[int] | None = Field(
+        default=None, description="resolution buckets an automatic export is built for (default processing_res)"
+    )
+    triton_url: str | None = Field(default=None, description="backend triton: the server's gRPC address")
     max_batch_size: int | None = Field(default=None, ge=1, description="serving: largest batch (None = global)")
     max_queue_delay_ms: float | None = Field(
         default=None, ge=0, description="serving: longest wait to fill a batch (None = global)"
@@ -85,7 +98,7 @@ def resolve_spec(arg: str, **overrides: object) -> ModelSpec:
     if path.suffix == ".toml" and path.is_file():
         spec = load_spec_file(path)
     elif path.is_dir():
-        spec = ModelSpec(id=_safe_id(path.resolve().name), source=str(path.resolve()))
+        spec = ModelSpec(id=_export_id(path) or _safe_id(path.resolve().name), source=str(path.resolve()))
     elif arg in (shipped := shipped_specs()):
         spec = shipped[arg]
     elif arg.startswith(("/", ".", "~")) or arg.count("/") > 1 or path.suffix == ".toml":
@@ -104,6 +117,14 @@ def resolve_spec(arg: str, **overrides: object) -> ModelSpec:
         return ModelSpec(**{**spec.model_dump(), **given})
     except ValidationError as exc:
         raise SpecError(f"invalid override for model '{arg}': {exc}") from exc
+
+
+def _export_id(path: Path) -> str | None:
+    """An export folder serves under the id it was exported with, not its folder name."""
+    try:
+        return _safe_id(str(json.loads((path / "manifest.json").read_text())["model_id"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _safe_id(name: str) -> str:

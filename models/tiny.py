@@ -61,8 +61,46 @@ def write_tokenizer(out: Path) -> int:
     return len(vocab)
 
 
-def make_tiny(out: str | Path, family: Family, task: Task, seed: int = 0) -> Path:
-    """Write a diffusers-format checkpoint (well under 5 MB) to `out` and return its path."""
+#: Stable Diffusion 2's architecture (865.9 M UNet parameters, the 128/256/512/512 VAE): random weights at the
+#: real cost, for speed measurements (`load_tests/gpu_bench.py`). Several GB on disk.
+SD2_UNET = dict(
+    down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    cross_attention_dim=1024,
+    attention_head_dim=(5, 10, 20, 20),
+    norm_num_groups=32,
+    use_linear_projection=True,
+)
+SD2_VAE = dict(
+    layers_per_block=2,
+    norm_num_groups=32,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+)
+TINY_UNET = dict(
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    cross_attention_dim=32,
+    attention_head_dim=(2, 4),
+    norm_num_groups=8,
+    use_linear_projection=True,
+)
+TINY_VAE = dict(
+    layers_per_block=1,
+    norm_num_groups=8,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(8, 16, 16, 16),
+)
+
+
+def make_tiny(out: str | Path, family: Family, task: Task, seed: int = 0, arch: str = "tiny") -> Path:
+    """Write a diffusers-format checkpoint (tiny: well under 5 MB; sd2: the real SD2 architecture) to `out`."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -77,12 +115,12 @@ def make_tiny(out: str | Path, family: Family, task: Task, seed: int = 0) -> Pat
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
             vocab_size=vocab_size,
-            hidden_size=32,
+            hidden_size=32 if arch == "tiny" else 1024,
             intermediate_size=37,
             num_hidden_layers=2,
             num_attention_heads=4,
             max_position_embeddings=77,
-            projection_dim=32,
+            projection_dim=32 if arch == "tiny" else 1024,
             hidden_act="gelu",
             bos_token_id=vocab_size - 2,
             eos_token_id=vocab_size - 1,
@@ -94,11 +132,7 @@ def make_tiny(out: str | Path, family: Family, task: Task, seed: int = 0) -> Pat
         in_channels=3,
         out_channels=3,
         latent_channels=4,
-        layers_per_block=1,
-        norm_num_groups=8,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(8, 16, 16, 16),
+        **(TINY_VAE if arch == "tiny" else SD2_VAE),
         sample_size=TINY_PROCESSING_RES,
         scaling_factor=0.18215,
     )
@@ -107,14 +141,7 @@ def make_tiny(out: str | Path, family: Family, task: Task, seed: int = 0) -> Pat
         sample_size=TINY_PROCESSING_RES // 8,
         in_channels=4 if family == "lotus-d" else 8,
         out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        cross_attention_dim=32,
-        attention_head_dim=(2, 4),
-        norm_num_groups=8,
-        use_linear_projection=True,
+        **(TINY_UNET if arch == "tiny" else SD2_UNET),
         class_embed_type="projection" if lotus else None,
         projection_class_embeddings_input_dim=4 if lotus else None,
     )

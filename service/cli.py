@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from models.errors import ModelError
 from models.outputs import FAMILIES, TASKS, PredictionMap
+from models.spec import BACKEND_CHOICES
 
 if TYPE_CHECKING:
     from models.inference import DensePredictor
@@ -70,6 +71,15 @@ def _models(p: argparse.ArgumentParser, metavar: str, text: str) -> None:
     p.add_argument("--model", action="append", dest="models", metavar=metavar, help=text)
 
 
+def _backend(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--backend",
+        choices=BACKEND_CHOICES,
+        help="runtime for every model (default: the spec's; auto = torch for checkpoints); exported backends "
+        "export a checkpoint into the engine cache on first start",
+    )
+
+
 def _bind(p: argparse.ArgumentParser, host_dest: str, port_dest: str, default_port: int) -> None:
     p.add_argument("--host", dest=host_dest, help="bind address (default 127.0.0.1)")
     p.add_argument("--port", type=int, dest=port_dest, help=f"port (default {default_port})")
@@ -97,11 +107,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("auto", "fp16", "fp32"), help="default: fp16 on CUDA, fp32 on CPU")
     p.add_argument("--max-pixels", type=int, default=None, help="refuse larger images (default 40 MP)")
     p.add_argument("--native-size", action="store_true", help="return maps at the processing size, not the input's")
+    p.add_argument("--backend", choices=BACKEND_CHOICES, help="runtime (default: the spec's; auto = torch)")
     p.set_defaults(func=cmd_predict)
 
     s = sub.add_parser("serve", help="run the REST API (and gRPC) with the worker in one process")
     _config_and_queue(s, embedded=True)
     _models(s, "SPEC", "model to serve (repeatable): spec .toml, diffusers folder, shipped id or hub id")
+    _backend(s)
     _bind(s, "host", "port", 8000)
     _api_keys(s)
     s.set_defaults(func=cmd_serve, role="serve")
@@ -123,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     w = sub.add_parser("worker", help="run only a GPU/CPU worker that serves models from Redis")
     _config_and_queue(w, embedded=False)
     _models(w, "SPEC", "model to serve (repeatable)")
+    _backend(w)
     w.add_argument("--name", dest="worker_name", help="consumer name; keep it stable across restarts")
     w.set_defaults(func=cmd_worker)
 
@@ -133,7 +146,21 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--images", type=int, default=16, help="images per measurement (default 16)")
     b.add_argument("--device", help="auto, cpu, cuda, cuda:N")
     b.add_argument("--dtype", choices=("auto", "fp16", "fp32"))
+    b.add_argument("--backend", choices=BACKEND_CHOICES, help="runtime (default: the spec's)")
     b.set_defaults(func=cmd_bench)
+
+    x = sub.add_parser("export", help="export a model to ONNX, TensorRT engines or a Triton repository")
+    x.add_argument("--model", required=True, help="spec .toml, local diffusers folder, shipped spec id or hub id")
+    x.add_argument("--task", choices=TASKS, help="override the detected task")
+    x.add_argument("--format", choices=("onnx", "tensorrt", "triton"), default="onnx")
+    x.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="graph precision (default fp32)")
+    x.add_argument("--out", type=Path, required=True, help="output folder (replaced if it exists)")
+    x.add_argument("--max-batch", type=int, default=16, help="largest batch the graphs/engines take (default 16)")
+    x.add_argument("--resolutions", type=_int_list, help="resolution buckets (default: the model's processing res)")
+    x.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
+    x.add_argument("--device", default="auto", help="where the export is verified: auto, cpu, cuda:N")
+    x.add_argument("--triton-instance-kind", choices=("gpu", "cpu"), default="gpu", help="Triton instance group")
+    x.set_defaults(func=cmd_export)
 
     m = sub.add_parser("models", help="list the shipped model specs (documented hub checkpoints)")
     m.set_defaults(func=cmd_models)
@@ -147,11 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(model: str, device: str | None, dtype: str | None, task: str | None = None) -> DensePredictor:
+def _load(
+    model: str, device: str | None, dtype: str | None, task: str | None = None, backend: str | None = None
+) -> DensePredictor:
     from models.loading import load_model
     from models.spec import resolve_spec
 
-    return load_model(resolve_spec(model, task=task), device=device, dtype=dtype)
+    return load_model(resolve_spec(model, task=task), device=device, dtype=dtype, backend=backend)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -161,12 +190,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from models.benchmark import bench_predictor, format_table
 
     try:
-        model = _load(args.model, args.device, args.dtype)
+        model = _load(args.model, args.device, args.dtype, backend=args.backend)
     except ModelError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    core = model.core
-    where = f"{core.device.type} {str(core.dtype).removeprefix('torch.')}, {torch.get_num_threads()} threads"
+    rt = model.runtime
+    where = f"{rt.name} {rt.device.type} {str(rt.dtype).removeprefix('torch.')}, {torch.get_num_threads()} threads"
     rows = bench_predictor(model, args.resolutions, args.batch_sizes, args.images)
     print(format_table(rows, f"{model.model_id} ({model.family} {model.output_kind}) on {where}"))
     return 0
@@ -177,7 +206,7 @@ def _serving_setup(args: argparse.Namespace) -> tuple[Settings, list[ModelSpec],
     from service.config import load_settings
     from service.embedded import preflight, serving_specs
 
-    keys = ("host", "port", "models", "api_keys", "queue", "redis_url", "worker_name")
+    keys = ("host", "port", "models", "api_keys", "queue", "redis_url", "worker_name", "backend")
     settings = load_settings(args.config, **{k: getattr(args, k, None) for k in keys})
     specs, tiny = serving_specs(settings)
     preflight(specs)
@@ -314,7 +343,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     max_pixels = args.max_pixels or codec.DEFAULT_MAX_PIXELS
     try:
-        model = _load(args.model, args.device, args.dtype, args.task)
+        model = _load(args.model, args.device, args.dtype, args.task, args.backend)
     except ModelError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -368,6 +397,37 @@ def _unique_stems(paths: Sequence[Path]) -> list[str]:
         taken.add(name)
         stems.append(name)
     return stems
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    _quiet_hub_libraries()
+    from models.export.exporter import export_model
+    from models.spec import resolve_spec
+
+    try:
+        spec = resolve_spec(args.model, task=args.task)
+        manifest = export_model(
+            spec,
+            args.format,
+            args.out,
+            dtype=args.dtype,
+            max_batch=args.max_batch,
+            resolutions=args.resolutions,
+            opset=args.opset,
+            device=args.device,
+            triton_instance_kind=args.triton_instance_kind,
+        )
+    except (ModelError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    v = manifest.verification
+    assert v is not None
+    print(
+        f"exported {manifest.model_id} ({manifest.family} {manifest.output_kind}) as {manifest.format} "
+        f"{manifest.dtype} to {args.out}: max abs error {v.max_abs_error:.3g} vs PyTorch "
+        f"(tolerance {v.tolerance:g}, {v.runtime} {v.provider})"
+    )
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

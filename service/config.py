@@ -43,6 +43,12 @@ class Settings(BaseSettings):
     )
     device: str | None = Field(default=None, description="override every spec's device (auto, cpu, cuda:N)")
     dtype: Literal["auto", "fp16", "fp32"] | None = None
+    backend: Literal["auto", "torch", "onnxruntime", "tensorrt", "triton"] | None = Field(
+        default=None, description="override every spec's runtime; exported ones export checkpoints on first start"
+    )
+    engine_cache: Path = Field(
+        default=Path(".cache/engines"), description="exports and TensorRT engines, keyed by checkpoint hash"
+    )
     tiny_dir: Path = Field(default=Path(".cache/tiny"), description="where random tiny checkpoints are built")
 
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)

@@ -48,9 +48,12 @@ def tiny_specs(tiny_dir: Path) -> list[ModelSpec]:
 
 def serving_specs(settings: Settings) -> tuple[list[ModelSpec], bool]:
     """The configured specs with the global device/dtype applied, or the tiny ones; True if tiny."""
+    runtime = {"backend": settings.backend, "engine_cache": str(settings.engine_cache)}
     if not settings.models:
-        return tiny_specs(settings.tiny_dir), True
-    specs = [resolve_spec(arg, device=settings.device, dtype=settings.dtype) for arg in settings.models]
+        return [
+            s.model_copy(update={k: v for k, v in runtime.items() if v}) for s in tiny_specs(settings.tiny_dir)
+        ], True
+    specs = [resolve_spec(arg, device=settings.device, dtype=settings.dtype, **runtime) for arg in settings.models]
     ids = [s.id for s in specs]
     if len(set(ids)) != len(ids):
         raise SpecError(f"two served models share an id: {ids}; give each spec a distinct id")

@@ -431,7 +431,7 @@ async def test_504_deadline_passes_while_queued_and_expired_job_is_never_compute
 
 async def test_500_model_fault_fails_only_the_request_that_caused_it(tiny_dir: TinyDir, tiny_model: TinyModel) -> None:
     async with running_service(tiny_dir, models=[("lotus-d", "depth")], max_queue_delay_ms=300) as h:
-        encoder = h.worker.served["lotus-d-depth"].predictor.core.vae.encoder
+        encoder = h.worker.served["lotus-d-depth"].predictor.runtime.core.vae.encoder
         seen_batches: list[int] = []
 
         def fault(module: torch.nn.Module, args: tuple[Any, ...]) -> None:

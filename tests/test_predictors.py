@@ -82,11 +82,11 @@ def test_lotus_g_seed_reproducible_across_positions_and_runs(tiny_model) -> None
 
 
 def test_lotus_g_noise_is_drawn_on_cpu_from_the_seed(tiny_model) -> None:
-    core = tiny_model("lotus-g", "depth").core
+    core = tiny_model("lotus-g", "depth").runtime.core
     noise = core.make_noise([5, 9], (3, 4))
     expect = torch.cat([torch.randn((1, 4, 3, 4), generator=torch.Generator("cpu").manual_seed(s)) for s in (5, 9)])
     torch.testing.assert_close(noise, expect, rtol=0, atol=0)
-    assert tiny_model("lotus-d", "depth").core.make_noise([5], (3, 4)) is None
+    assert tiny_model("lotus-d", "depth").runtime.make_noise([5], (3, 4)) is None
 
 
 def test_deterministic_families_ignore_seed(tiny_model) -> None:
@@ -124,7 +124,7 @@ def test_padding_is_cropped_not_resized(tiny_model) -> None:
 
 
 def test_task_switcher_and_timestep_reach_the_unet(tiny_model) -> None:
-    core = tiny_model("lotus-g", "normals").core
+    core = tiny_model("lotus-g", "normals").runtime.core
     seen: dict[str, torch.Tensor] = {}
 
     def hook(_module, args, kwargs):
@@ -144,7 +144,7 @@ def test_task_switcher_and_timestep_reach_the_unet(tiny_model) -> None:
 
 
 def test_e2eft_alpha_bar_from_scheduler_config(tiny_model) -> None:
-    core = tiny_model("e2e-ft", "depth").core
+    core = tiny_model("e2e-ft", "depth").runtime.core
     assert core.alpha_bar == pytest.approx(0.0046601, abs=1e-7)
     assert -core.v_to_x0 == pytest.approx(0.997667, abs=1e-6)
 
@@ -162,6 +162,6 @@ def test_minmax_option_normalises_each_e2eft_depth_map(tiny_dir) -> None:
 def test_sdpa_attention_is_used(tiny_model) -> None:
     from diffusers.models.attention_processor import AttnProcessor2_0
 
-    core = tiny_model("lotus-d", "depth").core
+    core = tiny_model("lotus-d", "depth").runtime.core
     procs = [*core.unet.attn_processors.values(), *core.vae.attn_processors.values()]
     assert procs and all(isinstance(p, AttnProcessor2_0) for p in procs)

@@ -110,7 +110,7 @@ async def test_poison_job_is_dead_lettered_and_the_rest_are_served(
     async with on_redis(
         tiny_dir, redis_url, redis_prefix, models=[("lotus-d", "depth")], max_deliveries=2, max_queue_delay_ms=300
     ) as h:
-        encoder = h.worker.served["lotus-d-depth"].predictor.core.vae.encoder
+        encoder = h.worker.served["lotus-d-depth"].predictor.runtime.core.vae.encoder
 
         def poison(_module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
             if any(bool((x == -1).all()) for x in args[0]):

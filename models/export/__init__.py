@@ -1,0 +1,1 @@
+"""Export predictors to ONNX, TensorRT engines and Triton repositories, each with a verified manifest."""

@@ -1,0 +1,67 @@
+"""The one interface every backend implements: image batch -> latent -> map, tensors on the runtime's device.
+
+A predictor is split in two graphs so that the multi-seed path can encode once and run the rest per seed:
+`encode` (VAE encoder, posterior mean, scaled) and `head` (UNet at t = 999 with the empty prompt and task
+switcher baked in, VAE decoder, per-family post-processing). Crop and resize stay in `DensePredictor` and run
+on the runtime's device, so a GPU runtime post-processes on the GPU.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from typing import Literal, get_args
+
+import torch
+
+from models.errors import ModelError
+from models.outputs import OutputKind
+
+Backend = Literal["torch", "onnxruntime", "tensorrt", "triton"]
+BACKENDS: tuple[Backend, ...] = get_args(Backend)
+
+
+class BackendError(ModelError):
+    """A backend is missing, misconfigured, or failed to run a graph."""
+
+
+class Runtime(ABC):
+    """Batch-first execution of one exported (or eager) predictor.
+
+    `encode` takes `[B, 3, H, W]` float32 in [-1, 1] (H, W multiples of 8) on any device and returns the
+    scaled latent `[B, 4, H/8, W/8]` on `self.device`; `head` takes that latent (and for generative families
+    seeded noise of the same shape) and returns float32 maps `[B, C, H, W]` on `self.device`.
+    """
+
+    name: Backend
+    device: torch.device
+    #: The compute precision of the graphs (inputs and outputs are always float32).
+    dtype: torch.dtype
+    output_kind: OutputKind
+    generative: bool
+
+    @abstractmethod
+    def encode(self, images: torch.Tensor) -> torch.Tensor: ...
+
+    @abstractmethod
+    def head(self, latents: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor: ...
+
+    def run(self, images: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        return self.head(self.encode(images), noise)
+
+    @property
+    def out_channels(self) -> int:
+        return 3 if self.output_kind == "normals" else 1
+
+    def make_noise(self, seeds: Sequence[int], latent_hw: tuple[int, int]) -> torch.Tensor | None:
+        """Seeded noise for generative families, drawn on the CPU so every backend and device gets the same numbers."""
+        if not self.generative:
+            return None
+        noise = [torch.randn((1, 4, *latent_hw), generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds]
+        return torch.cat(noise).to(self.device)
+
+    def close(self) -> None:  # noqa: B027 - optional hook, most backends have something to free
+        """Free sessions, engines and connections; the default has nothing to free."""
+
+    def describe(self) -> dict[str, str]:
+        return {"backend": self.name, "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch.")}
