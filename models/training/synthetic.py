@@ -1,0 +1,460 @@
+"""Procedural scenes with exact geometry: a cheap, licence-free data source to smoke-test fine-tuning end to end.
+
+A scene is a room (or an open floor under the sky) made of infinite planes, boxes (axis-aligned or rotated)
+and spheres, each with a checker, stripe or value-noise texture, lit by one directional light plus ambient
+(Lambertian, no cast shadows: a directional light inside a closed room would shadow everything). Every pixel
+centre is ray-cast in float64, so depth and normals are exact, not estimated.
+
+Conventions (the same as the served outputs and the folder format):
+- Camera frame: x right, y up, z towards the viewer (the camera looks along -z), as in OpenGL and Hypersim.
+- Pixel (row i, column j) has image coordinates (u, v) = (j, i): pixel centres sit on integers, so a centred
+  principal point is ((W - 1) / 2, (H - 1) / 2). The ray through (u, v) in the camera frame is
+  ((u - cx) / fx, -(v - cy) / fy, -1).
+- Depth is PLANAR: the distance along the optical axis (-z of the hit point in the camera frame), in metres.
+  Because the ray's z component is -1, the ray parameter of a hit is its planar depth.
+- Normals are camera-frame unit vectors oriented to face the camera (dot with the viewing ray < 0).
+- Pixels that hit nothing closer than `MAX_DEPTH` are sky: invalid, depth 0, normals 0.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from models.training import folder_format
+
+MAX_DEPTH = 50.0  # metres; farther hits (the horizon of an open floor) count as sky
+DEPTH_RANGE = (0.01, MAX_DEPTH)  # written to dataset.json: every valid synthetic depth lies inside
+_EPS = 1e-9
+WORLD_UP = np.array([0.0, 1.0, 0.0])
+
+TextureKind = Literal["checker", "stripes", "noise"]
+
+
+@dataclass(frozen=True)
+class Texture:
+    """A 2D albedo pattern in surface coordinates (metres), so patterns shrink with distance like real ones."""
+
+    kind: TextureKind
+    color_a: np.ndarray  # [3] in [0, 1]
+    color_b: np.ndarray  # [3] in [0, 1]
+    period: float  # metres per pattern cell
+    angle: float = 0.0  # stripes only, radians
+    lattice: np.ndarray | None = None  # noise only: [P, P] values in [0, 1], tiled
+
+    def albedo(self, uv: np.ndarray) -> np.ndarray:
+        """`[N, 2]` surface coordinates -> `[N, 3]` albedo."""
+        u, v = uv[:, 0] / self.period, uv[:, 1] / self.period
+        if self.kind == "checker":
+            w = ((np.floor(u) + np.floor(v)) % 2.0)[:, None]
+        elif self.kind == "stripes":
+            w = (np.floor(u * math.cos(self.angle) + v * math.sin(self.angle)) % 2.0)[:, None]
+        else:
+            w = _value_noise(self.lattice, u, v)[:, None]
+        return self.color_a * (1.0 - w) + self.color_b * w
+
+
+def _value_noise(lattice: np.ndarray | None, u: np.ndarray, v: np.ndarray) -> np.ndarray:
+    """Bilinear value noise with a smoothstep fade over a tiled random lattice: smooth, cheap, deterministic."""
+    if lattice is None:
+        raise ValueError("a noise texture needs a lattice")
+    p = lattice.shape[0]
+    iu, iv = np.floor(u), np.floor(v)
+    fu, fv = u - iu, v - iv
+    fu, fv = fu * fu * (3 - 2 * fu), fv * fv * (3 - 2 * fv)
+    i0, j0 = iu.astype(np.int64) % p, iv.astype(np.int64) % p
+    i1, j1 = (i0 + 1) % p, (j0 + 1) % p
+    top = lattice[i0, j0] * (1 - fu) + lattice[i1, j0] * fu
+    bottom = lattice[i0, j1] * (1 - fu) + lattice[i1, j1] * fu
+    return top * (1 - fv) + bottom * fv
+
+
+@dataclass(frozen=True)
+class Plane:
+    """Infinite plane through `point` with unit `normal`; `axis_u` is an in-plane unit vector for texturing."""
+
+    point: np.ndarray
+    normal: np.ndarray
+    axis_u: np.ndarray
+    texture: Texture
+
+    def intersect(self, origin: np.ndarray, dirs: np.ndarray) -> np.ndarray:
+        denom = dirs @ self.normal
+        with np.errstate(divide="ignore", invalid="ignore"):
+            t = ((self.point - origin) @ self.normal) / denom
+        return np.where((np.abs(denom) > _EPS) & (t > _EPS), t, np.inf)
+
+    def surface(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        rel = points - self.point
+        axis_v = np.cross(self.normal, self.axis_u)
+        uv = np.stack([rel @ self.axis_u, rel @ axis_v], axis=1)
+        return np.broadcast_to(self.normal, points.shape).copy(), uv
+
+
+@dataclass(frozen=True)
+class Sphere:
+    center: np.ndarray
+    radius: float
+    texture: Texture
+
+    def intersect(self, origin: np.ndarray, dirs: np.ndarray) -> np.ndarray:
+        oc = origin - self.center
+        a = np.einsum("ij,ij->i", dirs, dirs)
+        b = 2.0 * (dirs @ oc)
+        c = oc @ oc - self.radius**2
+        disc = b * b - 4.0 * a * c
+        root = np.sqrt(np.maximum(disc, 0.0))
+        near, far = (-b - root) / (2.0 * a), (-b + root) / (2.0 * a)
+        t = np.where(near > _EPS, near, far)
+        return np.where((disc >= 0.0) & (t > _EPS), t, np.inf)
+
+    def surface(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        rel = (points - self.center) / self.radius
+        normals = rel / np.linalg.norm(rel, axis=1, keepdims=True)
+        # Longitude and latitude scaled by the radius: surface coordinates in metres.
+        lon = np.arctan2(normals[:, 2], normals[:, 0])
+        lat = np.arccos(np.clip(normals[:, 1], -1.0, 1.0))
+        return normals, np.stack([lon * self.radius, lat * self.radius], axis=1)
+
+
+@dataclass(frozen=True)
+class Box:
+    """Oriented box: `rotation` maps box-local coordinates to world; `half_extents` along the local axes."""
+
+    center: np.ndarray
+    half_extents: np.ndarray
+    rotation: np.ndarray
+    texture: Texture
+
+    def intersect(self, origin: np.ndarray, dirs: np.ndarray) -> np.ndarray:
+        o = self.rotation.T @ (origin - self.center)
+        d = dirs @ self.rotation  # rows: R^T d
+        with np.errstate(divide="ignore", invalid="ignore"):
+            t1 = (-self.half_extents - o) / d
+            t2 = (self.half_extents - o) / d
+        # A ray parallel to a slab: inside it the slab never bounds t, outside it never hits.
+        inside = np.abs(o) <= self.half_extents
+        parallel = np.abs(d) < _EPS
+        lo = np.where(parallel, np.where(inside, -np.inf, np.inf), np.minimum(t1, t2))
+        hi = np.where(parallel, np.where(inside, np.inf, -np.inf), np.maximum(t1, t2))
+        t_near, t_far = lo.max(axis=1), hi.min(axis=1)
+        t = np.where(t_near > _EPS, t_near, t_far)
+        return np.where((t_near <= t_far) & (t > _EPS), t, np.inf)
+
+    def surface(self, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        local = (points - self.center) @ self.rotation
+        ratio = np.abs(local) / self.half_extents
+        axis = ratio.argmax(axis=1)
+        rows = np.arange(len(points))
+        n_local = np.zeros_like(local)
+        n_local[rows, axis] = np.sign(local[rows, axis])
+        others = np.array([[1, 2], [0, 2], [0, 1]])[axis]
+        uv = np.stack([local[rows, others[:, 0]], local[rows, others[:, 1]]], axis=1)
+        return n_local @ self.rotation.T, uv
+
+
+Primitive = Plane | Sphere | Box
+
+
+@dataclass(frozen=True)
+class Camera:
+    """Pinhole camera. `rotation` maps camera-frame vectors to world (columns: right, up, backwards)."""
+
+    height: int
+    width: int
+    fx: float
+    fy: float
+    cx: float
+    cy: float
+    rotation: np.ndarray
+    position: np.ndarray
+
+    @property
+    def intrinsics(self) -> np.ndarray:
+        """`[3, 3]` K for OpenCV camera axes (x right, y down, z forward): u = fx X / Z + cx, v = fy Y / Z + cy.
+
+        Our camera frame (y up, z backwards) maps to OpenCV's by negating y and z.
+        """
+        return np.array([[self.fx, 0.0, self.cx], [0.0, self.fy, self.cy], [0.0, 0.0, 1.0]])
+
+    def rays(self) -> np.ndarray:
+        """`[H, W, 3]` camera-frame ray per pixel centre, with z = -1 so that the ray parameter is planar depth."""
+        v, u = np.meshgrid(
+            np.arange(self.height, dtype=np.float64), np.arange(self.width, dtype=np.float64), indexing="ij"
+        )
+        return np.stack([(u - self.cx) / self.fx, -(v - self.cy) / self.fy, -np.ones_like(u)], axis=-1)
+
+    def backproject(self, depth: np.ndarray) -> np.ndarray:
+        """Planar depth `[H, W]` -> camera-frame points `[H, W, 3]`."""
+        return self.rays() * depth[..., None]
+
+
+@dataclass(frozen=True)
+class Light:
+    direction: np.ndarray  # unit vector from the surface towards the light, world frame
+    color: np.ndarray  # [3]
+    ambient: float
+
+
+@dataclass(frozen=True)
+class Scene:
+    primitives: list[Primitive]
+    light: Light
+    sky_top: np.ndarray = field(default_factory=lambda: np.array([0.35, 0.55, 0.9]))
+    sky_horizon: np.ndarray = field(default_factory=lambda: np.array([0.85, 0.9, 0.95]))
+
+
+@dataclass(frozen=True)
+class Rendering:
+    """One rendered view. Arrays are float32 except `valid` (bool) and `primitive` (int16, -1 = sky)."""
+
+    rgb: np.ndarray  # [H, W, 3] in [0, 1]
+    depth: np.ndarray  # [H, W] planar metres, 0 where invalid
+    normals: np.ndarray  # [H, W, 3] camera frame, unit where valid, 0 elsewhere
+    valid: np.ndarray  # [H, W]
+    primitive: np.ndarray  # [H, W] index into scene.primitives
+    camera: Camera
+    scene: Scene
+
+
+def render(scene: Scene, camera: Camera) -> Rendering:
+    """Ray-cast every pixel centre against every primitive and keep the nearest hit."""
+    rays_cam = camera.rays().reshape(-1, 3)
+    rays_world = rays_cam @ camera.rotation.T
+    origin = np.asarray(camera.position, dtype=np.float64)
+    n_pix = rays_cam.shape[0]
+
+    t_best = np.full(n_pix, np.inf)
+    which = np.full(n_pix, -1, dtype=np.int64)
+    for k, prim in enumerate(scene.primitives):
+        t = prim.intersect(origin, rays_world)
+        closer = t < t_best
+        t_best = np.where(closer, t, t_best)
+        which = np.where(closer, k, which)
+    hit = np.isfinite(t_best) & (t_best <= MAX_DEPTH)
+    which = np.where(hit, which, -1)
+
+    normals_world = np.zeros((n_pix, 3))
+    albedo = np.zeros((n_pix, 3))
+    points = origin + rays_world * np.where(hit, t_best, 0.0)[:, None]
+    for k, prim in enumerate(scene.primitives):
+        sel = which == k
+        if not sel.any():
+            continue
+        n, uv = prim.surface(points[sel])
+        normals_world[sel] = n
+        albedo[sel] = prim.texture.albedo(uv)
+
+    # Visible surfaces face the camera: flip normals that point along the viewing ray (planes seen from behind).
+    facing = np.einsum("ij,ij->i", normals_world, rays_world)
+    normals_world = np.where((facing > 0.0)[:, None], -normals_world, normals_world)
+
+    light = scene.light
+    lambert = np.clip(normals_world @ light.direction, 0.0, None)
+    shaded = albedo * (light.ambient + (1.0 - light.ambient) * lambert[:, None]) * light.color
+    elevation = np.clip(rays_world[:, 1] / np.linalg.norm(rays_world, axis=1), 0.0, 1.0)[:, None]
+    sky = scene.sky_horizon * (1.0 - elevation) + scene.sky_top * elevation
+    rgb = np.where(hit[:, None], shaded, sky)
+
+    normals_cam = normals_world @ camera.rotation  # rows: R^T n
+    normals_cam /= np.maximum(np.linalg.norm(normals_cam, axis=1, keepdims=True), _EPS)
+    normals_cam[~hit] = 0.0
+
+    shape = (camera.height, camera.width)
+    return Rendering(
+        rgb=np.clip(rgb, 0.0, 1.0).reshape(*shape, 3).astype(np.float32),
+        depth=np.where(hit, t_best, 0.0).reshape(shape).astype(np.float32),
+        normals=normals_cam.reshape(*shape, 3).astype(np.float32),
+        valid=hit.reshape(shape),
+        primitive=which.reshape(shape).astype(np.int16),
+        camera=camera,
+        scene=scene,
+    )
+
+
+def look_at(position: np.ndarray, target: np.ndarray, roll: float = 0.0) -> np.ndarray:
+    """Camera-to-world rotation looking from `position` at `target` with y up, rolled about the optical axis."""
+    forward = np.asarray(target, dtype=np.float64) - np.asarray(position, dtype=np.float64)
+    forward /= np.linalg.norm(forward)
+    right = np.cross(forward, WORLD_UP)
+    if np.linalg.norm(right) < 1e-6:
+        raise ValueError("look_at: the view direction is parallel to world up")
+    right /= np.linalg.norm(right)
+    up = np.cross(right, forward)
+    c, s = math.cos(roll), math.sin(roll)
+    right, up = c * right + s * up, -s * right + c * up
+    return np.stack([right, up, -forward], axis=1)
+
+
+def _rotation_y(angle: float) -> np.ndarray:
+    c, s = math.cos(angle), math.sin(angle)
+    return np.array([[c, 0.0, s], [0.0, 1.0, 0.0], [-s, 0.0, c]])
+
+
+def _random_rotation(rng: np.random.Generator) -> np.ndarray:
+    q = rng.normal(size=4)
+    w, x, y, z = q / np.linalg.norm(q)
+    return np.array(
+        [
+            [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+            [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+            [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
+        ]
+    )
+
+
+def random_texture(rng: np.random.Generator) -> Texture:
+    kind: TextureKind = ("checker", "stripes", "noise")[int(rng.integers(3))]
+    base = rng.uniform(0.15, 0.95, size=3)
+    other = np.clip(base * rng.uniform(0.3, 0.8) + rng.uniform(-0.1, 0.1, size=3), 0.02, 1.0)
+    return Texture(
+        kind=kind,
+        color_a=base,
+        color_b=other,
+        period=float(rng.uniform(0.1, 0.6)),
+        angle=float(rng.uniform(0.0, math.pi)),
+        lattice=rng.random((16, 16)) if kind == "noise" else None,
+    )
+
+
+def _plane(point: tuple[float, float, float], normal: tuple[float, float, float], rng: np.random.Generator) -> Plane:
+    n = np.asarray(normal, dtype=np.float64)
+    helper = np.array([1.0, 0.0, 0.0]) if abs(n[0]) < 0.9 else np.array([0.0, 0.0, 1.0])
+    axis_u = np.cross(n, helper)
+    return Plane(np.asarray(point, dtype=np.float64), n, axis_u / np.linalg.norm(axis_u), random_texture(rng))
+
+
+def _clear_of(position: np.ndarray, prim: Primitive, margin: float) -> bool:
+    """True when `position` is at least `margin` outside the primitive (planes are handled by the room bounds)."""
+    if isinstance(prim, Sphere):
+        return float(np.linalg.norm(position - prim.center)) > prim.radius + margin
+    if isinstance(prim, Box):
+        local = np.abs(prim.rotation.T @ (position - prim.center))
+        return bool(np.any(local > prim.half_extents + margin))
+    return True
+
+
+def random_scene_and_camera(rng: np.random.Generator, height: int, width: int) -> tuple[Scene, Camera]:
+    """A room (70%) or an open floor with sky (30%), 2-7 objects, and a camera inside it looking at them."""
+    half_x, half_z = rng.uniform(2.0, 6.0), rng.uniform(2.0, 6.0)
+    open_air = rng.random() < 0.3
+    room_h = rng.uniform(2.4, 4.0)
+    prims: list[Primitive] = [_plane((0.0, 0.0, 0.0), (0.0, 1.0, 0.0), rng)]
+    if open_air:
+        if rng.random() < 0.7:  # a back wall, so open scenes still have vertical structure
+            prims.append(_plane((0.0, 0.0, -half_z), (0.0, 0.0, 1.0), rng))
+    else:
+        prims.append(_plane((0.0, room_h, 0.0), (0.0, -1.0, 0.0), rng))
+        for point, normal in (
+            ((-half_x, 0.0, 0.0), (1.0, 0.0, 0.0)),
+            ((half_x, 0.0, 0.0), (-1.0, 0.0, 0.0)),
+            ((0.0, 0.0, -half_z), (0.0, 0.0, 1.0)),
+            ((0.0, 0.0, half_z), (0.0, 0.0, -1.0)),
+        ):
+            prims.append(_plane(point, normal, rng))
+
+    cam_pos = np.array(
+        [rng.uniform(-0.5, 0.5) * half_x, rng.uniform(0.8, 2.0), rng.uniform(0.2, 0.8) * half_z], dtype=np.float64
+    )
+    yaw = rng.uniform(-0.6, 0.6)
+    look = np.array([math.sin(yaw), 0.0, -math.cos(yaw)])
+
+    n_objects = int(rng.integers(2, 8))
+    tries = 0
+    while n_objects > 0 and tries < 200:
+        tries += 1
+        dist = rng.uniform(1.0, 1.6 * half_z)
+        side = rng.uniform(-0.7, 0.7) * dist
+        base = cam_pos + look * dist + np.array([look[2], 0.0, -look[0]]) * side
+        if abs(base[0]) > half_x - 0.3 or abs(base[2]) > half_z - 0.3:
+            continue
+        prim: Primitive
+        if rng.random() < 0.5:
+            half = rng.uniform(0.15, 0.7, size=3)
+            if rng.random() < 0.7:  # resting on the floor, turned about the vertical
+                rotation = _rotation_y(float(rng.uniform(0.0, math.pi))) if rng.random() < 0.6 else np.eye(3)
+                center = np.array([base[0], half[1], base[2]])
+            else:  # floating, any orientation
+                rotation = _random_rotation(rng)
+                center = np.array([base[0], rng.uniform(0.8, 1.8), base[2]])
+            prim = Box(center, half, rotation, random_texture(rng))
+        else:
+            radius = rng.uniform(0.15, 0.7)
+            lift = radius if rng.random() < 0.6 else rng.uniform(radius + 0.2, radius + 1.2)
+            prim = Sphere(np.array([base[0], lift, base[2]]), float(radius), random_texture(rng))
+        if _clear_of(cam_pos, prim, margin=0.4):
+            prims.append(prim)
+            n_objects -= 1
+
+    target = cam_pos + look * 3.0 + np.array([0.0, rng.uniform(-1.8, 0.4), 0.0])
+    rotation = look_at(cam_pos, target, roll=float(rng.uniform(-0.08, 0.08)))
+    fov_x = rng.uniform(math.radians(45.0), math.radians(75.0))
+    fx = (width / 2.0) / math.tan(fov_x / 2.0)
+    camera = Camera(
+        height=height,
+        width=width,
+        fx=fx,
+        fy=fx * rng.uniform(0.97, 1.03),
+        cx=(width - 1) / 2.0 + rng.uniform(-0.03, 0.03) * width,
+        cy=(height - 1) / 2.0 + rng.uniform(-0.03, 0.03) * height,
+        rotation=rotation,
+        position=cam_pos,
+    )
+
+    elevation = rng.uniform(math.radians(30.0), math.radians(80.0))
+    azimuth = rng.uniform(0.0, 2.0 * math.pi)
+    light = Light(
+        direction=np.array(
+            [math.cos(elevation) * math.cos(azimuth), math.sin(elevation), math.cos(elevation) * math.sin(azimuth)]
+        ),
+        color=np.clip(1.0 + rng.uniform(-0.1, 0.1, size=3), 0.0, None),
+        ambient=float(rng.uniform(0.2, 0.45)),
+    )
+    return Scene(prims, light), camera
+
+
+def generate(seed: int | tuple[int, ...], height: int, width: int) -> Rendering:
+    """One random scene rendered at `height` x `width`; the same seed gives the same arrays, bit for bit."""
+    if height < 2 or width < 2:
+        raise ValueError(f"image too small: {width} x {height}")
+    seq = list(seed) if isinstance(seed, tuple) else [seed]
+    rng = np.random.default_rng(seq)
+    scene, camera = random_scene_and_camera(rng, height, width)
+    return render(scene, camera)
+
+
+def write_scenes(
+    out_dir: str | Path,
+    n: int,
+    height: int,
+    width: int,
+    seed: int,
+    depth_format: folder_format.DepthFormat = "npy",
+    normals_format: folder_format.NormalsFormat = "npy",
+) -> list[str]:
+    """Render `n` scenes into the generic folder format (with masks, normals and dataset.json); returns names.
+
+    Scene `i` uses the seed `(seed, i)`, so a set can be extended or regenerated piecewise.
+    """
+    root = Path(out_dir)
+    names = []
+    for i in range(n):
+        r = generate((seed, i), height, width)
+        name = f"{i:06d}"
+        folder_format.write_sample(
+            root,
+            name,
+            rgb=r.rgb,
+            depth=r.depth,
+            valid=r.valid,
+            normals=r.normals,
+            depth_format=depth_format,
+            normals_format=normals_format,
+        )
+        names.append(name)
+    folder_format.write_info(root, folder_format.DatasetInfo(name="synthetic", depth_range=DEPTH_RANGE))
+    return names
