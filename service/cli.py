@@ -147,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--device", help="auto, cpu, cuda, cuda:N")
     b.add_argument("--dtype", choices=("auto", "fp16", "fp32"))
     b.add_argument("--backend", choices=BACKEND_CHOICES, help="runtime (default: the spec's)")
+    b.add_argument("--task", choices=TASKS, help="override the detected task")
     b.set_defaults(func=cmd_bench)
 
     x = sub.add_parser("export", help="export a model to ONNX, TensorRT engines or a Triton repository")
@@ -190,7 +191,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from models.benchmark import bench_predictor, format_table
 
     try:
-        model = _load(args.model, args.device, args.dtype, backend=args.backend)
+        model = _load(args.model, args.device, args.dtype, args.task, args.backend)
     except ModelError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -383,3 +383,19 @@ def test_triton_server_serves_the_exported_repository(tiny_dir, tiny_model, tmp_
     finally:
         server.terminate()
         server.wait(30)
+
+
+def test_provider_choice_follows_what_is_installed_and_carries_the_profiles(exported) -> None:
+    from models.runtime.onnxruntime_runtime import pick_providers
+
+    m = Manifest.read(exported("lotus-g", "depth"))
+    gpu = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
+    providers = pick_providers("auto", gpu, Path("/tmp/cache"), m, "head")
+    assert [p[0] if isinstance(p, tuple) else p for p in providers] == gpu
+    trt = providers[0][1]
+    assert trt["trt_engine_cache_enable"] and trt["trt_fp16_enable"] is False
+    assert trt["trt_profile_max_shapes"] == "latent:4x4x8x8,noise:4x4x8x8,latent:4x4x12x12,noise:4x4x12x12"
+    assert pick_providers("auto", ["CPUExecutionProvider"], None, m) == ["CPUExecutionProvider"]
+    assert pick_providers("cpu", gpu, None, m) == ["CPUExecutionProvider"]
+    with pytest.raises(BackendError, match="onnxruntime-gpu"):
+        pick_providers("cuda:0", ["CPUExecutionProvider"], None, m)
