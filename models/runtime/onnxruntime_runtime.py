@@ -102,7 +102,7 @@ class OnnxRuntime(Runtime):
         on_gpu = self.provider in GPU_PROVIDERS
         index = int(device.split(":")[1]) if ":" in device else 0
         self.device = torch.device("cuda", index) if on_gpu else torch.device("cpu")
-        log.info("onnxruntime %s on %s (%s)", folder.name, self.provider, manifest.dtype)
+        log.info("onnxruntime %s on %s (%s)", manifest.model_id, self.provider, manifest.dtype)
 
     def _run(self, graph: str, inputs: dict[str, torch.Tensor], out_name: str, out_shape: tuple[int, ...]):
         session = self.sessions[graph]
