@@ -6,6 +6,7 @@ here is identical for all of them, and runs on the runtime's device.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -113,8 +114,11 @@ class DensePredictor:
         return [results[i] for i in range(len(items))]
 
     @torch.inference_mode()
-    def predict_batch(self, items: Sequence[BatchItem]) -> list[PredictionMap]:
-        """ONE forward pass of encoder, UNet and decoder over items that share a padded shape."""
+    def predict_batch(self, items: Sequence[BatchItem], stages: dict[str, float] | None = None) -> list[PredictionMap]:
+        """ONE forward pass of encoder, UNet and decoder over items that share a padded shape.
+
+        `stages`, when given, receives the seconds spent in encode, unet_decode and postprocess.
+        """
         shapes = {it.geometry.padded_hw for it in items}
         if len(shapes) != 1:
             raise ValueError(f"a batch must share one processing shape, got {sorted(shapes)}")
@@ -122,8 +126,14 @@ class DensePredictor:
         x = torch.stack([_to_tensor(it) for it in items])
         seeds = [self.default_seed if it.seed is None else it.seed for it in items]
         noise = rt.make_noise(seeds, items[0].geometry.latent_hw)
-        maps = rt.run(x.to(rt.device), noise)
-        return [self._finish(it, pred) for it, pred in zip(items, maps, strict=True)]
+        if stages is None:
+            maps = rt.run(x.to(rt.device), noise)
+            return [self._finish(it, pred) for it, pred in zip(items, maps, strict=True)]
+        maps = rt.run_timed(x.to(rt.device), noise, stages)
+        start = time.perf_counter()
+        out = [self._finish(it, pred) for it, pred in zip(items, maps, strict=True)]
+        stages["postprocess"] = stages.get("postprocess", 0.0) + time.perf_counter() - start
+        return out
 
     @torch.inference_mode()
     def predict_uncertainty(

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from models.errors import ModelError
 from models.outputs import FAMILIES, TASKS, PredictionMap
 from models.spec import BACKEND_CHOICES
+from service import logs
 
 if TYPE_CHECKING:
     from models.inference import DensePredictor
@@ -137,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     _models(w, "SPEC", "model to serve (repeatable)")
     _backend(w)
     w.add_argument("--name", dest="worker_name", help="consumer name; keep it stable across restarts")
+    w.add_argument("--metrics-port", type=int, help="serve /metrics, /healthz and /readyz on this port")
+    w.add_argument("--host", help="bind address of the metrics port (default 127.0.0.1)")
     w.set_defaults(func=cmd_worker)
 
     b = sub.add_parser("bench", help="time the predictor at fixed resolutions and batch sizes")
@@ -207,7 +210,7 @@ def _serving_setup(args: argparse.Namespace) -> tuple[Settings, list[ModelSpec],
     from service.config import load_settings
     from service.embedded import preflight, serving_specs
 
-    keys = ("host", "port", "models", "api_keys", "queue", "redis_url", "worker_name", "backend")
+    keys = ("host", "port", "models", "api_keys", "queue", "redis_url", "worker_name", "backend", "metrics_port")
     settings = load_settings(args.config, **{k: getattr(args, k, None) for k in keys})
     specs, tiny = serving_specs(settings)
     preflight(specs)
@@ -238,7 +241,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     if tiny:
         print(TINY_BANNER.format(ids=", ".join(s.id for s in specs), path=settings.tiny_dir), file=sys.stderr)
-    logging.getLogger().setLevel(settings.log_level.upper())
+    logs.configure(settings.log_level, settings.log_format, role=("api" if api_only else "serve"))
     app = build_app(settings, specs, with_worker=not api_only)
     what = "API" if api_only else "API + worker"
     print(
@@ -251,6 +254,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
+        log_config=None,  # keep our handlers (text or JSON, with request ids)
         timeout_graceful_shutdown=int(settings.shutdown_grace_s) or None,
     )
     return 0
@@ -270,7 +274,7 @@ def cmd_grpc(args: argparse.Namespace) -> int:
     except (ValidationError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    logging.getLogger().setLevel(settings.log_level.upper())
+    logs.configure(settings.log_level, settings.log_format, role="grpc")
     print(
         f"dense-serve gRPC on {settings.grpc_host or settings.host}:{settings.grpc_port}, queue {settings.redis_url}",
         file=sys.stderr,
@@ -293,7 +297,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         return 2
     if tiny:
         print(TINY_BANNER.format(ids=", ".join(s.id for s in specs), path=settings.tiny_dir), file=sys.stderr)
-    logging.getLogger().setLevel(settings.log_level.upper())
+    logs.configure(settings.log_level, settings.log_format, role="worker")
     print(
         f"dense-serve worker {settings.worker_name or ''} on {settings.redis_url}: {', '.join(s.id for s in specs)}",
         file=sys.stderr,

@@ -68,6 +68,14 @@ class Settings(BaseSettings):
     io_threads: int = Field(default=4, ge=1, description="threads for image decode and output encode")
     shutdown_grace_s: float = Field(default=30.0, ge=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="json: one object per line with request_id and traceparent"
+    )
+    metrics_enabled: bool = Field(default=True, description="serve Prometheus metrics at /metrics")
+    metrics_port: int | None = Field(
+        default=None, ge=0, le=65535, description="worker processes: serve /metrics on this port"
+    )
+    metrics_interval_s: float = Field(default=2.0, gt=0, description="how often queue and GPU gauges are sampled")
 
     grpc_enabled: bool = Field(default=True, description="run the gRPC front-end beside REST in `serve`")
     grpc_host: str | None = Field(default=None, description="gRPC bind address (default: host)")

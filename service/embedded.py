@@ -4,6 +4,7 @@ on the in-process queue (embedded default) or Redis Streams."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from pathlib import Path
@@ -130,13 +131,19 @@ async def run_worker(settings: Settings, specs: list[ModelSpec]) -> int:
         loop.add_signal_handler(sig, stop.set)
     await broker.start()
     await worker.start()
-    try:
-        while not stop.is_set() and worker.state not in ("failed", "stopped"):
-            await asyncio.wait([asyncio.create_task(stop.wait())], timeout=0.5)
-    finally:
-        log.info("worker %s: draining", settings.worker_name or "")
-        await worker.stop()
-        await broker.close()
+    async with contextlib.AsyncExitStack() as stack:
+        if settings.metrics_port is not None:
+            from service.worker.http import serving
+
+            await stack.enter_async_context(serving(worker, settings.host, settings.metrics_port))
+            log.info("worker metrics and probes on http://%s:%d/metrics", settings.host, settings.metrics_port)
+        try:
+            while not stop.is_set() and worker.state not in ("failed", "stopped"):
+                await asyncio.wait([asyncio.create_task(stop.wait())], timeout=0.5)
+        finally:
+            log.info("worker %s: draining", settings.worker_name or "")
+            await worker.stop()
+            await broker.close()
     if worker.error:
         log.error("worker failed: %s", worker.error)
         return 1

@@ -1,15 +1,18 @@
-"""Edge concerns as plain ASGI middleware: a request id on every response, and the body size limit
-enforced while the body streams in (a 413 before the whole upload is read)."""
+"""Edge concerns as plain ASGI middleware: a request id on every response, the body size limit enforced
+while the body streams in (a 413 before the whole upload is read), and the request metrics."""
 
 from __future__ import annotations
 
 import json
 import logging
 import re
+import time
 import uuid
+from urllib.parse import parse_qs
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service import logs, metrics
 from service.api.problems import PROBLEM, problem_body
 
 log = logging.getLogger(__name__)
@@ -17,7 +20,8 @@ REQUEST_ID = re.compile(r"^[\w.:-]{1,128}$")
 
 
 class RequestIdMiddleware:
-    """Echo a sane client `X-Request-ID`, or make one; store it in `request.state.request_id`.
+    """Echo a sane client `X-Request-ID`, or make one; store it in `request.state.request_id`, with the
+    client's W3C `traceparent` (or a new trace) in `request.state.traceparent`, and tag the logs with both.
 
     It also turns an unexpected exception into a 500 problem, so that answer carries the id too (Starlette's
     own last-resort handler sits outside every user middleware)."""
@@ -31,7 +35,9 @@ class RequestIdMiddleware:
             return
         given = _header(scope, b"x-request-id")
         request_id = given if given and REQUEST_ID.match(given) else uuid.uuid4().hex
-        scope.setdefault("state", {})["request_id"] = request_id
+        traceparent = logs.valid_traceparent(_header(scope, b"traceparent")) or logs.new_traceparent()
+        state = scope.setdefault("state", {})
+        state["request_id"], state["traceparent"] = request_id, traceparent
 
         started = False
 
@@ -43,7 +49,8 @@ class RequestIdMiddleware:
             await send(message)
 
         try:
-            await self.app(scope, receive, send_with_id)
+            with logs.context(request_id, traceparent):
+                await self.app(scope, receive, send_with_id)
         except Exception as exc:
             if started:
                 raise
@@ -133,3 +140,70 @@ def _header(scope: Scope, name: bytes) -> str | None:
         if key == name:
             return value.decode("latin-1")
     return None
+
+
+#: Routes measured under their own name; anything else is "other" (bounded label cardinality).
+MEASURED_ROUTES = {"/v1/depth", "/v1/normals", "/v1/uncertainty", "/v1/models", "/healthz", "/readyz", "/metrics"}
+
+
+class MetricsMiddleware:
+    """Request duration histogram, in-flight gauge and body bytes per route, model, task and status."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "")
+        route = path if path in MEASURED_ROUTES else "other"
+        start = time.perf_counter()
+        status, model, kind, bytes_in, bytes_out = 500, "", "", 0, 0
+
+        async def counting_receive() -> Message:
+            nonlocal bytes_in
+            message = await receive()
+            if message["type"] == "http.request":
+                bytes_in += len(message.get("body", b""))
+            return message
+
+        async def observing_send(message: Message) -> None:
+            nonlocal status, model, kind, bytes_out
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                for key, value in message.get("headers", []):
+                    if key == b"x-model":
+                        model = value.decode("latin-1")
+                    elif key == b"x-output-kind":
+                        kind = value.decode("latin-1")
+            elif message["type"] == "http.response.body":
+                bytes_out += len(message.get("body", b""))
+            await send(message)
+
+        try:
+            with metrics.in_flight("rest"):
+                await self.app(scope, counting_receive, observing_send)
+        finally:
+            metrics.observe_request(
+                "rest",
+                route,
+                model,
+                _task(route, scope, kind),
+                status,
+                time.perf_counter() - start,
+                bytes_in,
+                bytes_out,
+            )
+
+
+def _task(route: str, scope: Scope, kind: str) -> str:
+    """From the answer's output kind when there is one, else from the route (errors carry no kind)."""
+    if kind:
+        return "normals" if kind == "normals" else "depth"
+    if route in ("/v1/depth", "/v1/normals"):
+        return route.rsplit("/", 1)[1]
+    if route == "/v1/uncertainty":
+        query = parse_qs(scope.get("query_string", b"").decode("latin-1"))
+        return "normals" if query.get("task") == ["normals"] else "depth"
+    return ""

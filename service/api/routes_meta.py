@@ -1,10 +1,13 @@
-"""`GET /v1/models`, `/healthz` (alive) and `/readyz` (models loaded and warmed up, queue reachable)."""
+"""`GET /v1/models`, `/healthz` (alive), `/readyz` (models loaded and warmed up, queue reachable) and
+`/metrics` (Prometheus text format)."""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from service import metrics
 from service.api.schemas import ModelsOut
 from service.readiness import readiness
 
@@ -28,3 +31,8 @@ async def readyz(request: Request) -> JSONResponse:
     state = request.app.state
     body = await readiness(state.broker, state.worker, state.expected_models)
     return JSONResponse(body, status_code=200 if body["ready"] else 503)
+
+
+@health_router.get("/metrics", summary="Prometheus metrics of this process", response_class=Response)
+async def prometheus_metrics() -> Response:
+    return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)

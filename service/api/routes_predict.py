@@ -169,7 +169,7 @@ async def _handle(request: Request, kind: JobKind, task: Task | None) -> Respons
         deadline=time.time() + timeout_ms / 1000.0,
         image=image,
         request_id=request.state.request_id,
-        traceparent=request.headers.get("traceparent"),
+        traceparent=request.state.traceparent,
         params=JobParams(
             processing_res=params.processing_res,
             match_input_resolution=params.match_input_resolution,

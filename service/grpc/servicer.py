@@ -7,13 +7,14 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 import grpc
 
-from service import codec
+from service import codec, logs, metrics
 from service.config import Settings
 from service.errors import InvalidParameter, PayloadTooLarge, ServiceError, UnsupportedMedia, from_code
 from service.frontend import resolve_model
@@ -67,7 +68,8 @@ class DenseServicer(dense_pb2_grpc.DenseServiceServicer):
 
     async def Predict(self, request: pb.PredictRequest, context: grpc.aio.ServicerContext) -> pb.PredictResponse:
         try:
-            return await self._predict(request, time.perf_counter())
+            with _log_context(context):
+                return await self._measured(request, time.perf_counter(), "Predict")
         except ServiceError as exc:
             await context.abort(status_of(exc), exc.detail)
             raise  # unreachable: abort raises
@@ -98,6 +100,23 @@ class DenseServicer(dense_pb2_grpc.DenseServiceServicer):
             ]
         )
 
+    async def _measured(self, req: pb.PredictRequest, started: float, route: str) -> pb.PredictResponse:
+        """`_predict` with the request metrics: one observation per call or stream frame, by gRPC status."""
+        status, model, size = "UNKNOWN", req.model, 0
+        try:
+            with metrics.in_flight("grpc"):
+                response = await self._predict(req, started)
+            status, model, size = "OK", response.model, len(response.data)
+            return response
+        except ServiceError as exc:
+            status = status_of(exc).name
+            raise
+        finally:
+            task = "normals" if req.task == pb.TASK_NORMALS else "depth"
+            bytes_in = len(req.raw.data) if req.WhichOneof("image") == "raw" else len(req.encoded)
+            elapsed = time.perf_counter() - started
+            metrics.observe_request("grpc", route, model, task, status, elapsed, bytes_in, size)
+
     async def _predict(self, req: pb.PredictRequest, started: float) -> pb.PredictResponse:
         s = self.settings
         task = "normals" if req.task == pb.TASK_NORMALS else "depth"
@@ -114,6 +133,8 @@ class DenseServicer(dense_pb2_grpc.DenseServiceServicer):
         job = Job(
             model=info.id,
             task=task,
+            request_id=logs.REQUEST_ID.get() or uuid.uuid4().hex,
+            traceparent=logs.TRACEPARENT.get(),
             image=image,
             raw_shape=raw_shape,
             deadline=time.time() + (req.timeout_ms or s.default_timeout_ms) / 1000.0,
@@ -240,6 +261,7 @@ class DenseServicer(dense_pb2_grpc.DenseServiceServicer):
                     pump()
                     changed.notify_all()
                 if head.dropped:
+                    metrics.FRAMES_DROPPED_STALE.labels(head.request.model).inc()
                     yield pb.PredictResponse(
                         frame_id=head.request.frame_id,
                         timestamp_ns=head.request.timestamp_ns,
@@ -262,7 +284,7 @@ class DenseServicer(dense_pb2_grpc.DenseServiceServicer):
         """One frame; a bad frame becomes an ERROR response and the stream goes on."""
         started = time.perf_counter()
         try:
-            return await self._predict(req, started)
+            return await self._measured(req, started, "StreamPredict")
         except ServiceError as exc:
             return pb.PredictResponse(
                 frame_id=req.frame_id,
@@ -272,3 +294,11 @@ class DenseServicer(dense_pb2_grpc.DenseServiceServicer):
                 error_message=exc.detail,
                 total_ms=(time.perf_counter() - started) * 1000.0,
             )
+
+
+def _log_context(context: grpc.aio.ServicerContext) -> contextlib.AbstractContextManager[None]:
+    """The call's `x-request-id` and `traceparent` metadata (or new ones) for the logs and the job."""
+    meta = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+    given = meta.get("x-request-id", "")
+    request_id = given if given and len(given) <= 128 else uuid.uuid4().hex
+    return logs.context(request_id, logs.valid_traceparent(meta.get("traceparent")) or logs.new_traceparent())

@@ -58,6 +58,13 @@ class DrainRate:
             self._done.popleft()
 
 
+@dataclass(frozen=True)
+class QueueStats:
+    depth: int
+    pending: int | None = None
+    lag: int | None = None
+
+
 def fingerprint(job: Job) -> str:
     """What makes two submissions the same request, for Idempotency-Key checks."""
     digest = hashlib.sha256(job.image)
@@ -118,3 +125,7 @@ class Broker(ABC):
     @abstractmethod
     def depth(self, model: str) -> int:
         """Jobs waiting for a model (not yet consumed)."""
+
+    async def queue_stats(self, model: str) -> QueueStats:
+        """Depth, pending and lag of a model's queue, for the metrics (brokers with more to say override it)."""
+        return QueueStats(depth=self.depth(model))

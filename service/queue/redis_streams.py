@@ -31,9 +31,10 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError, ResponseError
 
+from service import logs, metrics
 from service.errors import DeadlineExceeded, InvalidParameter, ModelFailure, QueueFull, ServiceError, Unavailable
 from service.jobs import ErrorInfo, Job, ModelInfo, Reply
-from service.queue.base import Broker, Delivery, DrainRate, fingerprint
+from service.queue.base import Broker, Delivery, DrainRate, QueueStats, fingerprint
 
 log = logging.getLogger(__name__)
 GROUP = "workers"
@@ -439,6 +440,10 @@ class RedisBroker(Broker):
         self._inflight.discard(delivery.entry_id)
 
     async def _dead_letter(self, delivery: RedisDelivery, reason: str) -> None:
+        with logs.context(delivery.job.request_id, delivery.job.traceparent):
+            await self._dead_letter_job(delivery, reason)
+
+    async def _dead_letter_job(self, delivery: RedisDelivery, reason: str) -> None:
         job = delivery.job
         dead = self._key("dead", job.model)
         detail = (
@@ -472,6 +477,7 @@ class RedisBroker(Broker):
                 pipe.xack(self._key("jobs", job.model), GROUP, delivery.entry_id)
                 await pipe.execute()
             self.stats["dead_lettered"] += 1
+            metrics.JOBS_DEAD_LETTERED.labels(job.model).inc()
             log.warning("%s", detail)
         except (RedisError, OSError) as exc:
             log.error("could not dead-letter job %s: %s", job.id, exc)
@@ -505,6 +511,7 @@ class RedisBroker(Broker):
             if delivery is None:
                 continue
             self.stats["reclaimed"] += 1
+            metrics.JOBS_RECLAIMED.labels(model).inc()
             if delivery.attempt > self.max_deliveries:
                 await self._dead_letter(
                     delivery, f"delivered {delivery.attempt - 1} times without an answer (its workers died)"
@@ -516,3 +523,16 @@ class RedisBroker(Broker):
 
     def depth(self, model: str) -> int:
         return len(self._reclaimed.get(model, []))
+
+    async def queue_stats(self, model: str) -> QueueStats:
+        """The stream as the group sees it: lag = not yet read by any worker, pending = read, not acknowledged."""
+        try:
+            groups = await self.r.xinfo_groups(self._key("jobs", model))
+        except ResponseError:
+            return QueueStats(depth=0, pending=0, lag=0)
+        group = next((g for g in groups if g.get("name") in (GROUP, GROUP.encode())), None)
+        if group is None:
+            return QueueStats(depth=0, pending=0, lag=0)
+        lag = group.get("lag")
+        lag = int(lag) if isinstance(lag, int) else 0
+        return QueueStats(depth=lag, pending=int(group.get("pending") or 0), lag=lag)

@@ -12,7 +12,7 @@ from functools import partial
 
 from models.inference import BatchItem, UncertaintyResult
 from models.outputs import PredictionMap
-from service import codec
+from service import codec, logs, metrics
 from service.errors import (
     DeadlineExceeded,
     InvalidParameter,
@@ -170,6 +170,9 @@ class Lane:
     async def _execute(self, batch: list[Prepared]) -> None:
         loop = asyncio.get_running_loop()
         started = time.time()
+        for p in batch:
+            self.stats.record_queue_wait(self.model_id, started - p.job.enqueued_at)
+        stages: dict[str, float] = {}
         try:
             if batch[0].job.kind == "uncertainty":
                 job = batch[0].job
@@ -181,10 +184,13 @@ class Lane:
                     job.params.reduction,
                     job.params.return_members,
                 )
-                self.stats.record_forward(self.model_id, len(job.params.seeds or []))
+                stages["uncertainty"] = time.time() - started  # encode once + every seed's head, one call
+                self.stats.record_forward(self.model_id, len(job.params.seeds or []), stages)
             else:
-                maps = await loop.run_in_executor(self.compute_pool, self.model.predict_batch, [p.item for p in batch])
-                self.stats.record_forward(self.model_id, len(batch))
+                maps = await loop.run_in_executor(
+                    self.compute_pool, self.model.predict_batch, [p.item for p in batch], stages
+                )
+                self.stats.record_forward(self.model_id, len(batch), stages)
         except Exception as exc:
             if len(batch) > 1:
                 # Isolate the failure: rerun one by one so only the job that breaks the model fails.
@@ -192,7 +198,8 @@ class Lane:
                 for p in batch:
                     await self._execute([p])
                 return
-            log.exception("model %s failed on job %s", self.model_id, batch[0].job.id)
+            with logs.context(batch[0].job.request_id, batch[0].job.traceparent):
+                log.exception("model %s failed on job %s", self.model_id, batch[0].job.id)
             self.stats.record_outcome(self.model_id, "error")
             await self.broker.reject(batch[0].delivery, ModelFailure(f"model '{self.model_id}' failed: {exc}"))
             return
@@ -204,7 +211,9 @@ class Lane:
                 partial(self._encode_prediction, p, m, started, compute_ms, len(batch))
                 for p, m in zip(batch, maps, strict=True)
             ]
+        encode_start = time.perf_counter()
         replies = await asyncio.gather(*(loop.run_in_executor(self.io_pool, call) for call in calls))
+        metrics.COMPUTE_SECONDS.labels(self.model_id, "output_encode").observe(time.perf_counter() - encode_start)
         for p, reply in zip(batch, replies, strict=True):
             await self._finish(p.delivery, reply)
 
@@ -239,8 +248,11 @@ class Lane:
         )
 
     async def _finish(self, delivery: Delivery, reply: Reply) -> None:
+        job = delivery.job
         self.stats.record_outcome(self.model_id, reply.status)
-        await self.broker.reply(delivery, reply)
+        with logs.context(job.request_id, job.traceparent):  # the broker's own lines about it too
+            log.debug("job %s on %s: %s %s", job.id, self.model_id, reply.status, reply.timings or "")
+            await self.broker.reply(delivery, reply)
 
 
 def _timings(job: Job, started: float, compute_ms: float, encode_start: float) -> dict[str, float]:

@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 from models.spec import ModelSpec
+from service import metrics
 from service.config import Settings
 from service.queue.base import Broker
 from service.worker.lane import Lane
@@ -64,8 +65,35 @@ class Worker:
                 self.broker, served, self.settings.max_pixels, self._io_pool, self._compute_pools[model_id], self.stats
             )
         await self.broker.publish_models([s.info for s in self.served.values()])
+        for served in self.served.values():
+            i = served.info
+            metrics.MODEL_LOAD_SECONDS.labels(i.id).set(served.load_s)
+            metrics.MODEL_WARMUP_SECONDS.labels(i.id).set(served.warmup_s)
+            metrics.MODEL_INFO.labels(i.id, i.family, i.task, i.backend, i.device, i.dtype).set(1)
         self.state = "ready"
-        await asyncio.gather(*(lane.run(self._stop) for lane in self.lanes.values()))
+        sampler = asyncio.create_task(self._sample_metrics(), name="dense-worker-metrics")
+        try:
+            await asyncio.gather(*(lane.run(self._stop) for lane in self.lanes.values()))
+        finally:
+            sampler.cancel()
+
+    async def _sample_metrics(self) -> None:
+        """Queue gauges (depth, pending, lag) and GPU readings, every `metrics_interval_s`."""
+        gpus = metrics.GpuSampler()
+        while not self._stop.is_set():
+            for model in self.served:
+                try:
+                    q = await self.broker.queue_stats(model)
+                except Exception as exc:  # the queue may be down; the lanes report that, metrics just skip
+                    log.debug("queue stats for %s: %s", model, exc)
+                    continue
+                metrics.QUEUE_DEPTH.labels(model).set(q.depth)
+                if q.pending is not None:
+                    metrics.QUEUE_PENDING.labels(model).set(q.pending)
+                if q.lag is not None:
+                    metrics.QUEUE_LAG.labels(model).set(q.lag)
+            gpus.sample()
+            await asyncio.sleep(self.settings.metrics_interval_s)
 
     async def stop(self) -> None:
         """Stop taking jobs, finish the batches in hand, then release the threads."""

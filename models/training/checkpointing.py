@@ -1,0 +1,235 @@
+"""Resumable training checkpoints and the final export to a servable diffusers folder plus model spec.
+
+A checkpoint is a folder `OUTPUT/checkpoints/step-NNNNNNN/` holding everything that decides the next steps:
+the trained UNet weights (safetensors, exact bits), the optimizer, LR scheduler and grad-scaler states, the
+RNG states of every process, the step and the data position (micro-batches consumed). It is written to a
+temporary folder and renamed at the end, so a crash mid-write never leaves a checkpoint that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from models.outputs import Family, OutputKind, task_of
+from models.tiny import PIPELINE_CLASS
+
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "trainer_state.json"
+UNET_FILE = "unet.safetensors"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+@dataclass(frozen=True)
+class TrainerState:
+    """Where the loop stands: optimizer steps done and micro-batches consumed (per process)."""
+
+    step: int
+    micro_index: int
+    fingerprint: str
+    world_size: int
+
+
+# --- RNG ------------------------------------------------------------------------------------------
+
+
+def capture_rng() -> dict[str, Any]:
+    """Every global RNG a step might touch, so a resumed process continues the same random streams."""
+    state: dict[str, Any] = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --- checkpoints ----------------------------------------------------------------------------------
+
+
+def checkpoint_dir(output_dir: Path, step: int) -> Path:
+    return output_dir / CHECKPOINTS / f"step-{step:07d}"
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints (those with a state file), oldest first."""
+    root = output_dir / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found) if (p / STATE_FILE).is_file()]
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    done = list_checkpoints(output_dir)
+    return done[-1] if done else None
+
+
+def staging_dir(output_dir: Path, step: int) -> Path:
+    """The temporary folder a checkpoint is written into by every process before `commit_checkpoint`."""
+    folder = output_dir / CHECKPOINTS / f".tmp-step-{step:07d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def save_rng(folder: Path, rank: int) -> None:
+    torch.save(capture_rng(), folder / f"rng-{rank}.pt")
+
+
+def save_training_state(
+    folder: Path,
+    state: TrainerState,
+    unet: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler | None,
+) -> None:
+    """Main process: weights and optimizer-side state (identical on every process under DDP)."""
+    weights = {k: v.detach().cpu().contiguous() for k, v in unet.state_dict().items()}
+    save_file(weights, str(folder / UNET_FILE))
+    torch.save(optimizer.state_dict(), folder / "optimizer.pt")
+    torch.save(scheduler.state_dict(), folder / "scheduler.pt")
+    if scaler is not None:
+        torch.save(scaler.state_dict(), folder / "scaler.pt")
+    (folder / STATE_FILE).write_text(json.dumps(state.__dict__, indent=2) + "\n")
+
+
+def commit_checkpoint(output_dir: Path, step: int, keep: int) -> Path:
+    """Main process, after every process wrote its part: rename into place, then drop the oldest extras."""
+    staged = output_dir / CHECKPOINTS / f".tmp-step-{step:07d}"
+    final = checkpoint_dir(output_dir, step)
+    if final.exists():
+        shutil.rmtree(final)
+    staged.rename(final)
+    for old in list_checkpoints(output_dir)[:-keep]:
+        shutil.rmtree(old)
+    return final
+
+
+def read_state(folder: Path) -> TrainerState:
+    return TrainerState(**json.loads((folder / STATE_FILE).read_text()))
+
+
+def load_training_state(
+    folder: Path,
+    rank: int,
+    unet: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler | None,
+) -> TrainerState:
+    """Load a checkpoint into live objects, including this process's RNG state."""
+    state = read_state(folder)
+    device = next(unet.parameters()).device
+    unet.load_state_dict(load_file(str(folder / UNET_FILE), device=str(device)))
+    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=device, weights_only=True))
+    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+    if scaler is not None and (folder / "scaler.pt").is_file():
+        scaler.load_state_dict(torch.load(folder / "scaler.pt", weights_only=True))
+    rng_file = folder / f"rng-{rank}.pt"
+    if rng_file.is_file():
+        restore_rng(torch.load(rng_file, weights_only=False))
+    return state
+
+
+# --- export ---------------------------------------------------------------------------------------
+
+
+def write_scheduler(base: Path, out: Path, family: Family) -> None:
+    """DDIM with the base's beta schedule, trailing spacing (t = 999 for one step) and the family's target."""
+    from diffusers import DDIMScheduler
+
+    config = json.loads((base / "scheduler" / "scheduler_config.json").read_text())
+    scheduler = DDIMScheduler.from_config(
+        config,
+        timestep_spacing="trailing",
+        set_alpha_to_one=True,
+        prediction_type="v_prediction" if family == "e2e-ft" else "sample",
+    )
+    scheduler.save_pretrained(out / "scheduler")
+
+
+def write_model_index(out: Path, family: Family, output_kind: OutputKind, processing_res: int) -> None:
+    """The pipeline class the hub checkpoints of this family carry, so family and task detection work."""
+    import diffusers
+
+    task = task_of(output_kind)
+    index: dict[str, object] = {
+        "_class_name": PIPELINE_CLASS[(family, task)],
+        "_diffusers_version": diffusers.__version__,
+        "scheduler": ["diffusers", "DDIMScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    if family == "e2e-ft":
+        index |= {"prediction_type": task, "default_denoising_steps": 1}
+        index |= {"default_processing_resolution": processing_res}
+        index |= {"use_full_z_range": True} if task == "normals" else {"scale_invariant": True, "shift_invariant": True}
+    (out / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def write_spec(path: Path, model_id: str, source: str, family: Family, output_kind: OutputKind, res: int) -> None:
+    """A model spec next to the checkpoint; `source` is relative to the spec's folder so both move together."""
+    lines = [
+        f"# Written by `dense-serve finetune`. Serve with: dense-serve serve --model {path.name}",
+        f'id = "{model_id}"',
+        f'source = "{source}"',
+        f'family = "{family}"',
+        f'output_kind = "{output_kind}"',
+        f"processing_res = {res}",
+    ]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def export_model(
+    base: Path,
+    unet: torch.nn.Module,
+    vae: torch.nn.Module,
+    output_dir: Path,
+    model_id: str,
+    family: Family,
+    output_kind: OutputKind,
+    processing_res: int,
+) -> tuple[Path, Path]:
+    """Write `OUTPUT/model/` (a complete diffusers folder) and `OUTPUT/MODEL_ID.toml`; returns both paths.
+
+    The UNet and VAE are saved in fp32 from the live modules; text encoder and tokenizer are copied from the
+    starting checkpoint (they are never trained: the prompt is always empty).
+    """
+    staged = output_dir / ".tmp-model"
+    if staged.exists():
+        shutil.rmtree(staged)
+    staged.mkdir(parents=True)
+    unet.save_pretrained(staged / "unet", safe_serialization=True)
+    vae.save_pretrained(staged / "vae", safe_serialization=True)
+    for component in ("text_encoder", "tokenizer"):
+        shutil.copytree(base / component, staged / component)
+    write_scheduler(base, staged, family)
+    write_model_index(staged, family, output_kind, processing_res)
+    model_dir = output_dir / "model"
+    if model_dir.exists():
+        shutil.rmtree(model_dir)
+    staged.rename(model_dir)
+    spec = output_dir / f"{model_id}.toml"
+    write_spec(spec, model_id, model_dir.name, family, output_kind, processing_res)
+    return model_dir, spec
