@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from service import codec
+from service import codec, metrics
 from service.jobs import Job, ModelInfo, Reply
+from service.queue.base import QueueStats
 from service.queue.redis_streams import GROUP, RedisBroker
 from tests.redis_server import RedisServer
 from tests.service_harness import TEST_RES, png_bytes, read_npy, running_service, until_ready
@@ -155,14 +156,19 @@ async def test_reaper_reclaims_a_dead_consumers_job_then_dead_letters(redis_url,
     api = RedisBroker(redis_url, redis_prefix)
     dead = RedisBroker(redis_url, redis_prefix, consumer="dead")
     alive = RedisBroker(redis_url, redis_prefix, consumer="alive", min_idle_ms=300, max_deliveries=2)
+    reclaimed_before = metrics.JOBS_RECLAIMED.labels("m")._value.get()
+    dead_before = metrics.JOBS_DEAD_LETTERED.labels("m")._value.get()
     try:
         await alive.publish_models([_info("m")])  # starts its heartbeat and reaper
         submitted = asyncio.create_task(
             api.submit(Job(model="m", task="depth", deadline=time.time() + 20, image=b"img"))
         )
+        while (await alive.queue_stats("m")).lag != 1:  # the queue gauges see it waiting...
+            await asyncio.sleep(0.01)
         taken = []
         while not taken:
             taken = await dead.consume("m", 8, 0.2)  # ...and this worker dies without answering
+        assert (await alive.queue_stats("m")) == QueueStats(depth=0, pending=1, lag=0)
         t0 = time.monotonic()
         reclaimed = []
         while not reclaimed:
@@ -173,6 +179,8 @@ async def test_reaper_reclaims_a_dead_consumers_job_then_dead_letters(redis_url,
         await alive.reply(delivery, Reply(id=delivery.job.id, status="ok", outputs={"prediction": b"map"}))
         assert (await submitted).outputs["prediction"] == b"map"
         assert alive.stats["reclaimed"] == 1
+        assert metrics.JOBS_RECLAIMED.labels("m")._value.get() - reclaimed_before == 1
+        assert (await alive.queue_stats("m")).pending == 0
 
         # Delivered more than max_deliveries times without an answer: dead-lettered, the client gets a 500.
         alive.max_deliveries = 1
@@ -184,6 +192,7 @@ async def test_reaper_reclaims_a_dead_consumers_job_then_dead_letters(redis_url,
         reply = await asyncio.wait_for(submitted, timeout=10)
         assert reply.status == "error" and reply.error and "dead-letter" in reply.error.detail
         assert await alive.r.xlen(f"{redis_prefix}:dead:m") == 1
+        assert metrics.JOBS_DEAD_LETTERED.labels("m")._value.get() - dead_before == 1
         assert await alive.consume("m", 8, 0) == []
     finally:
         for b in (api, dead, alive):

@@ -116,7 +116,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
             print(f"error: {root} is not a folder-format dataset (no dataset.json)", file=sys.stderr)
             return 2
     try:
-        model = load_model(resolve_spec(args.model, task=args.task), device=args.device, dtype=args.dtype, backend=args.backend)
+        model = load_model(
+            resolve_spec(args.model, task=args.task), device=args.device, dtype=args.dtype, backend=args.backend
+        )
     except ModelError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,184 @@
+"""Metrics and logs for real: requests through the running service move the Prometheus series they should,
+the worker's HTTP side answers probes, and a request's id and traceparent reach the worker's log lines."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from service import logs, metrics
+from service.worker.http import worker_app
+from tests.service_harness import png_bytes, running_service
+
+pytestmark = pytest.mark.anyio
+MODEL = "lotus-g-depth"
+
+
+def scrape(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Prometheus text -> {(sample name, sorted labels): value}, parsed by prometheus_client's own parser."""
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def value(samples: dict, name: str, **labels: str) -> float:
+    """Sum of the samples of `name` whose labels include `labels`."""
+    return sum(v for (n, lab), v in samples.items() if n == name and set(labels.items()) <= set(lab))
+
+
+@pytest.fixture(scope="module")
+async def svc(tiny_dir):
+    async with running_service(tiny_dir, max_queue_delay_ms=300.0) as harness:
+        yield harness
+
+
+async def metrics_now(svc) -> dict:
+    r = await svc.client.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    return scrape(r.text)
+
+
+async def test_requests_move_the_request_batch_stage_and_queue_series(svc) -> None:
+    before = await metrics_now(svc)
+    image = png_bytes(48, 64, seed=1)
+    replies = await asyncio.gather(
+        *(svc.client.post("/v1/depth", content=image, headers={"content-type": "image/png"}) for _ in range(4))
+    )
+    assert all(r.status_code == 200 for r in replies)
+    bad = await svc.client.post("/v1/depth", content=b"not an image", headers={"content-type": "image/png"})
+    assert bad.status_code == 415
+    after = await metrics_now(svc)
+
+    def delta(name: str, **labels: str) -> float:
+        return value(after, name, **labels) - value(before, name, **labels)
+
+    ok = {"frontend": "rest", "route": "/v1/depth", "model": MODEL, "task": "depth", "status": "200"}
+    assert delta("dense_request_duration_seconds_count", **ok) == 4
+    assert delta("dense_request_duration_seconds_sum", **ok) > 0
+    assert delta("dense_request_duration_seconds_count", route="/v1/depth", status="415") == 1
+    assert delta("dense_request_bytes_total", frontend="rest", route="/v1/depth") >= 4 * len(image)
+    assert delta("dense_response_bytes_total", frontend="rest", route="/v1/depth") > 0
+    assert value(after, "dense_requests_in_flight", frontend="rest") == 1  # only the /metrics call itself
+    # The four concurrent requests waited for each other (300 ms batching window): one batch of 4.
+    assert delta("dense_batch_size_count", model=MODEL) == 1 and delta("dense_batch_size_sum", model=MODEL) == 4
+    assert delta("dense_queue_wait_seconds_count", model=MODEL) == 4
+    for stage in ("encode", "unet_decode", "postprocess", "output_encode"):
+        assert delta("dense_compute_seconds_count", model=MODEL, stage=stage) == 1, stage
+    assert delta("dense_jobs_total", model=MODEL, status="ok") == 4
+    assert value(after, "dense_model_info", model=MODEL, backend="torch", device="cpu") == 1
+    assert value(after, "dense_model_load_seconds", model=MODEL) > 0
+
+
+async def test_expired_jobs_are_counted_and_queue_gauges_are_sampled(tiny_dir) -> None:
+    async with running_service(
+        tiny_dir, models=[("lotus-d", "depth")], max_queue_delay_ms=600.0, metrics_interval_s=0.05
+    ) as svc:
+        before = await metrics_now(svc)
+        image = png_bytes(32, 32, seed=2)
+        r = await svc.client.post(
+            "/v1/depth?timeout_ms=100", content=image, headers={"content-type": "image/png"}
+        )  # waits in the batching window past its deadline
+        assert r.status_code == 504
+        await asyncio.sleep(0.8)  # the lane disposes of it when the window closes
+        after = await metrics_now(svc)
+        # The API gave up at the deadline, so the lane finds the job abandoned, or expired; never computed.
+        gone = sum(
+            value(after, f"dense_jobs_{what}_total", model="lotus-d-depth")
+            - value(before, f"dense_jobs_{what}_total", model="lotus-d-depth")
+            for what in ("abandoned", "expired")
+        )
+        assert gone == 1
+        assert value(after, "dense_jobs_total", model="lotus-d-depth", status="ok") == value(
+            before, "dense_jobs_total", model="lotus-d-depth", status="ok"
+        )
+        assert ("dense_queue_depth", (("model", "lotus-d-depth"),)) in after
+        assert (
+            value(after, "dense_request_duration_seconds_count", route="/v1/depth", status="504")
+            - value(before, "dense_request_duration_seconds_count", route="/v1/depth", status="504")
+            == 1
+        )
+
+
+async def test_worker_http_side_answers_probes_and_metrics(tiny_dir) -> None:
+    async with running_service(tiny_dir, models=[("lotus-d", "depth")]) as svc:
+        app = worker_app(svc.worker)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://w") as client:
+            assert (await client.get("/healthz")).json()["status"] == "ready"
+            ready = await client.get("/readyz")
+            assert ready.status_code == 200 and ready.json()["models"] == ["lotus-d-depth"]
+            m = await client.get("/metrics")
+            assert "dense_model_info" in m.text
+        svc.worker.state = "failed"
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://w") as client:
+            assert (await client.get("/healthz")).status_code == 503
+            assert (await client.get("/readyz")).status_code == 503
+        svc.worker.state = "ready"
+
+
+async def test_request_id_and_traceparent_reach_the_worker_logs_as_json(svc) -> None:
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    logs.configure("debug", "json", role="serve")
+    buffer = io.StringIO()
+    root.handlers[0].setStream(buffer)
+    traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    try:
+        r = await svc.client.post(
+            "/v1/depth",
+            content=png_bytes(40, 40, seed=3),
+            headers={"content-type": "image/png", "x-request-id": "req-42", "traceparent": traceparent},
+        )
+        assert r.status_code == 200
+    finally:
+        root.handlers[:], _ = saved[0], root.setLevel(saved[1])
+    lines = [json.loads(line) for line in buffer.getvalue().splitlines() if line.startswith("{")]
+    worker_lines = [x for x in lines if x["logger"] == "service.worker.lane" and x["request_id"] == "req-42"]
+    assert worker_lines, lines
+    assert worker_lines[0]["traceparent"] == traceparent and worker_lines[0]["role"] == "serve"
+    assert {"time", "level", "message"} <= set(worker_lines[0])
+
+
+async def test_malformed_traceparent_is_replaced_by_a_new_trace() -> None:
+    assert logs.valid_traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+    assert logs.valid_traceparent("00-00000000000000000000000000000000-00f067aa0ba902b7-01") is None
+    assert logs.valid_traceparent("garbage") is None
+    assert logs.valid_traceparent(logs.new_traceparent())
+
+
+async def test_grpc_calls_are_measured(tiny_dir) -> None:
+    import grpc
+
+    from service.grpc.stubs import dense_pb2 as pb
+    from service.grpc.stubs import dense_pb2_grpc
+
+    async with running_service(tiny_dir, models=[("lotus-d", "depth")], grpc_enabled=True, grpc_port=0) as svc:
+        port = svc.app.state.grpc.port
+        before = scrape((await svc.client.get("/metrics")).text)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            stub = dense_pb2_grpc.DenseServiceStub(channel)
+            reply = await stub.Predict(pb.PredictRequest(encoded=png_bytes(32, 48, seed=4), task=pb.TASK_DEPTH))
+            assert reply.status == pb.FRAME_STATUS_OK
+            with pytest.raises(grpc.aio.AioRpcError):
+                await stub.Predict(pb.PredictRequest(encoded=b"nope", task=pb.TASK_DEPTH))
+        after = scrape((await svc.client.get("/metrics")).text)
+        ok = {"frontend": "grpc", "route": "Predict", "model": "lotus-d-depth", "status": "OK"}
+        assert (
+            value(after, "dense_request_duration_seconds_count", **ok)
+            - value(before, "dense_request_duration_seconds_count", **ok)
+            == 1
+        )
+        bad = {"frontend": "grpc", "route": "Predict", "status": "INVALID_ARGUMENT"}
+        assert (
+            value(after, "dense_request_duration_seconds_count", **bad)
+            - value(before, "dense_request_duration_seconds_count", **bad)
+            == 1
+        )
+        assert metrics.REQUESTS_IN_FLIGHT.labels("grpc")._value.get() == 0
