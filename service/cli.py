@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 from models.errors import ModelError
 from models.outputs import FAMILIES, TASKS, PredictionMap
 from models.spec import BACKEND_CHOICES
-from service import logs
+from service import logs, tracing
 
 if TYPE_CHECKING:
     from models.inference import DensePredictor
@@ -242,6 +242,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if tiny:
         print(TINY_BANNER.format(ids=", ".join(s.id for s in specs), path=settings.tiny_dir), file=sys.stderr)
     logs.configure(settings.log_level, settings.log_format, role=("api" if api_only else "serve"))
+    tracing.setup(settings.otel_enabled, ("api" if api_only else "serve"), settings.otel_endpoint)
     app = build_app(settings, specs, with_worker=not api_only)
     what = "API" if api_only else "API + worker"
     print(
@@ -275,6 +276,7 @@ def cmd_grpc(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     logs.configure(settings.log_level, settings.log_format, role="grpc")
+    tracing.setup(settings.otel_enabled, "grpc", settings.otel_endpoint)
     print(
         f"dense-serve gRPC on {settings.grpc_host or settings.host}:{settings.grpc_port}, queue {settings.redis_url}",
         file=sys.stderr,
@@ -298,6 +300,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if tiny:
         print(TINY_BANNER.format(ids=", ".join(s.id for s in specs), path=settings.tiny_dir), file=sys.stderr)
     logs.configure(settings.log_level, settings.log_format, role="worker")
+    tracing.setup(settings.otel_enabled, "worker", settings.otel_endpoint)
     print(
         f"dense-serve worker {settings.worker_name or ''} on {settings.redis_url}: {', '.join(s.id for s in specs)}",
         file=sys.stderr,

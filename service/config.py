@@ -71,6 +71,10 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = Field(
         default="text", description="json: one object per line with request_id and traceparent"
     )
+    otel_enabled: bool = Field(default=False, description="OpenTelemetry spans per request and job (otel extra)")
+    otel_endpoint: str | None = Field(
+        default=None, description="OTLP/HTTP traces endpoint (default: the OTEL_EXPORTER_OTLP_* environment)"
+    )
     metrics_enabled: bool = Field(default=True, description="serve Prometheus metrics at /metrics")
     metrics_port: int | None = Field(
         default=None, ge=0, le=65535, description="worker processes: serve /metrics on this port"

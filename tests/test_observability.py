@@ -182,3 +182,31 @@ async def test_grpc_calls_are_measured(tiny_dir) -> None:
             == 1
         )
         assert metrics.REQUESTS_IN_FLIGHT.labels("grpc")._value.get() == 0
+
+
+async def test_otel_spans_join_api_and_worker_through_the_queue(svc) -> None:
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    from service import tracing
+
+    exporter = InMemorySpanExporter()
+    tracing.setup(True, "serve", exporter=exporter)
+    trace_id = "4bf92f3577b34da6a3ce929d0e0e4736"
+    try:
+        r = await svc.client.post(
+            "/v1/depth",
+            content=png_bytes(40, 40, seed=5),
+            headers={"content-type": "image/png", "traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"},
+        )
+        assert r.status_code == 200
+    finally:
+        tracing.setup(False, "serve")
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    assert set(spans) == {"dense.request", "dense.queue", "dense.compute"}
+    request, compute = spans["dense.request"], spans["dense.compute"]
+    assert {format(s.context.trace_id, "032x") for s in spans.values()} == {trace_id}
+    assert request.parent.span_id == 0x00F067AA0BA902B7  # the client's span
+    # The worker's spans are children of the API's span: the traceparent travelled inside the job.
+    assert compute.parent.span_id == request.context.span_id == spans["dense.queue"].parent.span_id
+    assert compute.attributes["model"] == MODEL and compute.attributes["batch_size"] == 1
+    assert request.start_time <= spans["dense.queue"].start_time <= compute.end_time <= request.end_time

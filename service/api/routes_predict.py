@@ -11,7 +11,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from models.outputs import Task
-from service import codec
+from service import codec, tracing
 from service.api.inputs import read_input, validate_params
 from service.api.negotiate import MEDIA_TYPES, OutputChoice, choose
 from service.api.schemas import PredictionJSON, PredictParams, Problem, UncertaintyParams
@@ -161,32 +161,33 @@ async def _handle(request: Request, kind: JobKind, task: Task | None) -> Respons
     timeout_ms = params.timeout_ms or settings.default_timeout_ms
     await _probe(image, settings.max_pixels)
 
-    base_seed = params.seed if params.seed is not None else 0
-    job = Job(
-        kind=kind,
-        model=info.id,
-        task=task,
-        deadline=time.time() + timeout_ms / 1000.0,
-        image=image,
-        request_id=request.state.request_id,
-        traceparent=request.state.traceparent,
-        params=JobParams(
-            processing_res=params.processing_res,
-            match_input_resolution=params.match_input_resolution,
-            seed=params.seed,
-            encoding=choice.encoding,
-            seeds=[base_seed + i for i in range(params.seeds)] if isinstance(params, UncertaintyParams) else None,
-            reduction=params.reduction if isinstance(params, UncertaintyParams) else "mean",
-            return_members=isinstance(params, UncertaintyParams) and params.return_members and choice.as_json,
-        ),
-    )
-    key = request.headers.get("idempotency-key")
-    if key is not None and not 1 <= len(key) <= 255:
-        raise InvalidParameter("Idempotency-Key must be 1 to 255 characters", field="Idempotency-Key")
-    reply = await broker.submit(job, key)
-    if reply.status != "ok":
-        error = reply.error
-        raise from_code(error.code if error else "internal", error.detail if error else f"job {reply.status}")
+    with tracing.span("dense.request", request.state.traceparent, model=info.id, task=task, kind=kind) as tp:
+        base_seed = params.seed if params.seed is not None else 0
+        job = Job(
+            kind=kind,
+            model=info.id,
+            task=task,
+            deadline=time.time() + timeout_ms / 1000.0,
+            image=image,
+            request_id=request.state.request_id,
+            traceparent=tp,
+            params=JobParams(
+                processing_res=params.processing_res,
+                match_input_resolution=params.match_input_resolution,
+                seed=params.seed,
+                encoding=choice.encoding,
+                seeds=[base_seed + i for i in range(params.seeds)] if isinstance(params, UncertaintyParams) else None,
+                reduction=params.reduction if isinstance(params, UncertaintyParams) else "mean",
+                return_members=isinstance(params, UncertaintyParams) and params.return_members and choice.as_json,
+            ),
+        )
+        key = request.headers.get("idempotency-key")
+        if key is not None and not 1 <= len(key) <= 255:
+            raise InvalidParameter("Idempotency-Key must be 1 to 255 characters", field="Idempotency-Key")
+        reply = await broker.submit(job, key)
+        if reply.status != "ok":
+            error = reply.error
+            raise from_code(error.code if error else "internal", error.detail if error else f"job {reply.status}")
     total_ms = (time.perf_counter() - started) * 1000.0
     return _respond(request, reply, choice, "uncertainty" if kind == "uncertainty" else "prediction", total_ms)
 

@@ -12,7 +12,7 @@ from functools import partial
 
 from models.inference import BatchItem, UncertaintyResult
 from models.outputs import PredictionMap
-from service import codec, logs, metrics
+from service import codec, logs, metrics, tracing
 from service.errors import (
     DeadlineExceeded,
     InvalidParameter,
@@ -214,7 +214,11 @@ class Lane:
         encode_start = time.perf_counter()
         replies = await asyncio.gather(*(loop.run_in_executor(self.io_pool, call) for call in calls))
         metrics.COMPUTE_SECONDS.labels(self.model_id, "output_encode").observe(time.perf_counter() - encode_start)
+        done = time.time()
         for p, reply in zip(batch, replies, strict=True):
+            tp = p.job.traceparent
+            tracing.record("dense.queue", tp, p.job.enqueued_at, started, model=self.model_id)
+            tracing.record("dense.compute", tp, started, done, model=self.model_id, batch_size=len(batch))
             await self._finish(p.delivery, reply)
 
     def _encode_prediction(
