@@ -131,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     _models(g, "ID", "model ids readiness waits for")
     _bind(g, "grpc_host", "grpc_port", 50051)
     _api_keys(g)
+    g.add_argument("--metrics-port", type=int, help="serve /metrics, /healthz and /readyz on this port")
     g.set_defaults(func=cmd_grpc)
 
     w = sub.add_parser("worker", help="run only a GPU/CPU worker that serves models from Redis")
@@ -270,7 +271,7 @@ def cmd_grpc(args: argparse.Namespace) -> int:
     from service.embedded import run_grpc
 
     try:
-        keys = ("grpc_host", "grpc_port", "api_keys", "queue", "redis_url")
+        keys = ("grpc_host", "grpc_port", "api_keys", "queue", "redis_url", "metrics_port", "host")
         settings = load_settings(args.config, **{k: getattr(args, k, None) for k in keys})
     except (ValidationError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -93,6 +93,10 @@ class Settings(BaseSettings):
     stream_maxlen: int = Field(default=10_000, ge=100, description="approximate cap of each job stream")
     result_ttl_s: int = Field(default=600, ge=1, description="how long results stay for Idempotency-Key")
     min_idle_ms: int = Field(default=60_000, ge=100, description="reclaim jobs idle this long; > worst batch")
+    scale_from_zero: bool = Field(
+        default=False,
+        description="API: accept jobs for models whose workers are all scaled down (they wait for KEDA to start one)",
+    )
     max_deliveries: int = Field(default=3, ge=1, description="tries before a job goes to the dead-letter stream")
     worker_name: str | None = Field(default=None, description="consumer name (default host-pid); keep it stable")
     heartbeat_s: float = Field(default=2.0, gt=0, description="worker heartbeat; its key lives 3 heartbeats")

@@ -19,6 +19,7 @@ from service.api.app import create_app
 from service.config import Settings
 from service.queue.base import Broker
 from service.queue.memory import MemoryBroker
+from service.readiness import readiness
 from service.worker.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -109,11 +110,23 @@ async def run_grpc(settings: Settings, expected: list[str]) -> int:
         loop.add_signal_handler(sig, stop.set)
     await broker.start()
     await frontend.start(broker, None, expected)
-    try:
-        await stop.wait()
-    finally:
-        await frontend.stop()
-        await broker.close()
+    async with contextlib.AsyncExitStack() as stack:
+        if settings.metrics_port is not None:
+            from service.probes import probe_app, serving
+
+            async def healthz() -> tuple[bool, dict[str, object]]:
+                return True, {"status": "ok"}
+
+            async def readyz() -> tuple[bool, dict[str, object]]:
+                body = await readiness(broker, None, expected, settings.scale_from_zero)
+                return bool(body["ready"]), body
+
+            await stack.enter_async_context(serving(probe_app(healthz, readyz), settings.host, settings.metrics_port))
+        try:
+            await stop.wait()
+        finally:
+            await frontend.stop()
+            await broker.close()
     return 0
 
 
@@ -133,9 +146,10 @@ async def run_worker(settings: Settings, specs: list[ModelSpec]) -> int:
     await worker.start()
     async with contextlib.AsyncExitStack() as stack:
         if settings.metrics_port is not None:
-            from service.worker.http import serving
+            from service.probes import serving
+            from service.worker.http import worker_app
 
-            await stack.enter_async_context(serving(worker, settings.host, settings.metrics_port))
+            await stack.enter_async_context(serving(worker_app(worker), settings.host, settings.metrics_port))
             log.info("worker metrics and probes on http://%s:%d/metrics", settings.host, settings.metrics_port)
         try:
             while not stop.is_set() and worker.state not in ("failed", "stopped"):

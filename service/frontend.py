@@ -11,10 +11,21 @@ from service.queue.base import Broker
 
 
 async def resolve_model(
-    broker: Broker, name: str | None, task: Task, kind: JobKind, expected: Sequence[str] = ()
+    broker: Broker,
+    name: str | None,
+    task: Task,
+    kind: JobKind,
+    expected: Sequence[str] = (),
+    scale_from_zero: bool = False,
 ) -> ModelInfo:
-    """The model a request runs on: the named one, or the first serving the task; typed errors otherwise."""
+    """The model a request runs on: the named one, or the first serving the task; typed errors otherwise.
+
+    With `scale_from_zero`, models whose workers are all gone still take jobs: they wait in the stream until
+    an autoscaler (KEDA on the stream lag) starts a worker, within the request's deadline.
+    """
     catalog = await broker.catalog()
+    if scale_from_zero:
+        catalog = catalog + await broker.dormant_models()
     if name is None:
         serving = [m for m in catalog if m.task == task and (m.generative or kind != "uncertainty")]
         if serving:

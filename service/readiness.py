@@ -11,12 +11,17 @@ if TYPE_CHECKING:
     from service.worker.worker import Worker
 
 
-async def readiness(broker: Broker, worker: Worker | None, expected: Sequence[str]) -> dict[str, object]:
+async def readiness(
+    broker: Broker, worker: Worker | None, expected: Sequence[str], scale_from_zero: bool = False
+) -> dict[str, object]:
+    """With `scale_from_zero`, a model whose workers are scaled down counts: its jobs wait for one."""
     queue_ok = await broker.reachable()
     served: set[str] = set()
     if queue_ok:
         try:
             served = {m.id for m in await broker.catalog()}
+            if scale_from_zero:
+                served |= {m.id for m in await broker.dormant_models()}
         except Exception:  # the queue went away between the two calls
             queue_ok = False
     models = {model: model in served for model in expected} if expected else {m: True for m in served}

@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 import grpc
+import httpx
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -236,9 +237,20 @@ async def test_standalone_grpc_process_serves_redis_workers(tiny_dir, redis_url,
 
     from tests.redis_server import free_port
 
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "grpc", "--redis-url", redis_url, "--port", str(port)],
+        [
+            sys.executable,
+            "-m",
+            "service.cli",
+            "grpc",
+            "--redis-url",
+            redis_url,
+            "--port",
+            str(port),
+            "--metrics-port",
+            str(metrics_port),
+        ],
         env={**os.environ, "DENSE_REDIS_PREFIX": redis_prefix},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -261,6 +273,14 @@ async def test_standalone_grpc_process_serves_redis_workers(tiny_dir, redis_url,
                 await asyncio.sleep(0.1)
             reply = await DenseServiceStub(channel).Predict(pb.PredictRequest(encoded=png_bytes(24, 24)), timeout=30)
             assert reply.status == pb.FRAME_STATUS_OK and reply.model == "lotus-d-depth"
+            # Its HTTP side: probes and the gRPC request metrics of this process.
+            async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{metrics_port}") as http:
+                assert (await http.get("/healthz")).status_code == 200
+                assert (await http.get("/readyz")).json()["models"] == {"lotus-d-depth": True}
+                text = (await http.get("/metrics")).text
+                assert (
+                    'dense_request_duration_seconds_count{frontend="grpc",model="lotus-d-depth",route="Predict"' in text
+                )
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
     finally:

@@ -271,3 +271,34 @@ async def test_the_bundled_server_fallback_works(tiny_dir, redis_prefix) -> None
             assert (await post(h, "/v1/depth", png_bytes(24, 24))).status_code == 200
     finally:
         server.close()
+
+
+async def test_scale_from_zero_queues_jobs_until_a_worker_comes(tiny_dir, redis_url, redis_prefix) -> None:
+    models = [("lotus-d", "depth")]
+    async with on_redis(tiny_dir, redis_url, redis_prefix, models=models):
+        pass  # a worker served the model once, then scaled down to zero
+    image = png_bytes(32, 32, seed=9)
+    async with running_service(
+        tiny_dir, with_worker=False, wait_ready=False, queue="redis", redis_url=redis_url, redis_prefix=redis_prefix
+    ) as plain:
+        assert (await plain.client.get("/readyz")).status_code == 503
+        assert (await post(plain, "/v1/depth", image)).status_code == 503  # no live worker: refused
+    async with running_service(
+        tiny_dir,
+        with_worker=False,
+        wait_ready=False,
+        queue="redis",
+        redis_url=redis_url,
+        redis_prefix=redis_prefix,
+        scale_from_zero=True,
+    ) as api:
+        ready = await api.client.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["models"] == {"lotus-d-depth": True}
+        waiting = asyncio.create_task(post(api, "/v1/depth?timeout_ms=60000", image))
+        broker = api.app.state.broker
+        while (await broker.queue_stats("lotus-d-depth")).lag != 1:  # queued: what KEDA scales up on
+            assert not waiting.done(), waiting.result().text
+            await asyncio.sleep(0.05)
+        async with on_redis(tiny_dir, redis_url, redis_prefix, models=models):  # a worker comes up
+            reply = await asyncio.wait_for(waiting, timeout=60)
+        assert reply.status_code == 200, reply.text

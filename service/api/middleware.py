@@ -3,6 +3,7 @@ while the body streams in (a 413 before the whole upload is read), and the reque
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -182,7 +183,8 @@ class MetricsMiddleware:
             await send(message)
 
         try:
-            with metrics.in_flight("rest"):
+            # A scrape is not traffic: /metrics would otherwise always count itself in flight.
+            with metrics.in_flight("rest") if route != "/metrics" else contextlib.nullcontext():
                 await self.app(scope, counting_receive, observing_send)
         finally:
             metrics.observe_request(

@@ -29,7 +29,7 @@ async def healthz() -> dict[str, str]:
 @health_router.get("/readyz", summary="Readiness: every model loaded and warmed up, queue reachable")
 async def readyz(request: Request) -> JSONResponse:
     state = request.app.state
-    body = await readiness(state.broker, state.worker, state.expected_models)
+    body = await readiness(state.broker, state.worker, state.expected_models, state.settings.scale_from_zero)
     return JSONResponse(body, status_code=200 if body["ready"] else 503)
 
 

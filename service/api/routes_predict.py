@@ -147,7 +147,9 @@ async def _handle(request: Request, kind: JobKind, task: Task | None) -> Respons
             raise InvalidParameter(f"seeds: at most {settings.uncertainty_max_seeds}", field="seeds")
     assert task is not None
     choice = choose(params.format, request.headers.get("accept"), params.json_encoding)
-    info = await resolve_model(broker, params.model, task, kind, request.app.state.expected_models)
+    info = await resolve_model(
+        broker, params.model, task, kind, request.app.state.expected_models, settings.scale_from_zero
+    )
     if params.processing_res is not None and (
         params.processing_res % 8 or params.processing_res > settings.max_processing_res
     ):

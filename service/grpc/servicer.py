@@ -120,7 +120,9 @@ class DenseServicer(dense_pb2_grpc.DenseServiceServicer):
     async def _predict(self, req: pb.PredictRequest, started: float) -> pb.PredictResponse:
         s = self.settings
         task = "normals" if req.task == pb.TASK_NORMALS else "depth"
-        info = await resolve_model(self.broker, req.model or None, task, "predict", self.expected)
+        info = await resolve_model(
+            self.broker, req.model or None, task, "predict", self.expected, self.settings.scale_from_zero
+        )
         if req.processing_res % 8 or req.processing_res > s.max_processing_res:
             raise InvalidParameter(
                 f"processing_res: must be 0 or a multiple of 8 up to {s.max_processing_res}, got {req.processing_res}",

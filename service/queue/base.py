@@ -122,6 +122,10 @@ class Broker(ABC):
             delivery, Reply(id=delivery.job.id, status="error", error=ErrorInfo(code=error.code, detail=error.detail))
         )
 
+    async def dormant_models(self) -> list[ModelInfo]:
+        """Models served before that have no live worker now (scale-to-zero); none for in-process queues."""
+        return []
+
     @abstractmethod
     def depth(self, model: str) -> int:
         """Jobs waiting for a model (not yet consumed)."""

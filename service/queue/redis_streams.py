@@ -7,6 +7,8 @@ Layout (every key under `prefix`):
 - `idem:{sha}`     Idempotency-Key -> job id, fingerprint, deadline
 - `worker:{name}`  a worker's heartbeat and the models it serves (TTL 3 heartbeats)
 - `dead:{model}`   dead-letter stream for jobs that failed `max_deliveries` times
+- `models:known`   every model a worker ever announced (TTL a week): lets the API accept jobs for a model
+                   whose workers were scaled to zero
 
 A reply and its XACK go in one MULTI; a crashed worker's jobs are reclaimed by the others with
 XAUTOCLAIM after `min_idle_ms`.
@@ -41,6 +43,7 @@ GROUP = "workers"
 REPLY_STREAM_TTL_S = 300
 REPLY_STREAM_MAXLEN = 10_000
 DEAD_TTL_S = 7 * 24 * 3600
+KNOWN_MODELS_TTL_S = 7 * 24 * 3600
 CATALOG_CACHE_S = 0.5
 PRECISE_WAIT_S = 0.15  # below this, wait by polling (Redis's own timeouts are coarse)
 POLL_INTERVAL_S = 0.002
@@ -323,7 +326,22 @@ class RedisBroker(Broker):
 
     async def _heartbeat_once(self) -> None:
         body = json.dumps({"consumer": self.consumer, "models": [i.model_dump() for i in self._infos]})
-        await self.r.set(self._key("worker", self.consumer), body, ex=max(1, int(self.heartbeat_s * 3)))
+        known = self._key("models", "known")
+        async with self.r.pipeline(transaction=False) as pipe:
+            pipe.set(self._key("worker", self.consumer), body, ex=max(1, int(self.heartbeat_s * 3)))
+            if self._infos:  # remembered after the workers are gone, so the API can wake them (scale-to-zero)
+                pipe.hset(known, mapping={i.id: i.model_dump_json() for i in self._infos})
+                pipe.expire(known, KNOWN_MODELS_TTL_S)
+            await pipe.execute()
+
+    async def dormant_models(self) -> list[ModelInfo]:
+        try:
+            known = await self.r.hgetall(self._key("models", "known"))
+        except (RedisError, OSError) as exc:
+            raise Unavailable(f"the queue (Redis) is unreachable: {exc}", retry_after=1) from exc
+        live = {m.id for m in await self.catalog()}
+        infos = [ModelInfo.model_validate_json(v) for v in known.values()]
+        return sorted((i for i in infos if i.id not in live), key=lambda m: m.id)
 
     async def _heartbeat_loop(self) -> None:
         while not self._closed:

