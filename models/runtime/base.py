@@ -81,8 +81,33 @@ class Runtime(ABC):
         noise = [torch.randn((1, 4, *latent_hw), generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds]
         return torch.cat(noise).to(self.device)
 
+    def head_inputs(self, latents: torch.Tensor, noise: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """The head graph's named inputs: the latent, and for Lotus-G its noise (same shape)."""
+        if not self.generative:
+            return {"latent": latents}
+        if noise is None or noise.shape != latents.shape:
+            raise ValueError("Lotus-G needs one noise latent per image, shaped like the image latent")
+        return {"latent": latents, "noise": noise}
+
     def close(self) -> None:  # noqa: B027 - optional hook, most backends have something to free
         """Free sessions, engines and connections; the default has nothing to free."""
 
     def describe(self) -> dict[str, str]:
         return {"backend": self.name, "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch.")}
+
+
+class GraphRuntime(Runtime):
+    """A backend that runs the two exported graphs by name, writing into output tensors it allocates."""
+
+    @abstractmethod
+    def _run(
+        self, graph: str, inputs: dict[str, torch.Tensor], out_name: str, out_shape: tuple[int, ...]
+    ) -> torch.Tensor: ...
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = images.shape
+        return self._run("encoder", {"image": images}, "latent", (b, 4, h // 8, w // 8))
+
+    def head(self, latents: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        b, _, lh, lw = latents.shape
+        return self._run("head", self.head_inputs(latents, noise), "map", (b, self.out_channels, lh * 8, lw * 8))

@@ -16,7 +16,7 @@ import torch
 from models.export.graphs import ENCODER, HEAD, input_names
 from models.export.manifest import Manifest
 from models.export.profiles import graph_shapes
-from models.runtime.base import BackendError, Runtime
+from models.runtime.base import BackendError, GraphRuntime
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ def pick_providers(
     return [*providers, "CPUExecutionProvider"]
 
 
-class OnnxRuntime(Runtime):
+class OnnxRuntime(GraphRuntime):
     name = "onnxruntime"
 
     def __init__(self, folder: Path, manifest: Manifest, device: str = "auto", threads: int | None = None) -> None:
@@ -104,7 +104,9 @@ class OnnxRuntime(Runtime):
         self.device = torch.device("cuda", index) if on_gpu else torch.device("cpu")
         log.info("onnxruntime %s on %s (%s)", manifest.model_id, self.provider, manifest.dtype)
 
-    def _run(self, graph: str, inputs: dict[str, torch.Tensor], out_name: str, out_shape: tuple[int, ...]):
+    def _run(
+        self, graph: str, inputs: dict[str, torch.Tensor], out_name: str, out_shape: tuple[int, ...]
+    ) -> torch.Tensor:
         session = self.sessions[graph]
         binding = session.io_binding()
         kind, index = self.device.type, self.device.index or 0
@@ -117,19 +119,6 @@ class OnnxRuntime(Runtime):
         binding.bind_output(out_name, kind, index, np.float32, out_shape, out.data_ptr())
         session.run_with_iobinding(binding)
         return out
-
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        b, _, h, w = images.shape
-        return self._run(ENCODER, {"image": images}, "latent", (b, 4, h // 8, w // 8))
-
-    def head(self, latents: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
-        b, _, lh, lw = latents.shape
-        inputs = {"latent": latents}
-        if self.generative:
-            if noise is None or noise.shape != latents.shape:
-                raise ValueError("Lotus-G needs one noise latent per image, shaped like the image latent")
-            inputs["noise"] = noise
-        return self._run(HEAD, inputs, "map", (b, self.out_channels, lh * 8, lw * 8))
 
     def describe(self) -> dict[str, str]:
         return {**super().describe(), "provider": self.provider}

@@ -9,16 +9,16 @@ from pathlib import Path
 
 import torch
 
-from models.export.graphs import ENCODER, HEAD
+from models.export.graphs import HEAD
 from models.export.manifest import Manifest
 from models.export.profiles import pick_profile
 from models.export.tensorrt_build import ensure_engines, import_tensorrt
-from models.runtime.base import BackendError, Runtime
+from models.runtime.base import BackendError, GraphRuntime
 
 log = logging.getLogger(__name__)
 
 
-class TensorRTRuntime(Runtime):
+class TensorRTRuntime(GraphRuntime):
     name = "tensorrt"
 
     def __init__(self, folder: Path, manifest: Manifest, device: str = "auto") -> None:
@@ -52,7 +52,9 @@ class TensorRTRuntime(Runtime):
             self.stream.synchronize()
         log.info("tensorrt %s on %s: %d profiles", manifest.model_id, self.device, len(manifest.profiles))
 
-    def _run(self, graph: str, inputs: dict[str, torch.Tensor], out_name: str, out_shape: tuple[int, ...]):
+    def _run(
+        self, graph: str, inputs: dict[str, torch.Tensor], out_name: str, out_shape: tuple[int, ...]
+    ) -> torch.Tensor:
         batch = out_shape[0]
         hw = (out_shape[2], out_shape[3]) if graph == HEAD else tuple(inputs["image"].shape[2:])
         context = self.contexts[graph][pick_profile(self.manifest.profiles, batch, hw)]
@@ -73,19 +75,6 @@ class TensorRTRuntime(Runtime):
             for t in [*keep, out]:  # tell the allocator these buffers were used on our stream
                 t.record_stream(self.stream)
         return out
-
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        b, _, h, w = images.shape
-        return self._run(ENCODER, {"image": images}, "latent", (b, 4, h // 8, w // 8))
-
-    def head(self, latents: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
-        b, _, lh, lw = latents.shape
-        inputs = {"latent": latents}
-        if self.generative:
-            if noise is None or noise.shape != latents.shape:
-                raise ValueError("Lotus-G needs one noise latent per image, shaped like the image latent")
-            inputs["noise"] = noise
-        return self._run(HEAD, inputs, "map", (b, self.out_channels, lh * 8, lw * 8))
 
     def close(self) -> None:
         self.contexts.clear()

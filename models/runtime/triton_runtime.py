@@ -58,24 +58,18 @@ class TritonRuntime(Runtime):
             raise BackendError(f"Triton inference on {model} failed: {exc}") from exc
         return torch.from_numpy(result.as_numpy(output).copy())
 
-    def _noise_inputs(self, latents: torch.Tensor, noise: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        if not self.generative:
-            return {}
-        if noise is None or noise.shape != latents.shape:
-            raise ValueError("Lotus-G needs one noise latent per image, shaped like the image latent")
-        return {"noise": noise}
-
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         return self._infer(self.names[ENCODER], {"image": images}, "latent")
 
     def head(self, latents: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
-        return self._infer(self.names[HEAD], {"latent": latents, **self._noise_inputs(latents, noise)}, "map")
+        return self._infer(self.names[HEAD], self.head_inputs(latents, noise), "map")
 
     def run(self, images: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         """One round trip through the ensemble instead of two."""
         b, _, h, w = images.shape
-        extra = self._noise_inputs(torch.empty(b, 4, h // 8, w // 8), noise)
-        return self._infer(self.names["ensemble"], {"image": images, **extra}, "map")
+        inputs = self.head_inputs(torch.empty(b, 4, h // 8, w // 8), noise)
+        inputs.pop("latent")
+        return self._infer(self.names["ensemble"], {"image": images, **inputs}, "map")
 
     def run_timed(self, images: torch.Tensor, noise: torch.Tensor | None, stages: dict[str, float]) -> torch.Tensor:
         """The ensemble is one round trip, so it is one stage (encode is inside it)."""
