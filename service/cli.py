@@ -170,6 +170,11 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("models", help="list the shipped model specs (documented hub checkpoints)")
     m.set_defaults(func=cmd_models)
 
+    from models.training.cli import add_eval_parser, add_finetune_parser
+
+    add_finetune_parser(sub)
+    add_eval_parser(sub)
+
     t = sub.add_parser("make-tiny", help="write a tiny random-weight checkpoint for tests and trials")
     t.add_argument("out", type=Path)
     t.add_argument("--family", choices=FAMILIES, required=True)
@@ -224,7 +229,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from models.spec import ModelSpec
-    from service.embedded import TINY_BANNER, build_app
+    from service.embedded import build_app, default_banner
 
     api_only = args.role == "api"
     try:
@@ -241,7 +246,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if tiny:
-        print(TINY_BANNER.format(ids=", ".join(s.id for s in specs), path=settings.tiny_dir), file=sys.stderr)
+        print(default_banner(specs, settings.tiny_dir), file=sys.stderr)
     logs.configure(settings.log_level, settings.log_format, role=("api" if api_only else "serve"))
     tracing.setup(settings.otel_enabled, ("api" if api_only else "serve"), settings.otel_endpoint)
     app = build_app(settings, specs, with_worker=not api_only)
@@ -291,7 +296,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     from pydantic import ValidationError
 
-    from service.embedded import TINY_BANNER, run_worker
+    from service.embedded import default_banner, run_worker
 
     try:
         settings, specs, tiny = _serving_setup(args)
@@ -299,7 +304,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if tiny:
-        print(TINY_BANNER.format(ids=", ".join(s.id for s in specs), path=settings.tiny_dir), file=sys.stderr)
+        print(default_banner(specs, settings.tiny_dir), file=sys.stderr)
     logs.configure(settings.log_level, settings.log_format, role="worker")
     tracing.setup(settings.otel_enabled, "worker", settings.otel_endpoint)
     print(

@@ -24,18 +24,28 @@ from service.worker.worker import Worker
 
 log = logging.getLogger(__name__)
 TINY_MODELS = (("lotus-g", "depth"), ("lotus-g", "normals"))
+#: The model `make run` serves first: a small Lotus-D trained on synthetic scenes by `dense-serve finetune`
+#: (models/demo/README.md), so a newcomer's first depth request returns a real, if coarse, map.
+DEMO_SPEC = Path(__file__).resolve().parent.parent / "models" / "demo" / "lotus-d-synthetic-demo.toml"
 TINY_BANNER = (
-    "\n  *** No model configured: serving TINY RANDOM-WEIGHT checkpoints ({ids}) built in {path}.\n"
-    "  *** They exercise the real API, but their maps are noise. Configure a real model with\n"
-    "  *** --model (hub id, diffusers folder, spec .toml) or DENSE_MODELS.\n"
+    "\n  *** No model configured. Serving the DEMO model lotus-d-synthetic-demo (a small Lotus-D trained on\n"
+    "  *** synthetic scenes: real but coarse depth, the default of /v1/depth) and TINY RANDOM-WEIGHT\n"
+    "  *** checkpoints for normals and uncertainty ({ids}; built in {path}): their maps are noise.\n"
+    "  *** Configure a real model with --model (hub id, diffusers folder, spec .toml) or DENSE_MODELS.\n"
 )
 
 
+def default_banner(specs: list[ModelSpec], tiny_dir: Path) -> str:
+    return TINY_BANNER.format(ids=", ".join(s.id for s in specs if s.id.startswith("tiny-")), path=tiny_dir)
+
+
 def tiny_specs(tiny_dir: Path) -> list[ModelSpec]:
-    """Build (once) and describe the random-weight checkpoints served when nothing is configured."""
+    """What is served when nothing is configured: the trained demo model first (when shipped), then the
+    random-weight tiny checkpoints, built once, for the tasks the demo does not cover."""
+    from models.spec import load_spec_file
     from models.tiny import make_tiny
 
-    specs = []
+    specs = [load_spec_file(DEMO_SPEC)] if DEMO_SPEC.is_file() else []
     for family, task in TINY_MODELS:
         path = tiny_dir / f"{family}-{task}"
         if not (path / "model_index.json").is_file():

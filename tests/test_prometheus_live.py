@@ -77,7 +77,13 @@ async def test_prometheus_scrapes_api_and_worker_and_promql_answers(tiny_dir, re
     env = {**os.environ, "DENSE_REDIS_PREFIX": redis_prefix, "DENSE_LOG_LEVEL": "warning", "OMP_NUM_THREADS": "1"}
     model_dir = str(tiny_dir("lotus-d", "depth"))
     worker = start_worker(
-        redis_url, redis_prefix, model_dir, "prom-w", DENSE_METRICS_PORT=str(worker_port), DENSE_MAX_QUEUE_DELAY_MS="50"
+        redis_url,
+        redis_prefix,
+        model_dir,
+        "prom-w",
+        DENSE_METRICS_PORT=str(worker_port),
+        DENSE_MAX_QUEUE_DELAY_MS="50",
+        DENSE_METRICS_INTERVAL_S="0.2",
     )
     api = subprocess.Popen(
         [sys.executable, "-m", "service.cli", "api", "--redis-url", redis_url, "--port", str(api_port)],
@@ -142,8 +148,13 @@ async def test_prometheus_scrapes_api_and_worker_and_promql_answers(tiny_dir, re
                 'sum(increase(dense_batch_size_count{model="lotus-d-depth"}[1m]))',
             )
             assert 1.0 < float(average_batch[0]["value"][1]) <= 8.0
-            pending = query(prometheus, 'dense_queue_pending{model="lotus-d-depth"}')
-            assert pending and float(pending[0]["value"][1]) == 0.0  # all answered and acknowledged
+            # All answered and acknowledged: the sampled pending gauge comes back to zero.
+            wait_until(
+                "pending back to 0",
+                lambda: [
+                    r for r in query(prometheus, 'dense_queue_pending{model="lotus-d-depth"}') if r["value"][1] == "0"
+                ],
+            )
     finally:
         prom.terminate()
         prom.wait(10)

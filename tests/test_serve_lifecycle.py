@@ -116,7 +116,7 @@ def test_serve_process_tiny_default_then_sigterm_drains(tmp_path: Path) -> None:
             time.sleep(0.2)
         r = httpx.post(f"{base}/v1/depth", files={"image": ("sample.png", SAMPLE.read_bytes(), "image/png")})
         assert r.status_code == 200 and r.headers["content-type"] == "image/png"
-        assert r.headers["x-model"] == "tiny-lotus-g-depth"
+        assert r.headers["x-model"] == "lotus-d-synthetic-demo"  # the trained demo serves depth first
 
         result: dict[str, httpx.Response] = {}
 

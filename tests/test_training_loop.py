@@ -171,6 +171,21 @@ def test_e2eft_loss_scores_what_the_predictor_serves(tiny_dir: Any, task: str) -
     assert all(p.grad is not None for p in core.unet.parameters()) and core.vae.decoder.conv_out.weight.grad is None
 
 
+def test_gradient_checkpointing_keeps_the_gradients(tiny_dir: Any) -> None:
+    """Recomputing UNet and (frozen) VAE-decoder activations must not cut or change the gradient path."""
+    core, _ = _core(tiny_dir, "e2e-ft", "depth")
+    batch = _batch()
+    core.train()
+    core(batch)[0].backward()
+    plain = [p.grad.clone() for p in core.unet.parameters()]
+    core.unet.zero_grad(set_to_none=True)
+    core.unet.enable_gradient_checkpointing()
+    core.vae.enable_gradient_checkpointing()
+    core(batch)[0].backward()
+    for p, g in zip(core.unet.parameters(), plain, strict=True):
+        torch.testing.assert_close(p.grad, g, rtol=1e-4, atol=1e-7)
+
+
 @pytest.mark.parametrize("family", ["lotus-d", "lotus-g"])
 def test_lotus_loss_is_x0_mse_plus_detail_preserver(tiny_dir: Any, family: str) -> None:
     from models.predictors.lotus import RECONSTRUCTION_SWITCH
@@ -405,5 +420,5 @@ def test_demo_model_serves_meaningful_depth(tmp_path: Path) -> None:
     data = tmp_path / "held-out"
     synthetic.write_scenes(data, 16, 48, 64, seed=777)
     result = evaluate_dataset(model, data)
-    # A constant map scores about 0.4 AbsRel in disparity space on these scenes; the demo must do far better.
-    assert result.depth is not None and result.depth.abs_rel < 0.3, result
+    # Measured: 0.267. On these scenes a constant map scores 0.385 and a vertical ramp 0.326.
+    assert result.depth is not None and result.depth.abs_rel < 0.30, result

@@ -191,7 +191,7 @@ def write_model_index(out: Path, family: Family, output_kind: OutputKind, proces
 def write_spec(path: Path, model_id: str, source: str, family: Family, output_kind: OutputKind, res: int) -> None:
     """A model spec next to the checkpoint; `source` is relative to the spec's folder so both move together."""
     lines = [
-        f"# Written by `dense-serve finetune`. Serve with: dense-serve serve --model {path.name}",
+        "# Written by dense-serve finetune; source is relative to this file. Serve with: serve --model THIS.toml",
         f'id = "{model_id}"',
         f'source = "{source}"',
         f'family = "{family}"',

@@ -92,7 +92,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     except (ModelError, FileNotFoundError, FileExistsError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except (ValueError, RuntimeError) as exc:
+    except (ValueError, RuntimeError, ArithmeticError, OSError) as exc:
         print(f"error: training failed: {exc}", file=sys.stderr)
         return 1
     if not result.finished:

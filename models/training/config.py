@@ -121,14 +121,19 @@ class VirtualKitti2Source(_Source):
     variations: list[str] | None = Field(default=None, description="variations to use (default all)")
 
 
-class SyntheticSource(_Source):
-    """Procedural scenes from models/training/synthetic.py, rendered on first use and kept in memory."""
+class SyntheticScenes(_Strict):
+    """A set of procedural scenes from models/training/synthetic.py."""
 
-    type: Literal["synthetic"] = "synthetic"
     count: int = Field(ge=1, description="number of distinct scenes (scene i uses the seed (seed, i))")
     height: int = Field(default=64, ge=8, description="render height in pixels")
     width: int = Field(default=64, ge=8, description="render width in pixels")
     seed: int = Field(default=0, ge=0, description="scene seed; use another one for held-out scenes")
+
+
+class SyntheticSource(_Source, SyntheticScenes):
+    """Procedural training scenes, rendered on first use and kept in memory."""
+
+    type: Literal["synthetic"] = "synthetic"
 
 
 Source = Annotated[FolderSource | HypersimSource | VirtualKitti2Source | SyntheticSource, Field(discriminator="type")]
@@ -187,7 +192,9 @@ class TrainLoopConfig(_Strict):
     checkpoint_every: int = Field(default=500, ge=1, description="write a resumable checkpoint every N steps")
     keep_checkpoints: int = Field(default=2, ge=1, description="how many recent checkpoints to keep")
     log_every: int = Field(default=10, ge=1, description="TensorBoard scalars every N steps")
-    device: str = Field(default="auto", description="single-process device (accelerate launch picks per process)")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto", description="auto: the GPU when there is one; under accelerate launch each process gets its own"
+    )
     threads: int | None = Field(default=None, ge=1, description="torch CPU threads (default: torch's choice)")
 
 
@@ -195,7 +202,7 @@ class ValidationConfig(_Strict):
     """Held-out evaluation during and after training, through the same predictor the service uses."""
 
     data: list[Path] = Field(default_factory=list, description="folder-format datasets to evaluate on")
-    synthetic: SyntheticSource | None = Field(
+    synthetic: SyntheticScenes | None = Field(
         default=None, description="held-out synthetic scenes (written to OUTPUT/validation-synthetic)"
     )
     every: int | None = Field(default=None, ge=1, description="also evaluate every N steps (default: start and end)")
@@ -246,6 +253,7 @@ class TrainConfig(_Strict):
             data["train"].pop(key)
         data["train"].pop("gradient_checkpointing")
         data["data"].pop("num_workers")
+        data["run"].pop("output_dir")  # a checkpoint may be resumed into another folder (--resume PATH)
         data.pop("validation")
         data.pop("export")
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

@@ -141,11 +141,3 @@ def load_results(path: str | Path) -> list[EvalResult]:
         normals = NormalMetrics(**row["normals"]) if row.get("normals") else None
         out.append(EvalResult(**{**row, "depth": depth, "normals": normals}))
     return out
-
-
-def headline(result: EvalResult) -> float:
-    """The one number to compare (lower is better): AbsRel for depth, mean angular error for normals."""
-    if result.depth is not None:
-        return result.depth.abs_rel
-    assert result.normals is not None
-    return result.normals.mean

@@ -174,7 +174,9 @@ class TrainingCore(nn.Module):
             raise ValueError("e2e-ft is trained for depth or normals")
         self.unet = unet
         self.vae = vae.requires_grad_(False).eval()
-        self.register_buffer("prompt_embeds", prompt_embeds.float(), persistent=False)
+        # A clone made here is a normal tensor even when the embedding was computed under inference_mode
+        # (as the loader does); autograd may need to save it, e.g. under gradient checkpointing.
+        self.register_buffer("prompt_embeds", prompt_embeds.detach().float().clone(), persistent=False)
         self.family: Family = family
         self.output_kind: OutputKind = output_kind
         self.alpha_bar = alpha_bar

@@ -30,7 +30,7 @@ from models.training.config import (
     Augment,
     DataConfig,
     OptimConfig,
-    SyntheticSource,
+    SyntheticScenes,
     TrainConfig,
     dump_config,
 )
@@ -337,7 +337,7 @@ def validation_sets(cfg: TrainConfig, is_main: bool) -> list[Path]:
     return sets
 
 
-def write_synthetic(root: Path, syn: SyntheticSource) -> Path:
+def write_synthetic(root: Path, syn: SyntheticScenes) -> Path:
     staged = root.with_name(f".tmp-{root.name}")
     synthetic.write_scenes(staged, syn.count, syn.height, syn.width, syn.seed)
     staged.rename(root)
@@ -398,7 +398,10 @@ def _make_accelerator(cfg: TrainConfig) -> Any:
         raise RuntimeError("the fine-tune job needs the package accelerate (pip install 'accelerate>=1.0')") from exc
     device = cfg.train.device
     precision = resolve_precision(cfg.train.mixed_precision, device)
-    return Accelerator(mixed_precision=precision, cpu=device == "cpu")
+    # On a machine without a GPU "auto" must say cpu explicitly: accelerate only forms a multi-process CPU
+    # group (gloo) under torchrun / accelerate launch when told it runs on the CPU.
+    cpu = device == "cpu" or not torch.cuda.is_available()
+    return Accelerator(mixed_precision=precision, cpu=cpu)
 
 
 def _summary_writer(path: Path, purge_step: int | None) -> Any:
@@ -496,7 +499,6 @@ def finetune(
     target = cfg.train.steps if stop_after is None else min(cfg.train.steps, stop_after)
     bar = tqdm(total=cfg.train.steps, initial=step, desc="finetune", unit="step", disable=not (progress and main))
     samples_per_step = cfg.data.batch_size * o.grad_accum * world
-    last_saved = step
     accum = o.grad_accum
     while step < target:
         started = time.perf_counter()
@@ -538,12 +540,9 @@ def finetune(
                     writer.add_scalar("train/grad_norm", float(grad_norm), step)
         if step % cfg.train.checkpoint_every == 0 or step == target:
             _save(acc, cfg, step, stream.position, fingerprint, inner, optimizer, scheduler)
-            last_saved = step
         if cfg.validation.every and step % cfg.validation.every == 0 and step < cfg.train.steps:
             validate(step)
     bar.close()
-    if last_saved != step:
-        _save(acc, cfg, step, stream.position, fingerprint, inner, optimizer, scheduler)
 
     finished = step >= cfg.train.steps
     model_dir = spec_path = None
