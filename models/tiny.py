@@ -160,7 +160,7 @@ def make_tiny(out: str | Path, family: Family, task: Task, seed: int = 0, arch: 
     for name, module in (("text_encoder", text_encoder), ("vae", vae), ("unet", unet)):
         module.save_pretrained(out / name, safe_serialization=True)
     scheduler.save_pretrained(out / "scheduler")
-    _write_model_index(out, family, task)
+    write_model_index(out, family, task)
     return out
 
 
@@ -175,7 +175,8 @@ def _condition_like_trained(vae: torch.nn.Module, task: Task) -> None:
             vae.decoder.conv_out.bias[2] = 0.9
 
 
-def _write_model_index(out: Path, family: Family, task: Task) -> None:
+def write_model_index(out: Path, family: Family, task: Task, processing_res: int = TINY_PROCESSING_RES) -> None:
+    """The pipeline class and keys the hub checkpoints of this family carry, so detection works on ours too."""
     import diffusers
 
     index: dict[str, object] = {
@@ -191,7 +192,7 @@ def _write_model_index(out: Path, family: Family, task: Task) -> None:
         index |= {
             "prediction_type": task,
             "default_denoising_steps": 1,
-            "default_processing_resolution": TINY_PROCESSING_RES,
+            "default_processing_resolution": processing_res,
         }
         index |= {"use_full_z_range": True} if task == "normals" else {"scale_invariant": True, "shift_invariant": True}
     (out / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from models import tiny
 from models.outputs import Family, OutputKind, task_of
-from models.tiny import PIPELINE_CLASS
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
@@ -169,23 +169,7 @@ def write_scheduler(base: Path, out: Path, family: Family) -> None:
 
 def write_model_index(out: Path, family: Family, output_kind: OutputKind, processing_res: int) -> None:
     """The pipeline class the hub checkpoints of this family carry, so family and task detection work."""
-    import diffusers
-
-    task = task_of(output_kind)
-    index: dict[str, object] = {
-        "_class_name": PIPELINE_CLASS[(family, task)],
-        "_diffusers_version": diffusers.__version__,
-        "scheduler": ["diffusers", "DDIMScheduler"],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-    }
-    if family == "e2e-ft":
-        index |= {"prediction_type": task, "default_denoising_steps": 1}
-        index |= {"default_processing_resolution": processing_res}
-        index |= {"use_full_z_range": True} if task == "normals" else {"scale_invariant": True, "shift_invariant": True}
-    (out / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    tiny.write_model_index(out, family, task_of(output_kind), processing_res)
 
 
 def write_spec(path: Path, model_id: str, source: str, family: Family, output_kind: OutputKind, res: int) -> None:
