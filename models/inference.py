@@ -70,7 +70,17 @@ class DensePredictor:
         return self.runtime.generative
 
     def plan(self, image: np.ndarray, processing_res: int | None = None) -> Geometry:
-        return plan(image.shape[0], image.shape[1], self.processing_res if processing_res is None else processing_res)
+        """Sizes for one image; a ValueError when the runtime cannot run them (an engine built for less)."""
+        geometry = plan(
+            image.shape[0], image.shape[1], self.processing_res if processing_res is None else processing_res
+        )
+        limit = self.runtime.max_hw
+        if limit is not None and any(v > m for v, m in zip(geometry.padded_hw, limit, strict=True)):
+            raise ValueError(
+                f"processing size {geometry.padded_hw[1]}x{geometry.padded_hw[0]} exceeds what this model's "
+                f"{self.runtime.name} engines were built for ({limit[1]}x{limit[0]}); use a smaller processing_res"
+            )
+        return geometry
 
     def resolve_seed(self, seed: int | None) -> int | None:
         """The seed a request runs with: None for deterministic families, the default when not given."""

@@ -399,3 +399,24 @@ def test_provider_choice_follows_what_is_installed_and_carries_the_profiles(expo
     assert pick_providers("cpu", gpu, None, m) == ["CPUExecutionProvider"]
     with pytest.raises(BackendError, match="onnxruntime-gpu"):
         pick_providers("cuda:0", ["CPUExecutionProvider"], None, m)
+
+
+@pytest.mark.anyio
+async def test_sizes_beyond_the_engines_are_a_clear_422_not_a_model_failure(tiny_dir) -> None:
+    """A TensorRT model only runs up to its largest profile; bigger requests are refused before compute."""
+    async with running_service(tiny_dir, models=[("lotus-d", "depth")]) as svc:
+        runtime = svc.worker.served["lotus-d-depth"].predictor.runtime
+        runtime.max_hw = (64, 64)  # as a TensorRT runtime built for one 64 px bucket reports it
+        try:
+            image = png_bytes(48, 64, seed=1)
+            ok = await svc.client.post(
+                "/v1/depth?processing_res=64", content=image, headers={"content-type": "image/png"}
+            )
+            assert ok.status_code == 200
+            big = await svc.client.post(
+                "/v1/depth?processing_res=128", content=image, headers={"content-type": "image/png"}
+            )
+            assert big.status_code == 422, big.text
+            assert "engines were built for (64x64)" in big.json()["detail"]
+        finally:
+            runtime.max_hw = None

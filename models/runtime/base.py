@@ -35,6 +35,8 @@ class Runtime(ABC):
     """
 
     name: Backend
+    #: Largest padded (height, width) the runtime can run (TensorRT: its largest profile); None = any.
+    max_hw: tuple[int, int] | None = None
     device: torch.device
     #: The compute precision of the graphs (inputs and outputs are always float32).
     dtype: torch.dtype

@@ -32,6 +32,7 @@ class TensorRTRuntime(GraphRuntime):
         self.output_kind = manifest.output_kind
         self.generative = manifest.generative
         self.dtype = torch.float16 if manifest.dtype == "fp16" else torch.float32
+        self.max_hw = max((p.max_hw for p in manifest.profiles), key=lambda hw: hw[0] * hw[1])
         self._logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(self._logger)
         with torch.cuda.device(self.device):
