@@ -302,3 +302,24 @@ async def test_scale_from_zero_queues_jobs_until_a_worker_comes(tiny_dir, redis_
         async with on_redis(tiny_dir, redis_url, redis_prefix, models=models):  # a worker comes up
             reply = await asyncio.wait_for(waiting, timeout=60)
         assert reply.status_code == 200, reply.text
+
+
+async def test_a_cancelled_request_is_never_computed_on_redis(tiny_dir, redis_url, redis_prefix) -> None:
+    async with on_redis(tiny_dir, redis_url, redis_prefix) as h:
+        slow = await start_slow(h)  # the lane is busy: the next job waits in the stream
+        stats = h.worker.stats
+        forwards_before = stats.forwards["lotus-g-depth"]
+        client = asyncio.create_task(post(h, "/v1/depth?format=npy&model=lotus-g-depth", png_bytes(32, 32, seed=3)))
+        broker = h.app.state.broker
+        while (await broker.queue_stats("lotus-g-depth")).lag != 1:
+            await asyncio.sleep(0.01)
+        client.cancel()  # the client disconnects
+        with pytest.raises(asyncio.CancelledError):
+            await client
+        assert (await slow).status_code == 200
+        end = time.monotonic() + 10
+        while stats.outcomes[("lotus-g-depth", "dropped")] < 1:  # the worker reads it, sees the marker, drops it
+            assert time.monotonic() < end, f"the cancelled job was not dropped: {dict(stats.outcomes)}"
+            await asyncio.sleep(0.02)
+        assert stats.forwards["lotus-g-depth"] == forwards_before + 1  # only the slow job ran
+        assert (await broker.queue_stats("lotus-g-depth")).pending == 0  # acknowledged, not left behind

@@ -122,6 +122,9 @@ class Broker(ABC):
             delivery, Reply(id=delivery.job.id, status="error", error=ErrorInfo(code=error.code, detail=error.detail))
         )
 
+    async def refresh_abandoned(self, deliveries: list[Delivery]) -> None:  # noqa: B027 - optional hook
+        """Learn which of these jobs their clients gave up on since delivery (brokers across processes)."""
+
     async def dormant_models(self) -> list[ModelInfo]:
         """Models served before that have no live worker now (scale-to-zero); none for in-process queues."""
         return []

@@ -7,6 +7,7 @@ Layout (every key under `prefix`):
 - `idem:{sha}`     Idempotency-Key -> job id, fingerprint, deadline
 - `worker:{name}`  a worker's heartbeat and the models it serves (TTL 3 heartbeats)
 - `dead:{model}`   dead-letter stream for jobs that failed `max_deliveries` times
+- `cancel:{id}`    the client gave up on this job (TTL until its deadline): workers drop it uncomputed
 - `models:known`   every model a worker ever announced (TTL a week): lets the API accept jobs for a model
                    whose workers were scaled to zero
 
@@ -52,6 +53,10 @@ POLL_INTERVAL_S = 0.002
 @dataclass
 class RedisDelivery(Delivery):
     entry_id: bytes = b""
+    cancelled: bool = False
+
+    def abandoned(self) -> bool:
+        return self.cancelled
 
 
 def _encode_reply(reply: Reply) -> dict[bytes, bytes]:
@@ -99,6 +104,7 @@ class RedisBroker(Broker):
         self.rb = Redis.from_url(url, socket_connect_timeout=op_timeout_s, socket_timeout=None, retry=no_retry)
         self._waiting: dict[str, asyncio.Future[Reply]] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        self._background: set[asyncio.Task[None]] = set()  # fire-and-forget writes (cancel markers)
         self._closed = False
         self._groups: set[str] = set()
         self._rates: dict[str, DrainRate] = defaultdict(DrainRate)
@@ -178,8 +184,35 @@ class RedisBroker(Broker):
             return await asyncio.wait_for(asyncio.shield(future), timeout=max(0.0, job.deadline - time.time()))
         except TimeoutError:
             raise DeadlineExceeded(f"no answer within the deadline for job {job.id}") from None
+        except asyncio.CancelledError:
+            # The client went away (disconnect, gRPC cancel, a stream closed): tell the workers, so a job still
+            # waiting in the stream or in a batching window is dropped instead of computed.
+            self._mark_cancelled(job)
+            raise
         finally:
             self._waiting.pop(job.id, None)
+
+    def _mark_cancelled(self, job: Job) -> None:
+        ttl = max(1, int(job.deadline - time.time()) + 1)
+        task = asyncio.create_task(self._set_cancel_marker(job.id, ttl), name=f"dense-cancel-{job.id}")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _set_cancel_marker(self, job_id: str, ttl: int) -> None:
+        with contextlib.suppress(RedisError, OSError):  # best effort: without it the job is computed, as before
+            await self.r.set(self._key("cancel", job_id), b"1", ex=ttl)
+
+    async def refresh_abandoned(self, deliveries: list[Delivery]) -> None:
+        """One MGET of the cancel markers of the jobs a lane holds."""
+        held = [d for d in deliveries if isinstance(d, RedisDelivery) and not d.cancelled]
+        if not held:
+            return
+        try:
+            marks = await self.r.mget([self._key("cancel", d.job.id) for d in held])
+        except (RedisError, OSError):
+            return  # the queue is down; the lane finds out on its next read
+        for delivery, mark in zip(held, marks, strict=True):
+            delivery.cancelled = mark is not None
 
     @staticmethod
     def _job_fields(job: Job, attempt: int) -> dict[bytes, bytes]:

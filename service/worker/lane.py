@@ -114,6 +114,8 @@ class Lane:
         return group
 
     async def _drop_dead(self, pending: list[Prepared]) -> list[Prepared]:
+        if pending:
+            await self.broker.refresh_abandoned([p.delivery for p in pending])
         now = time.time()
         return [p for p in pending if not await self._dispose_if_dead(p.delivery, now)]
 
@@ -131,6 +133,8 @@ class Lane:
     # ------------------------------------------------------------------ stages
 
     async def _prepare(self, deliveries: list[Delivery]) -> list[Prepared]:
+        if deliveries:
+            await self.broker.refresh_abandoned(deliveries)
         now = time.time()
         deliveries = [d for d in deliveries if not await self._dispose_if_dead(d, now)]
         loop = asyncio.get_running_loop()
