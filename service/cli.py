@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 from models.errors import ModelError
 from models.outputs import FAMILIES, TASKS, PredictionMap
 from models.spec import BACKEND_CHOICES
+from models.training.cli import add_eval_parser, add_finetune_parser
 from service import logs, tracing
 
 if TYPE_CHECKING:
@@ -169,8 +170,6 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("models", help="list the shipped model specs (documented hub checkpoints)")
     m.set_defaults(func=cmd_models)
-
-    from models.training.cli import add_eval_parser, add_finetune_parser
 
     add_finetune_parser(sub)
     add_eval_parser(sub)
