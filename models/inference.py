@@ -136,9 +136,7 @@ class DensePredictor:
         x = torch.stack([_to_tensor(it) for it in items])
         seeds = [self.default_seed if it.seed is None else it.seed for it in items]
         noise = rt.make_noise(seeds, items[0].geometry.latent_hw)
-        if stages is None:
-            maps = rt.run(x.to(rt.device), noise)
-            return [self._finish(it, pred) for it, pred in zip(items, maps, strict=True)]
+        stages = {} if stages is None else stages
         maps = rt.run_timed(x.to(rt.device), noise, stages)
         start = time.perf_counter()
         out = [self._finish(it, pred) for it, pred in zip(items, maps, strict=True)]

@@ -170,7 +170,8 @@ def cached_export(spec: ModelSpec, path: Path, backend: str, dtype: str) -> Path
 
     fmt = "tensorrt" if backend == "tensorrt" else "onnx"
     cache = Path(spec.engine_cache or DEFAULT_ENGINE_CACHE)
-    folder = cache / f"{spec.id}-{checkpoint_hash(path)[:16]}" / f"{fmt}-{dtype}"
+    model_hash = checkpoint_hash(path)
+    folder = cache / f"{spec.id}-{model_hash[:16]}" / f"{fmt}-{dtype}"
     if is_export(folder):
         manifest = Manifest.read(folder)
         wanted = spec.export_resolutions or manifest.resolutions
@@ -185,6 +186,7 @@ def cached_export(spec: ModelSpec, path: Path, backend: str, dtype: str) -> Path
         max_batch=max(spec.max_batch_size or 8, 8),
         resolutions=spec.export_resolutions,
         device=spec.device,
+        model_hash=model_hash,
     )
     return folder
 

@@ -12,12 +12,23 @@ import contextvars
 import logging
 import re
 import secrets
+import uuid
 from collections.abc import Iterator
 
 REQUEST_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 TRACEPARENT: contextvars.ContextVar[str | None] = contextvars.ContextVar("traceparent", default=None)
 TRACEPARENT_RE = re.compile(r"^00-(?!0{32})[0-9a-f]{32}-(?!0{16})[0-9a-f]{16}-[0-9a-f]{2}$")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"
+
+
+REQUEST_ID_RE = re.compile(r"^[\w.:-]{1,128}$")
+
+
+def request_identity(request_id: str | None, traceparent: str | None) -> tuple[str, str]:
+    """A front-end's ids for one request: the client's when sane (they end up in logs and headers), new ones
+    otherwise. Shared by REST (headers) and gRPC (metadata)."""
+    rid = request_id if request_id and REQUEST_ID_RE.match(request_id) else uuid.uuid4().hex
+    return rid, valid_traceparent(traceparent) or new_traceparent()
 
 
 def valid_traceparent(value: str | None) -> str | None:

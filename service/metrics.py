@@ -9,7 +9,6 @@ No torch here: the front-ends import this.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -176,16 +175,3 @@ class GpuSampler:
             GPU_MEMORY_USED.labels(index).set(mem.used)
             GPU_MEMORY_TOTAL.labels(index).set(mem.total)
             GPU_UTILIZATION.labels(index).set(util.gpu / 100.0)
-
-
-class Stopwatch:
-    """Stage timings of one batch, in seconds."""
-
-    def __init__(self) -> None:
-        self.stages: dict[str, float] = {}
-        self._t = time.perf_counter()
-
-    def lap(self, stage: str) -> None:
-        now = time.perf_counter()
-        self.stages[stage] = self.stages.get(stage, 0.0) + now - self._t
-        self._t = now

@@ -20,9 +20,14 @@ from service import metrics
 Probe = Callable[[], Awaitable[tuple[bool, dict[str, object]]]]
 
 
+def metrics_response() -> Response:
+    """This process's metrics in the Prometheus text format (the API's `/metrics` and the probes' one)."""
+    return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+
 def probe_app(healthz: Probe, readyz: Probe) -> Starlette:
     async def metrics_endpoint(_: Request) -> Response:
-        return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
+        return metrics_response()
 
     def answer(probe: Probe) -> Callable[[Request], Awaitable[JSONResponse]]:
         async def endpoint(_: Request) -> JSONResponse:

@@ -69,8 +69,13 @@ def export_model(
     opset: int = DEFAULT_OPSET,
     device: str = "auto",
     triton_instance_kind: str = "gpu",
+    model_hash: str | None = None,
 ) -> Manifest:
-    """Write an export of `spec` to `out` (created or replaced); raise ExportError if it misses its tolerance."""
+    """Write an export of `spec` to `out` (created or replaced); raise ExportError if it misses its tolerance.
+
+    `model_hash` is the checkpoint's `checkpoint_hash` when the caller already has it (hashing reads every
+    weight file: seconds for an SD-sized model).
+    """
     path, ident, core = _reference(spec)
     resolutions = list(resolutions or [ident.processing_res or 768])
     out = out.resolve()
@@ -82,7 +87,7 @@ def export_model(
         manifest = Manifest(
             format=fmt,
             model_id=spec.id,
-            model_hash=checkpoint_hash(path),
+            model_hash=model_hash or checkpoint_hash(path),
             source=str(spec.source),
             family=ident.family,
             task=ident.task,
@@ -110,7 +115,8 @@ def export_model(
             from models.export.tensorrt_build import engine_key
 
             for graph, file in manifest.graphs.items():
-                file.engines[engine_key(manifest, graph)] = f"engines/{graph}-{engine_key(manifest, graph)}.plan"
+                key = engine_key(manifest, graph)
+                file.engines[key] = f"engines/{graph}-{key}.plan"
         stage.mkdir(parents=True, exist_ok=True)
         if fmt == "triton":
             from models.export.triton_repo import write_repository

@@ -34,8 +34,7 @@ class HeadGraph(torch.nn.Module):
         self.core = core
 
     def forward(self, latent: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
-        core = self.core
-        return core.postprocess(core.decode(core.predict_latent(latent, noise)))
+        return self.core.head(latent, noise)
 
 
 def input_names(graph: str, generative: bool) -> list[str]:

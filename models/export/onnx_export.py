@@ -9,7 +9,6 @@ transformer optimizer fuses into its `Attention` / `MultiHeadAttention` kernels;
 from __future__ import annotations
 
 import logging
-import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -176,11 +175,3 @@ def save(model, path: Path) -> None:
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name)
     else:
         onnx.save_model(model, str(path))
-
-
-def copy_graphs(src: Path, dst: Path, files: dict[str, GraphFile]) -> None:
-    """Copy graphs with their external weight files (Triton repositories need them beside the model)."""
-    for graph in files.values():
-        for name in (graph.file, graph.file + ".data"):
-            if (src / name).exists():
-                shutil.copy2(src / name, dst / name)

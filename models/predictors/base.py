@@ -64,11 +64,10 @@ class SingleStepPredictor(torch.nn.Module, ABC):
         return self.unet(sample, timestep, encoder_hidden_states=hidden, class_labels=class_labels).sample
 
     def make_noise(self, seeds: Sequence[int], latent_hw: tuple[int, int]) -> torch.Tensor | None:
-        """Seeded noise for generative families; drawn on the CPU so every device gets the same numbers."""
+        """Seeded noise for generative families, on this core's device and dtype."""
         if not self.generative:
             return None
-        noise = [torch.randn((1, 4, *latent_hw), generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds]
-        return torch.cat(noise).to(self.device, self.dtype)
+        return seeded_noise(seeds, latent_hw).to(self.device, self.dtype)
 
     @abstractmethod
     def predict_latent(self, image_latent: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
@@ -78,6 +77,17 @@ class SingleStepPredictor(torch.nn.Module, ABC):
     def postprocess(self, decoded: torch.Tensor) -> torch.Tensor:
         """Decoded RGB `[B, 3, H, W]` -> float32 map in the output kind's range."""
 
+    def head(self, image_latent: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Everything after the encoder: UNet, decoder, post-processing (the multi-seed path repeats only this)."""
+        return self.postprocess(self.decode(self.predict_latent(image_latent, noise)))
+
     def forward(self, images: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
-        latent = self.predict_latent(self.encode(images), noise)
-        return self.postprocess(self.decode(latent))
+        return self.head(self.encode(images), noise)
+
+
+def seeded_noise(seeds: Sequence[int], latent_hw: tuple[int, int]) -> torch.Tensor:
+    """Lotus-G noise `[B, 4, h, w]` float32, one latent per seed, drawn on the CPU so that every device and
+    backend gets the same numbers for the same seed."""
+    return torch.cat(
+        [torch.randn((1, 4, *latent_hw), generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds]
+    )

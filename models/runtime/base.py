@@ -16,7 +16,9 @@ from typing import Literal, get_args
 import torch
 
 from models.errors import ModelError
+from models.export.graphs import ENCODER, HEAD
 from models.outputs import OutputKind
+from models.predictors.base import seeded_noise
 
 Backend = Literal["torch", "onnxruntime", "tensorrt", "triton"]
 BACKENDS: tuple[Backend, ...] = get_args(Backend)
@@ -80,8 +82,7 @@ class Runtime(ABC):
         """Seeded noise for generative families, drawn on the CPU so every backend and device gets the same numbers."""
         if not self.generative:
             return None
-        noise = [torch.randn((1, 4, *latent_hw), generator=torch.Generator("cpu").manual_seed(int(s))) for s in seeds]
-        return torch.cat(noise).to(self.device)
+        return seeded_noise(seeds, latent_hw).to(self.device)
 
     def head_inputs(self, latents: torch.Tensor, noise: torch.Tensor | None) -> dict[str, torch.Tensor]:
         """The head graph's named inputs: the latent, and for Lotus-G its noise (same shape)."""
@@ -108,8 +109,8 @@ class GraphRuntime(Runtime):
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         b, _, h, w = images.shape
-        return self._run("encoder", {"image": images}, "latent", (b, 4, h // 8, w // 8))
+        return self._run(ENCODER, {"image": images}, "latent", (b, 4, h // 8, w // 8))
 
     def head(self, latents: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
         b, _, lh, lw = latents.shape
-        return self._run("head", self.head_inputs(latents, noise), "map", (b, self.out_channels, lh * 8, lw * 8))
+        return self._run(HEAD, self.head_inputs(latents, noise), "map", (b, self.out_channels, lh * 8, lw * 8))

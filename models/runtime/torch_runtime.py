@@ -18,15 +18,11 @@ class TorchRuntime(Runtime):
         self.output_kind = core.output_kind
         self.generative = core.generative
         self._encode = self.core.encode
-        self._head = self._head_eager
+        self._head = self.core.head
         if compile:
             # Dynamic shapes: resolution buckets and batch sizes vary; one graph per shape would recompile forever.
             self._encode = torch.compile(self.core.encode, dynamic=True)
-            self._head = torch.compile(self._head_eager, dynamic=True)
-
-    def _head_eager(self, latents: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
-        core = self.core
-        return core.postprocess(core.decode(core.predict_latent(latents, noise)))
+            self._head = torch.compile(self.core.head, dynamic=True)
 
     @torch.inference_mode()
     def encode(self, images: torch.Tensor) -> torch.Tensor:

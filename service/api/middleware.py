@@ -6,9 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import re
 import time
-import uuid
 from urllib.parse import parse_qs
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -17,7 +15,6 @@ from service import logs, metrics
 from service.api.problems import PROBLEM, problem_body
 
 log = logging.getLogger(__name__)
-REQUEST_ID = re.compile(r"^[\w.:-]{1,128}$")
 
 
 class RequestIdMiddleware:
@@ -34,9 +31,7 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        given = _header(scope, b"x-request-id")
-        request_id = given if given and REQUEST_ID.match(given) else uuid.uuid4().hex
-        traceparent = logs.valid_traceparent(_header(scope, b"traceparent")) or logs.new_traceparent()
+        request_id, traceparent = logs.request_identity(_header(scope, b"x-request-id"), _header(scope, b"traceparent"))
         state = scope.setdefault("state", {})
         state["request_id"], state["traceparent"] = request_id, traceparent
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service import metrics
 from service.api.schemas import ModelsOut
+from service.probes import metrics_response
 from service.readiness import readiness
 
 models_router = APIRouter(prefix="/v1", tags=["models"])
@@ -35,4 +34,4 @@ async def readyz(request: Request) -> JSONResponse:
 
 @health_router.get("/metrics", summary="Prometheus metrics of this process", response_class=Response)
 async def prometheus_metrics() -> Response:
-    return Response(generate_latest(metrics.REGISTRY), media_type=CONTENT_TYPE_LATEST)
+    return metrics_response()

@@ -301,6 +301,4 @@ class DenseServicer(dense_pb2_grpc.DenseServiceServicer):
 def _log_context(context: grpc.aio.ServicerContext) -> contextlib.AbstractContextManager[None]:
     """The call's `x-request-id` and `traceparent` metadata (or new ones) for the logs and the job."""
     meta = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
-    given = meta.get("x-request-id", "")
-    request_id = given if given and len(given) <= 128 else uuid.uuid4().hex
-    return logs.context(request_id, logs.valid_traceparent(meta.get("traceparent")) or logs.new_traceparent())
+    return logs.context(*logs.request_identity(meta.get("x-request-id"), meta.get("traceparent")))

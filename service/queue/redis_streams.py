@@ -222,23 +222,36 @@ class RedisBroker(Broker):
             b"attempt": str(attempt).encode(),
         }
 
-    async def _check_depth(self, model: str) -> None:
-        """429 when pending + lag of the model's stream reaches `max_depth`."""
+    async def _group(self, model: str) -> dict | None:
+        """XINFO GROUPS of the model's stream, our group's entry (None while no stream or group exists yet)."""
         try:
             groups = await self.r.xinfo_groups(self._key("jobs", model))
         except ResponseError:
-            return  # no stream yet: nothing waits
-        group = next((g for g in groups if g.get("name") in (GROUP, GROUP.encode())), None)
+            return None
+        return next((g for g in groups if g.get("name") in (GROUP, GROUP.encode())), None)
+
+    @staticmethod
+    def _stats_of(group: dict | None) -> QueueStats:
+        """lag = entries no worker has read yet; pending = read and not yet acknowledged."""
         if group is None:
-            return
+            return QueueStats(depth=0, pending=0, lag=0)
+        lag = group.get("lag")
+        lag = int(lag) if isinstance(lag, int) else 0
+        return QueueStats(depth=lag, pending=int(group.get("pending") or 0), lag=lag)
+
+    async def _check_depth(self, model: str) -> None:
+        """429 when pending + lag of the model's stream reaches `max_depth`."""
+        group = await self._group(model)
+        if group is None:
+            return  # no stream yet: nothing waits
         read = group.get("entries-read")
         if isinstance(read, int):
             last = self._entries_read.get(model)
             if last is not None and read > last:
                 self._rates[model].record(read - last)
             self._entries_read[model] = read
-        lag = group.get("lag")
-        depth = int(group.get("pending") or 0) + (int(lag) if isinstance(lag, int) else 0)
+        stats = self._stats_of(group)
+        depth = (stats.pending or 0) + (stats.lag or 0)
         if depth >= self.max_depth:
             raise QueueFull(
                 f"{depth} jobs are pending or waiting for model '{model}' (limit {self.max_depth})",
@@ -576,14 +589,4 @@ class RedisBroker(Broker):
         return len(self._reclaimed.get(model, []))
 
     async def queue_stats(self, model: str) -> QueueStats:
-        """The stream as the group sees it: lag = not yet read by any worker, pending = read, not acknowledged."""
-        try:
-            groups = await self.r.xinfo_groups(self._key("jobs", model))
-        except ResponseError:
-            return QueueStats(depth=0, pending=0, lag=0)
-        group = next((g for g in groups if g.get("name") in (GROUP, GROUP.encode())), None)
-        if group is None:
-            return QueueStats(depth=0, pending=0, lag=0)
-        lag = group.get("lag")
-        lag = int(lag) if isinstance(lag, int) else 0
-        return QueueStats(depth=lag, pending=int(group.get("pending") or 0), lag=lag)
+        return self._stats_of(await self._group(model))

@@ -70,6 +70,7 @@ class Lane:
         pending: list[Prepared] = []
         backoff = 0.05
         while not (stop.is_set() and not pending):
+            deliveries: list[Delivery] = []
             if not stop.is_set():
                 wait = self._time_to_due(pending) if pending else IDLE_POLL_S
                 try:
@@ -79,8 +80,9 @@ class Lane:
                     log.warning("lane %s: %s; retrying in %.2fs", self.model_id, exc.detail, backoff)
                     await asyncio.sleep(backoff)
                     backoff = min(backoff * 2, BACKOFF_MAX_S)
-                    deliveries = []
-                pending.extend(await self._prepare(deliveries))
+            # One look per round at which held or new jobs their clients gave up on (Redis cancel markers).
+            await self.broker.refresh_abandoned([*(p.delivery for p in pending), *deliveries])
+            pending.extend(await self._prepare(deliveries))
             pending = await self._drop_dead(pending)
             batch = self._take_due(pending, force=stop.is_set())
             if batch:
@@ -114,8 +116,6 @@ class Lane:
         return group
 
     async def _drop_dead(self, pending: list[Prepared]) -> list[Prepared]:
-        if pending:
-            await self.broker.refresh_abandoned([p.delivery for p in pending])
         now = time.time()
         return [p for p in pending if not await self._dispose_if_dead(p.delivery, now)]
 
@@ -133,8 +133,6 @@ class Lane:
     # ------------------------------------------------------------------ stages
 
     async def _prepare(self, deliveries: list[Delivery]) -> list[Prepared]:
-        if deliveries:
-            await self.broker.refresh_abandoned(deliveries)
         now = time.time()
         deliveries = [d for d in deliveries if not await self._dispose_if_dead(d, now)]
         loop = asyncio.get_running_loop()
