@@ -7,13 +7,15 @@ here is identical for all of them, and runs on the runtime's device.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
-from models.outputs import Family, OutputKind, PredictionMap, Task, task_of
+from models.outputs import Family, MapForm, OutputKind, PredictionMap, Task, task_of
+from models.predictors.forms import to_form
 from models.predictors.processing import Geometry, normalize_vectors, plan, preprocess, resize_back, unpad
 from models.runtime.base import Runtime
 from models.uncertainty import Reduction, reduce_normals, reduce_scalar
@@ -21,12 +23,20 @@ from models.uncertainty import Reduction, reduce_normals, reduce_scalar
 
 @dataclass(frozen=True)
 class BatchItem:
-    """One image ready for a forward pass: its pixels, its geometry, and per-request options."""
+    """One image ready for a forward pass: its pixels, its geometry, and per-request options.
+
+    `image` is `[h, w, 3]` uint8 or float32 in [0, 1]; it may be smaller than `geometry.input_hw` (a JPEG
+    decoded at a reduced DCT scale), never smaller than the processing size. `form` is what the map becomes
+    on the device before it is copied to the CPU. `tensor`, when set (`DensePredictor.prepare`), is the
+    model's input already made: `[3, PH, PW]` in [-1, 1].
+    """
 
     image: np.ndarray
     geometry: Geometry
     seed: int | None = None
     match_input_resolution: bool = True
+    form: MapForm = "float32"
+    tensor: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -71,9 +81,11 @@ class DensePredictor:
 
     def plan(self, image: np.ndarray, processing_res: int | None = None) -> Geometry:
         """Sizes for one image; a ValueError when the runtime cannot run them (an engine built for less)."""
-        geometry = plan(
-            image.shape[0], image.shape[1], self.processing_res if processing_res is None else processing_res
-        )
+        return self.plan_size(image.shape[0], image.shape[1], processing_res)
+
+    def plan_size(self, height: int, width: int, processing_res: int | None = None) -> Geometry:
+        """`plan` from the image's size alone (the header), before its pixels are decoded."""
+        geometry = plan(height, width, self.processing_res if processing_res is None else processing_res)
         limit = self.runtime.max_hw
         if limit is not None and any(v > m for v, m in zip(geometry.padded_hw, limit, strict=True)):
             raise ValueError(
@@ -98,13 +110,12 @@ class DensePredictor:
         match_input_resolution: bool = True,
         batch_size: int = 8,
         on_batch: Callable[[int], None] | None = None,
+        form: MapForm = "float32",
     ) -> list[PredictionMap]:
-        """Predict one map per `[H, W, 3]` float32 image in [0, 1], in input order.
+        """Predict one map per `[H, W, 3]` image (uint8, or float32 in [0, 1]), in input order.
 
         Images that share a processing shape run together, `batch_size` at a time, in one forward pass.
         """
-        if batch_size < 1:
-            raise ValueError("batch_size must be >= 1")
         if seeds is None or isinstance(seeds, int):
             seed_list = [seeds] * len(images)
         elif len(seeds) != len(images):
@@ -112,9 +123,17 @@ class DensePredictor:
         else:
             seed_list = list(seeds)
         items = [
-            BatchItem(img, self.plan(img, processing_res), self.resolve_seed(s), match_input_resolution)
+            BatchItem(img, self.plan(img, processing_res), self.resolve_seed(s), match_input_resolution, form)
             for img, s in zip(images, seed_list, strict=True)
         ]
+        return self.predict_items(items, batch_size=batch_size, on_batch=on_batch)
+
+    def predict_items(
+        self, items: Sequence[BatchItem], *, batch_size: int = 8, on_batch: Callable[[int], None] | None = None
+    ) -> list[PredictionMap]:
+        """`predict` for items already planned (their pixels may be smaller than their input size)."""
+        if batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
         results: dict[int, PredictionMap] = {}
         for batch in _batches(list(enumerate(items)), batch_size):
             maps = self.predict_batch([item for _, item in batch])
@@ -123,25 +142,66 @@ class DensePredictor:
                 on_batch(len(batch))
         return [results[i] for i in range(len(items))]
 
+    @property
+    def finishes_on_host(self) -> bool:
+        """True when the runtime's device is the CPU: then a server finishes maps (crop, resize back, quantise)
+        on its I/O threads while the model runs the next batch; on a GPU they finish on the device, where
+        that costs next to nothing and only the final integer map is copied back."""
+        return self.runtime.device.type == "cpu"
+
     @torch.inference_mode()
     def predict_batch(self, items: Sequence[BatchItem], stages: dict[str, float] | None = None) -> list[PredictionMap]:
         """ONE forward pass of encoder, UNet and decoder over items that share a padded shape.
 
-        `stages`, when given, receives the seconds spent in encode, unet_decode and postprocess.
+        Pre- and post-processing run on the runtime's device: the pixels go over as they were decoded
+        (uint8), and each map comes back in its item's `form`. `stages`, when given, receives the seconds
+        spent in preprocess, encode, unet_decode and postprocess (the copy back to the CPU included).
         """
+        stages = {} if stages is None else stages
+        maps = self.predict_raw(items, stages)
+        start = time.perf_counter()
+        out = [self.finish(it, pred) for it, pred in zip(items, maps, strict=True)]
+        stages["postprocess"] = stages.get("postprocess", 0.0) + time.perf_counter() - start
+        return out
+
+    @torch.inference_mode()
+    def predict_raw(self, items: Sequence[BatchItem], stages: dict[str, float] | None = None) -> torch.Tensor:
+        """The forward pass alone: `[B, C, PH, PW]` maps at the padded processing size, on the device.
+        `finish` turns each into its answer."""
         shapes = {it.geometry.padded_hw for it in items}
         if len(shapes) != 1:
             raise ValueError(f"a batch must share one processing shape, got {sorted(shapes)}")
         rt = self.runtime
-        x = torch.stack([_to_tensor(it) for it in items])
+        stages = {} if stages is None else stages
+        start = time.perf_counter()
+        x = torch.stack([it.tensor if it.tensor is not None else _to_tensor(it, rt.device) for it in items])
         seeds = [self.default_seed if it.seed is None else it.seed for it in items]
         noise = rt.make_noise(seeds, items[0].geometry.latent_hw)
-        stages = {} if stages is None else stages
-        maps = rt.run_timed(x.to(rt.device), noise, stages)
-        start = time.perf_counter()
-        out = [self._finish(it, pred) for it, pred in zip(items, maps, strict=True)]
-        stages["postprocess"] = stages.get("postprocess", 0.0) + time.perf_counter() - start
-        return out
+        rt.synchronize()
+        stages["preprocess"] = stages.get("preprocess", 0.0) + time.perf_counter() - start
+        return rt.run_timed(x.to(rt.device), noise, stages)
+
+    @torch.inference_mode()
+    def prepare(self, item: BatchItem) -> BatchItem:
+        """On a CPU runtime, make the model's input now (a server does it on its I/O threads while the model
+        runs another batch); on a GPU the pixels go over as they are and are prepared on the device."""
+        if not self.finishes_on_host or item.tensor is not None:
+            return item
+        return replace(item, tensor=_to_tensor(item, self.runtime.device))
+
+    @torch.inference_mode()
+    def finish(self, item: BatchItem, pred: torch.Tensor) -> PredictionMap:
+        """One raw map -> its answer: crop the padding, resize back, per-family post-processing, the item's
+        form; only that final form is copied to the CPU."""
+        final = to_form(self._finish_tensor(item, pred), self.output_kind, item.form).cpu()
+        return PredictionMap(
+            array=final.numpy(),
+            kind=self.output_kind,
+            model_id=self.model_id,
+            processing_size=item.geometry.processing_hw,
+            seed=item.seed,
+            form=item.form,
+        )
 
     @torch.inference_mode()
     def predict_uncertainty(
@@ -157,7 +217,8 @@ class DensePredictor:
         if len(seeds) < 2:
             raise ValueError("uncertainty needs at least two seeds")
         rt = self.runtime
-        latent = rt.encode(_to_tensor(item).unsqueeze(0).to(rt.device))
+        image = item.tensor if item.tensor is not None else _to_tensor(item, rt.device)
+        latent = rt.encode(image.to(rt.device).unsqueeze(0))
         noise = rt.make_noise(seeds, item.geometry.latent_hw)
         maps = rt.head(latent.expand(len(seeds), -1, -1, -1).contiguous(), noise)
         members = torch.stack([self._finish_tensor(item, m) for m in maps]).cpu()
@@ -195,20 +256,15 @@ class DensePredictor:
             pred = (pred - lo) / (hi - lo).clamp(min=1e-6)
         return pred
 
-    def _finish(self, item: BatchItem, pred: torch.Tensor) -> PredictionMap:
-        pred = self._finish_tensor(item, pred).cpu()
-        array = pred.permute(1, 2, 0) if self.output_kind == "normals" else pred[0]
-        return PredictionMap(
-            array=_numpy(array),
-            kind=self.output_kind,
-            model_id=self.model_id,
-            processing_size=item.geometry.processing_hw,
-            seed=item.seed,
-        )
 
-
-def _to_tensor(item: BatchItem) -> torch.Tensor:
-    return preprocess(torch.from_numpy(item.image).permute(2, 0, 1), item.geometry)
+def _to_tensor(item: BatchItem, device: torch.device) -> torch.Tensor:
+    """Pixels to the device as they are, then `[3, PH, PW]` in [-1, 1] there (uint8 scaled by 1 / 255)."""
+    with warnings.catch_warnings():  # decoded images may be read-only views; torch only reads them
+        warnings.simplefilter("ignore", UserWarning)
+        pixels = torch.from_numpy(item.image)
+    pixels = pixels.to(device).permute(2, 0, 1)
+    image = pixels.float() / 255.0 if pixels.dtype == torch.uint8 else pixels.float()
+    return preprocess(image, item.geometry)
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:

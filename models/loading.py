@@ -138,6 +138,11 @@ def load_model(
         return _load_export(spec, path, Manifest.read(path), chosen, device)
     cfg = CheckpointConfig.read(path)
     ident = identify(spec, cfg)
+    if chosen == "simulated":
+        from models.runtime.simulated_runtime import SimulatedRuntime
+
+        simulated = SimulatedRuntime(ident.output_kind, ident.family == "lotus-g", spec.simulated_batch_ms)
+        return DensePredictor(simulated, spec.id, ident.family, ident.processing_res, spec.seed)
     if chosen in ("auto", "torch"):
         dev = pick_device(device)
         dt = pick_dtype(dtype or spec.dtype, dev)

@@ -13,6 +13,10 @@ import numpy as np
 Family = Literal["lotus-g", "lotus-d", "e2e-ft"]
 Task = Literal["depth", "normals"]
 OutputKind = Literal["depth", "disparity", "normals"]
+#: What a map is when it leaves the runtime's device: float32 values, float16 values, quantised integers
+#: (uint16 `round(v * 65535)` for [0, 1] maps, uint8 `round((n + 1) / 2 * 255)` for normals), or the 8-bit RGB
+#: colour preview. Only the final form crosses to the CPU: a 1080p uint16 map is half the bytes of float32.
+MapForm = Literal["float32", "float16", "quantized", "color"]
 
 FAMILIES: tuple[Family, ...] = ("lotus-g", "lotus-d", "e2e-ft")
 TASKS: tuple[Task, ...] = ("depth", "normals")
@@ -27,8 +31,9 @@ def task_of(kind: OutputKind) -> Task:
 class PredictionMap:
     """One image's prediction at the input (or processing) resolution.
 
-    `array` is float32: `[H, W]` for depth/disparity in [0, 1], `[H, W, 3]` unit vectors for normals.
-    Depth and disparity are affine-invariant: only relative values are meaningful.
+    `array` is `[H, W]` for depth/disparity in [0, 1], `[H, W, 3]` unit vectors for normals, in `form`
+    (float32 unless the caller asked the predictor for another). Depth and disparity are affine-invariant:
+    only relative values are meaningful.
     """
 
     array: np.ndarray
@@ -37,6 +42,19 @@ class PredictionMap:
     processing_size: tuple[int, int]
     seed: int | None = None
     extra: dict[str, object] = field(default_factory=dict)
+    form: MapForm = "float32"
+
+    def float_array(self) -> np.ndarray:
+        """The values as float32 (quantised ones scaled back); the colour preview has none."""
+        if self.form == "float32":
+            return self.array
+        if self.form == "float16":
+            return self.array.astype(np.float32)
+        if self.form == "quantized":
+            if self.kind == "normals":
+                return self.array.astype(np.float32) / 255.0 * 2.0 - 1.0
+            return self.array.astype(np.float32) / 65535.0
+        raise ValueError("a colour preview has no values to recover")
 
     @property
     def affine_invariant(self) -> bool:

@@ -16,7 +16,7 @@ from models.outputs import Family, OutputKind, Task
 SPECS_DIR = Path(__file__).parent / "specs"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 DEFAULT_PROCESSING_RES = 768
-BACKEND_CHOICES = ("auto", "torch", "onnxruntime", "tensorrt", "triton")
+BACKEND_CHOICES = ("auto", "torch", "onnxruntime", "tensorrt", "triton", "simulated")
 
 
 class ModelSpec(BaseModel):
@@ -42,7 +42,7 @@ class ModelSpec(BaseModel):
     minmax_normalize: bool = Field(
         default=False, description="E2E-FT repo behaviour: min-max normalise each depth map (off = diffusers)"
     )
-    backend: Literal["auto", "torch", "onnxruntime", "tensorrt", "triton"] = Field(
+    backend: Literal["auto", "torch", "onnxruntime", "tensorrt", "triton", "simulated"] = Field(
         default="auto", description="auto: torch for a checkpoint, the export's own backend for an export folder"
     )
     compile: bool = Field(default=False, description="torch backend: torch.compile the graphs")
@@ -53,6 +53,9 @@ class ModelSpec(BaseModel):
         default=None, description="resolution buckets an automatic export is built for (default processing_res)"
     )
     triton_url: str | None = Field(default=None, description="backend triton: the server's gRPC address")
+    simulated_batch_ms: float = Field(
+        default=100.0, ge=0, description="backend simulated (benchmarks): what each batch sleeps instead of computing"
+    )
     max_batch_size: int | None = Field(default=None, ge=1, description="serving: largest batch (None = global)")
     max_queue_delay_ms: float | None = Field(
         default=None, ge=0, description="serving: longest wait to fill a batch (None = global)"

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from models.spec import ModelSpec
     from service.config import Settings
 
-FORMATS = ("png16", "npy", "color")
+FORMATS = ("png16", "npy", "color", "exr", "tiff")
 
 
 def _quiet_hub_libraries() -> None:
@@ -103,13 +103,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--processing-res", type=_processing_res, help="long edge to process at (0 = native)")
     p.add_argument("--seed", type=int, help="Lotus-G noise seed (default: the spec's, 0)")
     p.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default 4)")
-    p.add_argument("--format", type=_formats, default=["png16"], help="comma list of png16,npy,color")
+    p.add_argument("--format", type=_formats, default=["png16"], help="comma list of png16,npy,color,exr,tiff")
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N (default: the spec's, auto)")
     p.add_argument("--dtype", choices=("auto", "fp16", "fp32"), help="default: fp16 on CUDA, fp32 on CPU")
     p.add_argument("--max-pixels", type=int, default=None, help="refuse larger images (default 40 MP)")
     p.add_argument("--native-size", action="store_true", help="return maps at the processing size, not the input's")
     p.add_argument("--backend", choices=BACKEND_CHOICES, help="runtime (default: the spec's; auto = torch)")
+    p.add_argument("--io-threads", type=int, help="threads that decode and encode beside the model (default: cores)")
+    p.add_argument("--png-compression", type=int, choices=range(10), default=1, metavar="0-9", help="default 1")
+    p.add_argument("--no-jpeg-draft", dest="jpeg_draft", action="store_false", help="always decode JPEGs at full size")
     p.set_defaults(func=cmd_predict)
 
     s = sub.add_parser("serve", help="run the REST API (and gRPC) with the worker in one process")
@@ -214,9 +217,11 @@ def _serving_setup(args: argparse.Namespace) -> tuple[Settings, list[ModelSpec],
     """Settings from file/env/flags, the specs to serve (tiny ones when none), checked before starting."""
     from service.config import load_settings
     from service.embedded import preflight, serving_specs
+    from service.worker.encode import EncodeOptions
 
     keys = ("host", "port", "models", "api_keys", "queue", "redis_url", "worker_name", "backend", "metrics_port")
     settings = load_settings(args.config, **{k: getattr(args, k, None) for k in keys})
+    EncodeOptions(settings.png_compression, settings.tiff_compression).check()
     specs, tiny = serving_specs(settings)
     preflight(specs)
     return settings, specs, tiny
@@ -331,28 +336,29 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
-def output_files(pred: PredictionMap, stem: str, formats: Sequence[str]) -> dict[str, bytes]:
-    from service import codec
+def output_files(pred: PredictionMap, stem: str, formats: Sequence[str], png_level: int = 1) -> dict[str, bytes]:
+    from service.worker.encode import EncodeOptions, encode_prediction
 
-    files: dict[str, bytes] = {}
-    for fmt in formats:
-        if fmt == "png16":
-            files[f"{stem}_{pred.kind}.png"] = codec.encode_map_png(pred)
-        elif fmt == "npy":
-            files[f"{stem}_{pred.kind}.npy"] = codec.encode_npy(pred.array)
-        elif fmt == "color":
-            files[f"{stem}_{pred.kind}_color.png"] = codec.encode_color_png(pred)
-    return files
+    options = EncodeOptions(png_level)
+    names = {"png16": "{}.png", "npy": "{}.npy", "color": "{}_color.png", "exr": "{}.exr", "tiff": "{}.tiff"}
+    return {names[fmt].format(f"{stem}_{pred.kind}"): encode_prediction(pred, fmt, options) for fmt in formats}
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    """Decode the next chunk and encode the last one on a thread pool while the model runs this one."""
     if args.batch_size < 1:
         print("error: --batch-size must be >= 1", file=sys.stderr)
         return 2
     _quiet_hub_libraries()
+    import os
+    from concurrent.futures import Future, ThreadPoolExecutor
+
     from tqdm import tqdm
 
+    from models.inference import BatchItem
     from service import codec
+    from service.worker.encode import FORM_OF
+    from service.worker.prepare import decode_for
 
     max_pixels = args.max_pixels or codec.DEFAULT_MAX_PIXELS
     try:
@@ -362,38 +368,54 @@ def cmd_predict(args: argparse.Namespace) -> int:
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     stems = _unique_stems(args.images)
-    failed = 0
+    # One format: the map leaves the device in that format's form (uint16 for png16, ...); several: float32.
+    form = FORM_OF[args.format[0]] if len(args.format) == 1 else "float32"
     chunk = args.batch_size * 8  # decode lazily: memory stays bounded for long file lists
+    failed = 0
     start = time.perf_counter()
-    with tqdm(total=len(args.images), unit="img", disable=len(args.images) < 2, file=sys.stderr) as bar:
-        for lo in range(0, len(args.images), chunk):
-            names, images = [], []
-            for path, stem in zip(args.images[lo : lo + chunk], stems[lo : lo + chunk], strict=True):
-                try:
-                    images.append(codec.decode_image(path, max_pixels))
-                    names.append(stem)
-                except codec.ImageDecodeError as exc:
+
+    def prepare(path: Path) -> BatchItem | str:
+        try:
+            pixels, geometry = decode_for(model, path, args.processing_res, max_pixels, args.jpeg_draft)
+        except (codec.ImageDecodeError, ValueError) as exc:
+            return f"error: {path}: {exc}"
+        return BatchItem(pixels, geometry, model.resolve_seed(args.seed), not args.native_size, form)
+
+    def write(stem: str, pred: PredictionMap) -> None:
+        for name, data in output_files(pred, stem, args.format, args.png_compression).items():
+            (args.out / name).write_bytes(data)
+
+    with (
+        ThreadPoolExecutor(args.io_threads or os.cpu_count() or 4) as pool,
+        tqdm(total=len(args.images), unit="img", disable=len(args.images) < 2, file=sys.stderr) as bar,
+    ):
+        spans = [(lo, min(lo + chunk, len(args.images))) for lo in range(0, len(args.images), chunk)]
+        decoding = [pool.submit(prepare, p) for p in args.images[slice(*spans[0])]] if spans else []
+        writing: list[Future[None]] = []
+        for k, (lo, hi) in enumerate(spans):
+            prepared = [f.result() for f in decoding]
+            if k + 1 < len(spans):
+                decoding = [pool.submit(prepare, p) for p in args.images[slice(*spans[k + 1])]]
+            items, names = [], []
+            for stem, result in zip(stems[lo:hi], prepared, strict=True):
+                if isinstance(result, str):
                     failed += 1
                     bar.update(1)
-                    tqdm.write(f"error: {path}: {exc}", file=sys.stderr)
-            if not images:
-                continue
-            preds = model.predict(
-                images,
-                processing_res=args.processing_res,
-                seeds=args.seed,
-                batch_size=args.batch_size,
-                match_input_resolution=not args.native_size,
-                on_batch=bar.update,
-            )
-            for stem, pred in zip(names, preds, strict=True):
-                for name, data in output_files(pred, stem, args.format).items():
-                    (args.out / name).write_bytes(data)
-    done = len(args.images) - failed
+                    tqdm.write(result, file=sys.stderr)
+                else:
+                    items.append(result)
+                    names.append(stem)
+            preds = model.predict_items(items, batch_size=args.batch_size, on_batch=bar.update) if items else []
+            for done in writing:
+                done.result()  # the previous chunk is on disk before a third one is held in memory
+            writing = [pool.submit(write, stem, pred) for stem, pred in zip(names, preds, strict=True)]
+        for done in writing:
+            done.result()
+    done_count = len(args.images) - failed
     elapsed = time.perf_counter() - start
     print(
-        f"{done} of {len(args.images)} images -> {args.out} ({model.model_id}: {model.family} {model.output_kind}, "
-        f"{elapsed:.2f} s)"
+        f"{done_count} of {len(args.images)} images -> {args.out} ({model.model_id}: {model.family} "
+        f"{model.output_kind}, {elapsed:.2f} s)"
     )
     return 1 if failed else 0
 

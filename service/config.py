@@ -43,7 +43,7 @@ class Settings(BaseSettings):
     )
     device: str | None = Field(default=None, description="override every spec's device (auto, cpu, cuda:N)")
     dtype: Literal["auto", "fp16", "fp32"] | None = None
-    backend: Literal["auto", "torch", "onnxruntime", "tensorrt", "triton"] | None = Field(
+    backend: Literal["auto", "torch", "onnxruntime", "tensorrt", "triton", "simulated"] | None = Field(
         default=None, description="override every spec's runtime; exported ones export checkpoints on first start"
     )
     engine_cache: Path = Field(
@@ -65,7 +65,24 @@ class Settings(BaseSettings):
     max_queue_delay_ms: float = Field(default=5.0, ge=0)
     uncertainty_max_seeds: int = Field(default=32, ge=2, le=32, description="the API's hard cap is 32")
     warmup: bool = Field(default=True, description="run one batch per model before reporting ready")
-    io_threads: int = Field(default=4, ge=1, description="threads for image decode and output encode")
+    io_threads: int = Field(
+        default_factory=lambda: os.cpu_count() or 4,
+        ge=1,
+        description="threads for image decode and output encode (default: one per CPU core)",
+    )
+    png_compression: int = Field(
+        default=1, ge=0, le=9, description="PNG answers: 0-3 fast (ISA-L deflate), 4-9 smaller and slower (zlib)"
+    )
+    jpeg_draft: bool = Field(
+        default=True,
+        description="decode a JPEG at a reduced DCT scale (1/2, 1/4, 1/8) while it stays >= 2x the processing size",
+    )
+    tiff_compression: Literal["deflate", "zstd", "none"] = Field(
+        default="deflate", description="format=tiff answers: deflate (readable everywhere) or zstd (faster)"
+    )
+    http_compression: bool = Field(
+        default=True, description="compress NPY and JSON answers when the client sends Accept-Encoding zstd/gzip"
+    )
     shutdown_grace_s: float = Field(default=30.0, ge=0)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["text", "json"] = Field(

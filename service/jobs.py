@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field
 from models.outputs import OutputKind, Task
 
 JobKind = Literal["predict", "uncertainty"]
-Encoding = Literal["png16", "npy", "color", "raw16", "raw32"]
+Encoding = Literal["png16", "npy", "color", "raw16", "raw32", "exr", "tiff"]
 
 
 class JobParams(BaseModel):

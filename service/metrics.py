@@ -105,9 +105,18 @@ BATCH_SIZE = Histogram(
 )
 COMPUTE_SECONDS = Histogram(
     f"{PREFIX}_compute_seconds",
-    "Time of one batch per stage: encode (VAE encoder), unet_decode (UNet + decoder), postprocess (crop, "
-    "resize, copy to host), output_encode (PNG/NPY); uncertainty (a whole multi-seed pass).",
+    "Time of one batch per stage: preprocess (pixels to the device, resize, pad), encode (VAE encoder), "
+    "unet_decode (UNet + decoder), postprocess (crop, resize back, quantise, copy to host), output_encode "
+    "(PNG/NPY/EXR/TIFF on the I/O pool); uncertainty (a whole multi-seed pass).",
     ["model", "stage"],
+    buckets=STAGE_BUCKETS,
+    registry=REGISTRY,
+)
+COMPUTE_IDLE_SECONDS = Histogram(
+    f"{PREFIX}_compute_idle_seconds",
+    "Device idle time before a batch while its jobs were already in the worker (read, decoding or batching): "
+    "the pipeline's stall. Near 0 when decoding overlaps the previous batch.",
+    ["model"],
     buckets=STAGE_BUCKETS,
     registry=REGISTRY,
 )

@@ -143,7 +143,7 @@ async def test_concurrent_requests_are_batched_and_each_gets_its_answer(tiny_dir
                 for img in images
             )
         )
-        sizes = svc.worker.stats.batch_sizes["lotus-d-depth"]
+        sizes = svc.worker.stats.batch_sizes("lotus-d-depth")
         assert sum(sizes) == 16 and max(sizes) > 1, sizes
         assert max(int(r.headers["x-batch-size"]) for r in replies) > 1
         for img, r in zip(images, replies, strict=True):

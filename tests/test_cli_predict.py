@@ -137,3 +137,33 @@ def test_models_lists_the_shipped_specs(capsys) -> None:
     assert main(["models"]) == 0
     out = capsys.readouterr().out
     assert "GonzaloMG/marigold-e2e-ft-depth" in out and "jingheya/lotus-normal-g-v1-1" in out
+
+
+def test_predict_many_real_size_jpegs_in_every_format(tiny_dir, tmp_path: Path, capsys) -> None:
+    """A folder of 1080p photos: decoded ahead and encoded behind the model on a thread pool, each output equal
+    to the float map it came from (EXR within half precision, TIFF exactly)."""
+    from service import codec
+
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(5):
+        small = rng.integers(0, 256, (27, 48, 3), dtype=np.uint8)
+        path = tmp_path / f"photo{i}.jpg"
+        Image.fromarray(small).resize((1920, 1080), Image.BILINEAR).save(path, quality=90)
+        paths.append(str(path))
+    out = tmp_path / "maps"
+    args = ["predict", *paths, "--model", str(tiny_dir("lotus-d", "depth")), "--processing-res", "64"]
+    assert main([*args, "--format", "npy,png16,exr,tiff", "--out", str(out), "--batch-size", "2"]) == 0
+    assert "5 of 5 images" in capsys.readouterr().out
+    for i in range(5):
+        values = np.load(out / f"photo{i}_depth.npy")
+        assert values.shape == (1080, 1920)
+        png = np.asarray(Image.open(out / f"photo{i}_depth.png"))
+        assert np.array_equal(png, codec.quantize_unit(values))
+        assert np.abs(codec.decode_exr((out / f"photo{i}_depth.exr").read_bytes()) - values).max() <= 2**-11
+        assert np.array_equal(codec.decode_tiff((out / f"photo{i}_depth.tiff").read_bytes()), values)
+    # One format: the map leaves the device already quantised, and the bytes are the same.
+    alone = tmp_path / "alone"
+    assert main([*args, "--format", "png16", "--out", str(alone), "--batch-size", "2"]) == 0
+    for i in range(5):
+        assert (alone / f"photo{i}_depth.png").read_bytes() == (out / f"photo{i}_depth.png").read_bytes()

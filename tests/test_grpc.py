@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 
 import service.worker.registry as registry
+from service import codec
 from service.grpc.codegen import STUBS, generate
 from service.grpc.stubs import dense_pb2 as pb
 from service.grpc.stubs.dense_pb2_grpc import DenseServiceStub
@@ -62,6 +63,14 @@ async def test_unary_equals_rest_and_raw_input_equals_encoded(tiny_dir) -> None:
         assert raw.data == reply.data
         half = await stub.Predict(pb.PredictRequest(encoded=image, seed=3, task=pb.TASK_NORMALS))
         assert half.dtype == "float16" and tuple(half.shape) == (40, 56, 3) and len(half.data) == 40 * 56 * 3 * 2
+        for encoding, decode in (
+            (pb.OUTPUT_ENCODING_EXR, codec.decode_exr),
+            (pb.OUTPUT_ENCODING_TIFF, codec.decode_tiff),
+        ):
+            answer = await stub.Predict(pb.PredictRequest(encoded=image, seed=3, encoding=encoding))
+            assert answer.encoding == encoding and answer.dtype == {4: "exr", 5: "tiff"}[encoding]
+            tolerance = 2**-11 if encoding == pb.OUTPUT_ENCODING_EXR else 0.0
+            assert np.abs(decode(answer.data).astype(np.float32) - got).max() <= tolerance
         models = await stub.ListModels(pb.ListModelsRequest())
         assert {m.id for m in models.models} == {"lotus-g-depth", "lotus-g-normals", "lotus-d-depth"}
 
@@ -94,7 +103,7 @@ async def test_stream_of_100_frames_in_order(tiny_dir) -> None:
         assert [r.frame_id for r in replies] == list(range(100))
         assert all(r.status == pb.FRAME_STATUS_OK for r in replies)
         assert replies[5].data == replies[0].data and replies[1].data != replies[0].data
-        assert max(h.worker.stats.batch_sizes["lotus-d-depth"]) > 1  # the window lets frames batch
+        assert max(h.worker.stats.batch_sizes("lotus-d-depth")) > 1  # the window lets frames batch
 
 
 async def test_drop_stale_keeps_latency_bounded_under_a_slow_worker(tiny_dir) -> None:

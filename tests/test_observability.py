@@ -70,8 +70,9 @@ async def test_requests_move_the_request_batch_stage_and_queue_series(svc) -> No
     # The four concurrent requests waited for each other (300 ms batching window): one batch of 4.
     assert delta("dense_batch_size_count", model=MODEL) == 1 and delta("dense_batch_size_sum", model=MODEL) == 4
     assert delta("dense_queue_wait_seconds_count", model=MODEL) == 4
-    for stage in ("encode", "unet_decode", "postprocess", "output_encode"):
+    for stage in ("preprocess", "encode", "unet_decode", "postprocess", "output_encode"):
         assert delta("dense_compute_seconds_count", model=MODEL, stage=stage) == 1, stage
+    assert delta("dense_compute_idle_seconds_count", model=MODEL) == 1
     assert delta("dense_jobs_total", model=MODEL, status="ok") == 4
     assert value(after, "dense_model_info", model=MODEL, backend="torch", device="cpu") == 1
     assert value(after, "dense_model_load_seconds", model=MODEL) > 0
@@ -79,32 +80,56 @@ async def test_requests_move_the_request_batch_stage_and_queue_series(svc) -> No
 
 async def test_expired_jobs_are_counted_and_queue_gauges_are_sampled(tiny_dir) -> None:
     async with running_service(
-        tiny_dir, models=[("lotus-d", "depth")], max_queue_delay_ms=600.0, metrics_interval_s=0.05
+        tiny_dir, models=[("lotus-g", "depth")], max_batch_size=1, metrics_interval_s=0.05
     ) as svc:
         before = await metrics_now(svc)
-        image = png_bytes(32, 32, seed=2)
+        # A real multi-seed job occupies the device; the next request waits behind it past its deadline.
+        slow = asyncio.create_task(
+            svc.client.post(
+                "/v1/uncertainty?seeds=32&processing_res=256&format=json",
+                content=png_bytes(64, 64, seed=9),
+                headers={"content-type": "image/png"},
+            )
+        )
+        lane = svc.worker.lanes[MODEL]
+        while not lane.busy:
+            assert not slow.done(), slow.result().text
+            await asyncio.sleep(0.01)
         r = await svc.client.post(
-            "/v1/depth?timeout_ms=100", content=image, headers={"content-type": "image/png"}
-        )  # waits in the batching window past its deadline
+            "/v1/depth?timeout_ms=100", content=png_bytes(32, 32, seed=2), headers={"content-type": "image/png"}
+        )
         assert r.status_code == 504
-        await asyncio.sleep(0.8)  # the lane disposes of it when the window closes
-        after = await metrics_now(svc)
+        assert not slow.done(), "the 504 must come while the slow job computes"
+        assert (await slow).status_code == 200
         # The API gave up at the deadline, so the lane finds the job abandoned, or expired; never computed.
-        gone = sum(
-            value(after, f"dense_jobs_{what}_total", model="lotus-d-depth")
-            - value(before, f"dense_jobs_{what}_total", model="lotus-d-depth")
-            for what in ("abandoned", "expired")
-        )
+        gone = 0.0
+        for _ in range(200):
+            after = await metrics_now(svc)
+            gone = sum(
+                value(after, f"dense_jobs_{what}_total", model=MODEL)
+                - value(before, f"dense_jobs_{what}_total", model=MODEL)
+                for what in ("abandoned", "expired")
+            )
+            if gone:
+                break
+            await asyncio.sleep(0.02)
         assert gone == 1
-        assert value(after, "dense_jobs_total", model="lotus-d-depth", status="ok") == value(
-            before, "dense_jobs_total", model="lotus-d-depth", status="ok"
-        )
-        assert ("dense_queue_depth", (("model", "lotus-d-depth"),)) in after
+        assert (
+            value(after, "dense_jobs_total", model=MODEL, status="ok")
+            - value(before, "dense_jobs_total", model=MODEL, status="ok")
+            == 1
+        )  # the slow job only
+        assert delta_count(before, after, "dense_batch_size_count", model=MODEL) == 1
+        assert ("dense_queue_depth", (("model", MODEL),)) in after
         assert (
             value(after, "dense_request_duration_seconds_count", route="/v1/depth", status="504")
             - value(before, "dense_request_duration_seconds_count", route="/v1/depth", status="504")
             == 1
         )
+
+
+def delta_count(before: dict, after: dict, name: str, **labels: str) -> float:
+    return value(after, name, **labels) - value(before, name, **labels)
 
 
 async def test_worker_http_side_answers_probes_and_metrics(tiny_dir) -> None:

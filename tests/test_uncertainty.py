@@ -70,7 +70,7 @@ async def test_endpoint_members_match_single_seed_predictions(tiny_dir, tiny_mod
         assert data["seeds"] == [20, 21, 22, 23] and data["batch_size"] == 4
         # One image's seeds ran as ONE forward pass of batch 4.
         assert svc.worker.stats.forwards[f"lotus-g-{task}"] == forwards + 1
-        assert svc.worker.stats.batch_sizes[f"lotus-g-{task}"][-1] == 4
+        assert svc.worker.stats.batch_sizes(f"lotus-g-{task}")[-1] == 4
         outs = {k: read_npy(base64.b64decode(v["data"])) for k, v in data["outputs"].items()}
         model = tiny_model("lotus-g", task)
         img = codec.decode_image(image)

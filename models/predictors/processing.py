@@ -47,9 +47,12 @@ def plan(height: int, width: int, processing_res: int) -> Geometry:
 
 
 def preprocess(image: torch.Tensor, geometry: Geometry) -> torch.Tensor:
-    """`[3, H, W]` in [0, 1] -> `[3, PH, PW]` in [-1, 1], resized with antialiasing and replicate-padded."""
+    """`[3, H, W]` in [0, 1] -> `[3, PH, PW]` in [-1, 1], resized with antialiasing and replicate-padded.
+
+    `H, W` is usually `geometry.input_hw`; a JPEG decoded at a reduced scale is smaller, and resizes from there.
+    """
     x = image.unsqueeze(0).float()
-    if geometry.processing_hw != geometry.input_hw:
+    if tuple(x.shape[-2:]) != geometry.processing_hw:
         x = F.interpolate(x, geometry.processing_hw, mode="bilinear", antialias=True)
     ph, pw = geometry.processing_hw
     pad_h, pad_w = geometry.padded_hw[0] - ph, geometry.padded_hw[1] - pw

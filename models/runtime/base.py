@@ -20,7 +20,7 @@ from models.export.graphs import ENCODER, HEAD
 from models.outputs import OutputKind
 from models.predictors.base import seeded_noise
 
-Backend = Literal["torch", "onnxruntime", "tensorrt", "triton"]
+Backend = Literal["torch", "onnxruntime", "tensorrt", "triton", "simulated"]
 BACKENDS: tuple[Backend, ...] = get_args(Backend)
 
 
@@ -62,15 +62,16 @@ class Runtime(ABC):
         """
         start = time.perf_counter()
         latent = self.encode(images)
-        self._sync()
+        self.synchronize()
         mid = time.perf_counter()
         maps = self.head(latent, noise)
-        self._sync()
+        self.synchronize()
         stages["encode"] = stages.get("encode", 0.0) + mid - start
         stages["unet_decode"] = stages.get("unet_decode", 0.0) + time.perf_counter() - mid
         return maps
 
-    def _sync(self) -> None:
+    def synchronize(self) -> None:
+        """Wait for the device (a no-op on the CPU): stage timings must not absorb queued kernels."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 

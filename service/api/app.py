@@ -10,7 +10,7 @@ from fastapi import Depends, FastAPI
 
 from service.api import problems
 from service.api.auth import check_api_key
-from service.api.middleware import BodyLimitMiddleware, MetricsMiddleware, RequestIdMiddleware
+from service.api.middleware import BodyLimitMiddleware, MetricsMiddleware, RequestIdMiddleware, add_compression
 from service.api.routes_meta import health_router, models_router
 from service.api.routes_predict import router as predict_router
 from service.api.schemas import PredictionJSON
@@ -67,6 +67,8 @@ def create_app(
     app.include_router(health_router, dependencies=[] if settings.auth_exempt_health else auth)
     app.add_middleware(BodyLimitMiddleware, max_image_bytes=settings.max_upload_bytes)
     app.add_middleware(RequestIdMiddleware)
+    if settings.http_compression:
+        add_compression(app)
     if settings.metrics_enabled:
         app.add_middleware(MetricsMiddleware)  # outermost: measures everything, 413s and 500s included
 

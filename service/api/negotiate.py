@@ -7,7 +7,21 @@ from dataclasses import dataclass
 from service.errors import ServiceError
 from service.jobs import Encoding
 
-MEDIA_TYPES: dict[Encoding, str] = {"png16": "image/png", "color": "image/png", "npy": "application/x-npy"}
+MEDIA_TYPES: dict[Encoding, str] = {
+    "png16": "image/png",
+    "color": "image/png",
+    "npy": "application/x-npy",
+    "exr": "image/x-exr",
+    "tiff": "image/tiff",
+}
+FORMATS: dict[str, Encoding] = {
+    "png": "png16",
+    "png16": "png16",
+    "npy": "npy",
+    "color": "color",
+    "exr": "exr",
+    "tiff": "tiff",
+}
 
 
 class NotAcceptable(ServiceError):
@@ -29,7 +43,7 @@ def choose(fmt: str | None, accept: str | None, json_encoding: str = "png") -> O
     if fmt:
         if fmt == "json":
             return OutputChoice(True, inner)
-        return OutputChoice(False, {"png": "png16", "png16": "png16", "npy": "npy", "color": "color"}[fmt])
+        return OutputChoice(False, FORMATS[fmt])
     for media in _ranked(accept or "*/*"):
         if media == "application/json":
             return OutputChoice(True, inner)
@@ -37,9 +51,13 @@ def choose(fmt: str | None, accept: str | None, json_encoding: str = "png") -> O
             return OutputChoice(False, "npy")
         if media in ("image/png", "image/*", "*/*"):
             return OutputChoice(False, "png16")
+        if media in ("image/x-exr", "image/aces"):
+            return OutputChoice(False, "exr")
+        if media in ("image/tiff", "image/tiff-fx"):
+            return OutputChoice(False, "tiff")
     raise NotAcceptable(
-        f"cannot produce any of: {accept}; available: image/png, application/x-npy, application/json "
-        "(or use the format parameter)"
+        f"cannot produce any of: {accept}; available: image/png, application/x-npy, image/x-exr, image/tiff, "
+        "application/json (or use the format parameter)"
     )
 
 

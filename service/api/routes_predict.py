@@ -29,7 +29,7 @@ _PARAMS_DOC = {
     "match_input_resolution": "resize the map back to the input size (default true)",
     "seed": "Lotus-G noise seed (default 0)",
     "timeout_ms": "deadline for this request (default 30000)",
-    "format": "png | npy | json | color (default: by Accept, else 16-bit PNG)",
+    "format": "png | npy | json | color | exr | tiff (default: by Accept, else 16-bit PNG)",
     "json_encoding": "png | npy: how maps are encoded inside a JSON response",
 }
 _UNC_DOC = {
@@ -76,6 +76,8 @@ def _openapi(params: dict[str, str], binary_doc: str) -> dict[str, Any]:
                 "content": {
                     "image/png": {"schema": {"type": "string", "format": "binary"}},
                     "application/x-npy": {"schema": {"type": "string", "format": "binary"}},
+                    "image/x-exr": {"schema": {"type": "string", "format": "binary"}},
+                    "image/tiff": {"schema": {"type": "string", "format": "binary"}},
                     "application/json": {"schema": {"$ref": "#/components/schemas/PredictionJSON"}},
                 },
             }
@@ -105,7 +107,11 @@ _MODELS = {"PredictionJSON": PredictionJSON}
     "/depth",
     summary="Depth (or disparity) map of an image",
     responses=_ERRORS,
-    openapi_extra=_openapi(_PARAMS_DOC, "16-bit PNG (round(v * 65535)), float32 NPY, JSON, or a colour preview"),
+    openapi_extra=_openapi(
+        _PARAMS_DOC,
+        "16-bit PNG (round(v * 65535)), float32 NPY, half-float EXR (channel Y), float32 TIFF, JSON, or a colour "
+        "preview",
+    ),
 )
 async def depth(request: Request) -> Response:
     return await _handle(request, "predict", "depth")
@@ -115,7 +121,10 @@ async def depth(request: Request) -> Response:
     "/normals",
     summary="Surface normals of an image",
     responses=_ERRORS,
-    openapi_extra=_openapi(_PARAMS_DOC, "8-bit RGB PNG ((n + 1) / 2 * 255), float32 NPY [H, W, 3], or JSON"),
+    openapi_extra=_openapi(
+        _PARAMS_DOC,
+        "8-bit RGB PNG ((n + 1) / 2 * 255), float32 NPY [H, W, 3], half-float EXR (R, G, B), float32 TIFF, or JSON",
+    ),
 )
 async def normals(request: Request) -> Response:
     return await _handle(request, "predict", "normals")

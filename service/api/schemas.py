@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from models.outputs import OutputKind, Task
 from service.jobs import ModelInfo
 
-Format = Literal["png", "png16", "npy", "json", "color"]
+Format = Literal["png", "png16", "npy", "json", "color", "exr", "tiff"]
 
 
 class PredictParams(BaseModel):
@@ -24,7 +24,9 @@ class PredictParams(BaseModel):
     match_input_resolution: bool = Field(default=True, description="resize the map back to the input size")
     seed: int | None = Field(default=None, ge=0, le=2**31 - 1, description="Lotus-G noise seed (default 0)")
     timeout_ms: int | None = Field(default=None, ge=1, description="deadline for this request")
-    format: Format | None = Field(default=None, description="png (16-bit), npy, json, color; else by Accept")
+    format: Format | None = Field(
+        default=None, description="png (16-bit), npy, json, color, exr (half float), tiff (float32); else by Accept"
+    )
     json_encoding: Literal["png", "npy"] = Field(default="png", description="map encoding inside JSON")
 
 

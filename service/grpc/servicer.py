@@ -44,6 +44,8 @@ ENCODINGS: dict[int, tuple[Encoding, str]] = {
     pb.OUTPUT_ENCODING_RAW_FLOAT16: ("raw16", "float16"),
     pb.OUTPUT_ENCODING_RAW_FLOAT32: ("raw32", "float32"),
     pb.OUTPUT_ENCODING_PNG16: ("png16", "png"),
+    pb.OUTPUT_ENCODING_EXR: ("exr", "exr"),
+    pb.OUTPUT_ENCODING_TIFF: ("tiff", "tiff"),
 }
 
 

@@ -1,23 +1,60 @@
-"""Turn finished maps into reply bytes in the job's encoding (runs in the I/O thread pool)."""
+"""Turn finished maps into reply bytes in the job's encoding (runs in the I/O thread pool, on every core:
+the PNG, EXR and TIFF encoders release the GIL)."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 
 from models.inference import UncertaintyResult
-from models.outputs import PredictionMap
+from models.outputs import MapForm, PredictionMap
 from service import codec
 from service.jobs import Encoding
 
+#: The form each encoding wants a map in when it leaves the device: only that crosses to the CPU.
+FORM_OF: dict[Encoding, MapForm] = {
+    "png16": "quantized",
+    "color": "color",
+    "npy": "float32",
+    "raw32": "float32",
+    "tiff": "float32",
+    "raw16": "float16",
+    "exr": "float16",
+}
 
-def encode_prediction(pred: PredictionMap, encoding: Encoding) -> bytes:
-    if encoding in ("raw16", "raw32"):
-        return pred.array.astype("<f2" if encoding == "raw16" else "<f4").tobytes()
-    if encoding == "npy":
-        return codec.encode_npy(pred.array)
+
+@dataclass(frozen=True)
+class EncodeOptions:
+    png_level: int = 1
+    tiff_compression: codec.TiffCompression = "deflate"
+
+    def check(self) -> None:
+        """Fail at start-up, not on the first TIFF request, when zstd TIFF cannot be written here."""
+        if self.tiff_compression == "zstd":
+            try:
+                import imagecodecs  # noqa: F401 - tifffile's zstd codec
+            except ImportError as exc:
+                raise ValueError(
+                    "tiff_compression = zstd needs the imagecodecs package (pip install imagecodecs); "
+                    "or use tiff_compression = deflate"
+                ) from exc
+
+
+def encode_prediction(pred: PredictionMap, encoding: Encoding, options: EncodeOptions = EncodeOptions()) -> bytes:
+    if encoding == "png16":
+        return codec.encode_map_png(pred, options.png_level)
     if encoding == "color":
-        return codec.encode_color_png(pred)
-    return codec.encode_map_png(pred)
+        return codec.encode_color_png(pred, options.png_level)
+    if encoding == "raw16":
+        return np.ascontiguousarray(pred.float_array() if pred.form != "float16" else pred.array, "<f2").tobytes()
+    if encoding == "raw32":
+        return np.ascontiguousarray(pred.float_array(), "<f4").tobytes()
+    if encoding == "exr":
+        return codec.encode_exr(pred.array if pred.form == "float16" else pred.float_array())
+    if encoding == "tiff":
+        return codec.encode_tiff(pred.float_array(), options.tiff_compression)
+    return codec.encode_npy(pred.float_array())
 
 
 def uncertainty_png_max(kind: str) -> float:
@@ -25,16 +62,22 @@ def uncertainty_png_max(kind: str) -> float:
     return 180.0 if kind == "normals" else 1.0
 
 
-def encode_uncertainty(result: UncertaintyResult, encoding: Encoding) -> dict[str, bytes]:
+def encode_uncertainty(
+    result: UncertaintyResult, encoding: Encoding, options: EncodeOptions = EncodeOptions()
+) -> dict[str, bytes]:
     kind = result.prediction.kind
     scale = uncertainty_png_max(kind)
-    outputs = {"prediction": encode_prediction(result.prediction, encoding)}
-    if encoding == "npy":
-        outputs["uncertainty"] = codec.encode_npy(result.uncertainty)
-    elif encoding == "color":
+    outputs = {"prediction": encode_prediction(result.prediction, encoding, options)}
+    if encoding == "color":
         outputs["uncertainty"] = codec.encode_spectral_png(1.0 - np.clip(result.uncertainty / scale, 0, 1))
+    elif encoding in ("png16",):
+        outputs["uncertainty"] = codec.encode_png16(result.uncertainty / scale, options.png_level)
+    elif encoding == "exr":
+        outputs["uncertainty"] = codec.encode_exr(result.uncertainty)
+    elif encoding == "tiff":
+        outputs["uncertainty"] = codec.encode_tiff(result.uncertainty, options.tiff_compression)
     else:
-        outputs["uncertainty"] = codec.encode_png16(result.uncertainty / scale)
+        outputs["uncertainty"] = codec.encode_npy(result.uncertainty)
     if result.members is not None:
         outputs["members"] = codec.encode_npy(result.members)
     return outputs

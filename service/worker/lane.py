@@ -1,18 +1,34 @@
-"""Dynamic batching for one model: gather jobs, group them by processing shape, run a group when it is
-full or its oldest job has waited `max_queue_delay_ms`, reply to each job."""
+"""Dynamic batching for one model as a three-stage pipeline, so the device never waits for the CPU:
+
+1. read: take jobs from the broker (at most one batch ahead of the device) and decode each on the I/O pool
+   as it arrives;
+2. device: form a batch of one processing shape and run it (pre-processing, model, resize back and
+   quantisation on the runtime's device), one batch at a time;
+3. reply: encode each map on the I/O pool (every core) and answer, while the device runs the next batch.
+
+Bounded between stages: the reader holds at most `max_batch` jobs beyond the batch computing, and one
+computed batch waits for the encoder. A free device starts at once with what is decoded (continuous
+batching: under load the next batch fills while the current one computes); it waits up to
+`max_queue_delay_ms` only for jobs already read whose decode is still running. Deadlines and cancel markers
+are checked when a job is read, when its batch forms and before it is encoded; a failing batch is rerun one
+job at a time so only the job that breaks the model fails.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
+from typing import TYPE_CHECKING
 
 from models.inference import BatchItem, UncertaintyResult
 from models.outputs import PredictionMap
 from service import codec, logs, metrics, tracing
+from service.config import Settings
 from service.errors import (
     DeadlineExceeded,
     InvalidParameter,
@@ -24,9 +40,19 @@ from service.errors import (
 )
 from service.jobs import ErrorInfo, Job, Reply
 from service.queue.base import Broker, Delivery
-from service.worker.encode import encode_prediction, encode_uncertainty, uncertainty_metadata
+from service.worker.encode import (
+    FORM_OF,
+    EncodeOptions,
+    encode_prediction,
+    encode_uncertainty,
+    uncertainty_metadata,
+)
+from service.worker.prepare import decode_for
 from service.worker.registry import ServedModel
 from service.worker.stats import WorkerStats
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 IDLE_POLL_S = 0.25
@@ -35,13 +61,30 @@ BACKOFF_MAX_S = 2.0
 
 @dataclass
 class Prepared:
+    """A decoded job waiting for the device."""
+
     delivery: Delivery
     item: BatchItem
     key: tuple[object, ...]
+    decode_ms: float
+    prepare_ms: float = 0.0  # pre-processing done on the I/O pool (CPU runtimes)
 
     @property
     def job(self) -> Job:
         return self.delivery.job
+
+
+@dataclass
+class Computed:
+    """A batch the device finished: its maps on the CPU in their final form, or (a CPU runtime) the raw maps
+    that the reply stage finishes on the I/O pool, or one uncertainty result."""
+
+    batch: list[Prepared]
+    started: float
+    stages: dict[str, float]
+    maps: list[PredictionMap] = field(default_factory=list)
+    raw: torch.Tensor | None = None
+    uncertainty: UncertaintyResult | None = None
 
 
 class Lane:
@@ -49,7 +92,7 @@ class Lane:
         self,
         broker: Broker,
         served: ServedModel,
-        max_pixels: int,
+        settings: Settings,
         io_pool: Executor,
         compute_pool: Executor,
         stats: WorkerStats,
@@ -60,125 +103,160 @@ class Lane:
         self.model_id = served.info.id
         self.max_batch = served.info.max_batch_size
         self.max_delay_s = served.info.max_queue_delay_ms / 1000.0
-        self.max_pixels = max_pixels
+        self.max_pixels = settings.max_pixels
+        self.jpeg_draft = settings.jpeg_draft
+        self.options = EncodeOptions(settings.png_compression, settings.tiff_compression)
         self.io_pool = io_pool
         self.compute_pool = compute_pool
         self.stats = stats
-        self.busy = False
+        self.busy = False  # the device is computing a batch of this lane
+        self._pending: list[Prepared] = []
+        self._decoding: set[asyncio.Task[None]] = set()
+        self._ready = asyncio.Event()  # set when a decode finishes: the device may form a batch
+        self._room = asyncio.Event()  # set when a batch is taken: the reader may read again
+        self._device_free_at = time.time()
 
     async def run(self, stop: asyncio.Event) -> None:
-        pending: list[Prepared] = []
+        """Until `stop`, then drain: every job already read is computed (or expired) and answered."""
+        computed: asyncio.Queue[Computed | None] = asyncio.Queue(maxsize=1)
+        reader = asyncio.create_task(self._read(stop), name=f"lane-read-{self.model_id}")
+        replier = asyncio.create_task(self._reply_all(computed), name=f"lane-reply-{self.model_id}")
+        try:
+            while (batch := await self._next_batch(stop, reader)) is not None:
+                for done in await self._compute(batch):
+                    await computed.put(done)  # waits while the encoder is a batch behind: bounded memory
+        finally:
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+            await computed.put(None)
+            await replier
+
+    # ------------------------------------------------------------------ stage 1: read and decode
+
+    async def _read(self, stop: asyncio.Event) -> None:
         backoff = 0.05
-        while not (stop.is_set() and not pending):
-            deliveries: list[Delivery] = []
-            if not stop.is_set():
-                wait = self._time_to_due(pending) if pending else IDLE_POLL_S
-                try:
-                    deliveries = await self.broker.consume(self.model_id, self.max_batch, wait)
-                    backoff = 0.05
-                except Unavailable as exc:  # the queue is down: keep what we hold, retry with backoff
-                    log.warning("lane %s: %s; retrying in %.2fs", self.model_id, exc.detail, backoff)
-                    await asyncio.sleep(backoff)
-                    backoff = min(backoff * 2, BACKOFF_MAX_S)
-            # One look per round at which held or new jobs their clients gave up on (Redis cancel markers).
-            await self.broker.refresh_abandoned([*(p.delivery for p in pending), *deliveries])
-            pending.extend(await self._prepare(deliveries))
-            pending = await self._drop_dead(pending)
-            batch = self._take_due(pending, force=stop.is_set())
-            if batch:
-                self.busy = True
-                try:
-                    await self._execute(batch)
-                finally:
-                    self.busy = False
+        while not stop.is_set():
+            self._room.clear()
+            room = self.max_batch - len(self._pending) - len(self._decoding)
+            if room <= 0:
+                await _wait(self._room, IDLE_POLL_S)
+                continue
+            try:
+                deliveries = await self.broker.consume(self.model_id, room, IDLE_POLL_S)
+                backoff = 0.05
+            except Unavailable as exc:  # the queue is down: keep what we hold, retry with backoff
+                log.warning("lane %s: %s; retrying in %.2fs", self.model_id, exc.detail, backoff)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX_S)
+                continue
+            if not deliveries:
+                continue
+            await self.broker.refresh_abandoned(deliveries)
+            now = time.time()
+            for delivery in deliveries:
+                if not await self._dispose_if_dead(delivery, now):
+                    task = asyncio.create_task(self._decode_one(delivery))
+                    self._decoding.add(task)
+                    task.add_done_callback(self._decoded)
 
-    # ------------------------------------------------------------------ batching
+    def _decoded(self, task: asyncio.Task[None]) -> None:
+        self._decoding.discard(task)
+        self._ready.set()
 
-    def _time_to_due(self, pending: list[Prepared]) -> float:
-        oldest = min(p.job.enqueued_at for p in pending)
-        return max(0.0, oldest + self.max_delay_s - time.time())
-
-    def _take_due(self, pending: list[Prepared], force: bool) -> list[Prepared]:
-        if not pending:
-            return []
-        oldest = min(pending, key=lambda p: p.job.enqueued_at)
-        group = [p for p in pending if p.key == oldest.key][: self.max_batch]
-        due = (
-            force
-            or oldest.job.kind == "uncertainty"  # a multi-seed job is a whole batch by itself
-            or len(group) >= self.max_batch
-            or time.time() >= oldest.job.enqueued_at + self.max_delay_s
-        )
-        if not due:
-            return []
-        for p in group:
-            pending.remove(p)
-        return group
-
-    async def _drop_dead(self, pending: list[Prepared]) -> list[Prepared]:
-        now = time.time()
-        return [p for p in pending if not await self._dispose_if_dead(p.delivery, now)]
-
-    async def _dispose_if_dead(self, delivery: Delivery, now: float) -> bool:
-        """Never compute (or even decode) work nobody waits for: abandoned requests, expired deadlines."""
-        if delivery.abandoned():
-            await self._finish(delivery, Reply(id=delivery.job.id, status="dropped"))
-            return True
-        if delivery.job.expired(now):
-            error = DeadlineExceeded("the deadline passed before the job was computed")
-            await self._fail(delivery, error, status="expired")
-            return True
-        return False
-
-    # ------------------------------------------------------------------ stages
-
-    async def _prepare(self, deliveries: list[Delivery]) -> list[Prepared]:
-        now = time.time()
-        deliveries = [d for d in deliveries if not await self._dispose_if_dead(d, now)]
+    async def _decode_one(self, delivery: Delivery) -> None:
         loop = asyncio.get_running_loop()
-        results = await asyncio.gather(
-            *(loop.run_in_executor(self.io_pool, self._decode, d) for d in deliveries), return_exceptions=True
-        )
-        prepared = []
-        for delivery, result in zip(deliveries, results, strict=True):
-            if isinstance(result, ServiceError):
-                await self._fail(delivery, result)
-            elif isinstance(result, BaseException):
-                await self._fail(delivery, ModelFailure(f"could not prepare the image: {result}"))
-            else:
-                prepared.append(result)
-        return prepared
+        try:
+            prepared = await loop.run_in_executor(self.io_pool, self._decode, delivery)
+        except ServiceError as exc:
+            await self._fail(delivery, exc)
+        except Exception as exc:
+            await self._fail(delivery, ModelFailure(f"could not prepare the image: {exc}"))
+        else:
+            self._pending.append(prepared)
 
     def _decode(self, delivery: Delivery) -> Prepared:
+        start = time.perf_counter()
         job = delivery.job
+        res = job.params.processing_res
         try:
             if job.raw_shape:
-                image = codec.decode_raw_rgb(job.image, job.raw_shape[0], job.raw_shape[1], self.max_pixels)
+                pixels = codec.decode_raw_rgb(job.image, job.raw_shape[0], job.raw_shape[1], self.max_pixels)
+                size = (job.raw_shape[0], job.raw_shape[1])
+                geometry = self.model.plan_size(size[0], size[1], res)
             else:
-                image = codec.decode_image(job.image, self.max_pixels)
+                pixels, geometry = decode_for(self.model, job.image, res, self.max_pixels, self.jpeg_draft)
         except codec.ImageTooLargeError as exc:
             raise PayloadTooLarge(str(exc)) from exc
         except codec.ImageDecodeError as exc:
             raise UnsupportedMedia(str(exc)) from exc
-        try:
-            geometry = self.model.plan(image, job.params.processing_res)
         except ValueError as exc:
             raise InvalidParameter(str(exc), field="processing_res") from exc
         seed = self.model.resolve_seed(job.params.seed)
-        item = BatchItem(image, geometry, seed, job.params.match_input_resolution)
+        form = FORM_OF[job.params.encoding] if job.kind == "predict" else "float32"
+        item = BatchItem(pixels, geometry, seed, job.params.match_input_resolution, form)
+        decoded = time.perf_counter()
+        item = self.model.prepare(item)  # a CPU runtime's input is made here, off the model's thread
         key: tuple[object, ...] = (job.kind, geometry.padded_hw) if job.kind == "predict" else (job.kind, job.id)
-        return Prepared(delivery, item, key)
+        return Prepared(delivery, item, key, (decoded - start) * 1000.0, (time.perf_counter() - decoded) * 1000.0)
 
-    async def _execute(self, batch: list[Prepared]) -> None:
+    # ------------------------------------------------------------------ stage 2: batch and compute
+
+    async def _next_batch(self, stop: asyncio.Event, reader: asyncio.Task[None]) -> list[Prepared] | None:
+        """The next batch once the device is free; None when stopped and nothing is left."""
+        waiting_since: float | None = None
+        while True:
+            self._ready.clear()
+            if self._pending:
+                # One look per batch at which held jobs their clients gave up on (Redis cancel markers).
+                await self.broker.refresh_abandoned([p.delivery for p in self._pending])
+                now = time.time()
+                held = len(self._pending)
+                self._pending = [p for p in self._pending if not await self._dispose_if_dead(p.delivery, now)]
+                if len(self._pending) < held:
+                    self._room.set()
+            if self._pending:
+                group = self._oldest_group()
+                if len(group) >= self.max_batch or group[0].job.kind == "uncertainty" or not self._decoding:
+                    return self._take(group)
+                # Jobs already read are still decoding: they may join, for at most max_queue_delay_ms.
+                waiting_since = waiting_since or time.monotonic()
+                remaining = waiting_since + self.max_delay_s - time.monotonic()
+                if remaining <= 0:
+                    return self._take(group)
+                await _wait(self._ready, remaining)
+            elif stop.is_set() and reader.done() and not self._decoding:
+                return None
+            else:
+                await _wait(self._ready, IDLE_POLL_S)
+
+    def _oldest_group(self) -> list[Prepared]:
+        oldest = min(self._pending, key=lambda p: p.job.enqueued_at)
+        return sorted((p for p in self._pending if p.key == oldest.key), key=lambda p: p.job.enqueued_at)[
+            : self.max_batch
+        ]
+
+    def _take(self, group: list[Prepared]) -> list[Prepared]:
+        taken = {id(p) for p in group}
+        self._pending = [p for p in self._pending if id(p) not in taken]
+        self._room.set()
+        return group
+
+    async def _compute(self, batch: list[Prepared]) -> list[Computed]:
+        """One forward pass; on failure, each job alone, so only the one that breaks the model fails."""
         loop = asyncio.get_running_loop()
         started = time.time()
+        # How long the device sat idle while this batch's work was already in the worker: the pipeline's stall.
+        idle_s = max(0.0, started - max(self._device_free_at, min(p.delivery.received_at for p in batch)))
         for p in batch:
             self.stats.record_queue_wait(self.model_id, started - p.job.enqueued_at)
         stages: dict[str, float] = {}
+        done = Computed(batch, started, stages)
+        failure: Exception | None = None
+        self.busy = True
         try:
             if batch[0].job.kind == "uncertainty":
                 job = batch[0].job
-                result = await loop.run_in_executor(
+                done.uncertainty = await loop.run_in_executor(
                     self.compute_pool,
                     self.model.predict_uncertainty,
                     batch[0].item,
@@ -187,66 +265,125 @@ class Lane:
                     job.params.return_members,
                 )
                 stages["uncertainty"] = time.time() - started  # encode once + every seed's head, one call
-                self.stats.record_forward(self.model_id, len(job.params.seeds or []), stages)
+                self.stats.record_forward(self.model_id, len(job.params.seeds or []), stages, idle_s)
             else:
-                maps = await loop.run_in_executor(
-                    self.compute_pool, self.model.predict_batch, [p.item for p in batch], stages
-                )
-                self.stats.record_forward(self.model_id, len(batch), stages)
+                # On the CPU the maps are finished by the reply stage, so the next batch starts sooner.
+                run = self.model.predict_raw if self.model.finishes_on_host else self.model.predict_batch
+                result = await loop.run_in_executor(self.compute_pool, run, [p.item for p in batch], stages)
+                if self.model.finishes_on_host:
+                    done.raw = result
+                else:
+                    done.maps = result
+                self.stats.record_forward(self.model_id, len(batch), stages, idle_s)
         except Exception as exc:
-            if len(batch) > 1:
-                # Isolate the failure: rerun one by one so only the job that breaks the model fails.
-                log.warning("batch of %d failed on %s (%s); retrying one by one", len(batch), self.model_id, exc)
-                for p in batch:
-                    await self._execute([p])
-                return
-            with logs.context(batch[0].job.request_id, batch[0].job.traceparent):
-                log.exception("model %s failed on job %s", self.model_id, batch[0].job.id)
-            self.stats.record_outcome(self.model_id, "error")
-            await self.broker.reject(batch[0].delivery, ModelFailure(f"model '{self.model_id}' failed: {exc}"))
-            return
-        compute_ms = (time.time() - started) * 1000.0
-        if batch[0].job.kind == "uncertainty":
-            calls = [partial(self._encode_uncertainty, batch[0], result, started, compute_ms)]
-        else:
-            calls = [
-                partial(self._encode_prediction, p, m, started, compute_ms, len(batch))
-                for p, m in zip(batch, maps, strict=True)
-            ]
+            failure = exc
+        finally:
+            self.busy = False
+            self._device_free_at = time.time()
+            log.debug(
+                "batch of %d on %s: device %.1f ms after %.1f ms idle with work in hand",
+                len(batch),
+                self.model_id,
+                (self._device_free_at - started) * 1000,
+                idle_s * 1000,
+            )
+        return [done] if failure is None else await self._isolate(batch, failure)
+
+    async def _isolate(self, batch: list[Prepared], exc: Exception) -> list[Computed]:
+        if len(batch) > 1:
+            log.warning("batch of %d failed on %s (%s); retrying one by one", len(batch), self.model_id, exc)
+            results: list[Computed] = []
+            for p in batch:
+                results.extend(await self._compute([p]))
+            return results
+        job = batch[0].job
+        with logs.context(job.request_id, job.traceparent):
+            log.error("model %s failed on job %s", self.model_id, job.id, exc_info=exc)
+        self.stats.record_outcome(self.model_id, "error")
+        await self.broker.reject(batch[0].delivery, ModelFailure(f"model '{self.model_id}' failed: {exc}"))
+        return []
+
+    # ------------------------------------------------------------------ stage 3: encode and reply
+
+    async def _reply_all(self, computed: asyncio.Queue[Computed | None]) -> None:
+        while (done := await computed.get()) is not None:
+            await self._reply_batch(done)
+
+    async def _reply_batch(self, done: Computed) -> None:
+        loop = asyncio.get_running_loop()
+        compute_done = time.time()
         encode_start = time.perf_counter()
-        replies = await asyncio.gather(*(loop.run_in_executor(self.io_pool, call) for call in calls))
-        metrics.COMPUTE_SECONDS.labels(self.model_id, "output_encode").observe(time.perf_counter() - encode_start)
-        done = time.time()
-        for p, reply in zip(batch, replies, strict=True):
+        await self.broker.refresh_abandoned([p.delivery for p in done.batch])
+        if done.uncertainty is not None:
+            calls = [partial(self._encode_uncertainty, done.batch[0], done.uncertainty, done)]
+        elif done.raw is not None:
+            calls = [
+                partial(self._finish_and_encode, p, raw, done) for p, raw in zip(done.batch, done.raw, strict=True)
+            ]
+        else:
+            calls = [partial(self._encode_prediction, p, m, done) for p, m in zip(done.batch, done.maps, strict=True)]
+
+        async def answer(p: Prepared, call: partial[Reply]) -> None:
+            if await self._dispose_if_dead(p.delivery, time.time()):
+                return  # nobody waits for it any more: not worth encoding
+            reply = await loop.run_in_executor(self.io_pool, call)
             tp = p.job.traceparent
-            tracing.record("dense.queue", tp, p.job.enqueued_at, started, model=self.model_id)
-            tracing.record("dense.compute", tp, started, done, model=self.model_id, batch_size=len(batch))
+            tracing.record("dense.queue", tp, p.job.enqueued_at, done.started, model=self.model_id)
+            tracing.record(
+                "dense.compute", tp, done.started, compute_done, model=self.model_id, batch_size=len(done.batch)
+            )
             await self._finish(p.delivery, reply)
 
-    def _encode_prediction(
-        self, p: Prepared, pred: PredictionMap, started: float, compute_ms: float, batch_size: int
-    ) -> Reply:
+        await asyncio.gather(*(answer(p, call) for p, call in zip(done.batch, calls, strict=True)))
+        if done.raw is not None:
+            metrics.COMPUTE_SECONDS.labels(self.model_id, "postprocess").observe(done.stages.get("postprocess", 0.0))
+        metrics.COMPUTE_SECONDS.labels(self.model_id, "output_encode").observe(time.perf_counter() - encode_start)
+
+    def _finish_and_encode(self, p: Prepared, raw: torch.Tensor, done: Computed) -> Reply:
+        """A CPU runtime's map, finished here on the I/O pool: its own post-processing time is its job's."""
+        start = time.perf_counter()
+        pred = self.model.finish(p.item, raw)
+        seconds = time.perf_counter() - start
+        done.stages["postprocess"] = done.stages.get("postprocess", 0.0) + seconds  # the batch's total, for metrics
+        reply = self._encode_prediction(p, pred, done)
+        reply.timings["postprocess"] = seconds * 1000.0
+        return reply
+
+    def _encode_prediction(self, p: Prepared, pred: PredictionMap, done: Computed) -> Reply:
         t0 = time.perf_counter()
-        data = encode_prediction(pred, p.job.params.encoding)
+        data = encode_prediction(pred, p.job.params.encoding, self.options)
         return Reply(
             id=p.job.id,
             status="ok",
             outputs={"prediction": data},
             metadata=pred.metadata(),
-            timings=_timings(p.job, started, compute_ms, t0),
-            batch_size=batch_size,
+            timings=_timings(p, done, t0),
+            batch_size=len(done.batch),
         )
 
-    def _encode_uncertainty(self, p: Prepared, result: UncertaintyResult, started: float, compute_ms: float) -> Reply:
+    def _encode_uncertainty(self, p: Prepared, result: UncertaintyResult, done: Computed) -> Reply:
         t0 = time.perf_counter()
         return Reply(
             id=p.job.id,
             status="ok",
-            outputs=encode_uncertainty(result, p.job.params.encoding),
+            outputs=encode_uncertainty(result, p.job.params.encoding, self.options),
             metadata=uncertainty_metadata(result),
-            timings=_timings(p.job, started, compute_ms, t0),
+            timings=_timings(p, done, t0),
             batch_size=len(result.seeds),
         )
+
+    # ------------------------------------------------------------------ outcomes
+
+    async def _dispose_if_dead(self, delivery: Delivery, now: float) -> bool:
+        """Never compute (or decode, or encode) work nobody waits for: abandoned requests, expired deadlines."""
+        if delivery.abandoned():
+            await self._finish(delivery, Reply(id=delivery.job.id, status="dropped"))
+            return True
+        if delivery.job.expired(now):
+            error = DeadlineExceeded("the deadline passed before the job was answered")
+            await self._fail(delivery, error, status="expired")
+            return True
+        return False
 
     async def _fail(self, delivery: Delivery, error: ServiceError, status: str = "error") -> None:
         await self._finish(
@@ -261,9 +398,20 @@ class Lane:
             await self.broker.reply(delivery, reply)
 
 
-def _timings(job: Job, started: float, compute_ms: float, encode_start: float) -> dict[str, float]:
+async def _wait(event: asyncio.Event, timeout_s: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(event.wait(), timeout=max(timeout_s, 0.0))
+
+
+def _timings(p: Prepared, done: Computed, encode_start: float) -> dict[str, float]:
+    """Milliseconds per stage of one job; `queue` runs from enqueue to the start of its batch (decode
+    included), the device stages are its batch's."""
+    ms = {name: seconds * 1000.0 for name, seconds in done.stages.items()}
     return {
-        "queue": max(0.0, (started - job.enqueued_at) * 1000.0),
-        "compute": compute_ms,
+        "decode": p.decode_ms,
+        "queue": max(0.0, (done.started - p.job.enqueued_at) * 1000.0),
+        "preprocess": p.prepare_ms + ms.get("preprocess", 0.0),
+        "compute": ms.get("encode", 0.0) + ms.get("unet_decode", 0.0) + ms.get("uncertainty", 0.0),
+        "postprocess": ms.get("postprocess", 0.0),
         "encode": (time.perf_counter() - encode_start) * 1000.0,
     }

@@ -62,7 +62,7 @@ class Worker:
             return
         for model_id, served in self.served.items():
             self.lanes[model_id] = Lane(
-                self.broker, served, self.settings.max_pixels, self._io_pool, self._compute_pools[model_id], self.stats
+                self.broker, served, self.settings, self._io_pool, self._compute_pools[model_id], self.stats
             )
         await self.broker.publish_models([s.info for s in self.served.values()])
         for served in self.served.values():

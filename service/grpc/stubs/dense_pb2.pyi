@@ -19,6 +19,8 @@ class OutputEncoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     OUTPUT_ENCODING_RAW_FLOAT16: _ClassVar[OutputEncoding]
     OUTPUT_ENCODING_RAW_FLOAT32: _ClassVar[OutputEncoding]
     OUTPUT_ENCODING_PNG16: _ClassVar[OutputEncoding]
+    OUTPUT_ENCODING_EXR: _ClassVar[OutputEncoding]
+    OUTPUT_ENCODING_TIFF: _ClassVar[OutputEncoding]
 
 class FrameStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -32,6 +34,8 @@ OUTPUT_ENCODING_UNSPECIFIED: OutputEncoding
 OUTPUT_ENCODING_RAW_FLOAT16: OutputEncoding
 OUTPUT_ENCODING_RAW_FLOAT32: OutputEncoding
 OUTPUT_ENCODING_PNG16: OutputEncoding
+OUTPUT_ENCODING_EXR: OutputEncoding
+OUTPUT_ENCODING_TIFF: OutputEncoding
 FRAME_STATUS_OK: FrameStatus
 FRAME_STATUS_DROPPED: FrameStatus
 FRAME_STATUS_ERROR: FrameStatus
