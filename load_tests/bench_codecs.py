@@ -191,9 +191,7 @@ def decoders(jpeg: bytes, png: bytes, h: int, w: int) -> dict[str, Callable[[], 
         "pillow jpeg, draft 1/2": partial(_pillow_decode, jpeg, half),
         "pillow png": partial(_pillow_decode, png),
         "dense-serve jpeg (simplejpeg)": partial(decode_pixels, jpeg),
-        "dense-serve jpeg for processing_res 768 (draft >= 2x)": partial(
-            decode_pixels, jpeg, min_size=(h // 2, w // 2)
-        ),
+        "dense-serve jpeg at a 1/2 DCT scale": partial(decode_pixels, jpeg, min_size=(h // 2, w // 2)),
         "dense-serve png": partial(decode_pixels, png),
     }
     try:

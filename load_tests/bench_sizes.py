@@ -158,17 +158,22 @@ async def c1(base: str, res: int, image: bytes, kind: str, fmt: str, n: int) -> 
     return cell
 
 
-async def cn(base: str, res: int, image: bytes, kind: str, fmt: str, n: int, c: int) -> tuple[float, Counter[int]]:
+async def cn(
+    base: str, res: int, image: bytes, kind: str, fmt: str, n: int, c: int, samples: list[Sample] | None = None
+) -> tuple[float, Counter[int]]:
     """Throughput (img/s) of `n` requests kept `c` at a time in flight, and the batch sizes seen."""
     sem = asyncio.Semaphore(c)
     batches: Counter[int] = Counter()
+    samples = [] if samples is None else samples
     limits = httpx.Limits(max_connections=c, max_keepalive_connections=c)
     async with httpx.AsyncClient(base_url=base, timeout=300, limits=limits) as client:
         await asyncio.gather(*(_post(client, res, image, kind, fmt) for _ in range(c)))  # warm
 
         async def one() -> None:
             async with sem:
-                batches[(await _post(client, res, image, kind, fmt)).batch] += 1
+                sample = await _post(client, res, image, kind, fmt)
+            batches[sample.batch] += 1
+            samples.append(sample)
 
         start = time.perf_counter()
         await asyncio.gather(*(one() for _ in range(n)))
@@ -230,6 +235,7 @@ class SimulatedRun:
     throughput: float
     batches: Counter[int]
     idle_ms: float  # mean device idle per batch while its jobs were already in the worker
+    device_ms: float  # median device stage per batch: the sleep plus pre- and post-processing on this CPU
 
 
 def simulated(args: argparse.Namespace, image: bytes, batch_ms: float) -> list[SimulatedRun]:
@@ -243,11 +249,15 @@ def simulated(args: argparse.Namespace, image: bytes, batch_ms: float) -> list[S
     runs = []
     for c in (args.concurrency, 2 * args.concurrency):
         with serving(REPO, str(spec)) as base:
-            tput, batches = asyncio.run(cn(base, args.res, image, "jpeg", "png", args.requests, c))
+            samples: list[Sample] = []
+            tput, batches = asyncio.run(cn(base, args.res, image, "jpeg", "png", args.requests, c, samples))
             idle = _metric_sum(base, "dense_compute_idle_seconds_sum") / max(
                 1.0, _metric_sum(base, "dense_compute_idle_seconds_count")
             )
-            runs.append(SimulatedRun(c, tput, batches, idle * 1000.0))
+            device = statistics.median(
+                sum(s.timings.get(k, 0.0) for k in ("preprocess", "compute", "postprocess")) for s in samples
+            )
+            runs.append(SimulatedRun(c, tput, batches, idle * 1000.0, device))
     return runs
 
 
@@ -288,56 +298,58 @@ def report(
                 f"| {size} {kind} | {fmt} | {lat:.1f} | {stages} | {lat - total:.1f} | {(lat - comp) / comp:.1f} |"
             )
         lines.append("")
-    names = list(runs)
-    lines += [
-        "#### Targets (1920x1080 JPEG)",
-        "",
-        "| measure | " + " | ".join(names) + " |",
-        "|---|" + "---:|" * len(names),
-    ]
+    if runs:
+        names = list(runs)
+        lines += [
+            "#### Targets (1920x1080 JPEG)",
+            "",
+            "| measure | " + " | ".join(names) + " |",
+            "|---|" + "---:|" * len(names),
+        ]
 
-    def row(label: str, values: list[str]) -> None:
-        lines.append(f"| {label} | " + " | ".join(values) + " |")
+        def row(label: str, values: list[str]) -> None:
+            lines.append(f"| {label} | " + " | ".join(values) + " |")
 
-    def hd(run: ServerResult, fmt: str, key: str) -> float:
-        return run.cells[("1920x1080", "jpeg", fmt)].median(key)
+        def hd(run: ServerResult, fmt: str, key: str) -> float:
+            return run.cells[("1920x1080", "jpeg", fmt)].median(key)
 
-    row(
-        "PNG answer latency / NPY answer latency",
-        [f"{hd(r, 'png', 'latency') / hd(r, 'npy', 'latency'):.2f}x" for r in runs.values()],
-    )
-    row("PNG encode (ms)", [f"{hd(r, 'png', 'encode'):.1f}" for r in runs.values()])
-    row(
-        "c=1 latency, max_queue_delay_ms 60 minus 0 (ms)",
-        [f"{r.idle_delay[60.0] - r.idle_delay[0.0]:+.1f}" for r in runs.values()],
-    )
-    for fmt in ("png", "npy"):
         row(
-            f"c={args.concurrency} throughput, {fmt} answers (img/s)",
-            [f"{r.throughput[fmt][0]:.1f}" for r in runs.values()],
+            "PNG answer latency / NPY answer latency",
+            [f"{hd(r, 'png', 'latency') / hd(r, 'npy', 'latency'):.2f}x" for r in runs.values()],
         )
+        row("PNG encode (ms)", [f"{hd(r, 'png', 'encode'):.1f}" for r in runs.values()])
         row(
-            f"... / direct batch-8 loop with the same encoding ({direct[fmt]:.1f} img/s)",
-            [f"{r.throughput[fmt][0] / direct[fmt]:.2f}x" for r in runs.values()],
+            "c=1 latency, max_queue_delay_ms 60 minus 0 (ms)",
+            [f"{r.idle_delay[60.0] - r.idle_delay[0.0]:+.1f}" for r in runs.values()],
         )
-        row(
-            f"batch sizes at c={args.concurrency}, {fmt} (size: requests)",
-            [", ".join(f"{k}: {v}" for k, v in sorted(r.throughput[fmt][1].items())) for r in runs.values()],
-        )
+        for fmt in ("png", "npy"):
+            row(
+                f"c={args.concurrency} throughput, {fmt} answers (img/s)",
+                [f"{r.throughput[fmt][0]:.1f}" for r in runs.values()],
+            )
+            row(
+                f"... / direct batch-8 loop with the same encoding ({direct[fmt]:.1f} img/s)",
+                [f"{r.throughput[fmt][0] / direct[fmt]:.2f}x" for r in runs.values()],
+            )
+            row(
+                f"batch sizes at c={args.concurrency}, {fmt} (size: requests)",
+                [", ".join(f"{k}: {v}" for k, v in sorted(r.throughput[fmt][1].items())) for r in runs.values()],
+            )
     ideal = 8 / (args.simulate_ms / 1000.0)
     lines += [
         "",
         f"#### Simulated device ({args.simulate_ms:.0f} ms per batch of up to 8, no CPU), 1920x1080 JPEG -> PNG",
         "",
-        "| concurrency | throughput (img/s) | batch / S (img/s) | ratio | device idle with work in hand (ms/batch) "
-        "| batch sizes |",
-        "|---:|---:|---:|---:|---:|---|",
+        "| concurrency | throughput (img/s) | batch / S (img/s) | ratio | device stage per batch (ms) "
+        "| ratio to batch / device stage | device idle with work in hand (ms/batch) | batch sizes |",
+        "|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for run in sim:
         seen = ", ".join(f"{k}: {v}" for k, v in sorted(run.batches.items()))
+        stage_bound = 8 / (run.device_ms / 1000.0)
         lines.append(
             f"| {run.concurrency} | {run.throughput:.1f} | {ideal:.1f} | {run.throughput / ideal:.2f} | "
-            f"{run.idle_ms:.1f} | {seen} |"
+            f"{run.device_ms:.0f} | {run.throughput / stage_bound:.2f} | {run.idle_ms:.1f} | {seen} |"
         )
     return "\n".join(lines)
 
@@ -355,16 +367,20 @@ def main() -> int:
     ap.add_argument("--simulate-ms", type=float, default=250.0, help="simulated device: sleep per batch")
     ap.add_argument("--before", help="git ref to measure in the same run (e.g. the commit before a change)")
     ap.add_argument("--out", help="also write the Markdown here")
+    ap.add_argument("--only-simulated", action="store_true", help="just the simulated-device runs")
     args = ap.parse_args()
     args.formats = [f for f in args.formats.split(",") if f]
+    if args.only_simulated:
+        sim = simulated(args, encoded(photo(*SIZES["1920x1080"], seed=3), "jpeg"), args.simulate_ms)
+        print(report(args, {}, {}, sim))
+        return 0
     images = {
         (size, kind): encoded(photo(*SIZES[size], seed=3), kind)
         for size in args.sizes.split(",")
         for kind in args.inputs.split(",")
     }
-    direct = {
-        fmt: direct_loop(args.model, args.res, images[("1920x1080", "jpeg")], fmt, 64, 8) for fmt in ("png", "npy")
-    }
+    hd_jpeg = images[("1920x1080", "jpeg")]
+    direct = {fmt: direct_loop(args.model, args.res, hd_jpeg, fmt, 64, 8) for fmt in ("png", "npy")}
     runs: dict[str, ServerResult] = {}
     if args.before:
         with worktree(args.before) as old:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -27,8 +27,7 @@ class BatchItem:
 
     `image` is `[h, w, 3]` uint8 or float32 in [0, 1]; it may be smaller than `geometry.input_hw` (a JPEG
     decoded at a reduced DCT scale), never smaller than the processing size. `form` is what the map becomes
-    on the device before it is copied to the CPU. `tensor`, when set (`DensePredictor.prepare`), is the
-    model's input already made: `[3, PH, PW]` in [-1, 1].
+    on the device before it is copied to the CPU.
     """
 
     image: np.ndarray
@@ -36,7 +35,6 @@ class BatchItem:
     seed: int | None = None
     match_input_resolution: bool = True
     form: MapForm = "float32"
-    tensor: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -142,13 +140,6 @@ class DensePredictor:
                 on_batch(len(batch))
         return [results[i] for i in range(len(items))]
 
-    @property
-    def finishes_on_host(self) -> bool:
-        """True when the runtime's device is the CPU: then a server finishes maps (crop, resize back, quantise)
-        on its I/O threads while the model runs the next batch; on a GPU they finish on the device, where
-        that costs next to nothing and only the final integer map is copied back."""
-        return self.runtime.device.type == "cpu"
-
     @torch.inference_mode()
     def predict_batch(self, items: Sequence[BatchItem], stages: dict[str, float] | None = None) -> list[PredictionMap]:
         """ONE forward pass of encoder, UNet and decoder over items that share a padded shape.
@@ -174,20 +165,12 @@ class DensePredictor:
         rt = self.runtime
         stages = {} if stages is None else stages
         start = time.perf_counter()
-        x = torch.stack([it.tensor if it.tensor is not None else _to_tensor(it, rt.device) for it in items])
+        x = torch.stack([_to_tensor(it, rt.device) for it in items])
         seeds = [self.default_seed if it.seed is None else it.seed for it in items]
         noise = rt.make_noise(seeds, items[0].geometry.latent_hw)
         rt.synchronize()
         stages["preprocess"] = stages.get("preprocess", 0.0) + time.perf_counter() - start
-        return rt.run_timed(x.to(rt.device), noise, stages)
-
-    @torch.inference_mode()
-    def prepare(self, item: BatchItem) -> BatchItem:
-        """On a CPU runtime, make the model's input now (a server does it on its I/O threads while the model
-        runs another batch); on a GPU the pixels go over as they are and are prepared on the device."""
-        if not self.finishes_on_host or item.tensor is not None:
-            return item
-        return replace(item, tensor=_to_tensor(item, self.runtime.device))
+        return rt.run_timed(x, noise, stages)
 
     @torch.inference_mode()
     def finish(self, item: BatchItem, pred: torch.Tensor) -> PredictionMap:
@@ -217,8 +200,7 @@ class DensePredictor:
         if len(seeds) < 2:
             raise ValueError("uncertainty needs at least two seeds")
         rt = self.runtime
-        image = item.tensor if item.tensor is not None else _to_tensor(item, rt.device)
-        latent = rt.encode(image.to(rt.device).unsqueeze(0))
+        latent = rt.encode(_to_tensor(item, rt.device).unsqueeze(0))
         noise = rt.make_noise(seeds, item.geometry.latent_hw)
         maps = rt.head(latent.expand(len(seeds), -1, -1, -1).contiguous(), noise)
         members = torch.stack([self._finish_tensor(item, m) for m in maps]).cpu()

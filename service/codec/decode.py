@@ -4,9 +4,9 @@ Decoding applies EXIF orientation, drops alpha, expands grayscale and keeps 16-b
 (Pillow reads 16-bit RGB as 8-bit). Everything it refuses raises `ImageDecodeError` with a one-line reason.
 
 8-bit images stay uint8 until they reach the runtime's device (a quarter of the bytes of float32, and the
-conversion runs there). JPEG goes through simplejpeg (libjpeg-turbo without Pillow's copies: 2.7x faster at
-1080p and 4K here, see docs/benchmarks.md), and a JPEG much larger than what the model sees is decoded at a
-reduced DCT scale (1/2, 1/4, 1/8), never below twice the processing size.
+conversion runs there). JPEG goes through simplejpeg (libjpeg-turbo without Pillow's copies: 1.6x faster at
+1080p, 1.8x at 4K here, see docs/benchmarks.md), and a JPEG much larger than what the model sees is decoded at
+a reduced DCT scale (1/2, 1/4, 1/8), never below twice the processing size.
 """
 
 from __future__ import annotations

@@ -23,7 +23,6 @@ import time
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from functools import partial
-from typing import TYPE_CHECKING
 
 from models.inference import BatchItem, UncertaintyResult
 from models.outputs import PredictionMap
@@ -51,9 +50,6 @@ from service.worker.prepare import decode_for
 from service.worker.registry import ServedModel
 from service.worker.stats import WorkerStats
 
-if TYPE_CHECKING:
-    import torch
-
 log = logging.getLogger(__name__)
 IDLE_POLL_S = 0.25
 BACKOFF_MAX_S = 2.0
@@ -67,7 +63,6 @@ class Prepared:
     item: BatchItem
     key: tuple[object, ...]
     decode_ms: float
-    prepare_ms: float = 0.0  # pre-processing done on the I/O pool (CPU runtimes)
 
     @property
     def job(self) -> Job:
@@ -76,14 +71,12 @@ class Prepared:
 
 @dataclass
 class Computed:
-    """A batch the device finished: its maps on the CPU in their final form, or (a CPU runtime) the raw maps
-    that the reply stage finishes on the I/O pool, or one uncertainty result."""
+    """A batch the device finished: its maps on the CPU in their final form, or one uncertainty result."""
 
     batch: list[Prepared]
     started: float
     stages: dict[str, float]
     maps: list[PredictionMap] = field(default_factory=list)
-    raw: torch.Tensor | None = None
     uncertainty: UncertaintyResult | None = None
 
 
@@ -194,10 +187,8 @@ class Lane:
         seed = self.model.resolve_seed(job.params.seed)
         form = FORM_OF[job.params.encoding] if job.kind == "predict" else "float32"
         item = BatchItem(pixels, geometry, seed, job.params.match_input_resolution, form)
-        decoded = time.perf_counter()
-        item = self.model.prepare(item)  # a CPU runtime's input is made here, off the model's thread
         key: tuple[object, ...] = (job.kind, geometry.padded_hw) if job.kind == "predict" else (job.kind, job.id)
-        return Prepared(delivery, item, key, (decoded - start) * 1000.0, (time.perf_counter() - decoded) * 1000.0)
+        return Prepared(delivery, item, key, (time.perf_counter() - start) * 1000.0)
 
     # ------------------------------------------------------------------ stage 2: batch and compute
 
@@ -267,13 +258,9 @@ class Lane:
                 stages["uncertainty"] = time.time() - started  # encode once + every seed's head, one call
                 self.stats.record_forward(self.model_id, len(job.params.seeds or []), stages, idle_s)
             else:
-                # On the CPU the maps are finished by the reply stage, so the next batch starts sooner.
-                run = self.model.predict_raw if self.model.finishes_on_host else self.model.predict_batch
-                result = await loop.run_in_executor(self.compute_pool, run, [p.item for p in batch], stages)
-                if self.model.finishes_on_host:
-                    done.raw = result
-                else:
-                    done.maps = result
+                done.maps = await loop.run_in_executor(
+                    self.compute_pool, self.model.predict_batch, [p.item for p in batch], stages
+                )
                 self.stats.record_forward(self.model_id, len(batch), stages, idle_s)
         except Exception as exc:
             failure = exc
@@ -316,10 +303,6 @@ class Lane:
         await self.broker.refresh_abandoned([p.delivery for p in done.batch])
         if done.uncertainty is not None:
             calls = [partial(self._encode_uncertainty, done.batch[0], done.uncertainty, done)]
-        elif done.raw is not None:
-            calls = [
-                partial(self._finish_and_encode, p, raw, done) for p, raw in zip(done.batch, done.raw, strict=True)
-            ]
         else:
             calls = [partial(self._encode_prediction, p, m, done) for p, m in zip(done.batch, done.maps, strict=True)]
 
@@ -335,19 +318,7 @@ class Lane:
             await self._finish(p.delivery, reply)
 
         await asyncio.gather(*(answer(p, call) for p, call in zip(done.batch, calls, strict=True)))
-        if done.raw is not None:
-            metrics.COMPUTE_SECONDS.labels(self.model_id, "postprocess").observe(done.stages.get("postprocess", 0.0))
         metrics.COMPUTE_SECONDS.labels(self.model_id, "output_encode").observe(time.perf_counter() - encode_start)
-
-    def _finish_and_encode(self, p: Prepared, raw: torch.Tensor, done: Computed) -> Reply:
-        """A CPU runtime's map, finished here on the I/O pool: its own post-processing time is its job's."""
-        start = time.perf_counter()
-        pred = self.model.finish(p.item, raw)
-        seconds = time.perf_counter() - start
-        done.stages["postprocess"] = done.stages.get("postprocess", 0.0) + seconds  # the batch's total, for metrics
-        reply = self._encode_prediction(p, pred, done)
-        reply.timings["postprocess"] = seconds * 1000.0
-        return reply
 
     def _encode_prediction(self, p: Prepared, pred: PredictionMap, done: Computed) -> Reply:
         t0 = time.perf_counter()
@@ -410,7 +381,7 @@ def _timings(p: Prepared, done: Computed, encode_start: float) -> dict[str, floa
     return {
         "decode": p.decode_ms,
         "queue": max(0.0, (done.started - p.job.enqueued_at) * 1000.0),
-        "preprocess": p.prepare_ms + ms.get("preprocess", 0.0),
+        "preprocess": ms.get("preprocess", 0.0),
         "compute": ms.get("encode", 0.0) + ms.get("unet_decode", 0.0) + ms.get("uncertainty", 0.0),
         "postprocess": ms.get("postprocess", 0.0),
         "encode": (time.perf_counter() - encode_start) * 1000.0,
