@@ -105,11 +105,24 @@ class Settings(BaseSettings):
     grpc_default_in_flight: int = Field(default=4, ge=1, description="a stream's window unless it asks")
 
     queue: Literal["memory", "redis"] = Field(default="memory", description="embedded queue or Redis Streams")
-    redis_url: str = "redis://127.0.0.1:6379/0"
+    redis_url: str = Field(
+        default="redis://127.0.0.1:6379/0", description="redis:// or rediss:// (TLS); a password may be in the URL"
+    )
+    redis_password: SecretStr | None = Field(
+        default=None, description="Redis password (AUTH); overrides one in the URL; keep it in a Secret"
+    )
+    redis_tls_ca_file: Path | None = Field(
+        default=None, description="CA bundle that signed the Redis server's certificate (rediss:// URLs)"
+    )
     redis_prefix: str = Field(default="dense", pattern=r"^[\w.-]+$", description="namespace of every key")
     stream_maxlen: int = Field(default=10_000, ge=100, description="approximate cap of each job stream")
     result_ttl_s: int = Field(default=600, ge=1, description="how long results stay for Idempotency-Key")
-    min_idle_ms: int = Field(default=60_000, ge=100, description="reclaim jobs idle this long; > worst batch")
+    min_idle_ms: int = Field(
+        default=10_000,
+        ge=100,
+        description="reclaim a job from a worker that is alive but hung (its event loop stopped) after this long; "
+        "a dead worker's jobs are reclaimed as soon as its heartbeat expires",
+    )
     scale_from_zero: bool = Field(
         default=False,
         description="API: accept jobs for models whose workers are all scaled down (they wait for KEDA to start one)",
@@ -135,6 +148,27 @@ class Settings(BaseSettings):
         if self.default_timeout_ms > self.max_timeout_ms:
             raise ValueError(
                 f"default_timeout_ms ({self.default_timeout_ms}) exceeds max_timeout_ms ({self.max_timeout_ms})"
+            )
+        return self
+
+    @property
+    def heartbeat_ttl_s(self) -> float:
+        """A worker is dead once its heartbeat key, refreshed every `heartbeat_s`, has lived this long."""
+        return 3 * self.heartbeat_s
+
+    @model_validator(mode="after")
+    def _recovery_before_deadline(self) -> Settings:
+        """A crashed or hung worker's jobs must be reclaimable while their requests still wait for them."""
+        if self.heartbeat_ttl_s * 1000 >= self.default_timeout_ms:
+            raise ValueError(
+                f"heartbeat_s ({self.heartbeat_s}) gives a heartbeat TTL of {self.heartbeat_ttl_s:g} s, not below "
+                f"default_timeout_ms ({self.default_timeout_ms} ms): a dead worker's jobs would be reclaimed only "
+                "after their requests gave up; lower heartbeat_s or raise default_timeout_ms"
+            )
+        if self.min_idle_ms >= self.default_timeout_ms:
+            raise ValueError(
+                f"min_idle_ms ({self.min_idle_ms}) is not below default_timeout_ms ({self.default_timeout_ms}): a "
+                "hung worker's jobs would be reclaimed only after their requests gave up; lower min_idle_ms"
             )
         return self
 
