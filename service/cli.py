@@ -216,7 +216,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def _serving_setup(args: argparse.Namespace) -> tuple[Settings, list[ModelSpec], bool]:
     """Settings from file/env/flags, the specs to serve (tiny ones when none), checked before starting."""
     from service.config import load_settings
-    from service.embedded import preflight, serving_specs
+    from service.embedded import preflight, preflight_queue, serving_specs
     from service.worker.encode import EncodeOptions
 
     keys = ("host", "port", "models", "api_keys", "queue", "redis_url", "worker_name", "backend", "metrics_port")
@@ -224,6 +224,7 @@ def _serving_setup(args: argparse.Namespace) -> tuple[Settings, list[ModelSpec],
     EncodeOptions(settings.png_compression, settings.tiff_compression).check()
     specs, tiny = serving_specs(settings)
     preflight(specs)
+    preflight_queue(settings)
     return settings, specs, tiny
 
 
@@ -232,8 +233,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
     from pydantic import ValidationError
 
-    from models.spec import ModelSpec
-    from service.embedded import build_app, default_banner
+    from service.embedded import build_app, default_banner, frontend_specs, preflight_queue
 
     api_only = args.role == "api"
     try:
@@ -242,8 +242,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
             overrides = {k: getattr(args, k, None) for k in ("host", "port", "api_keys", "queue", "redis_url")}
             settings = load_settings(args.config, **overrides)
-            # The API only needs the ids to wait for; the workers own the checkpoints.
-            specs, tiny = [ModelSpec(id=m, source=m) for m in (args.models or [])], False
+            # The API reads no checkpoint: ids to wait for, and specs to accept jobs by before workers come.
+            specs, tiny = frontend_specs(args.models or settings.models), False
+            preflight_queue(settings)
         else:
             settings, specs, tiny = _serving_setup(args)
     except (ModelError, ValidationError, FileNotFoundError, ValueError) as exc:
@@ -277,12 +278,14 @@ def cmd_grpc(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from service.config import load_settings
-    from service.embedded import run_grpc
+    from service.embedded import frontend_specs, preflight_queue, run_grpc
 
     try:
         keys = ("grpc_host", "grpc_port", "api_keys", "queue", "redis_url", "metrics_port", "host")
         settings = load_settings(args.config, **{k: getattr(args, k, None) for k in keys})
-    except (ValidationError, FileNotFoundError, ValueError) as exc:
+        specs = frontend_specs(args.models or settings.models)
+        preflight_queue(settings)
+    except (ModelError, ValidationError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     logs.configure(settings.log_level, settings.log_format, role="grpc")
@@ -291,7 +294,7 @@ def cmd_grpc(args: argparse.Namespace) -> int:
         f"dense-serve gRPC on {settings.grpc_host or settings.host}:{settings.grpc_port}, queue {settings.redis_url}",
         file=sys.stderr,
     )
-    return asyncio.run(run_grpc(settings, args.models or []))
+    return asyncio.run(run_grpc(settings, specs))
 
 
 def cmd_worker(args: argparse.Namespace) -> int:

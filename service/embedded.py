@@ -17,8 +17,11 @@ from models.loading import resolve_source
 from models.spec import ModelSpec, resolve_spec
 from service.api.app import create_app
 from service.config import Settings
+from service.frontend import declare_models, declared_info
+from service.jobs import ModelInfo
 from service.queue.base import Broker
 from service.queue.memory import MemoryBroker
+from service.queue.redis.connection import ConnectionOptions
 from service.readiness import readiness
 from service.worker.worker import Worker
 
@@ -79,13 +82,41 @@ def preflight(specs: list[ModelSpec]) -> None:
         identify(spec, CheckpointConfig.read(resolve_source(spec)))
 
 
+def preflight_queue(settings: Settings) -> None:
+    """Fail before serving on a Redis that cannot be used as configured (a wrong or missing password, a server
+    too old): a RedisSetupError with a message to act on. A Redis that is down is no reason not to start."""
+    if settings.queue != "redis":
+        return
+    from service.errors import Unavailable
+    from service.queue.redis import check_server
+
+    async def check() -> None:
+        options = redis_options(settings)
+        client = options.client()
+        try:
+            await check_server(client, options.where, options.has_password)
+        except Unavailable as exc:
+            log.warning("%s; starting anyway", exc.detail)
+        finally:
+            await client.aclose()
+
+    asyncio.run(check())
+
+
+def redis_options(settings: Settings) -> ConnectionOptions:
+    password = settings.redis_password.get_secret_value() if settings.redis_password else None
+    return ConnectionOptions(settings.redis_url, password, settings.redis_tls_ca_file)
+
+
 def make_broker(settings: Settings) -> Broker:
     if settings.queue == "redis":
-        from service.queue.redis_streams import RedisBroker
+        from service.queue.redis import RedisBroker
 
         return RedisBroker(
             settings.redis_url,
             settings.redis_prefix,
+            password=settings.redis_password.get_secret_value() if settings.redis_password else None,
+            tls_ca_file=settings.redis_tls_ca_file,
             max_depth=settings.queue_max_jobs,
             stream_maxlen=settings.stream_maxlen,
             result_ttl_s=settings.result_ttl_s,
@@ -105,10 +136,38 @@ def build_app(settings: Settings, specs: list[ModelSpec], with_worker: bool = Tr
     broker = make_broker(settings)
     worker = Worker(broker, specs, settings) if with_worker else None
     grpc = GrpcFrontend(settings) if settings.grpc_enabled else None
-    return create_app(settings, broker, worker, [s.id for s in specs], grpc)
+    declared = [] if with_worker else declared_infos(specs, settings)
+    return create_app(settings, broker, worker, [s.id for s in specs], grpc, declared)
 
 
-async def run_grpc(settings: Settings, expected: list[str]) -> int:
+def frontend_specs(models: list[str]) -> list[ModelSpec]:
+    """What `api` and `grpc --model` name: a spec file, a shipped id or what `worker --model` takes (the front-
+    end reads no checkpoint: a folder or hub id gives only the id), or a plain model id."""
+    from models.spec import HUB_ID, ModelSpec, resolve_spec
+
+    specs = []
+    for arg in models:
+        try:
+            specs.append(resolve_spec(arg))
+        except SpecError:
+            if "/" in arg and not HUB_ID.match(arg):
+                raise
+            try:
+                specs.append(ModelSpec(id=arg, source=arg))
+            except ValueError as exc:
+                raise SpecError(
+                    f"--model {arg!r}: give a model id (letters, digits, '.', '_', '-'), a spec .toml file, a "
+                    "diffusers folder or a hub id"
+                ) from exc
+    return specs
+
+
+def declared_infos(specs: list[ModelSpec], settings: Settings) -> list[ModelInfo]:
+    infos = [declared_info(s, settings.max_batch_size, settings.max_queue_delay_ms) for s in specs]
+    return [i for i in infos if i is not None]
+
+
+async def run_grpc(settings: Settings, specs: list[ModelSpec]) -> int:
     """`dense-serve grpc`: the gRPC front-end alone, on the Redis queue, until SIGTERM/SIGINT."""
     from service.grpc.server import GrpcFrontend
 
@@ -119,6 +178,8 @@ async def run_grpc(settings: Settings, expected: list[str]) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await broker.start()
+    expected = [s.id for s in specs]
+    declaring = asyncio.create_task(declare_models(broker, declared_infos(specs, settings)))
     await frontend.start(broker, None, expected)
     async with contextlib.AsyncExitStack() as stack:
         if settings.metrics_port is not None:
@@ -135,13 +196,10 @@ async def run_grpc(settings: Settings, expected: list[str]) -> int:
         try:
             await stop.wait()
         finally:
+            declaring.cancel()
             await frontend.stop()
             await broker.close()
     return 0
-
-
-def build_embedded_app(settings: Settings, specs: list[ModelSpec]) -> FastAPI:
-    return build_app(settings, specs, with_worker=True)
 
 
 async def run_worker(settings: Settings, specs: list[ModelSpec]) -> int:

@@ -53,6 +53,12 @@ class Unavailable(ServiceError):
     code, title = "unavailable", "Service unavailable"
 
 
+class ClientClosed(ServiceError):
+    """The client went away before its answer (HTTP 499, nginx's convention; nobody reads it)."""
+
+    code, title = "client_closed", "Client closed the request"
+
+
 ERRORS: dict[str, type[ServiceError]] = {
     cls.code: cls
     for cls in (
@@ -67,6 +73,7 @@ ERRORS: dict[str, type[ServiceError]] = {
         DeadlineExceeded,
         ModelFailure,
         Unavailable,
+        ClientClosed,
     )
 }
 

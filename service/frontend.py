@@ -2,12 +2,49 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Sequence
 
-from models.outputs import Task
+from models.outputs import Task, task_of
+from models.spec import DEFAULT_PROCESSING_RES, ModelSpec
 from service.errors import ModelNotFound, TaskNotServed, Unavailable
 from service.jobs import JobKind, ModelInfo
 from service.queue.base import Broker
+
+log = logging.getLogger(__name__)
+
+
+async def declare_models(broker: Broker, infos: list[ModelInfo], retry_s: float = 2.0) -> None:
+    """Record the configured models with the broker, retrying while the queue is down (run as a task)."""
+    while infos:
+        try:
+            await broker.declare_models(infos)
+            return
+        except Exception as exc:  # the queue is unreachable: the front-end answers 503 meanwhile
+            log.warning("cannot declare the configured models yet (%s); retrying", exc)
+            await asyncio.sleep(retry_s)
+
+
+def declared_info(spec: ModelSpec, max_batch_size: int, max_queue_delay_ms: float) -> ModelInfo | None:
+    """What a front-end can say of a model from its spec alone (no checkpoint, no torch): enough to accept
+    jobs for it before any worker announced it, when the spec names its family and task or output kind."""
+    if spec.family is None or (spec.task is None and spec.output_kind is None):
+        return None
+    kind = spec.output_kind or ("normals" if spec.task == "normals" else "depth")
+    return ModelInfo(
+        id=spec.id,
+        family=spec.family,
+        task=spec.task or task_of(kind),
+        output_kind=kind,
+        generative=spec.family == "lotus-g",
+        processing_res=spec.processing_res if spec.processing_res is not None else DEFAULT_PROCESSING_RES,
+        backend=spec.backend,
+        device="(no worker yet)",
+        dtype=spec.dtype,
+        max_batch_size=spec.max_batch_size or max_batch_size,
+        max_queue_delay_ms=spec.max_queue_delay_ms if spec.max_queue_delay_ms is not None else max_queue_delay_ms,
+    )
 
 
 async def resolve_model(

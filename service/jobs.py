@@ -40,6 +40,7 @@ class Job(BaseModel):
     request_id: str = ""
     image: bytes
     raw_shape: list[int] | None = Field(default=None, description="[H, W] when `image` is raw uint8 RGB")
+    keep_result: bool = Field(default=False, description="store the reply for Idempotency-Key retries")
     enqueued_at: float = Field(default_factory=time.time)
 
     def expired(self, now: float | None = None) -> bool:

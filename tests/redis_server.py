@@ -9,6 +9,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import redis
@@ -33,25 +34,74 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class RedisServer:
-    """One server process; `stop()` and `start()` again on the same port simulate an outage."""
+@dataclass(frozen=True)
+class TlsFiles:
+    """A throwaway CA and a server certificate for 127.0.0.1, made with the openssl command line."""
 
-    def __init__(self, port: int | None = None, binary: str | None = None) -> None:
+    ca: Path
+    cert: Path
+    key: Path
+
+    @classmethod
+    def make(cls, folder: Path) -> TlsFiles:
+        ca, ca_key = folder / "ca.crt", folder / "ca.key"
+        cert, key, csr, ext = folder / "server.crt", folder / "server.key", folder / "server.csr", folder / "ext"
+        ext.write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+        for cmd in (
+            ["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", ca_key, "-out", ca, "-days", "1",
+             "-subj", "/CN=dense-serve test CA"],
+            ["req", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", csr, "-subj", "/CN=127.0.0.1"],
+            ["x509", "-req", "-in", csr, "-CA", ca, "-CAkey", ca_key, "-CAcreateserial", "-out", cert, "-days", "1",
+             "-extfile", ext],
+        ):  # fmt: skip
+            subprocess.run(["openssl", *map(str, cmd)], check=True, capture_output=True)
+        return cls(ca, cert, key)
+
+
+class RedisServer:
+    """One server process; `stop()` and `start()` again on the same port simulate an outage. `args` are extra
+    server options (`--maxmemory 64mb`, `--requirepass X`); with `tls` it listens for TLS only."""
+
+    def __init__(
+        self,
+        port: int | None = None,
+        binary: str | None = None,
+        args: tuple[str, ...] = (),
+        password: str | None = None,
+        tls: TlsFiles | None = None,
+    ) -> None:
         self.port = port or free_port()
         self.binary = binary
+        self.args = args
+        self.password = password
+        self.tls = tls
         self.dir = tempfile.mkdtemp(prefix="dense-redis-")
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"{'rediss' if self.tls else 'redis'}://127.0.0.1:{self.port}/0"
+
+    def client(self) -> redis.Redis:
+        kwargs: dict[str, object] = {"socket_connect_timeout": 0.5}
+        if self.password:
+            kwargs["password"] = self.password
+        if self.tls:
+            kwargs["ssl_ca_certs"] = str(self.tls.ca)
+        return redis.Redis.from_url(self.url, **kwargs)
 
     def start(self) -> RedisServer:
+        listen = ["--port", str(self.port)]
+        if self.tls:
+            listen = ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", str(self.tls.cert),
+                      "--tls-key-file", str(self.tls.key), "--tls-ca-cert-file", str(self.tls.ca),
+                      "--tls-auth-clients", "no"]  # fmt: skip
+        if self.password:
+            listen += ["--requirepass", self.password]
         self.proc = subprocess.Popen(
             [
-                server_binary(),
-                "--port",
-                str(self.port),
+                self.binary or server_binary(),
+                *listen,
                 "--bind",
                 "127.0.0.1",
                 "--save",
@@ -62,11 +112,12 @@ class RedisServer:
                 self.dir,
                 "--protected-mode",
                 "no",
+                *self.args,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        client = redis.Redis.from_url(self.url, socket_connect_timeout=0.2)
+        client = self.client()
         for _ in range(200):
             try:
                 if client.ping():

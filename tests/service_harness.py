@@ -56,7 +56,7 @@ async def running_service(
     it is an API instance only (for the Redis queue, where worker processes join)."""
     cfg = Settings(**{"grpc_enabled": False, **settings})
     chosen = specs if specs is not None else specs_for(tiny_dir, models)
-    app = build_app(cfg, chosen if with_worker else [], with_worker=with_worker)
+    app = build_app(cfg, chosen if with_worker or specs is not None else [], with_worker=with_worker)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as client:

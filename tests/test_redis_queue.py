@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+from models.spec import ModelSpec
 from service import codec, metrics
 from service.jobs import Job, ModelInfo, Reply
 from service.queue.base import QueueStats
-from service.queue.redis_streams import GROUP, RedisBroker
+from service.queue.redis import GROUP, Keys, RedisBroker
 from tests.redis_server import RedisServer
 from tests.service_harness import TEST_RES, png_bytes, read_npy, running_service, until_ready
 
@@ -49,9 +50,9 @@ async def test_round_trip_equals_direct_and_every_key_is_bounded(tiny_dir, tiny_
         np.testing.assert_allclose(read_npy(r.content), direct(tiny_model, "lotus-d", "depth", image), atol=1e-5)
         assert r.headers["x-worker"]
         client = h.app.state.broker.r
-        stream = f"{redis_prefix}:jobs:lotus-d-depth"
+        stream = Keys(redis_prefix).jobs("lotus-d-depth")
         assert (await client.xpending(stream, GROUP))["pending"] == 0  # acknowledged after the reply
-        for key in await client.keys(f"{redis_prefix}:*"):
+        for key in await client.keys(Keys(redis_prefix).tag + ":*"):
             if key.decode() != stream:
                 assert await client.ttl(key) > 0, f"{key} has no TTL"
         assert (await client.xinfo_stream(stream))["length"] <= h.settings.stream_maxlen
@@ -65,7 +66,7 @@ async def test_expired_jobs_never_reach_the_model(tiny_dir, redis_url, redis_pre
         assert r.status_code == 504 and not slow.done()
         assert (await slow).status_code == 200
         client = h.app.state.broker.r
-        stream = f"{redis_prefix}:jobs:lotus-g-depth"
+        stream = Keys(redis_prefix).jobs("lotus-g-depth")
         for _ in range(100):  # the expired entry is read, acknowledged and answered without compute
             if (await client.xinfo_groups(stream))[0]["lag"] == 0 and (await client.xpending(stream, GROUP))[
                 "pending"
@@ -131,10 +132,10 @@ async def test_poison_job_is_dead_lettered_and_the_rest_are_served(
         bad = replies[3]
         assert bad.status_code == 500 and "dead-letter" in bad.json()["detail"]
         client = h.app.state.broker.r
-        dead = await client.xrange(f"{redis_prefix}:dead:lotus-d-depth")
+        dead = await client.xrange(Keys(redis_prefix).dead("lotus-d-depth"))
         assert len(dead) == 1 and b"injected fault" in dead[0][1][b"reason"]
         assert dead[0][1][b"attempts"] == b"2"
-        assert (await client.xpending(f"{redis_prefix}:jobs:lotus-d-depth", GROUP))["pending"] == 0
+        assert (await client.xpending(Keys(redis_prefix).jobs("lotus-d-depth"), GROUP))["pending"] == 0
 
 
 def _info(model: str) -> ModelInfo:
@@ -152,13 +153,16 @@ def _info(model: str) -> ModelInfo:
     )
 
 
-async def test_reaper_reclaims_a_dead_consumers_job_then_dead_letters(redis_url, redis_prefix) -> None:
+async def test_a_dead_workers_job_is_reclaimed_once_its_heartbeat_expires_then_dead_lettered(
+    redis_url, redis_prefix
+) -> None:
     api = RedisBroker(redis_url, redis_prefix)
-    dead = RedisBroker(redis_url, redis_prefix, consumer="dead")
-    alive = RedisBroker(redis_url, redis_prefix, consumer="alive", min_idle_ms=300, max_deliveries=2)
+    dead = RedisBroker(redis_url, redis_prefix, consumer="dead", heartbeat_s=0.3)
+    alive = RedisBroker(redis_url, redis_prefix, consumer="alive", heartbeat_s=0.3, max_deliveries=2)
     reclaimed_before = metrics.JOBS_RECLAIMED.labels("m")._value.get()
     dead_before = metrics.JOBS_DEAD_LETTERED.labels("m")._value.get()
     try:
+        await dead.publish_models([_info("m")])
         await alive.publish_models([_info("m")])  # starts its heartbeat and reaper
         submitted = asyncio.create_task(
             api.submit(Job(model="m", task="depth", deadline=time.time() + 20, image=b"img"))
@@ -167,35 +171,80 @@ async def test_reaper_reclaims_a_dead_consumers_job_then_dead_letters(redis_url,
             await asyncio.sleep(0.01)
         taken = []
         while not taken:
-            taken = await dead.consume("m", 8, 0.2)  # ...and this worker dies without answering
+            taken = await dead.consume("m", 8, 0.2)
         assert (await alive.queue_stats("m")) == QueueStats(depth=0, pending=1, lag=0)
+        await asyncio.sleep(1.0)  # a live worker's job is never taken, however long it computes...
+        assert alive.depth("m") == 0 and alive.stats.reclaimed == 0
+        await dead.close()  # ...until it dies: its heartbeat stops (close also drops the key at once)
         t0 = time.monotonic()
         reclaimed = []
         while not reclaimed:
             reclaimed = await alive.consume("m", 8, 0.1)
-        assert time.monotonic() - t0 >= 0.2, "live work is not stolen before min_idle_ms"
+        assert time.monotonic() - t0 < 3 * 0.3 + 1.0, "reclaimed within a heartbeat TTL and a reaper pass"
         (delivery,) = reclaimed
         assert delivery.job.id == taken[0].job.id and delivery.attempt == 2
         await alive.reply(delivery, Reply(id=delivery.job.id, status="ok", outputs={"prediction": b"map"}))
         assert (await submitted).outputs["prediction"] == b"map"
-        assert alive.stats["reclaimed"] == 1
+        assert alive.stats.reclaimed_from_dead == 1
         assert metrics.JOBS_RECLAIMED.labels("m")._value.get() - reclaimed_before == 1
-        assert (await alive.queue_stats("m")).pending == 0
+        stats = await alive.queue_stats("m")
+        assert stats.pending == 0 and await alive.r.xlen(alive.keys.jobs("m")) == 0  # acknowledged and deleted
 
         # Delivered more than max_deliveries times without an answer: dead-lettered, the client gets a 500.
-        alive.max_deliveries = 1
+        alive.consumer.max_deliveries = 1
+        again = RedisBroker(redis_url, redis_prefix, consumer="dead-again", heartbeat_s=0.3)
         submitted = asyncio.create_task(
             api.submit(Job(model="m", task="depth", deadline=time.time() + 20, image=b"img2"))
         )
-        while not await dead.consume("m", 8, 0.2):
+        while not await again.consume("m", 8, 0.2):
             pass
+        await again.close()  # it never announced a heartbeat: dead from the start
         reply = await asyncio.wait_for(submitted, timeout=10)
         assert reply.status == "error" and reply.error and "dead-letter" in reply.error.detail
-        assert await alive.r.xlen(f"{redis_prefix}:dead:m") == 1
+        (entry,) = await alive.r.xrange(alive.keys.dead("m"))
+        assert b"image" not in entry[1] and entry[1][b"image_bytes"] == b"4"  # no image kept in dead letters
         assert metrics.JOBS_DEAD_LETTERED.labels("m")._value.get() - dead_before == 1
         assert await alive.consume("m", 8, 0) == []
     finally:
         for b in (api, dead, alive):
+            await b.close()
+
+
+async def test_a_hung_workers_job_is_reclaimed_after_min_idle_and_its_late_answer_dropped(
+    redis_url, redis_prefix
+) -> None:
+    api = RedisBroker(redis_url, redis_prefix)
+    hung = RedisBroker(redis_url, redis_prefix, consumer="hung", heartbeat_s=0.3, min_idle_ms=1500)
+    other = RedisBroker(redis_url, redis_prefix, consumer="other", heartbeat_s=0.3, min_idle_ms=1500)
+    try:
+        await hung.publish_models([_info("m")])  # alive: its heartbeat goes on...
+        await other.publish_models([_info("m")])
+        submitted = asyncio.create_task(
+            api.submit(Job(model="m", task="depth", deadline=time.time() + 20, image=b"img"))
+        )
+        taken = []
+        while not taken:
+            taken = await hung.consume("m", 8, 0.2)
+        await hung.computing(taken)  # ...and its batch starts, but never finishes
+        t0 = time.monotonic()
+        reclaimed = []
+        while not reclaimed:
+            reclaimed = await other.consume("m", 8, 0.1)
+        waited = time.monotonic() - t0
+        # min_idle_ms after its last sign of progress (its reaper keeps held jobs fresh for min_idle/2 after a
+        # batch starts), plus a reaper pass.
+        assert 1.5 <= waited < 1.5 * 1.5 + 1.0, waited
+        assert other.stats.reclaimed_from_hung == 1
+        await other.reply(reclaimed[0], Reply(id=reclaimed[0].job.id, status="ok", outputs={"prediction": b"b"}))
+        assert (await submitted).outputs["prediction"] == b"b"
+        # The hung worker wakes up and answers too: dropped, nothing written.
+        await hung.reply(taken[0], Reply(id=taken[0].job.id, status="ok", outputs={"prediction": b"a"}))
+        assert hung.stats.late_replies_discarded == 1
+        await asyncio.sleep(0.3)
+        assert api.stats.orphan_replies == 0  # the late answer never reached the reply stream
+        assert (await api.queue_stats("m")).pending == 0
+    finally:
+        for b in (api, hung, other):
             await b.close()
 
 
@@ -258,7 +307,7 @@ async def test_several_api_instances_share_the_workers(tiny_dir, tiny_model, red
         for img, r in zip(images, replies, strict=True):
             assert r.status_code == 200
             np.testing.assert_allclose(read_npy(r.content), direct(tiny_model, "lotus-d", "depth", img), atol=1e-5)
-        assert a.app.state.broker.reply_stream != b.app.state.broker.reply_stream
+        assert a.app.state.broker.submitter.reply_stream != b.app.state.broker.submitter.reply_stream
 
 
 async def test_the_bundled_server_fallback_works(tiny_dir, redis_prefix) -> None:
@@ -302,6 +351,38 @@ async def test_scale_from_zero_queues_jobs_until_a_worker_comes(tiny_dir, redis_
         async with on_redis(tiny_dir, redis_url, redis_prefix, models=models):  # a worker comes up
             reply = await asyncio.wait_for(waiting, timeout=60)
         assert reply.status_code == 200, reply.text
+
+
+async def test_a_fresh_install_accepts_its_configured_models_before_any_worker_announced_them(
+    tiny_dir, redis_url, redis_prefix
+) -> None:
+    """Kubernetes from zero: the front-ends know the models from their specs, so a job waits in the stream
+    (its lag wakes KEDA) instead of being refused because no worker ever ran."""
+    spec = ModelSpec(id="lotus-d-depth", source="configured-elsewhere", family="lotus-d", task="depth")
+    async with running_service(
+        tiny_dir,
+        specs=[spec],
+        with_worker=False,
+        wait_ready=False,
+        queue="redis",
+        redis_url=redis_url,
+        redis_prefix=redis_prefix,
+        scale_from_zero=True,
+    ) as api:
+        broker = api.app.state.broker
+        end = time.monotonic() + 10
+        while (await api.client.get("/readyz")).status_code != 200:
+            assert time.monotonic() < end, (await api.client.get("/readyz")).json()
+            await asyncio.sleep(0.05)
+        assert await broker.catalog() == []  # no worker has ever served it
+        waiting = asyncio.create_task(post(api, "/v1/depth?timeout_ms=60000", png_bytes(32, 32, seed=4)))
+        while (await broker.queue_stats("lotus-d-depth")).lag != 1:
+            assert not waiting.done(), waiting.result().text
+            await asyncio.sleep(0.05)
+        async with on_redis(tiny_dir, redis_url, redis_prefix, models=[("lotus-d", "depth")]):  # KEDA starts one
+            reply = await asyncio.wait_for(waiting, timeout=60)
+        assert reply.status_code == 200, reply.text
+        assert reply.headers["x-model"] == "lotus-d-depth"
 
 
 async def test_a_cancelled_request_is_never_computed_on_redis(tiny_dir, redis_url, redis_prefix) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
@@ -15,6 +16,8 @@ from service.api.routes_meta import health_router, models_router
 from service.api.routes_predict import router as predict_router
 from service.api.schemas import PredictionJSON
 from service.config import Settings
+from service.frontend import declare_models
+from service.jobs import ModelInfo
 from service.queue.base import Broker
 
 if TYPE_CHECKING:  # the embedded worker is optional and lives on the torch side
@@ -34,13 +37,16 @@ def create_app(
     worker: Worker | None = None,
     expected_models: Sequence[str] = (),
     grpc: GrpcFrontend | None = None,
+    declared: Sequence[ModelInfo] = (),
 ) -> FastAPI:
     """`worker` runs in this process (embedded mode); `expected_models` are the ids readiness waits for;
-    `grpc` is a gRPC front-end served beside REST on the same queue."""
+    `grpc` is a gRPC front-end served beside REST on the same queue; `declared` are the configured models
+    (from their specs) whose jobs are accepted before any worker announced them (scale from zero)."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await broker.start()
+        declaring = asyncio.create_task(declare_models(broker, list(declared)), name="dense-declare")
         if worker is not None:
             await worker.start()
         if grpc is not None:
@@ -48,6 +54,7 @@ def create_app(
         try:
             yield
         finally:
+            declaring.cancel()
             if grpc is not None:
                 await grpc.stop()
             if worker is not None:

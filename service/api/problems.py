@@ -28,6 +28,7 @@ STATUS: dict[str, int] = {
     "internal": 500,
     "unavailable": 503,
     "deadline_exceeded": 504,
+    "client_closed": 499,
 }
 
 

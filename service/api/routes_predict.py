@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import time
+from collections.abc import Coroutine
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -16,7 +18,7 @@ from service.api.inputs import read_input, validate_params
 from service.api.negotiate import MEDIA_TYPES, OutputChoice, choose
 from service.api.schemas import PredictionJSON, PredictParams, Problem, UncertaintyParams
 from service.config import Settings
-from service.errors import InvalidParameter, PayloadTooLarge, UnsupportedMedia, from_code
+from service.errors import ClientClosed, InvalidParameter, PayloadTooLarge, UnsupportedMedia, from_code
 from service.frontend import resolve_model
 from service.jobs import Job, JobKind, JobParams, Reply
 from service.queue.base import Broker
@@ -195,12 +197,36 @@ async def _handle(request: Request, kind: JobKind, task: Task | None) -> Respons
         key = request.headers.get("idempotency-key")
         if key is not None and not 1 <= len(key) <= 255:
             raise InvalidParameter("Idempotency-Key must be 1 to 255 characters", field="Idempotency-Key")
-        reply = await broker.submit(job, key)
+        reply = await _submit_unless_disconnected(request, broker.submit(job, key))
         if reply.status != "ok":
             error = reply.error
             raise from_code(error.code if error else "internal", error.detail if error else f"job {reply.status}")
     total_ms = (time.perf_counter() - started) * 1000.0
     return _respond(request, reply, choice, "uncertainty" if kind == "uncertainty" else "prediction", total_ms)
+
+
+async def _submit_unless_disconnected(request: Request, submission: Coroutine[Any, Any, Reply]) -> Reply:
+    """Await the answer, unless the client closes the connection first: then the submission is cancelled, which
+    tells the queue (a cancel marker on Redis), so a job still waiting is never computed. Servers do not cancel
+    a handler whose client left; they only pass `http.disconnect` to whoever receives next."""
+    answer = asyncio.ensure_future(submission)
+    gone = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+        if not answer.done():
+            answer.cancel()
+            await asyncio.gather(answer, return_exceptions=True)
+    if answer.cancelled():
+        raise ClientClosed("the client closed the connection before the answer; the job was withdrawn")
+    return answer.result()
+
+
+async def _disconnected(request: Request) -> None:
+    """The request body is read, so the next message the server has for us is the client's disconnect."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def _probe(image: bytes, max_pixels: int) -> None:

@@ -36,6 +36,7 @@ STATUS: dict[str, grpc.StatusCode] = {
     "queue_full": grpc.StatusCode.RESOURCE_EXHAUSTED,
     "deadline_exceeded": grpc.StatusCode.DEADLINE_EXCEEDED,
     "unavailable": grpc.StatusCode.UNAVAILABLE,
+    "client_closed": grpc.StatusCode.CANCELLED,
     "model_failure": grpc.StatusCode.INTERNAL,
     "internal": grpc.StatusCode.INTERNAL,
 }

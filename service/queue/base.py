@@ -125,6 +125,13 @@ class Broker(ABC):
     async def refresh_abandoned(self, deliveries: list[Delivery]) -> None:  # noqa: B027 - optional hook
         """Learn which of these jobs their clients gave up on since delivery (brokers across processes)."""
 
+    async def computing(self, deliveries: list[Delivery]) -> None:  # noqa: B027 - optional hook
+        """A batch of these starts computing: brokers that reclaim idle work know they are not hung."""
+
+    async def declare_models(self, infos: list[ModelInfo]) -> None:  # noqa: B027 - optional hook
+        """Models a front-end is configured for (from their specs), before any worker announced them: brokers
+        that remember models for scale from zero record them, so jobs for them wait for a worker."""
+
     async def dormant_models(self) -> list[ModelInfo]:
         """Models served before that have no live worker now (scale-to-zero); none for in-process queues."""
         return []

@@ -243,6 +243,13 @@ class Lane:
         stages: dict[str, float] = {}
         done = Computed(batch, started, stages)
         failure: Exception | None = None
+        await self.broker.computing([p.delivery for p in batch])
+        log.debug(
+            "computing %d jobs on %s, requests: %s",
+            len(batch),
+            self.model_id,
+            ",".join(p.job.request_id for p in batch),
+        )
         self.busy = True
         try:
             if batch[0].job.kind == "uncertainty":

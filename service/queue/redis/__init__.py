@@ -1,0 +1,20 @@
+"""The Redis Streams queue, split by role: `keys` (every key and lifetime), `submitter` (front-ends),
+`consumer` (workers: read, answer, retry, dead-letter, reclaim), `registry` (heartbeats, announced models),
+`scripts` (the atomic state changes), `connection` (credentials, TLS, server checks), joined by `broker`."""
+
+from service.queue.redis.broker import RedisBroker
+from service.queue.redis.connection import ConnectionOptions, RedisSetupError, check_server
+from service.queue.redis.consumer import RedisDelivery
+from service.queue.redis.keys import GROUP, Keys
+from service.queue.redis.stats import RedisStats
+
+__all__ = [
+    "GROUP",
+    "ConnectionOptions",
+    "Keys",
+    "RedisBroker",
+    "RedisDelivery",
+    "RedisSetupError",
+    "RedisStats",
+    "check_server",
+]

@@ -1,0 +1,116 @@
+"""Connecting to Redis: credentials, TLS, what the server can do, and what its errors mean to a client."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import AuthenticationError, OutOfMemoryError, RedisError, ResponseError
+
+from service.errors import Unavailable
+
+MIN_VERSION = (7, 0)
+
+
+@dataclass(frozen=True)
+class ConnectionOptions:
+    url: str
+    password: str | None = None
+    tls_ca_file: Path | None = None
+    op_timeout_s: float = 0.5
+
+    def client(self, blocking: bool = False) -> Redis:
+        """Short timeouts so an outage is a fast 503; blocking reads get a client without a socket timeout."""
+        kwargs: dict[str, object] = {
+            "socket_connect_timeout": self.op_timeout_s,
+            "socket_timeout": None if blocking else self.op_timeout_s,
+            "retry": Retry(NoBackoff(), 0),
+        }
+        if self.password is not None:
+            kwargs["password"] = self.password
+        if self.tls_ca_file is not None:
+            kwargs["ssl_ca_certs"] = str(self.tls_ca_file)
+        return Redis.from_url(self.url, **kwargs)
+
+    @property
+    def has_password(self) -> bool:
+        """A password given as a setting or inside the URL (`redis://:pw@host`)."""
+        userinfo = self.url.partition("://")[2].partition("/")[0].rpartition("@")[0]
+        return self.password is not None or ":" in userinfo
+
+    @property
+    def where(self) -> str:
+        """The URL without its credentials, fit for messages and logs."""
+        scheme, _, rest = self.url.partition("://")
+        return f"{scheme}://{rest.rpartition('@')[2]}"
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    version: tuple[int, ...]
+    #: XACKDEL (Redis 8.2): acknowledge and delete in one command; else XACK then XDEL in the same script.
+    has_xackdel: bool
+
+
+class RedisSetupError(ValueError):
+    """The server cannot be used as configured (wrong password, too old): a start-up error, not a retry."""
+
+
+async def check_server(r: Redis, where: str, has_password: bool = False) -> ServerInfo:
+    """Ping, authenticate and read the version; raise RedisSetupError with a message an operator can act on."""
+    try:
+        await r.ping()
+        info = await r.info("server")
+        has_xackdel = await _knows(r, "XACKDEL", "{dense-serve-probe}:none", "workers", "IDS", "1", "0-1")
+    except (AuthenticationError, ResponseError) as exc:
+        if not isinstance(exc, AuthenticationError) and not any(w in str(exc) for w in ("NOAUTH", "WRONGPASS")):
+            raise
+        if has_password:
+            raise RedisSetupError(
+                f"Redis at {where} refused the password ({exc}); set redis_password (DENSE_REDIS_PASSWORD) to "
+                "the server's requirepass"
+            ) from exc
+        raise RedisSetupError(
+            f"Redis at {where} needs a password ({exc}); set redis_password (DENSE_REDIS_PASSWORD)"
+        ) from exc
+    except (RedisError, OSError) as exc:
+        if "CERTIFICATE_VERIFY_FAILED" in str(exc) or "SSL" in type(exc.__cause__ or exc).__name__:
+            raise RedisSetupError(
+                f"Redis at {where}: the TLS handshake failed ({exc}); set redis_tls_ca_file "
+                "(DENSE_REDIS_TLS_CA_FILE) to the CA that signed the server's certificate"
+            ) from exc
+        raise Unavailable(f"the queue (Redis at {where}) is unreachable: {exc}", retry_after=1) from exc
+    version = tuple(int(p) for p in str(info.get("redis_version", "0")).split(".")[:3] if p.isdigit())
+    if version < MIN_VERSION:
+        have, need = ".".join(map(str, version)), ".".join(map(str, MIN_VERSION))
+        raise RedisSetupError(
+            f"Redis at {where} is version {have}; dense-serve needs {need} or newer (consumer-group lag, script flags)"
+        )
+    return ServerInfo(version, has_xackdel)
+
+
+async def _knows(r: Redis, *command: str) -> bool:
+    """Whether the server has a command: run it harmlessly (on a key that does not exist) and see."""
+    try:
+        await r.execute_command(*command)
+    except ResponseError as exc:
+        return "unknown command" not in str(exc).lower()
+    return True
+
+
+def is_oom(exc: BaseException) -> bool:
+    return isinstance(exc, OutOfMemoryError) or (isinstance(exc, ResponseError) and str(exc).startswith("OOM"))
+
+
+def unavailable(exc: BaseException, where: str) -> Unavailable:
+    """What a Redis failure means to a client: out of memory, or unreachable; both are worth a retry."""
+    if is_oom(exc):
+        return Unavailable(
+            f"the queue (Redis at {where}) is out of memory (maxmemory reached, noeviction): it accepts new "
+            "jobs again as the queued ones finish",
+            retry_after=2,
+        )
+    return Unavailable(f"the queue (Redis at {where}) is unreachable: {exc}", retry_after=1)

@@ -1,0 +1,217 @@
+"""The front-end side: put a job in its model's stream and await the reply on this instance's reply stream.
+
+One XREAD loop per API instance resolves the waiting requests' futures and deletes every reply it has read,
+so replies hold memory only while in transit. Results are stored (`result:{id}`) only for requests that send
+an Idempotency-Key, so a retry, on any instance, gets the same answer without computing again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import time
+import uuid
+from collections import defaultdict
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from service.errors import DeadlineExceeded, InvalidParameter, QueueFull, ServiceError, Unavailable
+from service.jobs import Job, Reply
+from service.queue.base import DrainRate, QueueStats, fingerprint
+from service.queue.redis.connection import is_oom, unavailable
+from service.queue.redis.keys import REPLY_STREAM_TTL_S, Keys
+from service.queue.redis.stats import RedisStats
+from service.queue.redis.streams import Groups, group_info, job_fields, read_reply, stats_of
+
+log = logging.getLogger(__name__)
+
+
+class Submitter:
+    def __init__(
+        self,
+        r: Redis,
+        rb: Redis,
+        keys: Keys,
+        groups: Groups,
+        stats: RedisStats,
+        *,
+        where: str,
+        max_depth: int,
+        stream_maxlen: int,
+        result_ttl_s: int,
+    ) -> None:
+        self.r, self.rb = r, rb  # rb: the blocking client (no socket timeout) for the reply loop
+        self.keys = keys
+        self.groups = groups
+        self.stats = stats
+        self.where = where
+        self.max_depth = max_depth
+        self.stream_maxlen = stream_maxlen
+        self.result_ttl_s = result_ttl_s
+        self.reply_stream = keys.replies(uuid.uuid4().hex[:12])
+        self._waiting: dict[str, asyncio.Future[Reply]] = {}
+        self._loop: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[None]] = set()  # fire-and-forget writes (cancel markers)
+        self._rates: dict[str, DrainRate] = defaultdict(DrainRate)
+        self._entries_read: dict[str, int] = {}
+        self.closed = False
+
+    async def close(self) -> None:
+        self.closed = True
+        if self._loop is not None:
+            self._loop.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._loop
+        for task in list(self._background):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.wait_for(task, timeout=1.0)
+        self.fail_waiting(Unavailable("the service is shutting down"))
+        with contextlib.suppress(RedisError, OSError):
+            await self.r.delete(self.reply_stream)
+
+    def fail_waiting(self, error: ServiceError) -> None:
+        for future in self._waiting.values():
+            if not future.done():
+                future.set_exception(error)
+
+    async def submit(self, job: Job, idempotency_key: str | None = None) -> Reply:
+        if self.closed:
+            raise Unavailable("the service is shutting down")
+        if job.expired():
+            raise DeadlineExceeded(f"job {job.id} was already past its deadline when enqueued")
+        job.reply_to = self.reply_stream
+        job.keep_result = idempotency_key is not None
+        if self._loop is None or self._loop.done():
+            self._loop = asyncio.create_task(self._reply_loop(), name="dense-replies")
+        stream = self.keys.jobs(job.model)
+        try:
+            if idempotency_key is not None:
+                existing = await self._claim_key(idempotency_key, job)
+                if existing is not None:
+                    return await self._await_existing(existing, job.deadline)
+            await self._check_depth(job.model)
+            future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
+            self._waiting[job.id] = future
+            await self.groups.ensure(stream)
+            await self.r.xadd(stream, job_fields(job, attempt=1), maxlen=self.stream_maxlen, approximate=True)
+        except (RedisError, OSError) as exc:
+            self._waiting.pop(job.id, None)
+            if is_oom(exc):
+                self.stats.rejected_out_of_memory += 1
+            raise unavailable(exc, self.where) from exc
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), timeout=max(0.0, job.deadline - time.time()))
+        except TimeoutError:
+            raise DeadlineExceeded(f"no answer within the deadline for job {job.id}") from None
+        except asyncio.CancelledError:
+            # The client went away (disconnect, gRPC cancel, a stream closed): tell the workers, so a job still
+            # waiting in the stream or read ahead by a worker is dropped instead of computed.
+            self._mark_cancelled(job)
+            raise
+        finally:
+            self._waiting.pop(job.id, None)
+
+    def _mark_cancelled(self, job: Job) -> None:
+        ttl = max(1, int(job.deadline - time.time()) + 1)
+        task = asyncio.create_task(self._set_cancel_marker(job.id, ttl), name=f"dense-cancel-{job.id}")
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _set_cancel_marker(self, job_id: str, ttl: int) -> None:
+        with contextlib.suppress(RedisError, OSError):  # best effort: without it the job is computed, as before
+            await self.r.set(self.keys.cancel(job_id), b"1", ex=ttl)
+
+    async def _check_depth(self, model: str) -> None:
+        """429 when pending + lag of the model's stream reaches `max_depth`."""
+        group = await group_info(self.r, self.keys.jobs(model))
+        if group is None:
+            return  # no stream yet: nothing waits
+        read = group.get("entries-read")
+        if isinstance(read, int):
+            last = self._entries_read.get(model)
+            if last is not None and read > last:
+                self._rates[model].record(read - last)
+            self._entries_read[model] = read
+        stats = stats_of(group)
+        depth = (stats.pending or 0) + (stats.lag or 0)
+        if depth >= self.max_depth:
+            raise QueueFull(
+                f"{depth} jobs are pending or waiting for model '{model}' (limit {self.max_depth})",
+                retry_after=self._rates[model].retry_after(depth),
+            )
+
+    async def queue_stats(self, model: str) -> QueueStats:
+        return stats_of(await group_info(self.r, self.keys.jobs(model)))
+
+    async def _claim_key(self, key: str, job: Job) -> str | None:
+        """Register the key for this job; return the job id of an earlier live submission instead."""
+        idem = self.keys.idem(hashlib.sha256(key.encode()).hexdigest())
+        value = f"{job.id}|{fingerprint(job)}|{job.deadline}".encode()
+        if await self.r.set(idem, value, nx=True, ex=self.result_ttl_s):
+            return None
+        stored = await self.r.get(idem)
+        if stored is None:
+            await self.r.set(idem, value, ex=self.result_ttl_s)
+            return None
+        job_id, fp, deadline = stored.decode().split("|")
+        if fp != fingerprint(job):
+            raise InvalidParameter("Idempotency-Key was already used for a different request", field="Idempotency-Key")
+        if float(deadline) < time.time() and not await self.r.exists(self.keys.result(job_id)):
+            await self.r.set(idem, value, ex=self.result_ttl_s)  # that attempt expired unanswered: start anew
+            return None
+        return job_id
+
+    async def _await_existing(self, job_id: str, deadline: float) -> Reply:
+        while time.time() < deadline:
+            future = self._waiting.get(job_id)
+            if future is not None:
+                try:
+                    return await asyncio.wait_for(asyncio.shield(future), timeout=max(0.0, deadline - time.time()))
+                except TimeoutError:
+                    break
+            stored = await self.r.hgetall(self.keys.result(job_id))
+            if stored:
+                return read_reply(stored)
+            await asyncio.sleep(0.05)
+        raise DeadlineExceeded(f"no answer within the deadline for job {job_id}")
+
+    async def _reply_loop(self) -> None:
+        last_id = b"0-0"
+        backoff = 0.1
+        connected = True
+        next_refresh = 0.0
+        while not self.closed:
+            try:
+                if time.monotonic() >= next_refresh:
+                    await self.r.expire(self.reply_stream, REPLY_STREAM_TTL_S)
+                    next_refresh = time.monotonic() + REPLY_STREAM_TTL_S / 3
+                response = await self.rb.xread({self.reply_stream: last_id}, count=256, block=1000)
+            except (RedisError, OSError) as exc:
+                if connected:
+                    log.warning("reply stream: lost Redis (%s); failing %d waiting requests", exc, len(self._waiting))
+                    self.fail_waiting(unavailable(exc, self.where))
+                    connected = False
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 2.0)
+                continue
+            if not connected:
+                log.info("reply stream: Redis is back")
+                connected, backoff, next_refresh = True, 0.1, 0.0
+                self.groups.forget()
+            read: list[bytes] = []
+            for _stream, entries in response or []:
+                for entry_id, fields in entries:
+                    last_id = entry_id
+                    read.append(entry_id)
+                    reply = read_reply(fields)
+                    future = self._waiting.get(reply.id)
+                    if future is not None and not future.done():
+                        future.set_result(reply)
+                    elif reply.status == "ok":
+                        self.stats.orphan_replies += 1
+            if read:
+                with contextlib.suppress(RedisError, OSError):  # left behind, they expire with the stream
+                    await self.r.xdel(self.reply_stream, *read)
