@@ -13,7 +13,7 @@ TINY := .cache/tiny
 OUT ?= out
 PYTEST_WORKERS ?= 2
 
-.PHONY: install run demo bench-http bench-sizes bench-codecs chaos proto robot test lint clean
+.PHONY: install run demo bench-http bench-sizes bench-codecs chaos soak proto robot test lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "dense-serve needs Python >= 3.11"; exit 1; }
@@ -53,6 +53,10 @@ robot: $(STAMP)
 
 chaos: $(STAMP)
 	$(BIN)/python -m load_tests.kill_worker $(ARGS)
+
+# Ten minutes of steady load on Redis while workers are killed and Redis restarts (ARGS="--minutes 2" for less).
+soak: $(STAMP)
+	$(BIN)/python -m load_tests.soak $(ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m ruff check .

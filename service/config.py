@@ -116,7 +116,11 @@ class Settings(BaseSettings):
     )
     redis_prefix: str = Field(default="dense", pattern=r"^[\w.-]+$", description="namespace of every key")
     stream_maxlen: int = Field(default=10_000, ge=100, description="approximate cap of each job stream")
-    result_ttl_s: int = Field(default=600, ge=1, description="how long results stay for Idempotency-Key")
+    result_ttl_s: int = Field(
+        default=60,
+        ge=1,
+        description="how long an answer stays for an Idempotency-Key retry: Redis holds answers/s x this",
+    )
     min_idle_ms: int = Field(
         default=10_000,
         ge=100,

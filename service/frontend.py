@@ -47,6 +47,13 @@ def declared_info(spec: ModelSpec, max_batch_size: int, max_queue_delay_ms: floa
     )
 
 
+async def waiting_models(broker: Broker, expected: Sequence[str] = ()) -> list[ModelInfo]:
+    """Models without a live worker whose jobs may wait for one (scale from zero): the configured ones when
+    the front-end has a model list (a retired model is refused, not queued for nobody), else any known one."""
+    dormant = await broker.dormant_models()
+    return [m for m in dormant if m.id in expected] if expected else dormant
+
+
 async def resolve_model(
     broker: Broker,
     name: str | None,
@@ -62,7 +69,7 @@ async def resolve_model(
     """
     catalog = await broker.catalog()
     if scale_from_zero:
-        catalog = catalog + await broker.dormant_models()
+        catalog = catalog + await waiting_models(broker, expected)
     if name is None:
         serving = [m for m in catalog if m.task == task and (m.generative or kind != "uncertainty")]
         if serving:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from service.frontend import waiting_models
 from service.queue.base import Broker
 
 if TYPE_CHECKING:
@@ -21,7 +22,7 @@ async def readiness(
         try:
             served = {m.id for m in await broker.catalog()}
             if scale_from_zero:
-                served |= {m.id for m in await broker.dormant_models()}
+                served |= {m.id for m in await waiting_models(broker, expected)}
         except Exception:  # the queue went away between the two calls
             queue_ok = False
     models = {model: model in served for model in expected} if expected else {m: True for m in served}

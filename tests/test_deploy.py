@@ -700,10 +700,8 @@ def test_settings_and_cli_checks_reject_typos() -> None:
 
 def job_stream(prefix: str, model: str) -> str:
     """The Redis stream a model's jobs go to, from the code's key schema (KEDA must watch exactly this key)."""
-    try:
-        from service.queue.redis.keys import Keys  # the broker split by role (issue 12)
-    except ImportError:  # the single-module broker: service/queue/redis_streams.py's _key("jobs", model)
-        return f"{prefix}:jobs:{model}"
+    from service.queue.redis.keys import Keys
+
     return Keys(prefix).jobs(model)
 
 
@@ -1040,7 +1038,7 @@ def test_k8s_redis_tls_is_consistent(directory: Path) -> None:
 # answer bytes (replies not yet read) + overhead. The assumptions of the worked example, in MiB and per second:
 IMAGE_MIB = 1.0  # a JPEG photo
 ANSWER_MIB = 1.0  # a 1080p 16-bit PNG depth map
-IDEMPOTENT_PER_S = 1.0  # requests carrying an Idempotency-Key
+IDEMPOTENT_PER_S = 10.0  # requests carrying an Idempotency-Key (every request of a client that retries)
 OVERHEAD_MIB = 10.0  # heartbeats, cancel markers, idempotency keys, stream and allocator bookkeeping
 K8S_CONCURRENT = 128  # requests in flight across the front-ends (replies written but not yet read)
 COMPOSE_CONCURRENT = 32

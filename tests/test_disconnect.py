@@ -75,12 +75,13 @@ def serve(tmp_path: Path, tiny_dir: TinyDir, prefix: str, *args: str) -> Iterato
         proc.wait(timeout=60)
 
 
-def raw_post(base: str, body: bytes) -> socket.socket:
+def raw_post(base: str, body: bytes, idempotency_key: str | None = None) -> socket.socket:
     """An HTTP request sent over a bare socket, left waiting for its answer."""
     host, port = base.removeprefix("http://").split(":")
     sock = socket.create_connection((host, int(port)))
+    key = f"Idempotency-Key: {idempotency_key}\r\n" if idempotency_key else ""
     head = (
-        f"POST /v1/depth?format=npy HTTP/1.1\r\nHost: {host}\r\nContent-Type: image/png\r\n"
+        f"POST /v1/depth?format=npy HTTP/1.1\r\nHost: {host}\r\nContent-Type: image/png\r\n{key}"
         f"Content-Length: {len(body)}\r\n\r\n"
     )
     sock.sendall(head.encode() + body)
@@ -114,6 +115,32 @@ async def test_a_client_that_closes_its_socket_is_never_computed(
             await asyncio.sleep(BATCH_MS / 1000 + 0.3)  # had it been computed, it would have finished by now
             assert metric(base, "dense_batch_size_count", model="slow") == 1  # only the first job ran
             assert metric(base, "dense_request_duration_seconds_count", route="/v1/depth", status="499") == 1
+
+
+@pytest.mark.parametrize("queue", ["memory", "redis"])
+async def test_a_client_with_an_idempotency_key_that_drops_its_connection_gets_the_answer_on_retry(
+    tmp_path: Path, tiny_dir: TinyDir, redis_url: str, redis_prefix: str, queue: str
+) -> None:
+    """Its client will retry, so the job is kept (not withdrawn), and the retry is answered without computing
+    again."""
+    extra = ["--queue", "redis", "--redis-url", redis_url] if queue == "redis" else []
+    image = png_bytes(40, 40, seed=3)
+    with serve(tmp_path, tiny_dir, redis_prefix, *extra) as base:
+        sock = raw_post(base, image, idempotency_key="order-77")
+        end = time.monotonic() + 30
+        while metric(base, "dense_requests_in_flight") < 1:
+            assert time.monotonic() < end
+            await asyncio.sleep(0.02)
+        sock.close()  # the connection drops while the job waits or computes
+        async with httpx.AsyncClient(base_url=base, timeout=60) as client:
+            retry = await client.post(
+                "/v1/depth?format=npy",
+                content=image,
+                headers={"content-type": "image/png", "idempotency-key": "order-77"},
+            )
+        assert retry.status_code == 200, retry.text
+        assert metric(base, "dense_batch_size_count", model="slow") == 1  # computed once, for both attempts
+        assert metric(base, "dense_jobs_total", model="slow", status="dropped") == 0
 
 
 async def test_a_cancelled_grpc_stream_on_redis_leaves_nothing_to_compute(

@@ -101,6 +101,8 @@ async def test_800_photos_at_volume_keep_redis_memory_flat(tiny_dir: TinyDir, re
             await asyncio.gather(*(one(i) for i in range(800)))
         assert statuses.count(200) == 800, {s: statuses.count(s) for s in set(statuses)}
         end = r.info("memory")["used_memory"]
+        mb = [f"{v / 2**20:.1f} MB" for v in (start, peak, end)]
+        print("Redis used_memory before / peak / after:", " / ".join(mb))  # pytest -s shows it
         assert end - start < 3 * 2**20, (start, end)  # back to within a few MB of the start
         assert peak < 32 * 2**20, peak  # never near the limit: 8 in flight are a few MB
         stream = f"{{{redis_prefix}}}:jobs:{MODEL}"

@@ -20,7 +20,7 @@ class _MemoryDelivery(Delivery):
 
 
 class MemoryBroker(Broker):
-    def __init__(self, max_jobs_per_model: int = 256, result_ttl_s: float = 600.0) -> None:
+    def __init__(self, max_jobs_per_model: int = 256, result_ttl_s: float = 60.0) -> None:
         self.max_jobs_per_model = max_jobs_per_model
         self.result_ttl_s = result_ttl_s
         # Idempotency-Key -> (fingerprint, the first submission's future, expiry)
@@ -69,9 +69,9 @@ class MemoryBroker(Broker):
                     raise DeadlineExceeded(f"no answer within the deadline for job {job.id}") from None
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._idempotent[key] = (fingerprint(job), future, now + self.result_ttl_s)
-        return await self._submit(job, future)
+        return await self._submit(job, future, idempotent=True)
 
-    async def _submit(self, job: Job, future: asyncio.Future[Reply]) -> Reply:
+    async def _submit(self, job: Job, future: asyncio.Future[Reply], idempotent: bool = False) -> Reply:
         if job.expired():
             raise DeadlineExceeded(f"job {job.id} was already past its deadline when enqueued")
         queue = self._queue(job.model)
@@ -87,8 +87,10 @@ class MemoryBroker(Broker):
         except TimeoutError:
             raise DeadlineExceeded(f"no answer within the deadline for job {job.id}") from None
         finally:
-            if not future.done():
-                future.cancel()  # the job stays queued but no longer counts, and is never computed
+            # The client went away or gave up: the job stays queued but no longer counts, and is never computed.
+            # With an Idempotency-Key the client retries: the job is kept, and its retry waits for it.
+            if not future.done() and not idempotent:
+                future.cancel()
                 self._abandoned[job.model] = self._abandoned.get(job.model, 0) + 1
 
     async def catalog(self) -> list[ModelInfo]:

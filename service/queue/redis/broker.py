@@ -38,7 +38,7 @@ class RedisBroker(Broker):
         tls_ca_file: Path | None = None,
         max_depth: int = 256,
         stream_maxlen: int = 10_000,
-        result_ttl_s: int = 600,
+        result_ttl_s: int = 60,
         min_idle_ms: int = 10_000,
         max_deliveries: int = 3,
         heartbeat_s: float = 2.0,

@@ -108,8 +108,10 @@ class Submitter:
             raise DeadlineExceeded(f"no answer within the deadline for job {job.id}") from None
         except asyncio.CancelledError:
             # The client went away (disconnect, gRPC cancel, a stream closed): tell the workers, so a job still
-            # waiting in the stream or read ahead by a worker is dropped instead of computed.
-            self._mark_cancelled(job)
+            # waiting in the stream or read ahead by a worker is dropped instead of computed. Not for a request
+            # with an Idempotency-Key: its client retries, and the retry waits for this job's stored answer.
+            if not job.keep_result:
+                self._mark_cancelled(job)
             raise
         finally:
             self._waiting.pop(job.id, None)
