@@ -13,7 +13,7 @@ TINY := .cache/tiny
 OUT ?= out
 PYTEST_WORKERS ?= 2
 
-.PHONY: install run demo bench-http bench-sizes bench-codecs chaos soak proto robot test lint clean
+.PHONY: install run demo bench-http bench-sizes bench-codecs gpu-wheels gpu-check-smoke chaos soak proto robot test lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "dense-serve needs Python >= 3.11"; exit 1; }
@@ -45,6 +45,15 @@ bench-sizes: $(STAMP)
 bench-codecs: $(STAMP)
 	$(BIN)/python -m load_tests.bench_codecs $(ARGS)
 
+# The GPU check (load_tests/gpu_check.py; docs/benchmarks.md#gpu-check-one-lease): the wheels a lent GPU machine
+# lacks, built for its CPython 3.12 into .gpu-wheels/ (carried with the device tool's `carry`), and the same
+# check on the CPU with the tiny model, which proves the script before a lease.
+gpu-wheels: $(STAMP)
+	$(BIN)/python -m load_tests.gpu_wheels --out .gpu-wheels
+
+gpu-check-smoke: $(STAMP)
+	$(BIN)/python -m load_tests.gpu_check --cpu-smoke --out $(OUT)/gpu-check-smoke
+
 proto: $(STAMP)
 	$(BIN)/python -m service.grpc.codegen
 
@@ -67,4 +76,4 @@ lint: $(STAMP)
 	$(BIN)/python -m ruff format --check .
 
 clean:
-	rm -rf $(VENV) .cache $(OUT) .pytest_cache .ruff_cache
+	rm -rf $(VENV) .cache $(OUT) .pytest_cache .ruff_cache .gpu-wheels

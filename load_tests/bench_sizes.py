@@ -37,10 +37,14 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import numpy as np
 from PIL import Image
+
+if TYPE_CHECKING:
+    from models.inference import DensePredictor
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -97,13 +101,21 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def serving(
-    checkout: Path, model: str, env_extra: dict[str, str] | None = None, extra_args: list[str] | None = None
+    checkout: Path,
+    model: str,
+    env_extra: dict[str, str] | None = None,
+    extra_args: list[str] | None = None,
+    ready_timeout_s: float = 180.0,
 ) -> Iterator[str]:
-    """`dense-serve serve` from `checkout` (this repo, or a worktree of an older commit) on a free port."""
+    """`dense-serve serve` from `checkout` (this repo, or a worktree of an older commit) on a free port.
+
+    `checkout` goes first on PYTHONPATH, ahead of (not instead of) the caller's: packages installed with
+    `pip --target` (the GPU check's wheelhouse, for one) stay importable by the server.
+    """
     port = _free_port()
     env = {
         **os.environ,
-        "PYTHONPATH": str(checkout),
+        "PYTHONPATH": os.pathsep.join(p for p in (str(checkout), os.environ.get("PYTHONPATH", "")) if p),
         "DENSE_LOG_LEVEL": os.environ.get("BENCH_LOG_LEVEL", "warning"),
         "DENSE_GRPC_ENABLED": "false",
         "DENSE_QUEUE_MAX_JOBS": "1024",
@@ -113,7 +125,7 @@ def serving(
     proc = subprocess.Popen(cmd, cwd=checkout, env=env, stdout=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:
-        end = time.monotonic() + 180
+        end = time.monotonic() + ready_timeout_s
         while time.monotonic() < end:
             if proc.poll() is not None:
                 raise SystemExit(f"server exited with {proc.returncode}: {' '.join(cmd)}")
@@ -180,8 +192,11 @@ async def cn(
         return n / (time.perf_counter() - start), batches
 
 
-def direct_loop(model_arg: str, res: int, image: bytes, fmt: str, n: int, batch: int) -> float:
-    """img/s of in-process batches of `batch` over already decoded images, with the same answer encoding."""
+def direct_loop(model_arg: str | DensePredictor, res: int, image: bytes, fmt: str, n: int, batch: int) -> float:
+    """img/s of in-process batches of `batch` over already decoded images, with the same answer encoding.
+
+    `model_arg` is a spec/folder to load, or a model already loaded (the GPU check reuses its own).
+    """
     from models.inference import BatchItem
     from models.loading import load_model
     from models.spec import resolve_spec
@@ -189,7 +204,7 @@ def direct_loop(model_arg: str, res: int, image: bytes, fmt: str, n: int, batch:
     from service.worker.prepare import decode_for
 
     encoding = {"png": "png16"}.get(fmt, fmt)
-    model = load_model(resolve_spec(model_arg))
+    model = load_model(resolve_spec(model_arg)) if isinstance(model_arg, str) else model_arg
     pixels, geometry = decode_for(model, image, res)
     items = [BatchItem(pixels, geometry, form=FORM_OF[encoding])] * batch
     for pred in model.predict_batch(items):  # warm

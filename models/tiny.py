@@ -62,7 +62,7 @@ def write_tokenizer(out: Path) -> int:
 
 
 #: Stable Diffusion 2's architecture (865.9 M UNet parameters, the 128/256/512/512 VAE): random weights at the
-#: real cost, for speed measurements (`load_tests/gpu_bench.py`). Several GB on disk.
+#: real cost, for speed measurements (`load_tests/gpu_check.py`). 3.6 GB on disk.
 SD2_UNET = dict(
     down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
     up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,

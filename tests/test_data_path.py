@@ -216,6 +216,7 @@ def test_device_forms_equal_the_cpu_encoders(tiny_model) -> None:
     _check_forms(torch.device("cpu"))
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_device_forms_on_cuda_equal_the_cpu_encoders() -> None:
     _check_forms(torch.device("cuda"), lsb=1)

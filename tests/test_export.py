@@ -315,6 +315,7 @@ def test_export_command_line(tiny_dir, tmp_path) -> None:
 # ---------------------------------------------------------------------------- GPU paths (run where present)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 @pytest.mark.parametrize(("family", "task"), [("lotus-g", "depth"), ("e2e-ft", "normals")])
 def test_onnxruntime_cuda_fp16_matches_torch(family, task, tiny_dir, tiny_model, tmp_path) -> None:
@@ -333,6 +334,7 @@ def test_onnxruntime_cuda_fp16_matches_torch(family, task, tiny_dir, tiny_model,
     assert max(np.abs(g - w).max() for g, w in zip(got, want, strict=True)) <= manifest_mod.TOLERANCE["fp16"]
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 def test_tensorrt_engine_builds_caches_and_matches_torch(tiny_dir, tiny_model, tmp_path) -> None:
     pytest.importorskip("tensorrt", reason="needs TensorRT (pip install tensorrt)")

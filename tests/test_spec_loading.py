@@ -163,6 +163,7 @@ def test_device_and_dtype_choice() -> None:
             pick_device("cuda")
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_fp16_cuda_close_to_fp32_cpu(tiny_dir) -> None:
     import numpy as np

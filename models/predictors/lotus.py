@@ -31,8 +31,14 @@ class LotusPredictor(SingleStepPredictor):
     ) -> None:
         super().__init__(unet, vae, prompt_embeds, output_kind)
         self.generative = generative
+        # Kept on the device with the weights: a tensor made from Python numbers inside the forward is a host
+        # copy and a sync on CUDA, which CUDA graph capture refuses.
+        annotation = torch.tensor(ANNOTATION_SWITCH, dtype=unet.dtype)
+        self.register_buffer("annotation_switch", annotation, persistent=False)
 
     def task_switch(self, batch: int, switch: tuple[float, ...] = ANNOTATION_SWITCH) -> torch.Tensor:
+        if switch == ANNOTATION_SWITCH:
+            return self.annotation_switch.to(self.dtype).expand(batch, -1)
         return torch.tensor(switch, dtype=self.dtype, device=self.device).expand(batch, -1)
 
     def predict_latent(self, image_latent: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:

@@ -11,7 +11,7 @@ from models.runtime.base import Runtime
 class TorchRuntime(Runtime):
     name = "torch"
 
-    def __init__(self, core: SingleStepPredictor, compile: bool = False) -> None:
+    def __init__(self, core: SingleStepPredictor, compile: bool = False, compile_backend: str = "inductor") -> None:
         self.core = core.eval()
         self.device = core.device
         self.dtype = core.dtype
@@ -21,8 +21,9 @@ class TorchRuntime(Runtime):
         self._head = self.core.head
         if compile:
             # Dynamic shapes: resolution buckets and batch sizes vary; one graph per shape would recompile forever.
-            self._encode = torch.compile(self.core.encode, dynamic=True)
-            self._head = torch.compile(self.core.head, dynamic=True)
+            # `compile_backend` other than inductor is for checks that must stay cheap (the GPU check's CPU smoke).
+            self._encode = torch.compile(self.core.encode, dynamic=True, backend=compile_backend)
+            self._head = torch.compile(self.core.head, dynamic=True, backend=compile_backend)
 
     @torch.inference_mode()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
