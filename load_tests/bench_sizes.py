@@ -203,7 +203,7 @@ def direct_loop(model_arg: str | DensePredictor, res: int, image: bytes, fmt: st
     from service.worker.encode import FORM_OF, encode_prediction
     from service.worker.prepare import decode_for
 
-    encoding = {"png": "png16"}.get(fmt, fmt)
+    encoding = fmt
     model = load_model(resolve_spec(model_arg)) if isinstance(model_arg, str) else model_arg
     pixels, geometry = decode_for(model, image, res)
     items = [BatchItem(pixels, geometry, form=FORM_OF[encoding])] * batch

@@ -807,7 +807,7 @@ def child_main(args: argparse.Namespace) -> int:
         note = f"backend {profile.compile_backend}, dynamic shapes"
     else:
         runtime = exported_runtime(args.child, ckpt, profile, work)
-        note = f"{runtime.describe()['dtype']}, export and load {time.monotonic() - started:.0f} s"
+        note = f"{runtime.describe().dtype}, export and load {time.monotonic() - started:.0f} s"
 
     def keep(row: BenchRow) -> None:
         row = replace(row, note=f"{row.note}; {note}" if row.note else note)

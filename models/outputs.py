@@ -43,6 +43,7 @@ class PredictionMap:
     seed: int | None = None
     extra: dict[str, object] = field(default_factory=dict)
     form: MapForm = "float32"
+    steps: int = 1  # denoising steps that made it (single-step families: always 1)
 
     def float_array(self) -> np.ndarray:
         """The values as float32 (quantised ones scaled back); the colour preview has none."""
@@ -81,5 +82,6 @@ class PredictionMap:
             "model": self.model_id,
             "processing_size": list(self.processing_size),
             "seed": self.seed,
+            "steps": self.steps,
             **self.extra,
         }

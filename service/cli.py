@@ -15,13 +15,23 @@ from models.outputs import FAMILIES, TASKS, PredictionMap
 from models.spec import BACKEND_CHOICES
 from models.training.cli import add_eval_parser, add_finetune_parser
 from service import logs, tracing
+from service.errors import InvalidParameter
+from service.request import FORMAT_ALIASES, Format, Limits, PredictionRequest, parse_request
 
 if TYPE_CHECKING:
     from models.inference import DensePredictor
     from models.spec import ModelSpec
     from service.config import Settings
 
-FORMATS = ("png16", "npy", "color", "exr", "tiff")
+#: The answer formats a file can hold (`json`, `raw16` and `raw32` are wire-only); one spelling, as in REST and gRPC.
+FILE_FORMATS: tuple[Format, ...] = ("png", "npy", "color", "exr", "tiff")
+FILE_NAMES: dict[Format, str] = {
+    "png": "{}.png",
+    "npy": "{}.npy",
+    "color": "{}_color.png",
+    "exr": "{}.exr",
+    "tiff": "{}.tiff",
+}
 
 
 def _quiet_hub_libraries() -> None:
@@ -35,19 +45,12 @@ def _quiet_hub_libraries() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
-def _formats(value: str) -> list[str]:
-    items = [v.strip() for v in value.split(",") if v.strip()]
-    bad = [v for v in items if v not in FORMATS]
+def _formats(value: str) -> list[Format]:
+    items = [FORMAT_ALIASES.get(v.strip(), v.strip()) for v in value.split(",") if v.strip()]
+    bad = [v for v in items if v not in FILE_FORMATS]
     if bad or not items:
-        raise argparse.ArgumentTypeError(f"formats must be a comma list of {', '.join(FORMATS)}; got {value!r}")
-    return items
-
-
-def _processing_res(value: str) -> int:
-    n = int(value)
-    if n < 0 or n % 8:
-        raise argparse.ArgumentTypeError(f"processing resolution must be 0 or a multiple of 8, got {n}")
-    return n
+        raise argparse.ArgumentTypeError(f"formats must be a comma list of {', '.join(FILE_FORMATS)}; got {value!r}")
+    return [f for f in FILE_FORMATS if f in items]
 
 
 def _int_list(value: str) -> list[int]:
@@ -100,15 +103,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", type=Path, help="input image files")
     p.add_argument("--model", required=True, help="spec .toml, local diffusers folder, shipped spec id or hub id")
     p.add_argument("--task", choices=TASKS, help="override the detected task")
-    p.add_argument("--processing-res", type=_processing_res, help="long edge to process at (0 = native)")
+    p.add_argument(
+        "--processing-res", type=int, help="long edge the model sees, a multiple of 8; 0 = native (default: model's)"
+    )
+    p.add_argument(
+        "--match-input-resolution",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="resize maps back to the input size (default); --no-match-input-resolution keeps the processing size",
+    )
     p.add_argument("--seed", type=int, help="Lotus-G noise seed (default: the spec's, 0)")
+    p.add_argument("--steps", type=int, help="denoising steps (single-step families always take 1)")
     p.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default 4)")
-    p.add_argument("--format", type=_formats, default=["png16"], help="comma list of png16,npy,color,exr,tiff")
+    p.add_argument(
+        "--format", type=_formats, default=["png"], help=f"comma list of {','.join(FILE_FORMATS)} (default png)"
+    )
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N (default: the spec's, auto)")
     p.add_argument("--dtype", choices=("auto", "fp16", "fp32"), help="default: fp16 on CUDA, fp32 on CPU")
     p.add_argument("--max-pixels", type=int, default=None, help="refuse larger images (default 40 MP)")
-    p.add_argument("--native-size", action="store_true", help="return maps at the processing size, not the input's")
+    p.add_argument(
+        "--native-size", dest="match_input_resolution", action="store_false", help=argparse.SUPPRESS
+    )  # the old spelling of --no-match-input-resolution
     p.add_argument("--backend", choices=BACKEND_CHOICES, help="runtime (default: the spec's; auto = torch)")
     p.add_argument("--io-threads", type=int, help="threads that decode and encode beside the model (default: cores)")
     p.add_argument("--png-compression", type=int, choices=range(10), default=1, metavar="0-9", help="default 1")
@@ -343,8 +359,21 @@ def output_files(pred: PredictionMap, stem: str, formats: Sequence[str], png_lev
     from service.worker.encode import EncodeOptions, encode_prediction
 
     options = EncodeOptions(png_level)
-    names = {"png16": "{}.png", "npy": "{}.npy", "color": "{}_color.png", "exr": "{}.exr", "tiff": "{}.tiff"}
-    return {names[fmt].format(f"{stem}_{pred.kind}"): encode_prediction(pred, fmt, options) for fmt in formats}
+    return {FILE_NAMES[fmt].format(f"{stem}_{pred.kind}"): encode_prediction(pred, fmt, options) for fmt in formats}
+
+
+def _predict_request(args: argparse.Namespace, task: str) -> PredictionRequest:
+    """The flags as the same request REST and gRPC build, validated by the same rules."""
+    fields = {
+        "model": str(args.model),
+        "task": task,
+        "processing_res": args.processing_res,
+        "match_input_resolution": args.match_input_resolution,
+        "seed": args.seed,
+        "steps": args.steps,
+        "format": args.format[0],
+    }
+    return parse_request({k: v for k, v in fields.items() if v is not None}, Limits(max_processing_res=16384))
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -365,13 +394,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     max_pixels = args.max_pixels or codec.DEFAULT_MAX_PIXELS
     try:
+        _predict_request(args, args.task or "depth")  # flags checked before minutes of model loading
         model = _load(args.model, args.device, args.dtype, args.task, args.backend)
-    except ModelError as exc:
+        request = _predict_request(args, model.output_kind if model.output_kind == "normals" else "depth")
+    except (ModelError, InvalidParameter) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     stems = _unique_stems(args.images)
-    # One format: the map leaves the device in that format's form (uint16 for png16, ...); several: float32.
+    # One format: the map leaves the device in that format's form (uint16 for png, ...); several: float32.
     form = FORM_OF[args.format[0]] if len(args.format) == 1 else "float32"
     chunk = args.batch_size * 8  # decode lazily: memory stays bounded for long file lists
     failed = 0
@@ -379,10 +410,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
     def prepare(path: Path) -> BatchItem | str:
         try:
-            pixels, geometry = decode_for(model, path, args.processing_res, max_pixels, args.jpeg_draft)
+            pixels, geometry = decode_for(model, path, request.processing_res, max_pixels, args.jpeg_draft)
         except (codec.ImageDecodeError, ValueError) as exc:
             return f"error: {path}: {exc}"
-        return BatchItem(pixels, geometry, model.resolve_seed(args.seed), not args.native_size, form)
+        return BatchItem(pixels, geometry, model.resolve_seed(request.seed), request.match_input_resolution, form)
 
     def write(stem: str, pred: PredictionMap) -> None:
         for name, data in output_files(pred, stem, args.format, args.png_compression).items():

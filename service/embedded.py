@@ -22,7 +22,7 @@ from service.jobs import ModelInfo
 from service.queue.base import Broker
 from service.queue.memory import MemoryBroker
 from service.queue.redis.connection import ConnectionOptions
-from service.readiness import readiness
+from service.readiness import Liveness, Readiness, readiness
 from service.worker.worker import Worker
 
 log = logging.getLogger(__name__)
@@ -185,12 +185,12 @@ async def run_grpc(settings: Settings, specs: list[ModelSpec]) -> int:
         if settings.metrics_port is not None:
             from service.probes import probe_app, serving
 
-            async def healthz() -> tuple[bool, dict[str, object]]:
-                return True, {"status": "ok"}
+            async def healthz() -> tuple[bool, Liveness]:
+                return True, Liveness()
 
-            async def readyz() -> tuple[bool, dict[str, object]]:
+            async def readyz() -> tuple[bool, Readiness]:
                 body = await readiness(broker, None, expected, settings.scale_from_zero)
-                return bool(body["ready"]), body
+                return body.ready, body
 
             await stack.enter_async_context(serving(probe_app(healthz, readyz), settings.host, settings.metrics_port))
         try:

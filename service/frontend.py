@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 
 from models.outputs import Task, task_of
 from models.spec import DEFAULT_PROCESSING_RES, ModelSpec
 from service.errors import ModelNotFound, TaskNotServed, Unavailable
-from service.jobs import JobKind, ModelInfo
+from service.jobs import Job, JobKind, JobParams, ModelInfo
 from service.queue.base import Broker
+from service.request import PredictionRequest
 
 log = logging.getLogger(__name__)
 
@@ -93,3 +95,28 @@ async def resolve_model(
             model=name,
         )
     return info
+
+
+def make_job(
+    request: PredictionRequest,
+    info: ModelInfo,
+    image: bytes,
+    *,
+    default_timeout_ms: int,
+    request_id: str,
+    traceparent: str | None,
+    raw_shape: list[int] | None = None,
+) -> Job:
+    """The job a validated request becomes, the same way from REST and gRPC."""
+    timeout_ms = request.timeout_ms or default_timeout_ms
+    return Job(
+        kind=request.kind,
+        model=info.id,
+        task=request.task,
+        deadline=time.time() + timeout_ms / 1000.0,
+        image=image,
+        raw_shape=raw_shape,
+        request_id=request_id,
+        traceparent=traceparent,
+        params=JobParams.of(request),
+    )

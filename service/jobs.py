@@ -12,20 +12,40 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from models.outputs import OutputKind, Task
+from service.errors import ErrorInfo
+from service.request import PredictionRequest, Reduction, RequestKind
 
-JobKind = Literal["predict", "uncertainty"]
-Encoding = Literal["png16", "npy", "color", "raw16", "raw32", "exr", "tiff"]
+JobKind = RequestKind
+#: What a worker writes: every answer format but `json`, which the front-end wraps around `png` or `npy`.
+Encoding = Literal["png", "npy", "exr", "tiff", "color", "raw16", "raw32"]
 
 
 class JobParams(BaseModel):
+    """The worker's view of a validated `PredictionRequest`: it trusts these values."""
+
     processing_res: int | None = None
     match_input_resolution: bool = True
     seed: int | None = None
-    encoding: Encoding = "png16"
+    encoding: Encoding = "png"
+    steps: int | None = None
     # uncertainty only
     seeds: list[int] | None = None
-    reduction: Literal["mean", "median"] = "mean"
+    reduction: Reduction = "mean"
     return_members: bool = False
+
+    @classmethod
+    def of(cls, request: PredictionRequest) -> JobParams:
+        uncertainty = request.kind == "uncertainty"
+        return cls(
+            processing_res=request.processing_res,
+            match_input_resolution=request.match_input_resolution,
+            seed=request.seed,
+            encoding=request.encoding,  # type: ignore[arg-type] - json is unwrapped by `encoding`
+            steps=request.steps,
+            seeds=request.ensemble if uncertainty else None,
+            reduction=request.reduction,
+            return_members=uncertainty and request.return_members and request.format == "json",
+        )
 
 
 class Job(BaseModel):
@@ -47,9 +67,26 @@ class Job(BaseModel):
         return (time.time() if now is None else now) >= self.deadline
 
 
-class ErrorInfo(BaseModel):
-    code: str
-    detail: str
+class MapMetadata(BaseModel):
+    """What a client needs to read a map: its kind and shape, how its values are meant, who made it."""
+
+    kind: OutputKind
+    shape: list[int]
+    height: int
+    width: int
+    affine_invariant: bool
+    range: list[float]
+    model: str
+    processing_size: list[int]
+    seed: int | None = None
+    steps: int = 1
+    # uncertainty answers
+    seeds: list[int] | None = None
+    reduction: Reduction | None = None
+    uncertainty_unit: str | None = None
+    uncertainty_measure: str | None = None
+    uncertainty_png_max: float | None = None
+    uncertainty_max: float | None = None
 
 
 class Reply(BaseModel):
@@ -59,9 +96,16 @@ class Reply(BaseModel):
     status: Literal["ok", "error", "expired", "dropped"]
     error: ErrorInfo | None = None
     outputs: dict[str, bytes] = Field(default_factory=dict)
-    metadata: dict[str, object] = Field(default_factory=dict)
+    metadata: MapMetadata | None = None
     timings: dict[str, float] = Field(default_factory=dict, description="milliseconds: queue, compute, ...")
     batch_size: int = 0
+    worker: str | None = None
+
+    def raise_for_status(self) -> Reply:
+        """The answer of an ok reply; else the error it carries, raised as the service error it was."""
+        if self.status == "ok" and self.metadata is not None:
+            return self
+        raise (self.error or ErrorInfo(code="internal", detail=f"job {self.status}")).error()
 
 
 class ModelInfo(BaseModel):

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -17,7 +18,7 @@ from starlette.routing import Route
 from service import metrics
 
 #: A probe answers (ok, body): 200 when ok, 503 otherwise.
-Probe = Callable[[], Awaitable[tuple[bool, dict[str, object]]]]
+Probe = Callable[[], Awaitable[tuple[bool, BaseModel]]]
 
 
 def metrics_response() -> Response:
@@ -32,7 +33,7 @@ def probe_app(healthz: Probe, readyz: Probe) -> Starlette:
     def answer(probe: Probe) -> Callable[[Request], Awaitable[JSONResponse]]:
         async def endpoint(_: Request) -> JSONResponse:
             ok, body = await probe()
-            return JSONResponse(body, status_code=200 if ok else 503)
+            return JSONResponse(body.model_dump(mode="json", exclude_none=True), status_code=200 if ok else 503)
 
         return endpoint
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import BaseModel, Field
 
 from service.frontend import waiting_models
 from service.queue.base import Broker
@@ -11,10 +13,38 @@ from service.queue.base import Broker
 if TYPE_CHECKING:
     from service.worker.worker import Worker
 
+#: A worker's life: the same words in `/readyz`, `/healthz` and the worker itself.
+WorkerState = Literal["idle", "loading", "ready", "failed", "stopping", "stopped"]
+
+
+class Liveness(BaseModel):
+    """`/healthz`: the process answers (`ok` for front-ends; a worker says its state)."""
+
+    status: Literal["ok"] | WorkerState = "ok"
+    error: str | None = None
+
+
+class Readiness(BaseModel):
+    """`/readyz` of a front-end (200 when `ready`, 503 otherwise)."""
+
+    ready: bool = Field(description="queue reachable and every expected model served (and warm)")
+    queue: bool = Field(description="the queue answers")
+    models: dict[str, bool] = Field(description="each expected model (or each served one): served right now")
+    worker: WorkerState | None = Field(default=None, description="the embedded worker's state (`serve` only)")
+    error: str | None = Field(default=None, description="why the embedded worker failed")
+
+
+class WorkerReadiness(BaseModel):
+    """`/readyz` of a worker process: its models loaded and warmed up."""
+
+    ready: bool
+    state: WorkerState
+    models: list[str]
+
 
 async def readiness(
     broker: Broker, worker: Worker | None, expected: Sequence[str], scale_from_zero: bool = False
-) -> dict[str, object]:
+) -> Readiness:
     """With `scale_from_zero`, a model whose workers are scaled down counts: its jobs wait for one."""
     queue_ok = await broker.reachable()
     served: set[str] = set()
@@ -27,10 +57,8 @@ async def readiness(
             queue_ok = False
     models = {model: model in served for model in expected} if expected else {m: True for m in served}
     ready = queue_ok and bool(models) and all(models.values())
-    body: dict[str, object] = {"ready": ready, "queue": queue_ok, "models": models}
-    if worker is not None:
-        body["worker"] = worker.state
-        body["ready"] = ready and worker.ready
-        if worker.error:
-            body["error"] = worker.error
-    return body
+    if worker is None:
+        return Readiness(ready=ready, queue=queue_ok, models=models)
+    return Readiness(
+        ready=ready and worker.ready, queue=queue_ok, models=models, worker=worker.state, error=worker.error
+    )

@@ -300,25 +300,25 @@ async def test_422_empty_image(svc: Harness) -> None:
     assert_field(assert_problem(await post_raw(svc, "/v1/depth", b""), 422), "image")
 
 
-async def test_422_model_that_does_not_serve_the_task(svc: Harness) -> None:
-    problem = assert_problem(await post_raw(svc, "/v1/normals?model=lotus-d-depth", png_bytes(16, 16)), 422)
+async def test_404_model_that_does_not_serve_the_task(svc: Harness) -> None:
+    problem = assert_problem(await post_raw(svc, "/v1/normals?model=lotus-d-depth", png_bytes(16, 16)), 404)
     assert problem["type"].endswith("/task_not_served")
     assert "lotus-d-depth" in problem["detail"] and "normals" in problem["detail"], problem
     r = await post_raw(svc, "/v1/uncertainty?task=normals&model=lotus-g-depth", png_bytes(16, 16))
-    assert "lotus-g-depth" in assert_problem(r, 422)["detail"]
+    assert "lotus-g-depth" in assert_problem(r, 404)["detail"]
 
 
-async def test_422_uncertainty_on_a_deterministic_model_says_why(svc: Harness) -> None:
-    problem = assert_problem(await post_raw(svc, "/v1/uncertainty?model=lotus-d-depth", png_bytes(16, 16)), 422)
+async def test_404_uncertainty_on_a_deterministic_model_says_why(svc: Harness) -> None:
+    problem = assert_problem(await post_raw(svc, "/v1/uncertainty?model=lotus-d-depth", png_bytes(16, 16)), 404)
     assert problem["type"].endswith("/task_not_served")
     assert "deterministic" in problem["detail"] and "Lotus-G" in problem["detail"], problem
 
 
-async def test_422_task_without_any_generative_model_for_uncertainty(tiny_dir: TinyDir) -> None:
+async def test_404_task_without_any_generative_model_for_uncertainty(tiny_dir: TinyDir) -> None:
     async with running_service(tiny_dir, models=[("lotus-d", "depth")]) as h:
-        problem = assert_problem(await post_raw(h, "/v1/uncertainty", png_bytes(16, 16)), 422)
+        problem = assert_problem(await post_raw(h, "/v1/uncertainty", png_bytes(16, 16)), 404)
         assert "Lotus-G" in problem["detail"], problem
-        problem = assert_problem(await post_raw(h, "/v1/normals", png_bytes(16, 16)), 422)
+        problem = assert_problem(await post_raw(h, "/v1/normals", png_bytes(16, 16)), 404)
         assert "normals" in problem["detail"], problem
 
 
@@ -389,6 +389,19 @@ async def test_429_queue_full_with_retry_after_while_the_worker_is_busy(tiny_dir
         assert (await slow).status_code == 200
         # Once the worker is free again the queue takes new work.
         assert (await post_raw(h, "/v1/depth", png_bytes(32, 32))).status_code == 200
+
+
+async def test_429_with_an_idempotency_key_claims_no_key_so_the_retry_is_computed(tiny_dir: TinyDir) -> None:
+    async with running_service(tiny_dir, models=[("lotus-g", "depth")], queue_max_jobs=1, max_batch_size=1) as h:
+        slow = await start_slow_job(h)
+        queued = [asyncio.create_task(post_raw(h, "/v1/depth", png_bytes(32, 32, seed=i))) for i in range(3)]
+        await wait_until(lambda: h.app.state.broker.depth("lotus-g-depth") >= 1, "a job to fill the queue")
+        key = {"idempotency-key": "refused-1"}
+        assert_problem(await post_raw(h, "/v1/depth", png_bytes(32, 32), **key), 429)
+        assert (await slow).status_code == 200
+        await asyncio.gather(*queued)
+        retry = await post_raw(h, "/v1/depth?timeout_ms=10000", png_bytes(32, 32), **key)
+        assert retry.status_code == 200, retry.text  # not a 504 spent waiting for the refused attempt
 
 
 # --------------------------------------------------------------------------- 504
@@ -553,8 +566,8 @@ async def test_bad_requests_in_a_burst_do_not_disturb_good_ones(svc: Harness, ti
         ("/v1/normals", jpeg[: len(jpeg) // 2], {"content-type": "image/jpeg"}, 415),
         ("/v1/depth?seed=-1", image, PNG, 422),
         ("/v1/depth?processing_res=100", image, PNG, 422),
-        ("/v1/normals?model=lotus-d-depth", image, PNG, 422),
-        ("/v1/uncertainty?model=lotus-d-depth", image, PNG, 422),
+        ("/v1/normals?model=lotus-d-depth", image, PNG, 404),
+        ("/v1/uncertainty?model=lotus-d-depth", image, PNG, 404),
         ("/v1/depth?model=nope", image, PNG, 404),
         ("/v1/depth", png_header_only(100_000, 100_000), PNG, 413),
         ("/v1/depth?timeout_ms=1", image, PNG, 504),

@@ -85,8 +85,13 @@ async def test_queue_full_is_429_with_retry_after(tiny_dir, redis_url, redis_pre
         r = await post(h, "/v1/depth", png_bytes(32, 32))
         assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
         assert r.headers["content-type"] == "application/problem+json"
+        keyed = await post(h, "/v1/depth", png_bytes(32, 32), **{"idempotency-key": "refused-1"})
+        assert keyed.status_code == 429
         assert (await slow).status_code == 200
         assert (await post(h, "/v1/depth", png_bytes(32, 32))).status_code == 200
+        # The refused attempt was never queued, so its key must not make the retry wait for it (504 at 30 s).
+        retry = await post(h, "/v1/depth?timeout_ms=10000", png_bytes(32, 32), **{"idempotency-key": "refused-1"})
+        assert retry.status_code == 200, retry.text
 
 
 async def test_idempotent_retry_returns_the_same_bytes_without_recompute(tiny_dir, redis_url, redis_prefix) -> None:

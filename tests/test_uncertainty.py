@@ -100,4 +100,4 @@ async def test_endpoint_members_match_single_seed_predictions(tiny_dir, tiny_mod
             r = await svc.client.post(
                 "/v1/uncertainty?model=lotus-d-depth", content=image, headers={"content-type": "image/png"}
             )
-            assert r.status_code == 422 and "deterministic" in r.json()["detail"]
+            assert r.status_code == 404 and "deterministic" in r.json()["detail"]

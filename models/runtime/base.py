@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Literal, get_args
 
 import torch
@@ -22,6 +23,16 @@ from models.predictors.base import seeded_noise
 
 Backend = Literal["torch", "onnxruntime", "tensorrt", "triton", "simulated"]
 BACKENDS: tuple[Backend, ...] = get_args(Backend)
+
+
+@dataclass(frozen=True)
+class RuntimeInfo:
+    """What a runtime says of itself: shown in `/v1/models`, metrics labels and benchmarks."""
+
+    backend: Backend
+    device: str
+    dtype: str
+    provider: str | None = None  # ONNX Runtime's execution provider
 
 
 class BackendError(ModelError):
@@ -96,8 +107,8 @@ class Runtime(ABC):
     def close(self) -> None:  # noqa: B027 - optional hook, most backends have something to free
         """Free sessions, engines and connections; the default has nothing to free."""
 
-    def describe(self) -> dict[str, str]:
-        return {"backend": self.name, "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch.")}
+    def describe(self) -> RuntimeInfo:
+        return RuntimeInfo(self.name, str(self.device), str(self.dtype).removeprefix("torch."))
 
 
 class GraphRuntime(Runtime):

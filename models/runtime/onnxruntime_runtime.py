@@ -6,6 +6,7 @@ inside an fp16 export), so on a GPU nothing crosses to the host until `DensePred
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from pathlib import Path
@@ -16,7 +17,7 @@ import torch
 from models.export.graphs import ENCODER, HEAD, input_names
 from models.export.manifest import Manifest
 from models.export.profiles import graph_shapes
-from models.runtime.base import BackendError, GraphRuntime
+from models.runtime.base import BackendError, GraphRuntime, RuntimeInfo
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +121,8 @@ class OnnxRuntime(GraphRuntime):
         session.run_with_iobinding(binding)
         return out
 
-    def describe(self) -> dict[str, str]:
-        return {**super().describe(), "provider": self.provider}
+    def describe(self) -> RuntimeInfo:
+        return dataclasses.replace(super().describe(), provider=self.provider)
 
     def close(self) -> None:
         self.sessions.clear()

@@ -13,12 +13,12 @@ from service.api import problems
 from service.api.auth import check_api_key
 from service.api.middleware import BodyLimitMiddleware, MetricsMiddleware, RequestIdMiddleware, add_compression
 from service.api.routes_meta import health_router, models_router
-from service.api.routes_predict import router as predict_router
-from service.api.schemas import PredictionJSON
+from service.api.routes_predict import predict_router
 from service.config import Settings
 from service.frontend import declare_models
 from service.jobs import ModelInfo
 from service.queue.base import Broker
+from service.request import Limits
 
 if TYPE_CHECKING:  # the embedded worker is optional and lives on the torch side
     from service.grpc.server import GrpcFrontend
@@ -67,9 +67,10 @@ def create_app(
     app.state.worker = worker
     app.state.expected_models = list(expected_models)
     app.state.grpc = grpc
+    app.state.limits = Limits.of(settings)
     problems.install(app)
     auth = [Depends(check_api_key)] if settings.api_keys else []
-    app.include_router(predict_router, dependencies=auth)
+    app.include_router(predict_router(app.state.limits), dependencies=auth)
     app.include_router(models_router, dependencies=auth)
     app.include_router(health_router, dependencies=[] if settings.auth_exempt_health else auth)
     app.add_middleware(BodyLimitMiddleware, max_image_bytes=settings.max_upload_bytes)
@@ -79,16 +80,4 @@ def create_app(
     if settings.metrics_enabled:
         app.add_middleware(MetricsMiddleware)  # outermost: measures everything, 413s and 500s included
 
-    original_openapi = app.openapi
-
-    def openapi() -> dict:
-        if app.openapi_schema is None:
-            schema = original_openapi()
-            schema.setdefault("components", {}).setdefault("schemas", {})["PredictionJSON"] = (
-                PredictionJSON.model_json_schema(ref_template="#/components/schemas/{model}")
-            )
-            app.openapi_schema = schema
-        return app.openapi_schema
-
-    app.openapi = openapi  # type: ignore[method-assign]
     return app

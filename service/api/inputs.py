@@ -1,31 +1,30 @@
-"""Read the image and parameters from any of the three request shapes: multipart, raw body, JSON."""
+"""Read the image and the body's parameters from any of the three request shapes: multipart, raw body, JSON."""
 
 from __future__ import annotations
 
 import base64
 import binascii
-from typing import Any, TypeVar
+from typing import Any
 
 from fastapi import Request
-from pydantic import BaseModel, ValidationError
 from starlette.datastructures import UploadFile
 
 from service.errors import InvalidParameter, PayloadTooLarge, UnsupportedMedia
 
 RAW_TYPES = ("image/", "application/octet-stream")
-P = TypeVar("P", bound=BaseModel)
 
 
 async def read_input(request: Request, max_image_bytes: int) -> tuple[bytes, dict[str, Any]]:
+    """The image bytes, and the parameters the body carries (form fields or JSON fields)."""
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    params: dict[str, Any] = dict(request.query_params)
+    params: dict[str, Any] = {}
     if ctype == "multipart/form-data":
         form = await request.form(max_files=1, max_fields=32)
         upload = form.get("image")
         if not isinstance(upload, UploadFile):
             raise InvalidParameter("multipart body needs a file field named 'image'", field="image")
         image = await upload.read()
-        params.update({k: v for k, v in form.items() if k != "image" and isinstance(v, str)})
+        params = {k: v for k, v in form.items() if k != "image" and isinstance(v, str)}
     elif ctype == "application/json":
         try:
             body = await request.json()
@@ -37,7 +36,7 @@ async def read_input(request: Request, max_image_bytes: int) -> tuple[bytes, dic
             image = base64.b64decode(body.pop("image"), validate=True)
         except (binascii.Error, ValueError) as exc:
             raise InvalidParameter(f"'image' is not valid base64: {exc}", field="image") from exc
-        params.update(body)
+        params = body
     elif ctype.startswith(RAW_TYPES):
         image = await request.body()
     else:
@@ -53,12 +52,3 @@ async def read_input(request: Request, max_image_bytes: int) -> tuple[bytes, dic
             limit=max_image_bytes,
         )
     return image, params
-
-
-def validate_params(model: type[P], raw: dict[str, Any]) -> P:
-    try:
-        return model.model_validate(raw)
-    except ValidationError as exc:
-        errors = [{"field": ".".join(str(p) for p in e["loc"]) or "params", "message": e["msg"]} for e in exc.errors()]
-        detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
-        raise InvalidParameter(detail, field=errors[0]["field"], errors=errors) from exc

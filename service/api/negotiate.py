@@ -1,64 +1,34 @@
-"""Choose the response representation from `format` or the `Accept` header (default: 16-bit PNG)."""
+"""Choose the answer format from `format` or the `Accept` header (default: 16-bit PNG)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from service.api.schemas import MEDIA_TYPES
+from service.errors import NotAcceptable
+from service.request import Format
 
-from service.errors import ServiceError
-from service.jobs import Encoding
-
-MEDIA_TYPES: dict[Encoding, str] = {
-    "png16": "image/png",
-    "color": "image/png",
-    "npy": "application/x-npy",
-    "exr": "image/x-exr",
-    "tiff": "image/tiff",
-}
-FORMATS: dict[str, Encoding] = {
-    "png": "png16",
-    "png16": "png16",
-    "npy": "npy",
-    "color": "color",
-    "exr": "exr",
-    "tiff": "tiff",
+#: Accept media types -> format, in the order a wildcard prefers them.
+ACCEPTED: dict[str, Format] = {
+    "application/json": "json",
+    "application/x-npy": "npy",
+    "application/octet-stream": "npy",
+    "image/png": "png",
+    "image/*": "png",
+    "*/*": "png",
+    "image/x-exr": "exr",
+    "image/aces": "exr",
+    "image/tiff": "tiff",
+    "image/tiff-fx": "tiff",
 }
 
 
-class NotAcceptable(ServiceError):
-    code, title = "not_acceptable", "Not acceptable"
-
-
-@dataclass(frozen=True)
-class OutputChoice:
-    as_json: bool
-    encoding: Encoding
-
-    @property
-    def media_type(self) -> str:
-        return "application/json" if self.as_json else MEDIA_TYPES[self.encoding]
-
-
-def choose(fmt: str | None, accept: str | None, json_encoding: str = "png") -> OutputChoice:
-    inner: Encoding = "npy" if json_encoding == "npy" else "png16"
-    if fmt:
-        if fmt == "json":
-            return OutputChoice(True, inner)
-        return OutputChoice(False, FORMATS[fmt])
+def choose(fmt: Format | None, accept: str | None) -> Format:
+    if fmt is not None:
+        return fmt
     for media in _ranked(accept or "*/*"):
-        if media == "application/json":
-            return OutputChoice(True, inner)
-        if media in ("application/x-npy", "application/octet-stream"):
-            return OutputChoice(False, "npy")
-        if media in ("image/png", "image/*", "*/*"):
-            return OutputChoice(False, "png16")
-        if media in ("image/x-exr", "image/aces"):
-            return OutputChoice(False, "exr")
-        if media in ("image/tiff", "image/tiff-fx"):
-            return OutputChoice(False, "tiff")
-    raise NotAcceptable(
-        f"cannot produce any of: {accept}; available: image/png, application/x-npy, image/x-exr, image/tiff, "
-        "application/json (or use the format parameter)"
-    )
+        if media in ACCEPTED:
+            return ACCEPTED[media]
+    offered = ", ".join(sorted(set(MEDIA_TYPES.values())))
+    raise NotAcceptable(f"cannot produce any of: {accept}; available: {offered} (or use the format parameter)")
 
 
 def _ranked(accept: str) -> list[str]:

@@ -9,34 +9,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.errors import ServiceError
+from service.errors import PROBLEM_TYPE_BASE, QueueFull, ServiceError, Unauthorized, Unavailable
 
 log = logging.getLogger(__name__)
 PROBLEM = "application/problem+json"
-TYPE_BASE = "https://dense-serve.dev/problems/"
-
-STATUS: dict[str, int] = {
-    "unauthorized": 401,
-    "not_acceptable": 406,
-    "payload_too_large": 413,
-    "unsupported_media": 415,
-    "invalid_parameter": 422,
-    "task_not_served": 422,
-    "model_not_found": 404,
-    "queue_full": 429,
-    "model_failure": 500,
-    "internal": 500,
-    "unavailable": 503,
-    "deadline_exceeded": 504,
-    "client_closed": 499,
-}
 
 
 def problem_body(
     status: int, code: str, title: str, detail: str, instance: str | None, request_id: str | None, **extra: object
 ) -> dict[str, object]:
     body: dict[str, object] = {
-        "type": TYPE_BASE + code,
+        "type": PROBLEM_TYPE_BASE + code,
         "title": title,
         "status": status,
         "detail": detail,
@@ -69,14 +52,13 @@ def problem(
 
 
 def service_error_response(request: Request, exc: ServiceError) -> JSONResponse:
-    status = STATUS.get(exc.code, 500)
     headers: dict[str, str] = {}
-    if exc.code == "queue_full" or (exc.code == "unavailable" and "retry_after" in exc.extra):
+    if isinstance(exc, QueueFull) or (isinstance(exc, Unavailable) and "retry_after" in exc.extra):
         headers["Retry-After"] = str(exc.extra.get("retry_after", 1))
-    if exc.code == "unauthorized":
+    if isinstance(exc, Unauthorized):
         headers["WWW-Authenticate"] = 'Bearer realm="dense-serve"'
     extra = {k: v for k, v in exc.extra.items() if k != "retry_after"}
-    return problem(request, status, exc.code, exc.title, exc.detail, headers, **extra)
+    return problem(request, exc.http_status, exc.code, exc.title, exc.detail, headers, **extra)
 
 
 def install(app: FastAPI) -> None:

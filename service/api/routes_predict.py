@@ -1,208 +1,134 @@
-"""`POST /v1/depth`, `/v1/normals`, `/v1/uncertainty`: validate, enqueue, await the reply, respond."""
+"""`POST /v1/depth`, `/v1/normals`, `/v1/uncertainty`: validate, enqueue, await the reply, respond.
 
-from __future__ import annotations
+Parameters are FastAPI query models (their limits are the server's); the same fields may come as form fields
+or JSON fields beside the image. Either way they become one `PredictionRequest`, validated once.
+"""
 
 import asyncio
 import base64
 import time
 from collections.abc import Coroutine
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ValidationError
 
 from models.outputs import Task
 from service import codec, tracing
-from service.api.inputs import read_input, validate_params
-from service.api.negotiate import MEDIA_TYPES, OutputChoice, choose
-from service.api.schemas import PredictionJSON, PredictParams, Problem, UncertaintyParams
-from service.config import Settings
-from service.errors import ClientClosed, InvalidParameter, PayloadTooLarge, UnsupportedMedia, from_code
-from service.frontend import resolve_model
-from service.jobs import Job, JobKind, JobParams, Reply
-from service.queue.base import Broker
+from service.api.dependencies import Context, context
+from service.api.inputs import read_input
+from service.api.negotiate import choose
+from service.api.schemas import MEDIA_TYPES, PredictionJSON, Problem, parameter_models, request_body
+from service.errors import ERRORS, ClientClosed, InvalidParameter, PayloadTooLarge, UnsupportedMedia
+from service.frontend import make_job, resolve_model
+from service.jobs import Reply
+from service.request import Limits, PredictionRequest, RequestKind, invalid_parameter, parse_request
 
-router = APIRouter(prefix="/v1", tags=["predictions"])
-
-_PARAMS_DOC = {
-    "model": "model id (default: the first model serving the task)",
-    "processing_res": "long edge to process at, a multiple of 8 (0 = native size within the pixel limit)",
-    "match_input_resolution": "resize the map back to the input size (default true)",
-    "seed": "Lotus-G noise seed (default 0)",
-    "timeout_ms": "deadline for this request (default 30000)",
-    "format": "png | npy | json | color | exr | tiff (default: by Accept, else 16-bit PNG)",
-    "json_encoding": "png | npy: how maps are encoded inside a JSON response",
-}
-_UNC_DOC = {
-    "task": "depth | normals",
-    "seeds": "ensemble size 2..32 (default 8); member i uses seed + i",
-    "reduction": "mean (uncertainty = std / mean angle) | median (MAD / median angle)",
-    "return_members": "include every member in a JSON response (NPY)",
-}
-
-
-def _openapi(params: dict[str, str], binary_doc: str) -> dict[str, Any]:
-    fields = {name: {"type": "string", "description": doc} for name, doc in params.items()}
-    return {
-        "parameters": [
-            {"name": name, "in": "query", "required": False, "schema": {"type": "string"}, "description": doc}
-            for name, doc in params.items()
-        ],
-        "requestBody": {
-            "required": True,
-            "description": "the image: a multipart 'image' file, a raw image body, or JSON with base64 'image'",
-            "content": {
-                "multipart/form-data": {
-                    "schema": {
-                        "type": "object",
-                        "required": ["image"],
-                        "properties": {"image": {"type": "string", "format": "binary"}, **fields},
-                    }
-                },
-                "image/png": {"schema": {"type": "string", "format": "binary"}},
-                "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
-                "image/webp": {"schema": {"type": "string", "format": "binary"}},
-                "application/json": {
-                    "schema": {
-                        "type": "object",
-                        "required": ["image"],
-                        "properties": {"image": {"type": "string", "format": "byte"}, **fields},
-                    }
-                },
-            },
-        },
-        "responses": {
-            "200": {
-                "description": binary_doc,
-                "content": {
-                    "image/png": {"schema": {"type": "string", "format": "binary"}},
-                    "application/x-npy": {"schema": {"type": "string", "format": "binary"}},
-                    "image/x-exr": {"schema": {"type": "string", "format": "binary"}},
-                    "image/tiff": {"schema": {"type": "string", "format": "binary"}},
-                    "application/json": {"schema": {"$ref": "#/components/schemas/PredictionJSON"}},
-                },
-            }
-        },
+BINARY = {"schema": {"type": "string", "format": "binary"}}
+#: Every problem the routes can answer, documented with RFC 9457's media type.
+PROBLEMS: dict[int | str, dict[str, Any]] = {
+    cls.http_status: {
+        "model": Problem,
+        "description": cls.title,
+        "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}},
     }
-
-
-_ERRORS: dict[int | str, dict[str, Any]] = {
-    status: {"model": Problem, "description": text, "content": {"application/problem+json": {}}}
-    for status, text in [
-        (401, "missing or invalid API key"),
-        (404, "unknown model"),
-        (406, "no acceptable representation"),
-        (413, "upload or pixel limit exceeded"),
-        (415, "not a supported image"),
-        (422, "invalid parameter, or the model does not serve this request"),
-        (429, "queue full (see Retry-After)"),
-        (500, "the model failed on this request"),
-        (503, "no model ready yet, or shutting down"),
-        (504, "deadline exceeded"),
-    ]
+    for cls in ERRORS.values()
+    if cls.http_status >= 400 and cls.code not in ("client_closed",)
 }
-_MODELS = {"PredictionJSON": PredictionJSON}
 
 
-@router.post(
-    "/depth",
-    summary="Depth (or disparity) map of an image",
-    responses=_ERRORS,
-    openapi_extra=_openapi(
-        _PARAMS_DOC,
-        "16-bit PNG (round(v * 65535)), float32 NPY, half-float EXR (channel Y), float32 TIFF, JSON, or a colour "
-        "preview",
-    ),
-)
-async def depth(request: Request) -> Response:
-    return await _handle(request, "predict", "depth")
+def _answers(description: str) -> dict[int | str, dict[str, Any]]:
+    binary = {media: BINARY for media in {m for f, m in MEDIA_TYPES.items() if f != "json"}}
+    return {200: {"description": description, "model": PredictionJSON, "content": binary}, **PROBLEMS}
 
 
-@router.post(
-    "/normals",
-    summary="Surface normals of an image",
-    responses=_ERRORS,
-    openapi_extra=_openapi(
-        _PARAMS_DOC,
-        "8-bit RGB PNG ((n + 1) / 2 * 255), float32 NPY [H, W, 3], half-float EXR (R, G, B), float32 TIFF, or JSON",
-    ),
-)
-async def normals(request: Request) -> Response:
-    return await _handle(request, "predict", "normals")
+def predict_router(limits: Limits) -> APIRouter:
+    """The prediction routes, with parameter models that carry this server's limits."""
+    router = APIRouter(prefix="/v1", tags=["predictions"])
+    predict_params, uncertainty_params = parameter_models(limits)
 
-
-@router.post(
-    "/uncertainty",
-    summary="Lotus-G multi-seed prediction and its uncertainty",
-    responses=_ERRORS,
-    openapi_extra=_openapi(
-        _PARAMS_DOC | _UNC_DOC,
-        "binary formats carry the uncertainty map (16-bit PNG of value / uncertainty_png_max, NPY, or colour); "
-        "JSON carries prediction, uncertainty and optionally members",
-    ),
-)
-async def uncertainty(request: Request) -> Response:
-    return await _handle(request, "uncertainty", None)
-
-
-async def _handle(request: Request, kind: JobKind, task: Task | None) -> Response:
-    started = time.perf_counter()
-    settings: Settings = request.app.state.settings
-    broker: Broker = request.app.state.broker
-    image, raw = await read_input(request, settings.max_upload_bytes)
-    params: PredictParams = validate_params(UncertaintyParams if kind == "uncertainty" else PredictParams, raw)
-    if isinstance(params, UncertaintyParams):
-        task = params.task
-        if params.seeds > settings.uncertainty_max_seeds:
-            raise InvalidParameter(f"seeds: at most {settings.uncertainty_max_seeds}", field="seeds")
-    assert task is not None
-    choice = choose(params.format, request.headers.get("accept"), params.json_encoding)
-    info = await resolve_model(
-        broker, params.model, task, kind, request.app.state.expected_models, settings.scale_from_zero
+    @router.post(
+        "/depth",
+        summary="Depth (or disparity) map of an image",
+        responses=_answers(
+            "16-bit PNG (round(v * 65535)), float32 NPY, half-float EXR (channel Y), float32 TIFF, a colour "
+            "preview, or JSON"
+        ),
+        openapi_extra=request_body(predict_params),
     )
-    if params.processing_res is not None and (
-        params.processing_res % 8 or params.processing_res > settings.max_processing_res
-    ):
-        raise InvalidParameter(
-            f"processing_res: must be 0 or a multiple of 8 up to {settings.max_processing_res}, "
-            f"got {params.processing_res}",
-            field="processing_res",
-        )
-    if params.timeout_ms is not None and params.timeout_ms > settings.max_timeout_ms:
-        raise InvalidParameter(f"timeout_ms: at most {settings.max_timeout_ms}", field="timeout_ms")
-    timeout_ms = params.timeout_ms or settings.default_timeout_ms
-    await _probe(image, settings.max_pixels)
+    async def depth(
+        request: Request, params: Annotated[predict_params, Query()], ctx: Annotated[Context, Depends(context)]
+    ) -> Response:
+        return await _handle(request, ctx, params, "predict", "depth")
 
-    with tracing.span("dense.request", request.state.traceparent, model=info.id, task=task, kind=kind) as tp:
-        base_seed = params.seed if params.seed is not None else 0
-        job = Job(
-            kind=kind,
-            model=info.id,
-            task=task,
-            deadline=time.time() + timeout_ms / 1000.0,
-            image=image,
+    @router.post(
+        "/normals",
+        summary="Surface normals of an image",
+        responses=_answers(
+            "8-bit RGB PNG (round((n + 1) / 2 * 255)), float32 NPY [H, W, 3], half-float EXR (R, G, B), float32 "
+            "TIFF, or JSON"
+        ),
+        openapi_extra=request_body(predict_params),
+    )
+    async def normals(
+        request: Request, params: Annotated[predict_params, Query()], ctx: Annotated[Context, Depends(context)]
+    ) -> Response:
+        return await _handle(request, ctx, params, "predict", "normals")
+
+    @router.post(
+        "/uncertainty",
+        summary="Lotus-G multi-seed prediction and its uncertainty",
+        responses=_answers(
+            "binary formats carry the uncertainty map (16-bit PNG of value / uncertainty_png_max, NPY, EXR, TIFF or "
+            "colour); JSON carries prediction, uncertainty and optionally members"
+        ),
+        openapi_extra=request_body(uncertainty_params),
+    )
+    async def uncertainty(
+        request: Request, params: Annotated[uncertainty_params, Query()], ctx: Annotated[Context, Depends(context)]
+    ) -> Response:
+        return await _handle(request, ctx, params, "uncertainty", None)
+
+    return router
+
+
+async def _handle(request: Request, ctx: Context, query: BaseModel, kind: RequestKind, task: Task | None) -> Response:
+    started = time.perf_counter()
+    image, body = await read_input(request, ctx.settings.max_upload_bytes)
+    fields = {**query.model_dump(exclude_unset=True), **_body_fields(type(query), body), "kind": kind}
+    if task is not None:
+        fields["task"] = task
+    req = parse_request(fields, ctx.limits)
+    fmt = choose(req.format if "format" in fields else None, request.headers.get("accept"))
+    req = req.model_copy(update={"format": fmt})
+    info = await resolve_model(ctx.broker, req.model, req.task, kind, ctx.expected_models, ctx.settings.scale_from_zero)
+    key = request.headers.get("idempotency-key")
+    if key is not None and not 1 <= len(key) <= 255:
+        raise InvalidParameter("Idempotency-Key must be 1 to 255 characters", field="Idempotency-Key")
+    await _probe(image, ctx.settings.max_pixels)
+    with tracing.span("dense.request", request.state.traceparent, model=info.id, task=req.task, kind=kind) as tp:
+        job = make_job(
+            req,
+            info,
+            image,
+            default_timeout_ms=ctx.settings.default_timeout_ms,
             request_id=request.state.request_id,
             traceparent=tp,
-            params=JobParams(
-                processing_res=params.processing_res,
-                match_input_resolution=params.match_input_resolution,
-                seed=params.seed,
-                encoding=choice.encoding,
-                seeds=[base_seed + i for i in range(params.seeds)] if isinstance(params, UncertaintyParams) else None,
-                reduction=params.reduction if isinstance(params, UncertaintyParams) else "mean",
-                return_members=isinstance(params, UncertaintyParams) and params.return_members and choice.as_json,
-            ),
         )
-        key = request.headers.get("idempotency-key")
-        if key is not None and not 1 <= len(key) <= 255:
-            raise InvalidParameter("Idempotency-Key must be 1 to 255 characters", field="Idempotency-Key")
-        reply = await _submit_unless_disconnected(request, broker.submit(job, key))
-        if reply.status != "ok":
-            error = reply.error
-            raise from_code(error.code if error else "internal", error.detail if error else f"job {reply.status}")
+        reply = (await _submit_unless_disconnected(request, ctx.broker.submit(job, key))).raise_for_status()
     total_ms = (time.perf_counter() - started) * 1000.0
-    return _respond(request, reply, choice, "uncertainty" if kind == "uncertainty" else "prediction", total_ms)
+    return _respond(request, reply, req, "uncertainty" if kind == "uncertainty" else "prediction", total_ms)
+
+
+def _body_fields(params: type[BaseModel], body: dict[str, Any]) -> dict[str, Any]:
+    """Form or JSON fields beside the image, checked by the route's own parameter model (so a field the
+    schema does not list is refused, as in the query string); a JSON `null` means "the default"."""
+    try:
+        return params.model_validate(body).model_dump(exclude_unset=True, exclude_none=True)
+    except ValidationError as exc:
+        raise invalid_parameter(exc) from exc
 
 
 async def _submit_unless_disconnected(request: Request, submission: Coroutine[Any, Any, Reply]) -> Reply:
@@ -230,7 +156,7 @@ async def _disconnected(request: Request) -> None:
 
 
 async def _probe(image: bytes, max_pixels: int) -> None:
-    """Reject at the edge what the worker would reject anyway: wrong format, too many pixels."""
+    """Reject at the edge what the worker would reject anyway: wrong format, too many pixels (header only)."""
     try:
         await run_in_threadpool(codec.probe_image, image, max_pixels)
     except codec.ImageTooLargeError as exc:
@@ -239,33 +165,35 @@ async def _probe(image: bytes, max_pixels: int) -> None:
         raise UnsupportedMedia(str(exc)) from exc
 
 
-def _respond(request: Request, reply: Reply, choice: OutputChoice, main: str, total_ms: float) -> Response:
+def _respond(request: Request, reply: Reply, req: PredictionRequest, main: str, total_ms: float) -> Response:
+    meta = reply.metadata
+    assert meta is not None
     timings = {**reply.timings, "total": total_ms}
     headers = {
         "Server-Timing": ", ".join(f"{name};dur={ms:.2f}" for name, ms in timings.items()),
-        "X-Model": str(reply.metadata.get("model", "")),
-        "X-Output-Kind": str(reply.metadata.get("kind", "")),
+        "X-Model": meta.model,
+        "X-Output-Kind": meta.kind,
         "X-Batch-Size": str(reply.batch_size),
     }
-    if reply.metadata.get("seed") is not None:
-        headers["X-Seed"] = str(reply.metadata["seed"])
-    if reply.metadata.get("worker"):
-        headers["X-Worker"] = str(reply.metadata["worker"])
-    if not choice.as_json:
-        return Response(reply.outputs[main], media_type=choice.media_type, headers=headers)
-    meta = {k: v for k, v in reply.metadata.items() if k not in ("height", "width")}
+    if meta.seed is not None:
+        headers["X-Seed"] = str(meta.seed)
+    headers["X-Steps"] = str(meta.steps)
+    if reply.worker:
+        headers["X-Worker"] = reply.worker
+    if req.format != "json":
+        return Response(reply.outputs[main], media_type=MEDIA_TYPES[req.format], headers=headers)
     outputs = {
         name: {
-            "media_type": "application/x-npy" if name == "members" else MEDIA_TYPES[choice.encoding],
+            "media_type": "application/x-npy" if name == "members" else MEDIA_TYPES[req.json_encoding],
             "data": base64.b64encode(data).decode(),
         }
         for name, data in reply.outputs.items()
     }
-    body = {
-        **meta,
-        "request_id": request.state.request_id,
-        "batch_size": reply.batch_size,
-        "timings": timings,
-        "outputs": outputs,
-    }
-    return JSONResponse(body, headers=headers)
+    body = PredictionJSON(
+        **meta.model_dump(exclude={"height", "width"}),
+        request_id=request.state.request_id,
+        batch_size=reply.batch_size,
+        timings=timings,
+        outputs=outputs,
+    )
+    return JSONResponse(body.model_dump(exclude_none=True), headers=headers)

@@ -1,40 +1,122 @@
-"""Request parameters and response bodies of the REST API (pydantic; also the OpenAPI schemas)."""
+"""The REST API's parameter and body models (also the OpenAPI schemas) and its response bodies.
+
+The parameter models are built per app from `Limits`, so the schema a client reads states the limits the
+server enforces (`processing_res` up to `max_processing_res`, ...); every value is validated again, once, by
+`service.request.PredictionRequest`.
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from functools import cache
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from models.outputs import OutputKind, Task
 from service.jobs import ModelInfo
+from service.request import SEED_MAX, Format, JsonEncoding, Limits, Reduction
 
-Format = Literal["png", "png16", "npy", "json", "color", "exr", "tiff"]
+ApiFormat = Literal["png", "npy", "exr", "tiff", "color", "json"]  # `raw16`/`raw32` are gRPC's bare floats
 
 
-class PredictParams(BaseModel):
-    """Query parameters, form fields or JSON fields of `/v1/depth` and `/v1/normals`."""
+def _predict_fields(limits: Limits) -> dict[str, Any]:
+    return {
+        "model": (
+            str | None,
+            Field(default=None, min_length=1, max_length=200, description="model id; default: the first serving"),
+        ),
+        "processing_res": (
+            Annotated[int, Field(ge=0, le=limits.max_processing_res, multiple_of=8)] | None,
+            Field(default=None, description="long edge the model sees (0 = native size); default: the model's"),
+        ),
+        "match_input_resolution": (bool, Field(default=True, description="resize the map back to the input size")),
+        "seed": (
+            Annotated[int, Field(ge=0, le=SEED_MAX)] | None,
+            Field(default=None, description="Lotus-G noise seed (default 0)"),
+        ),
+        "steps": (
+            Annotated[int, Field(ge=1, le=1000)] | None,
+            Field(default=None, description="denoising steps; single-step families (Lotus, E2E-FT) always take 1"),
+        ),
+        "timeout_ms": (
+            Annotated[int, Field(ge=1, le=limits.max_timeout_ms)] | None,
+            Field(default=None, description="deadline in ms (default: the server's)"),
+        ),
+        "format": (ApiFormat | None, Field(default=None, description="answer format; default: by Accept, else png")),
+        "json_encoding": (JsonEncoding, Field(default="png", description="map encoding inside a JSON answer")),
+    }
 
-    model_config = ConfigDict(extra="forbid")
 
-    model: str | None = Field(default=None, description="model id; default: the first model serving the task")
-    processing_res: int | None = Field(
-        default=None, ge=0, description="long edge to process at, a multiple of 8; 0 = native size"
+def _uncertainty_fields(limits: Limits) -> dict[str, Any]:
+    return {
+        "task": (Task, Field(default="depth", description="depth or normals")),
+        "seeds": (
+            Annotated[int, Field(ge=2, le=limits.max_seeds)] | None,
+            Field(default=None, description="ensemble size (default 8); member i uses seed + i (mod 2^31)"),
+        ),
+        "reduction": (Reduction, Field(default="mean", description="mean (std / mean angle) or median (MAD)")),
+        "return_members": (bool, Field(default=False, description="every member too (JSON answers, as NPY)")),
+    }
+
+
+@cache
+def parameter_models(limits: Limits) -> tuple[type[BaseModel], type[BaseModel]]:
+    """The query/form/JSON parameters of `/v1/depth`, `/v1/normals` and of `/v1/uncertainty`."""
+    config = ConfigDict(extra="forbid")
+    predict = create_model("PredictParams", __config__=config, **_predict_fields(limits))
+    uncertainty = create_model(
+        "UncertaintyParams", __config__=config, **_predict_fields(limits), **_uncertainty_fields(limits)
     )
-    match_input_resolution: bool = Field(default=True, description="resize the map back to the input size")
-    seed: int | None = Field(default=None, ge=0, le=2**31 - 1, description="Lotus-G noise seed (default 0)")
-    timeout_ms: int | None = Field(default=None, ge=1, description="deadline for this request")
-    format: Format | None = Field(
-        default=None, description="png (16-bit), npy, json, color, exr (half float), tiff (float32); else by Accept"
-    )
-    json_encoding: Literal["png", "npy"] = Field(default="png", description="map encoding inside JSON")
+    return predict, uncertainty
 
 
-class UncertaintyParams(PredictParams):
-    task: Task = "depth"
-    seeds: int = Field(default=8, ge=2, le=32, description="ensemble size; member i uses seed + i")
-    reduction: Literal["mean", "median"] = "mean"
-    return_members: bool = Field(default=False, description="include every member (JSON only, as NPY)")
+def request_body(params: type[BaseModel]) -> dict[str, Any]:
+    """The three request shapes, for the OpenAPI document: a multipart upload, a raw image, or JSON with base64.
+    Their fields are the parameter model's own (the same names and limits as the query string)."""
+    fields = params.model_json_schema()["properties"]
+    form = {name: _not_null(schema) for name, schema in fields.items()}  # a form field is absent, never null
+    multipart = {"image": {"type": "string", "format": "binary", "description": "the image file"}, **form}
+    json = {
+        "image": {"type": "string", "format": "byte", "contentEncoding": "base64", "description": "the image, base64"},
+        **fields,
+    }
+    binary = {"schema": {"type": "string", "format": "binary"}}
+    return {
+        "requestBody": {
+            "required": True,
+            "description": "the image (PNG, JPEG, WebP, BMP, TIFF, GIF, PPM) as a multipart `image` file, as the "
+            "raw body, or base64 in JSON; parameters in the query string, form fields or JSON fields",
+            "content": {
+                "multipart/form-data": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["image"],
+                        "properties": multipart,
+                        "additionalProperties": False,
+                    },
+                    "encoding": {"image": {"contentType": "image/*, application/octet-stream"}},
+                },
+                **{media: binary for media in ("image/png", "image/jpeg", "image/webp", "application/octet-stream")},
+                "application/json": {
+                    "schema": {
+                        "type": "object",
+                        "required": ["image"],
+                        "properties": json,
+                        "additionalProperties": False,
+                    }
+                },
+            },
+        }
+    }
+
+
+def _not_null(schema: dict[str, Any]) -> dict[str, Any]:
+    """`anyOf: [T, null]` -> T, keeping the description and default."""
+    options = [o for o in schema.get("anyOf", []) if o.get("type") != "null"]
+    if len(options) != 1:
+        return schema
+    rest = {k: v for k, v in schema.items() if k != "anyOf" and not (k == "default" and v is None)}
+    return {**options[0], **rest}
 
 
 class Blob(BaseModel):
@@ -43,7 +125,9 @@ class Blob(BaseModel):
 
 
 class PredictionJSON(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    """`format=json`: the map's metadata, with the maps base64-encoded in `outputs`."""
+
+    model_config = ConfigDict(extra="forbid")
 
     request_id: str
     model: str
@@ -52,14 +136,21 @@ class PredictionJSON(BaseModel):
     affine_invariant: bool
     range: list[float]
     seed: int | None = None
+    steps: int = Field(default=1, description="denoising steps that made the map")
     processing_size: list[int]
     batch_size: int
-    timings: dict[str, float] = Field(description="milliseconds")
+    timings: dict[str, float] = Field(description="milliseconds per stage")
     outputs: dict[str, Blob] = Field(description="prediction; uncertainty; members (NPY)")
+    seeds: list[int] | None = None
+    reduction: Reduction | None = None
+    uncertainty_unit: str | None = None
+    uncertainty_measure: str | None = None
+    uncertainty_png_max: float | None = None
+    uncertainty_max: float | None = None
 
 
 class Problem(BaseModel):
-    """RFC 9457 problem details."""
+    """RFC 9457 problem details, with the request id and, for a bad parameter, the field."""
 
     model_config = ConfigDict(extra="allow")
 
@@ -69,7 +160,19 @@ class Problem(BaseModel):
     detail: str
     instance: str | None = None
     request_id: str | None = None
+    field: str | None = None
 
 
 class ModelsOut(BaseModel):
     models: list[ModelInfo]
+
+
+#: Answer media types by format (what `format=` or `Accept` selects).
+MEDIA_TYPES: dict[Format, str] = {
+    "png": "image/png",
+    "color": "image/png",
+    "npy": "application/x-npy",
+    "exr": "image/x-exr",
+    "tiff": "image/tiff",
+    "json": "application/json",
+}

@@ -113,7 +113,7 @@ class GrpcFrontend:
     async def _follow_readiness(self, broker: Broker, worker: Worker | None, expected: Sequence[str]) -> None:
         last: bool | None = None
         while True:
-            ready = bool((await readiness(broker, worker, expected, self.settings.scale_from_zero))["ready"])
+            ready = (await readiness(broker, worker, expected, self.settings.scale_from_zero)).ready
             if ready != last:
                 await self._set(ready)
                 last = ready

@@ -16,42 +16,62 @@ import grpc
 
 from service import codec, logs, metrics
 from service.config import Settings
-from service.errors import InvalidParameter, PayloadTooLarge, ServiceError, UnsupportedMedia, from_code
-from service.frontend import resolve_model
+from service.errors import InvalidParameter, PayloadTooLarge, ServiceError, UnsupportedMedia
+from service.frontend import make_job, resolve_model
 from service.grpc.stubs import dense_pb2 as pb
 from service.grpc.stubs import dense_pb2_grpc
-from service.jobs import Encoding, Job, JobParams
 from service.queue.base import Broker
+from service.request import Format, Limits, PredictionRequest, parse_request
 
 log = logging.getLogger(__name__)
 
-STATUS: dict[str, grpc.StatusCode] = {
-    "unauthorized": grpc.StatusCode.UNAUTHENTICATED,
-    "payload_too_large": grpc.StatusCode.INVALID_ARGUMENT,
-    "unsupported_media": grpc.StatusCode.INVALID_ARGUMENT,
-    "invalid_parameter": grpc.StatusCode.INVALID_ARGUMENT,
-    "task_not_served": grpc.StatusCode.INVALID_ARGUMENT,
-    "not_acceptable": grpc.StatusCode.INVALID_ARGUMENT,
-    "model_not_found": grpc.StatusCode.NOT_FOUND,
-    "queue_full": grpc.StatusCode.RESOURCE_EXHAUSTED,
-    "deadline_exceeded": grpc.StatusCode.DEADLINE_EXCEEDED,
-    "unavailable": grpc.StatusCode.UNAVAILABLE,
-    "client_closed": grpc.StatusCode.CANCELLED,
-    "model_failure": grpc.StatusCode.INTERNAL,
-    "internal": grpc.StatusCode.INTERNAL,
+#: The proto's encodings are the request vocabulary's formats, one to one.
+FORMATS: dict[int, Format] = {
+    pb.OUTPUT_ENCODING_UNSPECIFIED: "raw16",
+    pb.OUTPUT_ENCODING_RAW_FLOAT16: "raw16",
+    pb.OUTPUT_ENCODING_RAW_FLOAT32: "raw32",
+    pb.OUTPUT_ENCODING_PNG16: "png",
+    pb.OUTPUT_ENCODING_EXR: "exr",
+    pb.OUTPUT_ENCODING_TIFF: "tiff",
+    pb.OUTPUT_ENCODING_NPY: "npy",
+    pb.OUTPUT_ENCODING_COLOR: "color",
 }
-ENCODINGS: dict[int, tuple[Encoding, str]] = {
-    pb.OUTPUT_ENCODING_UNSPECIFIED: ("raw16", "float16"),
-    pb.OUTPUT_ENCODING_RAW_FLOAT16: ("raw16", "float16"),
-    pb.OUTPUT_ENCODING_RAW_FLOAT32: ("raw32", "float32"),
-    pb.OUTPUT_ENCODING_PNG16: ("png16", "png"),
-    pb.OUTPUT_ENCODING_EXR: ("exr", "exr"),
-    pb.OUTPUT_ENCODING_TIFF: ("tiff", "tiff"),
-}
+DTYPES: dict[Format, str] = {"raw16": "float16", "raw32": "float32", "color": "png"}
 
 
 def status_of(exc: ServiceError) -> grpc.StatusCode:
-    return STATUS.get(exc.code, grpc.StatusCode.INTERNAL)
+    return grpc.StatusCode[exc.grpc_status]
+
+
+def trailers_of(exc: ServiceError) -> tuple[tuple[str, str], ...]:
+    """The problem's code and field beside the status, as REST's problem+json carries them."""
+    field_at_fault = (("dense-error-field", exc.field),) if exc.field else ()
+    return (("dense-error-type", exc.code), *field_at_fault)
+
+
+async def abort(context: grpc.aio.ServicerContext, exc: ServiceError) -> None:
+    await context.abort(status_of(exc), exc.detail, trailing_metadata=trailers_of(exc))
+
+
+def request_of(req: pb.PredictRequest, limits: Limits, deadline_s: float | None = None) -> PredictionRequest:
+    """The proto's fields, by their REST names, into the one request model (validated there)."""
+    fields: dict[str, object] = {
+        "model": req.model or None,
+        "task": "normals" if req.task == pb.TASK_NORMALS else "depth",
+        "format": FORMATS.get(req.encoding, "raw16"),
+        "match_input_resolution": req.match_input_resolution
+        if req.HasField("match_input_resolution")
+        else not req.native_size,
+    }
+    for name in ("processing_res", "seed", "steps"):
+        if req.HasField(name):
+            fields[name] = getattr(req, name)
+    timeout_ms = req.timeout_ms or None
+    if deadline_s is not None:  # the call's own deadline bounds the job's
+        timeout_ms = max(1, min(timeout_ms or limits.max_timeout_ms, int(deadline_s * 1000)))
+    if timeout_ms is not None:
+        fields["timeout_ms"] = min(timeout_ms, limits.max_timeout_ms) if deadline_s is not None else timeout_ms
+    return parse_request(fields, limits)
 
 
 @dataclass
@@ -61,10 +81,19 @@ class _Frame:
     dropped: bool = field(default=False)
 
 
+@dataclass
+class _Window:
+    """A stream's flow control, changed by its `StreamConfig` messages."""
+
+    max_in_flight: int
+    drop_stale: bool = False
+
+
 class DenseServicer(dense_pb2_grpc.DenseServiceServicer):
     def __init__(self, broker: Broker, settings: Settings, expected_models: Sequence[str] = ()) -> None:
         self.broker = broker
         self.settings = settings
+        self.limits = Limits.of(settings)
         self.expected = list(expected_models)
 
     # ------------------------------------------------------------------ unary
@@ -72,9 +101,9 @@ class DenseServicer(dense_pb2_grpc.DenseServiceServicer):
     async def Predict(self, request: pb.PredictRequest, context: grpc.aio.ServicerContext) -> pb.PredictResponse:
         try:
             with _log_context(context):
-                return await self._measured(request, time.perf_counter(), "Predict")
+                return await self._measured(request, time.perf_counter(), "Predict", context.time_remaining())
         except ServiceError as exc:
-            await context.abort(status_of(exc), exc.detail)
+            await abort(context, exc)
             raise  # unreachable: abort raises
 
     async def ListModels(
@@ -83,7 +112,7 @@ class DenseServicer(dense_pb2_grpc.DenseServiceServicer):
         try:
             catalog = await self.broker.catalog()
         except ServiceError as exc:
-            await context.abort(status_of(exc), exc.detail)
+            await abort(context, exc)
             raise
         return pb.ListModelsResponse(
             models=[
@@ -103,12 +132,14 @@ class DenseServicer(dense_pb2_grpc.DenseServiceServicer):
             ]
         )
 
-    async def _measured(self, req: pb.PredictRequest, started: float, route: str) -> pb.PredictResponse:
+    async def _measured(
+        self, req: pb.PredictRequest, started: float, route: str, deadline_s: float | None = None
+    ) -> pb.PredictResponse:
         """`_predict` with the request metrics: one observation per call or stream frame, by gRPC status."""
         status, model, size = "UNKNOWN", req.model, 0
         try:
             with metrics.in_flight("grpc"):
-                response = await self._predict(req, started)
+                response = await self._predict(req, started, deadline_s)
             status, model, size = "OK", response.model, len(response.data)
             return response
         except ServiceError as exc:
@@ -120,53 +151,40 @@ class DenseServicer(dense_pb2_grpc.DenseServiceServicer):
             elapsed = time.perf_counter() - started
             metrics.observe_request("grpc", route, model, task, status, elapsed, bytes_in, size)
 
-    async def _predict(self, req: pb.PredictRequest, started: float) -> pb.PredictResponse:
+    async def _predict(
+        self, req: pb.PredictRequest, started: float, deadline_s: float | None = None
+    ) -> pb.PredictResponse:
         s = self.settings
-        task = "normals" if req.task == pb.TASK_NORMALS else "depth"
+        request = request_of(req, self.limits, deadline_s)
         info = await resolve_model(
-            self.broker, req.model or None, task, "predict", self.expected, self.settings.scale_from_zero
+            self.broker, request.model, request.task, "predict", self.expected, s.scale_from_zero
         )
-        if req.processing_res % 8 or req.processing_res > s.max_processing_res:
-            raise InvalidParameter(
-                f"processing_res: must be 0 or a multiple of 8 up to {s.max_processing_res}, got {req.processing_res}",
-                field="processing_res",
-            )
-        if req.timeout_ms > s.max_timeout_ms:
-            raise InvalidParameter(f"timeout_ms: at most {s.max_timeout_ms}", field="timeout_ms")
         image, raw_shape = await self._image(req)
-        encoding, dtype = ENCODINGS.get(req.encoding, ("raw16", "float16"))
-        job = Job(
-            model=info.id,
-            task=task,
+        job = make_job(
+            request,
+            info,
+            image,
+            default_timeout_ms=s.default_timeout_ms,
             request_id=logs.REQUEST_ID.get() or uuid.uuid4().hex,
             traceparent=logs.TRACEPARENT.get(),
-            image=image,
             raw_shape=raw_shape,
-            deadline=time.time() + (req.timeout_ms or s.default_timeout_ms) / 1000.0,
-            params=JobParams(
-                processing_res=req.processing_res or None,
-                match_input_resolution=not req.native_size,
-                seed=req.seed if req.HasField("seed") else None,
-                encoding=encoding,
-            ),
         )
-        reply = await self.broker.submit(job)
-        if reply.status != "ok":
-            error = reply.error
-            raise from_code(error.code if error else "internal", error.detail if error else f"job {reply.status}")
+        reply = (await self.broker.submit(job)).raise_for_status()
         meta = reply.metadata
+        assert meta is not None
         return pb.PredictResponse(
             frame_id=req.frame_id,
             timestamp_ns=req.timestamp_ns,
             status=pb.FRAME_STATUS_OK,
             data=reply.outputs["prediction"],
-            shape=list(meta.get("shape", [])),
-            dtype=dtype,
-            kind=str(meta.get("kind", "")),
+            shape=meta.shape,
+            dtype=DTYPES.get(request.format, request.format),
+            kind=meta.kind,
             encoding=req.encoding or pb.OUTPUT_ENCODING_RAW_FLOAT16,
-            model=str(meta.get("model", "")),
-            seed=meta.get("seed"),
-            affine_invariant=bool(meta.get("affine_invariant")),
+            model=meta.model,
+            seed=meta.seed,
+            steps=meta.steps,
+            affine_invariant=meta.affine_invariant,
             queue_ms=reply.timings.get("queue", 0.0),
             compute_ms=reply.timings.get("compute", 0.0),
             total_ms=(time.perf_counter() - started) * 1000.0,
@@ -203,7 +221,7 @@ class DenseServicer(dense_pb2_grpc.DenseServiceServicer):
         on and frames wait here; a newer frame drops every older one still waiting, so a dropped frame is
         never submitted, let alone computed."""
         cap = self.settings.grpc_max_in_flight
-        window = {"max_in_flight": min(self.settings.grpc_default_in_flight, cap), "drop_stale": False}
+        window = _Window(min(self.settings.grpc_default_in_flight, cap))
         frames: deque[_Frame] = deque()
         changed = asyncio.Condition()
         reading_done = False
@@ -214,7 +232,7 @@ class DenseServicer(dense_pb2_grpc.DenseServiceServicer):
         def pump() -> None:
             """Submit waiting frames, oldest first, while the window has room (call with the lock held)."""
             for frame in frames:
-                if submitted_live() >= window["max_in_flight"]:
+                if submitted_live() >= window.max_in_flight:
                     break
                 if frame.task is None and not frame.dropped:
                     frame.task = asyncio.create_task(self._frame(frame.request))
@@ -231,16 +249,16 @@ class DenseServicer(dense_pb2_grpc.DenseServiceServicer):
                 async for message in request_iterator:
                     if message.HasField("config"):
                         if message.config.max_in_flight:
-                            window["max_in_flight"] = max(1, min(int(message.config.max_in_flight), cap))
-                        window["drop_stale"] = bool(message.config.drop_stale)
+                            window.max_in_flight = max(1, min(int(message.config.max_in_flight), cap))
+                        window.drop_stale = bool(message.config.drop_stale)
                         continue
                     async with changed:
-                        if window["drop_stale"]:
+                        if window.drop_stale:
                             for older in frames:
                                 if older.task is None:
                                     older.dropped = True
                         else:
-                            await changed.wait_for(lambda: submitted_live() < window["max_in_flight"])
+                            await changed.wait_for(lambda: submitted_live() < window.max_in_flight)
                         frames.append(_Frame(message.frame))
                         pump()
                         changed.notify_all()
@@ -297,6 +315,8 @@ class DenseServicer(dense_pb2_grpc.DenseServiceServicer):
                 status=pb.FRAME_STATUS_ERROR,
                 error_code=status_of(exc).value[0],
                 error_message=exc.detail,
+                error_type=exc.code,
+                error_field=exc.field or "",
                 total_ms=(time.perf_counter() - started) * 1000.0,
             )
 

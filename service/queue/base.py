@@ -11,7 +11,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from service.errors import ServiceError
-from service.jobs import ErrorInfo, Job, ModelInfo, Reply
+from service.jobs import Job, ModelInfo, Reply
 
 
 @dataclass
@@ -118,9 +118,7 @@ class Broker(ABC):
 
     async def reject(self, delivery: Delivery, error: ServiceError) -> None:
         """The model failed on this job here. Brokers that can retry elsewhere do; the default answers."""
-        await self.reply(
-            delivery, Reply(id=delivery.job.id, status="error", error=ErrorInfo(code=error.code, detail=error.detail))
-        )
+        await self.reply(delivery, Reply(id=delivery.job.id, status="error", error=error.info()))
 
     async def refresh_abandoned(self, deliveries: list[Delivery]) -> None:  # noqa: B027 - optional hook
         """Learn which of these jobs their clients gave up on since delivery (brokers across processes)."""

@@ -67,21 +67,24 @@ class MemoryBroker(Broker):
                     return await asyncio.wait_for(asyncio.shield(future), timeout=max(0.0, job.deadline - now))
                 except TimeoutError:
                     raise DeadlineExceeded(f"no answer within the deadline for job {job.id}") from None
+        self._admit(job)  # a refused job claims no key, so its retry is not left waiting for nothing
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._idempotent[key] = (fingerprint(job), future, now + self.result_ttl_s)
         return await self._submit(job, future, idempotent=True)
 
-    async def _submit(self, job: Job, future: asyncio.Future[Reply], idempotent: bool = False) -> Reply:
+    def _admit(self, job: Job) -> None:
         if job.expired():
             raise DeadlineExceeded(f"job {job.id} was already past its deadline when enqueued")
-        queue = self._queue(job.model)
         waiting = self.depth(job.model)
         if waiting >= self.max_jobs_per_model:
             raise QueueFull(
                 f"{waiting} jobs already wait for model '{job.model}' (limit {self.max_jobs_per_model})",
                 retry_after=self._rates[job.model].retry_after(waiting),
             )
-        queue.put_nowait((job, future))
+
+    async def _submit(self, job: Job, future: asyncio.Future[Reply], idempotent: bool = False) -> Reply:
+        self._admit(job)
+        self._queue(job.model).put_nowait((job, future))
         try:
             return await asyncio.wait_for(asyncio.shield(future), timeout=max(0.0, job.deadline - time.time()))
         except TimeoutError:

@@ -10,11 +10,11 @@ import numpy as np
 from models.inference import UncertaintyResult
 from models.outputs import MapForm, PredictionMap
 from service import codec
-from service.jobs import Encoding
+from service.jobs import Encoding, MapMetadata
 
 #: The form each encoding wants a map in when it leaves the device: only that crosses to the CPU.
 FORM_OF: dict[Encoding, MapForm] = {
-    "png16": "quantized",
+    "png": "quantized",
     "color": "color",
     "npy": "float32",
     "raw32": "float32",
@@ -42,7 +42,7 @@ class EncodeOptions:
 
 
 def encode_prediction(pred: PredictionMap, encoding: Encoding, options: EncodeOptions = EncodeOptions()) -> bytes:
-    if encoding == "png16":
+    if encoding == "png":
         return codec.encode_map_png(pred, options.png_level)
     if encoding == "color":
         return codec.encode_color_png(pred, options.png_level)
@@ -70,7 +70,7 @@ def encode_uncertainty(
     outputs = {"prediction": encode_prediction(result.prediction, encoding, options)}
     if encoding == "color":
         outputs["uncertainty"] = codec.encode_spectral_png(1.0 - np.clip(result.uncertainty / scale, 0, 1))
-    elif encoding in ("png16",):
+    elif encoding == "png":
         outputs["uncertainty"] = codec.encode_png16(result.uncertainty / scale, options.png_level)
     elif encoding == "exr":
         outputs["uncertainty"] = codec.encode_exr(result.uncertainty)
@@ -83,18 +83,23 @@ def encode_uncertainty(
     return outputs
 
 
-def uncertainty_metadata(result: UncertaintyResult) -> dict[str, object]:
+def map_metadata(pred: PredictionMap) -> MapMetadata:
+    return MapMetadata.model_validate(pred.metadata())
+
+
+def uncertainty_metadata(result: UncertaintyResult) -> MapMetadata:
     kind = result.prediction.kind
-    return {
-        **result.prediction.metadata(),
-        "seeds": result.seeds,
-        "reduction": result.reduction,
-        "uncertainty_unit": "degrees" if kind == "normals" else "map units (aligned members)",
-        "uncertainty_measure": (
-            "mean angle to the mean direction" if result.reduction == "mean" else "median angle to the median direction"
-        )
-        if kind == "normals"
-        else ("standard deviation" if result.reduction == "mean" else "median absolute deviation"),
-        "uncertainty_png_max": uncertainty_png_max(kind),
-        "uncertainty_max": float(result.uncertainty.max(initial=0.0)),
-    }
+    if kind == "normals":
+        measure = "mean angle to the mean direction" if result.reduction == "mean" else "median angle to the median"
+    else:
+        measure = "standard deviation" if result.reduction == "mean" else "median absolute deviation"
+    return map_metadata(result.prediction).model_copy(
+        update={
+            "seeds": result.seeds,
+            "reduction": result.reduction,
+            "uncertainty_unit": "degrees" if kind == "normals" else "map units (aligned members)",
+            "uncertainty_measure": measure,
+            "uncertainty_png_max": uncertainty_png_max(kind),
+            "uncertainty_max": float(result.uncertainty.max(initial=0.0)),
+        }
+    )

@@ -37,13 +37,14 @@ from service.errors import (
     Unavailable,
     UnsupportedMedia,
 )
-from service.jobs import ErrorInfo, Job, Reply
+from service.jobs import Job, Reply
 from service.queue.base import Broker, Delivery
 from service.worker.encode import (
     FORM_OF,
     EncodeOptions,
     encode_prediction,
     encode_uncertainty,
+    map_metadata,
     uncertainty_metadata,
 )
 from service.worker.prepare import decode_for
@@ -334,7 +335,7 @@ class Lane:
             id=p.job.id,
             status="ok",
             outputs={"prediction": data},
-            metadata=pred.metadata(),
+            metadata=map_metadata(pred),
             timings=_timings(p, done, t0),
             batch_size=len(done.batch),
         )
@@ -364,9 +365,7 @@ class Lane:
         return False
 
     async def _fail(self, delivery: Delivery, error: ServiceError, status: str = "error") -> None:
-        await self._finish(
-            delivery, Reply(id=delivery.job.id, status=status, error=ErrorInfo(code=error.code, detail=error.detail))
-        )
+        await self._finish(delivery, Reply(id=delivery.job.id, status=status, error=error.info()))
 
     async def _finish(self, delivery: Delivery, reply: Reply) -> None:
         job = delivery.job

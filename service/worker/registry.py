@@ -34,9 +34,9 @@ def describe(spec: ModelSpec, predictor: DensePredictor, max_batch: int, max_del
         output_kind=predictor.output_kind,
         generative=predictor.generative,
         processing_res=predictor.processing_res,
-        backend=runtime["backend"],
-        device=runtime["device"],
-        dtype=runtime["dtype"],
+        backend=runtime.backend,
+        device=runtime.device,
+        dtype=runtime.dtype,
         max_batch_size=spec.max_batch_size or max_batch,
         max_queue_delay_ms=spec.max_queue_delay_ms if spec.max_queue_delay_ms is not None else max_delay_ms,
     )

@@ -5,18 +5,17 @@ from __future__ import annotations
 import asyncio
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from typing import Literal
 
 from models.spec import ModelSpec
 from service import metrics
 from service.config import Settings
 from service.queue.base import Broker
+from service.readiness import WorkerState
 from service.worker.lane import Lane
 from service.worker.registry import ServedModel, load_served
 from service.worker.stats import WorkerStats
 
 log = logging.getLogger(__name__)
-State = Literal["idle", "loading", "ready", "failed", "stopping", "stopped"]
 
 
 class Worker:
@@ -25,7 +24,7 @@ class Worker:
         self.specs = specs
         self.settings = settings
         self.stats = WorkerStats()
-        self.state: State = "idle"
+        self.state: WorkerState = "idle"
         self.error: str | None = None
         self.served: dict[str, ServedModel] = {}
         self.lanes: dict[str, Lane] = {}

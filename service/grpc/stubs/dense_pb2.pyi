@@ -21,6 +21,8 @@ class OutputEncoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     OUTPUT_ENCODING_PNG16: _ClassVar[OutputEncoding]
     OUTPUT_ENCODING_EXR: _ClassVar[OutputEncoding]
     OUTPUT_ENCODING_TIFF: _ClassVar[OutputEncoding]
+    OUTPUT_ENCODING_NPY: _ClassVar[OutputEncoding]
+    OUTPUT_ENCODING_COLOR: _ClassVar[OutputEncoding]
 
 class FrameStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -36,6 +38,8 @@ OUTPUT_ENCODING_RAW_FLOAT32: OutputEncoding
 OUTPUT_ENCODING_PNG16: OutputEncoding
 OUTPUT_ENCODING_EXR: OutputEncoding
 OUTPUT_ENCODING_TIFF: OutputEncoding
+OUTPUT_ENCODING_NPY: OutputEncoding
+OUTPUT_ENCODING_COLOR: OutputEncoding
 FRAME_STATUS_OK: FrameStatus
 FRAME_STATUS_DROPPED: FrameStatus
 FRAME_STATUS_ERROR: FrameStatus
@@ -51,7 +55,7 @@ class RawImage(_message.Message):
     def __init__(self, height: _Optional[int] = ..., width: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class PredictRequest(_message.Message):
-    __slots__ = ("encoded", "raw", "task", "model", "processing_res", "seed", "encoding", "frame_id", "timestamp_ns", "timeout_ms", "native_size")
+    __slots__ = ("encoded", "raw", "task", "model", "processing_res", "seed", "encoding", "frame_id", "timestamp_ns", "timeout_ms", "native_size", "match_input_resolution", "steps")
     ENCODED_FIELD_NUMBER: _ClassVar[int]
     RAW_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
@@ -63,6 +67,8 @@ class PredictRequest(_message.Message):
     TIMESTAMP_NS_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     NATIVE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MATCH_INPUT_RESOLUTION_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
     encoded: bytes
     raw: RawImage
     task: Task
@@ -74,7 +80,9 @@ class PredictRequest(_message.Message):
     timestamp_ns: int
     timeout_ms: int
     native_size: bool
-    def __init__(self, encoded: _Optional[bytes] = ..., raw: _Optional[_Union[RawImage, _Mapping]] = ..., task: _Optional[_Union[Task, str]] = ..., model: _Optional[str] = ..., processing_res: _Optional[int] = ..., seed: _Optional[int] = ..., encoding: _Optional[_Union[OutputEncoding, str]] = ..., frame_id: _Optional[int] = ..., timestamp_ns: _Optional[int] = ..., timeout_ms: _Optional[int] = ..., native_size: _Optional[bool] = ...) -> None: ...
+    match_input_resolution: bool
+    steps: int
+    def __init__(self, encoded: _Optional[bytes] = ..., raw: _Optional[_Union[RawImage, _Mapping]] = ..., task: _Optional[_Union[Task, str]] = ..., model: _Optional[str] = ..., processing_res: _Optional[int] = ..., seed: _Optional[int] = ..., encoding: _Optional[_Union[OutputEncoding, str]] = ..., frame_id: _Optional[int] = ..., timestamp_ns: _Optional[int] = ..., timeout_ms: _Optional[int] = ..., native_size: _Optional[bool] = ..., match_input_resolution: _Optional[bool] = ..., steps: _Optional[int] = ...) -> None: ...
 
 class StreamConfig(_message.Message):
     __slots__ = ("max_in_flight", "drop_stale")
@@ -93,7 +101,7 @@ class StreamRequest(_message.Message):
     def __init__(self, config: _Optional[_Union[StreamConfig, _Mapping]] = ..., frame: _Optional[_Union[PredictRequest, _Mapping]] = ...) -> None: ...
 
 class PredictResponse(_message.Message):
-    __slots__ = ("frame_id", "timestamp_ns", "status", "data", "shape", "dtype", "kind", "encoding", "model", "seed", "affine_invariant", "queue_ms", "compute_ms", "total_ms", "error_code", "error_message")
+    __slots__ = ("frame_id", "timestamp_ns", "status", "data", "shape", "dtype", "kind", "encoding", "model", "seed", "affine_invariant", "queue_ms", "compute_ms", "total_ms", "error_code", "error_message", "steps", "error_type", "error_field")
     FRAME_ID_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_NS_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
@@ -110,6 +118,9 @@ class PredictResponse(_message.Message):
     TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
     ERROR_CODE_FIELD_NUMBER: _ClassVar[int]
     ERROR_MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_TYPE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_FIELD_NUMBER: _ClassVar[int]
     frame_id: int
     timestamp_ns: int
     status: FrameStatus
@@ -126,7 +137,10 @@ class PredictResponse(_message.Message):
     total_ms: float
     error_code: int
     error_message: str
-    def __init__(self, frame_id: _Optional[int] = ..., timestamp_ns: _Optional[int] = ..., status: _Optional[_Union[FrameStatus, str]] = ..., data: _Optional[bytes] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., kind: _Optional[str] = ..., encoding: _Optional[_Union[OutputEncoding, str]] = ..., model: _Optional[str] = ..., seed: _Optional[int] = ..., affine_invariant: _Optional[bool] = ..., queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., error_code: _Optional[int] = ..., error_message: _Optional[str] = ...) -> None: ...
+    steps: int
+    error_type: str
+    error_field: str
+    def __init__(self, frame_id: _Optional[int] = ..., timestamp_ns: _Optional[int] = ..., status: _Optional[_Union[FrameStatus, str]] = ..., data: _Optional[bytes] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., kind: _Optional[str] = ..., encoding: _Optional[_Union[OutputEncoding, str]] = ..., model: _Optional[str] = ..., seed: _Optional[int] = ..., affine_invariant: _Optional[bool] = ..., queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., error_code: _Optional[int] = ..., error_message: _Optional[str] = ..., steps: _Optional[int] = ..., error_type: _Optional[str] = ..., error_field: _Optional[str] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()

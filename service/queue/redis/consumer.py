@@ -21,8 +21,8 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError, ResponseError
 
 from service import logs, metrics
-from service.errors import ModelFailure, ServiceError
-from service.jobs import ErrorInfo, Reply
+from service.errors import ErrorInfo, ModelFailure, ServiceError
+from service.jobs import Reply
 from service.queue.base import Delivery
 from service.queue.redis.connection import unavailable
 from service.queue.redis.keys import DEAD_MAXLEN, DEAD_TTL_S, GROUP, REPLY_STREAM_MAXLEN, REPLY_STREAM_TTL_S, Keys
@@ -173,7 +173,7 @@ class Consumer:
 
     async def reply(self, delivery: Delivery, reply: Reply) -> None:
         assert isinstance(delivery, RedisDelivery)
-        reply.metadata.setdefault("worker", self.name)
+        reply.worker = self.name
         job = delivery.job
         keep = job.keep_result and reply.status in ("ok", "error")
         await self._finish(
@@ -206,7 +206,7 @@ class Consumer:
             id=job.id,
             status="error",
             error=ErrorInfo(code=ModelFailure.code, detail=detail),
-            metadata={"worker": self.name, "attempts": delivery.attempt},
+            worker=self.name,
         )
         # The image is not kept: dead letters are for inspection (the job, why, how often), and stay small.
         entry = {

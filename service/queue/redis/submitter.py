@@ -14,6 +14,8 @@ import logging
 import time
 import uuid
 from collections import defaultdict
+from collections.abc import Coroutine
+from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -27,6 +29,9 @@ from service.queue.redis.stats import RedisStats
 from service.queue.redis.streams import Groups, group_info, job_fields, read_reply, stats_of
 
 log = logging.getLogger(__name__)
+
+# Delete an Idempotency-Key only while it still names our job (another instance may have claimed it since).
+RELEASE_IF_OURS = "if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end return 0"
 
 
 class Submitter:
@@ -87,9 +92,10 @@ class Submitter:
         if self._loop is None or self._loop.done():
             self._loop = asyncio.create_task(self._reply_loop(), name="dense-replies")
         stream = self.keys.jobs(job.model)
+        claimed: bytes | None = None
         try:
             if idempotency_key is not None:
-                existing = await self._claim_key(idempotency_key, job)
+                existing, claimed = await self._claim_key(idempotency_key, job)
                 if existing is not None:
                     return await self._await_existing(existing, job.deadline)
             await self._check_depth(job.model)
@@ -97,11 +103,17 @@ class Submitter:
             self._waiting[job.id] = future
             await self.groups.ensure(stream)
             await self.r.xadd(stream, job_fields(job, attempt=1), maxlen=self.stream_maxlen, approximate=True)
-        except (RedisError, OSError) as exc:
+        except BaseException as exc:
+            # Not enqueued (refused, Redis lost, or the client left first): a claimed key must not make a retry
+            # wait for a job that will never exist.
             self._waiting.pop(job.id, None)
-            if is_oom(exc):
-                self.stats.rejected_out_of_memory += 1
-            raise unavailable(exc, self.where) from exc
+            if claimed is not None and idempotency_key is not None:
+                self._in_background(self._release_key(idempotency_key, claimed), f"dense-release-{job.id}")
+            if isinstance(exc, RedisError | OSError):
+                if is_oom(exc):
+                    self.stats.rejected_out_of_memory += 1
+                raise unavailable(exc, self.where) from exc
+            raise
         try:
             return await asyncio.wait_for(asyncio.shield(future), timeout=max(0.0, job.deadline - time.time()))
         except TimeoutError:
@@ -118,9 +130,17 @@ class Submitter:
 
     def _mark_cancelled(self, job: Job) -> None:
         ttl = max(1, int(job.deadline - time.time()) + 1)
-        task = asyncio.create_task(self._set_cancel_marker(job.id, ttl), name=f"dense-cancel-{job.id}")
+        self._in_background(self._set_cancel_marker(job.id, ttl), f"dense-cancel-{job.id}")
+
+    def _in_background(self, write: Coroutine[Any, Any, None], name: str) -> None:
+        """Run a best-effort write that must outlive a cancelled request."""
+        task = asyncio.create_task(write, name=name)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    async def _release_key(self, key: str, value: bytes) -> None:
+        with contextlib.suppress(RedisError, OSError):  # best effort: without it the key expires with its TTL
+            await self.r.eval(RELEASE_IF_OURS, 1, self._idem_key(key), value)
 
     async def _set_cancel_marker(self, job_id: str, ttl: int) -> None:
         with contextlib.suppress(RedisError, OSError):  # best effort: without it the job is computed, as before
@@ -148,23 +168,27 @@ class Submitter:
     async def queue_stats(self, model: str) -> QueueStats:
         return stats_of(await group_info(self.r, self.keys.jobs(model)))
 
-    async def _claim_key(self, key: str, job: Job) -> str | None:
-        """Register the key for this job; return the job id of an earlier live submission instead."""
-        idem = self.keys.idem(hashlib.sha256(key.encode()).hexdigest())
+    def _idem_key(self, key: str) -> str:
+        return self.keys.idem(hashlib.sha256(key.encode()).hexdigest())
+
+    async def _claim_key(self, key: str, job: Job) -> tuple[str | None, bytes | None]:
+        """Register the key for this job (returning the value claimed), or return the job id of an earlier live
+        submission instead."""
+        idem = self._idem_key(key)
         value = f"{job.id}|{fingerprint(job)}|{job.deadline}".encode()
         if await self.r.set(idem, value, nx=True, ex=self.result_ttl_s):
-            return None
+            return None, value
         stored = await self.r.get(idem)
         if stored is None:
             await self.r.set(idem, value, ex=self.result_ttl_s)
-            return None
+            return None, value
         job_id, fp, deadline = stored.decode().split("|")
         if fp != fingerprint(job):
             raise InvalidParameter("Idempotency-Key was already used for a different request", field="Idempotency-Key")
         if float(deadline) < time.time() and not await self.r.exists(self.keys.result(job_id)):
             await self.r.set(idem, value, ex=self.result_ttl_s)  # that attempt expired unanswered: start anew
-            return None
-        return job_id
+            return None, value
+        return job_id, None
 
     async def _await_existing(self, job_id: str, deadline: float) -> Reply:
         while time.time() < deadline:

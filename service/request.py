@@ -1,0 +1,141 @@
+"""The one request vocabulary: what a prediction asks for, with the same names and meanings whether it comes
+from REST (query, form or JSON fields), gRPC (the `PredictRequest` fields) or the CLI (flags).
+
+Validated once, here; the settings' limits come in through the validation context, and the worker trusts what
+it receives. No torch: every front-end imports this.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, get_args
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+
+from models.outputs import Task
+from service.errors import InvalidParameter
+
+#: One spelling per answer format, everywhere. `png` is 16-bit gray (depth, disparity) or 8-bit RGB (normals);
+#: `raw16` / `raw32` are bare little-endian floats (gRPC's default answer); `json` wraps a png or npy map.
+Format = Literal["png", "npy", "exr", "tiff", "color", "json", "raw16", "raw32"]
+FORMATS: tuple[Format, ...] = get_args(Format)
+#: Older spellings still accepted on input (the CLI's `png16`).
+FORMAT_ALIASES: dict[str, Format] = {"png16": "png"}
+JsonEncoding = Literal["png", "npy"]
+Reduction = Literal["mean", "median"]
+RequestKind = Literal["predict", "uncertainty"]
+SEED_MAX = 2**31 - 1
+SEEDS_CAP = 32  # the hard cap of `seeds`; `uncertainty_max_seeds` may set a lower one
+PROCESSING_RES_CAP = 16384
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The settings a request is checked against (passed as pydantic's validation context)."""
+
+    max_processing_res: int = 2048
+    max_timeout_ms: int = 300_000
+    max_seeds: int = SEEDS_CAP
+
+    @classmethod
+    def of(cls, settings: Any) -> Limits:
+        return cls(settings.max_processing_res, settings.max_timeout_ms, settings.uncertainty_max_seeds)
+
+
+class PredictionRequest(BaseModel):
+    """Every parameter of a prediction. `None` means "the model's (or the server's) default"."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(
+        default=None, min_length=1, max_length=200, description="model id (default: the first model serving the task)"
+    )
+    task: Task = Field(default="depth", description="depth or normals (REST: the path says it)")
+    kind: RequestKind = Field(default="predict", description="predict, or uncertainty (a multi-seed ensemble)")
+    processing_res: Annotated[int, Field(ge=0, le=PROCESSING_RES_CAP)] | None = Field(
+        default=None,
+        description="long edge the model sees, a multiple of 8; 0 = the input's native size; default: the model's",
+    )
+    match_input_resolution: bool = Field(default=True, description="resize the map back to the input size")
+    seed: Annotated[int, Field(ge=0, le=SEED_MAX)] | None = Field(
+        default=None, description="Lotus-G noise seed (default 0); deterministic families ignore it"
+    )
+    seeds: Annotated[int, Field(ge=2, le=SEEDS_CAP)] | None = Field(
+        default=None, description="uncertainty: ensemble size (default 8); member i uses seed + i (mod 2^31)"
+    )
+    reduction: Reduction = Field(default="mean", description="uncertainty: mean (std) or median (MAD)")
+    return_members: bool = Field(default=False, description="uncertainty: every member too (JSON answers, as NPY)")
+    steps: Annotated[int, Field(ge=1, le=1000)] | None = Field(
+        default=None,
+        description="denoising steps (default: the model's); single-step families (Lotus, E2E-FT) always take 1, "
+        "as deterministic ones ignore `seed`: the answer's `steps` says what ran",
+    )
+    format: Format = Field(default="png", description="answer format")
+    json_encoding: JsonEncoding = Field(default="png", description="how maps are encoded inside a JSON answer")
+    timeout_ms: Annotated[int, Field(ge=1)] | None = Field(
+        default=None, description="deadline; past it the answer is an error and the job is never computed"
+    )
+
+    @field_validator("format", mode="before")
+    @classmethod
+    def _alias(cls, value: Any) -> Any:
+        return FORMAT_ALIASES.get(value, value) if isinstance(value, str) else value
+
+    @field_validator("processing_res")
+    @classmethod
+    def _processing_res(cls, value: int | None, info: ValidationInfo) -> int | None:
+        if value is None:
+            return value
+        limit = _limits(info).max_processing_res
+        if value % 8 or value > limit:
+            raise ValueError(f"must be 0 or a multiple of 8 up to {limit}, got {value}")
+        return value
+
+    @field_validator("timeout_ms")
+    @classmethod
+    def _timeout(cls, value: int | None, info: ValidationInfo) -> int | None:
+        limit = _limits(info).max_timeout_ms
+        if value is not None and value > limit:
+            raise ValueError(f"at most {limit}")
+        return value
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, value: int | None, info: ValidationInfo) -> int | None:
+        limit = _limits(info).max_seeds
+        if value is not None and value > limit:
+            raise ValueError(f"at most {limit}")
+        return value
+
+    @property
+    def encoding(self) -> Format:
+        """What the worker writes: the format itself, or the map inside a JSON answer."""
+        return self.json_encoding if self.format == "json" else self.format
+
+    @property
+    def ensemble(self) -> list[int]:
+        """The seeds of an uncertainty ensemble: `seed`, `seed + 1`, ... (8 members by default), wrapping past
+        SEED_MAX to 0 so that every seed the schema allows is a valid start."""
+        base = self.seed or 0
+        return [(base + i) % (SEED_MAX + 1) for i in range(self.seeds or 8)]
+
+
+def _limits(info: ValidationInfo) -> Limits:
+    context = info.context or {}
+    limits = context.get("limits") if isinstance(context, dict) else None
+    return limits if isinstance(limits, Limits) else Limits()
+
+
+def parse_request(data: dict[str, Any], limits: Limits) -> PredictionRequest:
+    """Validate once; a bad value is an InvalidParameter that names the field (a 422 / INVALID_ARGUMENT)."""
+    try:
+        return PredictionRequest.model_validate(data, context={"limits": limits})
+    except ValidationError as exc:
+        raise invalid_parameter(exc) from exc
+
+
+def invalid_parameter(exc: ValidationError) -> InvalidParameter:
+    """pydantic's errors as one InvalidParameter: every field named, the first one as `field`."""
+    errors = [{"field": ".".join(str(p) for p in e["loc"]) or "request", "message": e["msg"]} for e in exc.errors()]
+    detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
+    return InvalidParameter(detail, field=errors[0]["field"], errors=errors)
