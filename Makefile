@@ -13,7 +13,7 @@ TINY := .cache/tiny
 OUT ?= out
 PYTEST_WORKERS ?= 2
 
-.PHONY: install run demo bench-http bench-sizes bench-codecs gpu-wheels gpu-check-smoke chaos soak proto robot test lint clean
+.PHONY: install run demo bench-http bench-sizes bench-codecs gpu-wheels gpu-check-smoke chaos soak fuzz proto robot test lint clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "dense-serve needs Python >= 3.11"; exit 1; }
@@ -53,6 +53,10 @@ gpu-wheels: $(STAMP)
 
 gpu-check-smoke: $(STAMP)
 	$(BIN)/python -m load_tests.gpu_check --cpu-smoke --out $(OUT)/gpu-check-smoke
+
+# schemathesis against a real server (tests/test_openapi_fuzz.py) with more cases than the suite's 100 per operation.
+fuzz: $(STAMP)
+	DENSE_FUZZ_EXAMPLES=$(or $(EXAMPLES),500) $(BIN)/python -m pytest -q -p no:cacheprovider -s tests/test_openapi_fuzz.py
 
 proto: $(STAMP)
 	$(BIN)/python -m service.grpc.codegen

@@ -11,3 +11,7 @@ class ModelLoadError(ModelError):
 
 class SpecError(ModelError):
     """A model spec file or argument is malformed."""
+
+
+class BackendError(ModelError):
+    """A backend is missing, misconfigured, or failed to run a graph."""

@@ -245,7 +245,8 @@ def _serving_setup(args: argparse.Namespace) -> tuple[Settings, list[ModelSpec],
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    _quiet_hub_libraries()
+    if args.role != "api":  # the API process imports no model library
+        _quiet_hub_libraries()
     import uvicorn
     from pydantic import ValidationError
 

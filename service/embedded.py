@@ -8,12 +8,13 @@ import contextlib
 import logging
 import signal
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
 
 from models.detect import CheckpointConfig, identify
 from models.errors import SpecError
-from models.loading import resolve_source
+from models.source import resolve_source
 from models.spec import ModelSpec, resolve_spec
 from service.api.app import create_app
 from service.config import Settings
@@ -23,7 +24,9 @@ from service.queue.base import Broker
 from service.queue.memory import MemoryBroker
 from service.queue.redis.connection import ConnectionOptions
 from service.readiness import Liveness, Readiness, readiness
-from service.worker.worker import Worker
+
+if TYPE_CHECKING:
+    from service.worker.worker import Worker
 
 log = logging.getLogger(__name__)
 TINY_MODELS = (("lotus-g", "depth"), ("lotus-g", "normals"))
@@ -128,13 +131,20 @@ def make_broker(settings: Settings) -> Broker:
     return MemoryBroker(settings.queue_max_jobs, settings.result_ttl_s)
 
 
+def new_worker(broker: Broker, specs: list[ModelSpec], settings: Settings) -> Worker:
+    """Imported here, not above: the worker brings torch, and the `api` and `grpc` processes must not."""
+    from service.worker.worker import Worker
+
+    return Worker(broker, specs, settings)
+
+
 def build_app(settings: Settings, specs: list[ModelSpec], with_worker: bool = True) -> FastAPI:
     """The API; with `with_worker` the worker runs in the same process (`serve`), else only the API (`api`).
     `specs` are the models readiness waits for. gRPC runs beside REST when `grpc_enabled`."""
     from service.grpc.server import GrpcFrontend
 
     broker = make_broker(settings)
-    worker = Worker(broker, specs, settings) if with_worker else None
+    worker = new_worker(broker, specs, settings) if with_worker else None
     grpc = GrpcFrontend(settings) if settings.grpc_enabled else None
     declared = [] if with_worker else declared_infos(specs, settings)
     return create_app(settings, broker, worker, [s.id for s in specs], grpc, declared)
@@ -205,7 +215,7 @@ async def run_grpc(settings: Settings, specs: list[ModelSpec]) -> int:
 async def run_worker(settings: Settings, specs: list[ModelSpec]) -> int:
     """A worker process: serve `specs` from the queue until SIGTERM/SIGINT, then drain and exit."""
     broker = make_broker(settings)
-    worker = Worker(broker, specs, settings)
+    worker = new_worker(broker, specs, settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -38,7 +38,8 @@ class ExportError(ModelError):
 
 
 def _reference(spec: ModelSpec) -> tuple[Path, ModelIdentity, SingleStepPredictor]:
-    from models.loading import build_core, resolve_source
+    from models.loading import build_core
+    from models.source import resolve_source
 
     path = resolve_source(spec)
     if is_export(path):

@@ -16,10 +16,10 @@ from typing import Literal
 
 import torch
 
+from models.errors import BackendError
 from models.export.graphs import ENCODER, GRAPHS, EncoderGraph, HeadGraph, input_names, output_name, trace_inputs
 from models.export.manifest import ExportDtype, GraphFile
 from models.predictors.base import SingleStepPredictor
-from models.runtime.base import BackendError
 
 log = logging.getLogger(__name__)
 

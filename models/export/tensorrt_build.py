@@ -9,10 +9,10 @@ import hashlib
 import logging
 from pathlib import Path
 
+from models.errors import BackendError
 from models.export.graphs import input_names
 from models.export.manifest import Manifest, dumps
 from models.export.profiles import graph_shapes
-from models.runtime.base import BackendError
 
 log = logging.getLogger(__name__)
 WORKSPACE_BYTES = 8 << 30

@@ -11,9 +11,9 @@ import shutil
 from pathlib import Path
 from typing import Literal
 
+from models.errors import BackendError
 from models.export.graphs import ENCODER, HEAD, input_names
 from models.export.manifest import Manifest
-from models.runtime.base import BackendError
 
 InstanceKind = Literal["gpu", "cpu"]
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from models.export.manifest import TOLERANCE, ExportDtype, Verification
 from models.predictors.base import SingleStepPredictor
-from models.runtime.base import Runtime
+
+if TYPE_CHECKING:  # the runtimes import the export formats, not the reverse
+    from models.runtime.base import Runtime
 
 #: The fixed input: a seeded batch of two 64 x 48 images (latent 8 x 6). Small so that even an SD-sized model
 #: verifies in seconds on a CPU; the tests check further sizes and batch sizes.

@@ -16,7 +16,7 @@ from typing import Literal, get_args
 
 import torch
 
-from models.errors import ModelError
+from models.errors import BackendError as BackendError  # re-exported: the runtimes raise it
 from models.export.graphs import ENCODER, HEAD
 from models.outputs import OutputKind
 from models.predictors.base import seeded_noise
@@ -33,10 +33,6 @@ class RuntimeInfo:
     device: str
     dtype: str
     provider: str | None = None  # ONNX Runtime's execution provider
-
-
-class BackendError(ModelError):
-    """A backend is missing, misconfigured, or failed to run a graph."""
 
 
 class Runtime(ABC):

@@ -237,7 +237,7 @@ def prepare_base(cfg: TrainConfig, accelerator: Any, progress: bool) -> Path:
     """The starting diffusers folder: a local/hub checkpoint as is, or a scratch one made (and its VAE fitted)
     once in OUTPUT/base by the main process."""
     if cfg.model.source is not None:
-        from models.loading import resolve_source
+        from models.source import resolve_source
         from models.spec import ModelSpec
 
         return resolve_source(ModelSpec(id="base", source=cfg.model.source, revision=cfg.model.revision))

@@ -73,7 +73,8 @@ def install(app: FastAPI) -> None:
             for e in exc.errors()
         ]
         detail = "; ".join(f"{e['field']}: {e['message']}" for e in errors)
-        return problem(request, 422, "invalid_parameter", "Invalid parameter", detail, errors=errors)
+        field = errors[0]["field"] if errors else None  # as an InvalidParameter raised anywhere else names it
+        return problem(request, 422, "invalid_parameter", "Invalid parameter", detail, field=field, errors=errors)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:

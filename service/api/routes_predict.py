@@ -36,6 +36,13 @@ PROBLEMS: dict[int | str, dict[str, Any]] = {
     }
     for cls in ERRORS.values()
     if cls.http_status >= 400 and cls.code not in ("client_closed",)
+} | {
+    # Starlette's own answer to a body that is not the multipart it claims to be (a broken boundary).
+    400: {
+        "model": Problem,
+        "description": "Malformed request body (invalid multipart data)",
+        "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}},
+    }
 }
 
 
