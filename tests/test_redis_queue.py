@@ -101,16 +101,16 @@ async def test_queue_full_is_429_with_retry_after(tiny_dir, redis_url, redis_pre
 async def test_idempotent_retry_returns_the_same_bytes_without_recompute(tiny_dir, redis_url, redis_prefix) -> None:
     async with on_redis(tiny_dir, redis_url, redis_prefix, models=[("lotus-g", "depth")]) as h:
         image = png_bytes(32, 48, seed=7)
-        before = h.worker.stats.forwards["lotus-g-depth"]
-        first = await post(h, "/v1/depth", image, **{"idempotency-key": "order-1"})
-        again = await post(h, "/v1/depth", image, **{"idempotency-key": "order-1"})
-        assert first.status_code == again.status_code == 200 and first.content == again.content
-        assert h.worker.stats.forwards["lotus-g-depth"] == before + 1
-        together = await asyncio.gather(
-            *(post(h, "/v1/depth", image, **{"idempotency-key": "order-2"}) for _ in range(3))
-        )
-        assert {r.content for r in together} == {first.content}
-        assert h.worker.stats.forwards["lotus-g-depth"] == before + 2
+        with model_calls(h, "lotus-g-depth") as calls:
+            first = await post(h, "/v1/depth", image, **{"idempotency-key": "order-1"})
+            again = await post(h, "/v1/depth", image, **{"idempotency-key": "order-1"})
+            assert first.status_code == again.status_code == 200 and first.content == again.content
+            assert calls.images() == 1, calls.calls
+            together = await asyncio.gather(
+                *(post(h, "/v1/depth", image, **{"idempotency-key": "order-2"}) for _ in range(3))
+            )
+            assert {r.content for r in together} == {first.content}
+            assert calls.images() == 2, calls.calls
         other = await post(h, "/v1/depth", png_bytes(32, 48, seed=8), **{"idempotency-key": "order-1"})
         assert other.status_code == 422 and "Idempotency-Key" in other.json()["detail"]
 
