@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,6 +25,19 @@ REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "assets" / "sample.png"
 
 torch.set_num_threads(1)  # two xdist workers on two cores
+
+
+def require_tool(name: str, apt_package: str) -> str:
+    """The path of a command-line tool a test needs. Missing, the test is skipped with the reason and the Debian
+    package to install, except in CI (`CI` set): CI installs such tools (`.ci/run`), so a missing one there is a
+    failure, never a silent skip. Only for tools apt can install; GPU and tritonserver checks skip as before."""
+    path = shutil.which(name)
+    if path is not None:
+        return path
+    reason = f"{name} is not on PATH (Debian: apt-get install {apt_package})"
+    if os.environ.get("CI"):
+        pytest.fail(f"{reason}; CI installs it, so this test must run there, not skip", pytrace=False)
+    pytest.skip(reason)
 
 
 @pytest.fixture(scope="session")

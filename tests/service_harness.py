@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import io
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from models.outputs import Family, Task
 from models.spec import ModelSpec
 from service.config import Settings
 from service.embedded import build_app
+from service.jobs import Job, Reply
 from service.worker.worker import Worker
 
 DEFAULT_MODELS: list[tuple[Family, Task]] = [("lotus-g", "depth"), ("lotus-g", "normals"), ("lotus-d", "depth")]
@@ -74,6 +76,72 @@ async def until_ready(client: httpx.AsyncClient, timeout_s: float = 60.0) -> Non
             return
         await asyncio.sleep(0.05)
     raise TimeoutError("service not ready")
+
+
+@dataclass
+class ModelCalls:
+    """Every UNet forward pass of one served model, as the `(batch, height, width)` of its latent input, in call
+    order: what the model really computed, whatever the lane's own counters say."""
+
+    calls: list[tuple[int, int, int]] = field(default_factory=list)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def record(self, sample: object) -> None:
+        shape = tuple(sample.shape)  # type: ignore[attr-defined]
+        with self._lock:
+            self.calls.append((int(shape[0]), int(shape[-2]), int(shape[-1])))
+
+    def images(self, hw: tuple[int, int] | None = None) -> int:
+        """Images computed (the batch sizes summed), only those with latent size `hw` when given."""
+        with self._lock:
+            return sum(b for b, h, w in self.calls if hw is None or (h, w) == hw)
+
+    def shapes(self) -> set[tuple[int, int]]:
+        with self._lock:
+            return {(h, w) for _, h, w in self.calls}
+
+
+@contextmanager
+def model_calls(h: Harness, model_id: str) -> Iterator[ModelCalls]:
+    """Count the served model's real UNet calls (a forward hook on the module the worker runs) while inside."""
+    runtime = h.worker.served[model_id].predictor.runtime
+    core = getattr(runtime, "core", None)
+    if core is None:
+        raise TypeError(f"{model_id} runs on {type(runtime).__name__}: model calls are counted on the torch runtime")
+    seen = ModelCalls()
+    handle = core.unet.register_forward_hook(lambda _module, args, _output: seen.record(args[0]))
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+@dataclass
+class Submissions:
+    """Jobs the front-end handed to the queue, in order, and the same jobs in the order their answers came."""
+
+    jobs: list[Job] = field(default_factory=list)
+    answered: list[Job] = field(default_factory=list)
+
+
+@contextmanager
+def submitted_jobs(h: Harness) -> Iterator[Submissions]:
+    """Observe the real broker's `submit` while inside: what was queued, and when each answer came back."""
+    broker = h.app.state.broker
+    real = broker.submit
+    seen = Submissions()
+
+    async def observed(job: Job, idempotency_key: str | None = None) -> Reply:
+        seen.jobs.append(job)
+        reply = await real(job, idempotency_key)
+        seen.answered.append(job)
+        return reply
+
+    broker.submit = observed
+    try:
+        yield seen
+    finally:
+        del broker.submit  # the class's method again
 
 
 def png_bytes(h: int, w: int, seed: int = 0, value: float | None = None) -> bytes:

@@ -28,8 +28,15 @@ from pydantic import ValidationError
 from models.outputs import Family, Task
 from service import codec
 from service.config import CONFIG_ENV, Settings, load_settings
-from service.worker.lane import IDLE_POLL_S
-from tests.service_harness import TEST_RES, Harness, png_bytes, read_npy, running_service
+from tests.service_harness import (
+    TEST_RES,
+    Harness,
+    model_calls,
+    png_bytes,
+    read_npy,
+    running_service,
+    submitted_jobs,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -188,12 +195,38 @@ async def test_413_image_over_max_pixels(tiny_dir: TinyDir) -> None:
 
 
 async def test_413_decompression_bomb_header(svc: Harness) -> None:
+    """A header far past Pillow's own bomb guard: refused from the header, before anything is queued."""
     bomb = png_header_only(100_000, 100_000)
     assert len(bomb) < 100
-    before = sum(svc.worker.stats.forwards.values())
-    problem = assert_problem(await post_raw(svc, "/v1/depth", bomb), 413)
+    with submitted_jobs(svc) as seen:
+        r = await post_raw(svc, "/v1/depth", bomb)
+    assert seen.jobs == [], "the bomb reached the queue"
+    problem = assert_problem(r, 413)
     assert "too large" in problem["detail"] and "pixels" in problem["detail"], problem
-    assert sum(svc.worker.stats.forwards.values()) == before
+    assert problem["limit"] == svc.settings.max_pixels  # the edge's answer: the worker's carries no limit
+
+
+async def test_413_bomb_under_pillows_guard_is_refused_by_max_pixels_at_the_edge(tiny_dir: TinyDir) -> None:
+    """25 Mpx claimed in 81 bytes: under Pillow's guard, so only the service's own `max_pixels` refuses it,
+    and at the front-end, from the header: no job is queued and the model never sees it."""
+    assert (Image.MAX_IMAGE_PIXELS or 0) > 5000 * 5000
+    async with running_service(tiny_dir, models=[("lotus-d", "depth")], max_pixels=1_000_000) as h:
+        bomb = png_header_only(5000, 5000)
+        outcomes = dict(h.worker.stats.outcomes)
+        with submitted_jobs(h) as seen, model_calls(h, "lotus-d-depth") as calls:
+            replies = [
+                await post_raw(h, "/v1/depth", bomb),
+                # Multipart and JSON bodies are probed at the edge too.
+                await h.client.post("/v1/depth", files={"image": ("bomb.png", bomb, "image/png")}),
+                await h.client.post("/v1/depth", json={"image": base64.b64encode(bomb).decode()}),
+            ]
+        assert seen.jobs == [], "the bomb reached the queue"
+        assert calls.calls == [] and dict(h.worker.stats.outcomes) == outcomes
+        for r in replies:
+            problem = assert_problem(r, 413)
+            assert problem["type"].endswith("/payload_too_large"), problem
+            assert "5000 x 5000 = 25000000 pixels" in problem["detail"] and "1000000" in problem["detail"], problem
+            assert problem["limit"] == 1_000_000
 
 
 # --------------------------------------------------------------------------- 415
@@ -251,11 +284,11 @@ RAW_422 = [
 
 @pytest.mark.parametrize(("url", "field"), RAW_422, ids=[u.split("/v1/")[1] for u, _ in RAW_422])
 async def test_422_names_the_invalid_query_parameter(svc: Harness, url: str, field: str) -> None:
-    before = sum(svc.worker.stats.forwards.values())
-    problem = assert_problem(await post_raw(svc, url, png_bytes(16, 16)), 422)
+    with submitted_jobs(svc) as seen:
+        problem = assert_problem(await post_raw(svc, url, png_bytes(16, 16)), 422)
     assert_field(problem, field)
     assert problem["type"].endswith("/invalid_parameter")
-    assert sum(svc.worker.stats.forwards.values()) == before
+    assert seen.jobs == [], "refused, yet queued"
 
 
 async def test_422_processing_res_limit_follows_settings(tiny_dir: TinyDir) -> None:
@@ -410,33 +443,37 @@ async def test_429_with_an_idempotency_key_claims_no_key_so_the_retry_is_compute
 async def test_504_deadline_passes_while_queued_and_expired_job_is_never_computed(tiny_dir: TinyDir) -> None:
     async with running_service(tiny_dir, models=[("lotus-g", "depth")], max_batch_size=1) as h:
         stats = h.worker.stats
-        forwards_before = stats.forwards["lotus-g-depth"]
-        slow = await start_slow_job(h)
+        with model_calls(h, "lotus-g-depth") as calls:
+            slow = await start_slow_job(h)
 
-        r = await post_raw(h, "/v1/depth?timeout_ms=300", png_bytes(32, 32, seed=1))
-        assert not slow.done(), "the 504 must come while the slow job still runs"
-        problem = assert_problem(r, 504)
-        assert problem["type"].endswith("/deadline_exceeded")
-        assert "deadline" in problem["detail"]
+            r = await post_raw(h, "/v1/depth?timeout_ms=300", png_bytes(32, 32, seed=1))
+            assert not slow.done(), "the 504 must come while the slow job still runs"
+            problem = assert_problem(r, 504)
+            assert problem["type"].endswith("/deadline_exceeded")
+            assert "deadline" in problem["detail"]
 
-        r = await post_raw(h, "/v1/depth?timeout_ms=1", png_bytes(32, 32, seed=2))
-        assert not slow.done()
-        assert_problem(r, 504)
+            r = await post_raw(h, "/v1/depth?timeout_ms=1", png_bytes(32, 32, seed=2))
+            assert not slow.done()
+            assert_problem(r, 504)
 
-        assert (await slow).status_code == 200
-        broker = h.app.state.broker
-        lane = h.worker.lanes["lotus-g-depth"]
+            # With an Idempotency-Key the broker keeps the job for the client's retry (it is not abandoned), so
+            # only the worker's own deadline check keeps it from the model.
+            r = await post_raw(h, "/v1/depth?timeout_ms=300", png_bytes(32, 32, seed=3), **{"idempotency-key": "e1"})
+            assert not slow.done()
+            assert_problem(r, 504)
 
-        # The 300 ms job was queued; the 1 ms one may have been refused before enqueueing. Both never compute:
-        # the broker discards abandoned entries when the lane next polls (at most IDLE_POLL_S later).
-        await wait_until(lambda: broker.depth("lotus-g-depth") == 0 and not lane.busy, "the queue to drain")
-        await asyncio.sleep(2 * IDLE_POLL_S + 0.1)
-        assert stats.forwards["lotus-g-depth"] == forwards_before + 1, stats.forwards
-        assert stats.outcomes[("lotus-g-depth", "ok")] == 1, stats.outcomes
-
-        # The service is healthy afterwards.
-        assert (await post_raw(h, "/v1/depth", png_bytes(32, 32))).status_code == 200
-        assert stats.forwards["lotus-g-depth"] == forwards_before + 2
+            assert (await slow).status_code == 200
+            slow_shapes = calls.shapes()
+            # Enqueued after the expired jobs on a FIFO lane of batch size 1: once this one is answered, the lane
+            # has read every one of them (and dropped them, or computed them had it not checked).
+            last = await post_raw(h, "/v1/depth", png_bytes(32, 32, seed=4))
+            assert last.status_code == 200, last.text
+        (batch, *size), *_ = reversed(calls.calls)
+        small = (size[0], size[1])
+        assert small not in slow_shapes and batch == 1, calls.calls
+        assert calls.images(small) == 1, f"an expired job reached the model: {calls.calls}"
+        assert stats.outcomes[("lotus-g-depth", "ok")] == 2, stats.outcomes
+        assert stats.outcomes[("lotus-g-depth", "expired")] >= 1, stats.outcomes  # the keyed one, at least
 
 
 # --------------------------------------------------------------------------- 500
@@ -628,24 +665,30 @@ async def test_unhandled_error_response_still_carries_the_request_id_header(svc:
 
 
 async def test_lowering_max_timeout_does_not_reject_requests_without_timeout(tiny_dir: TinyDir) -> None:
-    try:
+    # Below the default deadline alone, the configuration is refused up front, naming both settings...
+    with pytest.raises(ValidationError, match=r"default_timeout_ms \(30000\) exceeds max_timeout_ms \(1000\)"):
         Settings(max_timeout_ms=1000)
-    except ValidationError:
-        return  # refusing the inconsistent configuration up front would be a fix as well
-    async with running_service(tiny_dir, models=[("lotus-d", "depth")], max_timeout_ms=1000) as h:
+    # ... and lowered consistently, a request without timeout_ms is served, while a longer one is refused.
+    async with running_service(
+        tiny_dir, models=[("lotus-d", "depth")], max_timeout_ms=20_000, default_timeout_ms=15_000
+    ) as h:
         r = await post_raw(h, "/v1/depth", png_bytes(16, 16))
         assert r.status_code == 200, r.text
+        too_long = await post_raw(h, "/v1/depth?timeout_ms=20001", png_bytes(16, 16))
+        assert_field(assert_problem(too_long, 422), "timeout_ms")
 
 
-async def test_uncertainty_max_seeds_above_32_takes_effect(tiny_dir: TinyDir) -> None:
-    try:
+async def test_uncertainty_max_seeds_above_32_is_refused_and_a_lower_one_takes_effect(tiny_dir: TinyDir) -> None:
+    # A limit above the API's hard cap of 32 is refused up front rather than silently not honoured...
+    with pytest.raises(ValidationError, match="uncertainty_max_seeds"):
         Settings(uncertainty_max_seeds=40)
-    except ValidationError:
-        return  # refusing a limit the API cannot honour would be a fix as well
-    async with running_service(tiny_dir, models=[("lotus-g", "depth")], uncertainty_max_seeds=40) as h:
-        r = await post_raw(h, "/v1/uncertainty?seeds=40&format=json", png_bytes(16, 16))
+    # ... and a lower one takes effect.
+    async with running_service(tiny_dir, models=[("lotus-g", "depth")], uncertainty_max_seeds=4) as h:
+        r = await post_raw(h, "/v1/uncertainty?seeds=4&format=json", png_bytes(16, 16))
         assert r.status_code == 200, r.text
-        assert len(r.json()["seeds"]) == 40
+        assert len(r.json()["seeds"]) == 4
+        problem = assert_problem(await post_raw(h, "/v1/uncertainty?seeds=5&format=json", png_bytes(16, 16)), 422)
+        assert_field(problem, "seeds")
 
 
 # --------------------------------------------------------------------------- configuration

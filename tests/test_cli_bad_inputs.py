@@ -83,7 +83,28 @@ def _check_depth_png(path: Path, size: tuple[int, int]) -> None:
     assert img.size == size, (path, img.size, size)
 
 
-def test_mixed_good_and_bad_inputs(tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.fixture(scope="module")
+def predictor(tiny_model: Path):
+    """The same checkpoint loaded directly: what each written map must equal."""
+    from models.loading import load_model
+    from models.spec import resolve_spec
+
+    return load_model(resolve_spec(str(tiny_model)))
+
+
+def _check_matches_model(predictor, output: Path, source: Path) -> None:
+    """The 16-bit PNG written for `source` decodes to the model's own depth map of that image."""
+    from service import codec
+
+    expected = predictor.predict([codec.decode_image(source)], processing_res=64)[0].array
+    written = np.asarray(Image.open(output), dtype=np.int64)
+    assert written.shape == expected.shape, (output, source)
+    assert np.abs(written - codec.quantize_unit(expected).astype(np.int64)).max() <= 1, (output, source)
+
+
+def test_mixed_good_and_bad_inputs(
+    tiny_model: Path, predictor, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     good = _good_images(tmp_path / "in")
     bad = _bad_images(tmp_path / "in")
     good_paths, bad_paths = list(good), list(bad)
@@ -98,6 +119,7 @@ def test_mixed_good_and_bad_inputs(tiny_model: Path, tmp_path: Path, capsys: pyt
     assert rc == 1
     for path, size in good.items():
         _check_depth_png(out / f"{path.stem}_depth.png", size)
+        _check_matches_model(predictor, out / f"{path.stem}_depth.png", path)
     # Exactly the good images' outputs, nothing for the bad ones.
     assert sorted(p.name for p in out.iterdir()) == sorted(f"{p.stem}_depth.png" for p in good)
 
@@ -179,7 +201,9 @@ def test_jpeg_truncated_in_its_headers_is_reported_not_fatal(
         _check_depth_png(out / f"{path.stem}_depth.png", size)
 
 
-def test_every_input_gets_its_own_output(tiny_model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_every_input_gets_its_own_output(
+    tiny_model: Path, predictor, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     sizes = [(40, 24), (24, 40), (32, 32)]
     paths = [tmp_path / "x" / "a.png", tmp_path / "y" / "a.png", tmp_path / "a-1.png"]
     for i, (path, (w, h)) in enumerate(zip(paths, sizes, strict=True)):
@@ -188,5 +212,9 @@ def test_every_input_gets_its_own_output(tiny_model: Path, tmp_path: Path, capsy
     out = tmp_path / "out"
     assert _predict(tiny_model, paths, out) == 0
     capsys.readouterr()
-    # y/a.png and a-1.png must not both write a-1_depth.png.
-    assert len(list(out.iterdir())) == len(paths)
+    # y/a.png and a-1.png must not both write a-1_depth.png: a name already taken gets -1, -2, ... appended.
+    names = ["a_depth.png", "a-1_depth.png", "a-1-1_depth.png"]
+    assert sorted(p.name for p in out.iterdir()) == sorted(names)
+    for path, size, name in zip(paths, sizes, names, strict=True):
+        _check_depth_png(out / name, size)
+        _check_matches_model(predictor, out / name, path)  # its own input's map, not a neighbour's

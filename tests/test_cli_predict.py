@@ -8,12 +8,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from models.inference import BatchItem
+from service import codec
 from service.cli import main
+from service.worker.prepare import decode_for
 from tests.conftest import SAMPLE
 
 
 @pytest.mark.parametrize(("family", "task"), [("lotus-g", "depth"), ("lotus-g", "normals"), ("e2e-ft", "depth")])
-def test_predict_sample_writes_every_format(tiny_dir, tmp_path: Path, capsys, family, task) -> None:
+def test_predict_sample_writes_every_format(tiny_dir, tiny_model, tmp_path: Path, capsys, family, task) -> None:
     out = tmp_path / "out"
     rc = main(
         [
@@ -39,6 +42,9 @@ def test_predict_sample_writes_every_format(tiny_dir, tmp_path: Path, capsys, fa
     color = Image.open(out / f"sample_{task}_color.png")
     assert png.size == color.size == (w, h)
     assert color.mode == "RGB"
+    # The map is the model's own, called directly on the same image with the same seed and resolution.
+    direct = tiny_model(family, task).predict([codec.decode_image(SAMPLE)], processing_res=64, seeds=3)[0].array
+    np.testing.assert_allclose(arr, direct, atol=1e-5, rtol=0)
     if task == "normals":
         assert arr.shape == (h, w, 3) and png.mode == "RGB"
         back = np.asarray(png, dtype=np.float32) / 255 * 2 - 1
@@ -139,11 +145,9 @@ def test_models_lists_the_shipped_specs(capsys) -> None:
     assert "GonzaloMG/marigold-e2e-ft-depth" in out and "jingheya/lotus-normal-g-v1-1" in out
 
 
-def test_predict_many_real_size_jpegs_in_every_format(tiny_dir, tmp_path: Path, capsys) -> None:
+def test_predict_many_real_size_jpegs_in_every_format(tiny_dir, tiny_model, tmp_path: Path, capsys) -> None:
     """A folder of 1080p photos: decoded ahead and encoded behind the model on a thread pool, each output equal
-    to the float map it came from (EXR within half precision, TIFF exactly)."""
-    from service import codec
-
+    to the float map it came from (EXR within half precision, TIFF exactly), and that map the model's own."""
     rng = np.random.default_rng(0)
     paths = []
     for i in range(5):
@@ -155,9 +159,18 @@ def test_predict_many_real_size_jpegs_in_every_format(tiny_dir, tmp_path: Path, 
     args = ["predict", *paths, "--model", str(tiny_dir("lotus-d", "depth")), "--processing-res", "64"]
     assert main([*args, "--format", "npy,png16,exr,tiff", "--out", str(out), "--batch-size", "2"]) == 0
     assert "5 of 5 images" in capsys.readouterr().out
+    model = tiny_model("lotus-d", "depth")
     for i in range(5):
         values = np.load(out / f"photo{i}_depth.npy")
         assert values.shape == (1080, 1920)
+        # The model called directly on the photo's pixels as the CLI decodes them (a JPEG at a reduced DCT scale,
+        # never below the processing size) ...
+        pixels, geometry = decode_for(model, Path(paths[i]), 64)
+        (direct,) = model.predict_items([BatchItem(pixels, geometry, model.resolve_seed(None))])
+        np.testing.assert_allclose(values, direct.array, atol=1e-5, rtol=0)
+        # ... and close to the map of the photo decoded at full size.
+        full = model.predict([codec.decode_image(paths[i])], processing_res=64)[0].array
+        assert np.abs(values - full).max() < 0.01
         png = np.asarray(Image.open(out / f"photo{i}_depth.png"))
         assert np.array_equal(png, codec.quantize_unit(values))
         assert np.abs(codec.decode_exr((out / f"photo{i}_depth.exr").read_bytes()) - values).max() <= 2**-11

@@ -40,6 +40,8 @@ from typing import Any
 import pytest
 import yaml
 
+from tests.conftest import require_tool
+
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
 K8S = DEPLOY / "k8s"
@@ -1362,10 +1364,7 @@ def test_dockerignore_keeps_the_package_and_nothing_else() -> None:
 
 
 def promtool() -> str:
-    path = shutil.which("promtool")
-    if path is None:
-        pytest.skip("promtool is not on PATH (Debian: apt-get install prometheus)")
-    return path
+    return require_tool("promtool", "prometheus")
 
 
 def promtool_config_errors(path: Path) -> str:
@@ -1523,7 +1522,7 @@ def test_dashboard_is_well_formed() -> None:
         assert f"histogram_quantile({q}, sum by (le) (rate(dense_request_duration_seconds_bucket" in exprs
 
 
-def test_dashboard_expressions_parse_and_use_real_metrics(tmp_path: Path) -> None:
+def test_dashboard_expressions_parse_and_use_real_metrics() -> None:
     exprs = dashboard_exprs(dashboard())
     assert len(exprs) >= 20
     errors = [f"{where}: {e}" for where, expr in exprs for e in promql_errors(expr) or metric_errors(expr)]
@@ -1532,11 +1531,13 @@ def test_dashboard_expressions_parse_and_use_real_metrics(tmp_path: Path) -> Non
         if variable["type"] == "query":
             metric = re.fullmatch(r"label_values\((\w+), *(\w+)\)", variable["definition"])
             assert metric and metric[2] in registry_labels()[metric[1]], variable["definition"]
-    if shutil.which("promtool"):
-        assert promtool_rules_errors([e for _, e in exprs], tmp_path) == ""
 
 
-def test_promql_checks_reject_broken_expressions(tmp_path: Path) -> None:
+def test_dashboard_expressions_pass_promtool(tmp_path: Path) -> None:
+    assert promtool_rules_errors([e for _, e in dashboard_exprs(dashboard())], tmp_path) == ""
+
+
+def test_promql_checks_reject_broken_expressions() -> None:
     good = "sum by (model) (rate(dense_jobs_total[5m]))"
     assert not promql_errors(good) and not metric_errors(good)
     assert promql_errors("sum(rate(dense_jobs_total[5m])")  # unbalanced
@@ -1545,8 +1546,10 @@ def test_promql_checks_reject_broken_expressions(tmp_path: Path) -> None:
     assert metric_errors("rate(dense_request_duration_seconds[5m])")  # a histogram needs _bucket/_sum/_count
     assert metric_errors('dense_queue_depth{route="/v1/depth"}')  # no such label
     assert metric_errors("sum by (stage) (rate(dense_batch_size_sum[5m]))")  # batch size has no stage
-    if shutil.which("promtool"):
-        assert promtool_rules_errors(["sum(rate(dense_jobs_total[5m])"], tmp_path)
+
+
+def test_promtool_rejects_a_broken_expression(tmp_path: Path) -> None:
+    assert promtool_rules_errors(["sum(rate(dense_jobs_total[5m])"], tmp_path)
 
 
 def test_grafana_provisioning_points_at_the_dashboard_and_prometheus() -> None:

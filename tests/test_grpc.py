@@ -23,7 +23,15 @@ from service import codec
 from service.grpc.codegen import STUBS, generate
 from service.grpc.stubs import dense_pb2 as pb
 from service.grpc.stubs.dense_pb2_grpc import DenseServiceStub
-from tests.service_harness import Harness, png_bytes, read_npy, running_service, until_ready
+from tests.service_harness import (
+    Harness,
+    model_calls,
+    png_bytes,
+    read_npy,
+    running_service,
+    submitted_jobs,
+    until_ready,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -91,24 +99,38 @@ async def test_unary_errors_are_status_codes(tiny_dir) -> None:
 
 
 async def test_stream_of_100_frames_in_order(tiny_dir) -> None:
+    """Frames of mixed sizes and resolutions: a batch takes jobs of one processing shape, so later frames finish
+    before earlier ones; the answers still come in frame order, each with its own frame's map."""
     async with grpc_service(tiny_dir, models=[("lotus-d", "depth")], max_queue_delay_ms=20) as (h, stub, _):
-        images = [png_bytes(24, 32, seed=i) for i in range(5)]
+        sizes = [(24, 32), (32, 24), (40, 40), (24, 32), (16, 48), (32, 24), (24, 32)]
+        shapes = [sizes[i % len(sizes)] for i in range(100)]
+        images = [png_bytes(hh, ww, seed=i) for i, (hh, ww) in enumerate(shapes)]
+        res = [128 if i % 9 == 4 else 0 for i in range(100)]  # some frames cost 4x the others
+        frame_of = {image: i for i, image in enumerate(images)}
 
         async def frames() -> AsyncIterator[pb.StreamRequest]:
             yield pb.StreamRequest(config=pb.StreamConfig(max_in_flight=8))
             for i in range(100):
-                yield frame(images[i % 5], i)
+                yield frame(images[i], i, **({"processing_res": res[i]} if res[i] else {}))
 
-        replies = [r async for r in stub.StreamPredict(frames())]
+        with submitted_jobs(h) as seen:
+            replies = [r async for r in stub.StreamPredict(frames())]
+        finished = [frame_of[job.image] for job in seen.answered]
+        assert sorted(finished) == list(range(100))
+        assert finished != sorted(finished), "every frame finished in order: the test would not see a reordering"
         assert [r.frame_id for r in replies] == list(range(100))
         assert all(r.status == pb.FRAME_STATUS_OK for r in replies)
-        assert replies[5].data == replies[0].data and replies[1].data != replies[0].data
+        assert [tuple(r.shape) for r in replies] == shapes  # each answer is its own frame's map
+        for i in (0, 1, 2, 4, 13):  # and equals the frame computed alone
+            kw = {"processing_res": res[i]} if res[i] else {}
+            alone = await stub.Predict(pb.PredictRequest(encoded=images[i], **kw))
+            got, want = (np.frombuffer(r.data, dtype="<f2").astype(np.float32) for r in (replies[i], alone))
+            np.testing.assert_allclose(got, want, atol=2e-3)
         assert max(h.worker.stats.batch_sizes("lotus-d-depth")) > 1  # the window lets frames batch
 
 
 async def test_drop_stale_keeps_latency_bounded_under_a_slow_worker(tiny_dir) -> None:
     async with grpc_service(tiny_dir, models=[("lotus-d", "depth")]) as (h, stub, _):
-        before = h.worker.stats.forwards["lotus-d-depth"]
         image = png_bytes(96, 128)
 
         async def frames() -> AsyncIterator[pb.StreamRequest]:
@@ -117,37 +139,45 @@ async def test_drop_stale_keeps_latency_bounded_under_a_slow_worker(tiny_dir) ->
                 yield frame(image, i, processing_res=256)
                 await asyncio.sleep(0.01)
 
-        replies = [r async for r in stub.StreamPredict(frames())]
+        with model_calls(h, "lotus-d-depth") as calls:
+            replies = [r async for r in stub.StreamPredict(frames())]
         ok = [r for r in replies if r.status == pb.FRAME_STATUS_OK]
         dropped = [r for r in replies if r.status == pb.FRAME_STATUS_DROPPED]
         assert [r.frame_id for r in replies] == list(range(30))
         assert len(ok) + len(dropped) == 30 and len(dropped) >= 10 and ok
         assert replies[-1].status == pb.FRAME_STATUS_OK  # the latest frame always wins
-        assert h.worker.stats.forwards["lotus-d-depth"] - before == len(ok)  # dropped frames never computed
+        assert calls.images() == len(ok), calls.calls  # dropped frames never reached the model
         # Bounded: a served frame waited behind at most the one frame in flight.
         assert max(r.queue_ms for r in ok) < 3 * max(r.compute_ms for r in ok) + 100
 
 
 async def test_cancelling_a_stream_leaves_no_queued_work(tiny_dir) -> None:
     async with grpc_service(tiny_dir, models=[("lotus-d", "depth")], max_batch_size=1) as (h, stub, _):
-        before = h.worker.stats.forwards["lotus-d-depth"]
         image = png_bytes(96, 128)
+        sent = asyncio.Event()
 
         async def frames() -> AsyncIterator[pb.StreamRequest]:
             yield pb.StreamRequest(config=pb.StreamConfig(max_in_flight=8))
             for i in range(8):
                 yield frame(image, i, processing_res=256)
-            await asyncio.sleep(30)
+            sent.set()
+            await asyncio.Event().wait()  # the stream stays open until the client cancels it
 
-        call = stub.StreamPredict(frames())
-        first = await call.read()
-        assert first.frame_id == 0
-        call.cancel()
-        await asyncio.sleep(1.5)
-        done = h.worker.stats.forwards["lotus-d-depth"] - before
-        await asyncio.sleep(1.5)
-        assert h.worker.stats.forwards["lotus-d-depth"] - before == done  # nothing more runs
-        assert done <= 3, done  # the answered frame and at most the batch that was computing
+        with model_calls(h, "lotus-d-depth") as calls:
+            call = stub.StreamPredict(frames())
+            first = await call.read()
+            assert first.frame_id == 0
+            await asyncio.wait_for(sent.wait(), timeout=30)
+            call.cancel()
+            frame_shapes = calls.shapes()
+            # A frame of another size, queued after the stream's on a FIFO lane of batch size 1: once it is answered,
+            # the lane has read every frame the stream had queued, and dropped (or computed) it.
+            last = await stub.Predict(pb.PredictRequest(encoded=png_bytes(24, 24)), timeout=60)
+            assert last.status == pb.FRAME_STATUS_OK
+        (batch, *size), *_ = reversed(calls.calls)
+        assert batch == 1 and (size[0], size[1]) not in frame_shapes, calls.calls
+        computed = calls.images() - 1
+        assert 1 <= computed <= 3, calls.calls  # the answered frame and at most the batches already computing
         assert h.app.state.broker.depth("lotus-d-depth") == 0
 
 

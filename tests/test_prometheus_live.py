@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import socket
 import subprocess
 import sys
@@ -17,15 +16,10 @@ import httpx
 import pytest
 
 from load_tests.cluster import REPO, start_worker, stop
+from tests.conftest import require_tool
 from tests.service_harness import png_bytes
 
-pytestmark = [
-    pytest.mark.anyio,
-    pytest.mark.skipif(
-        shutil.which("prometheus") is None or shutil.which("promtool") is None,
-        reason="needs the prometheus and promtool binaries (apt-get install prometheus)",
-    ),
-]
+pytestmark = pytest.mark.anyio
 SCRAPE = "1s"
 
 
@@ -69,9 +63,10 @@ def wait_until(what: str, check, timeout_s: float = 60.0):
 
 
 async def test_prometheus_scrapes_api_and_worker_and_promql_answers(tiny_dir, redis_url, redis_prefix, tmp_path):
+    prometheus_bin, promtool = require_tool("prometheus", "prometheus"), require_tool("promtool", "prometheus")
     api_port, worker_port, prom_port = free_port(), free_port(), free_port()
     config = prometheus_config(tmp_path / "prometheus.yml", api_port, worker_port)
-    check = subprocess.run(["promtool", "check", "config", str(config)], capture_output=True, text=True)
+    check = subprocess.run([promtool, "check", "config", str(config)], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
 
     env = {**os.environ, "DENSE_REDIS_PREFIX": redis_prefix, "DENSE_LOG_LEVEL": "warning", "OMP_NUM_THREADS": "1"}
@@ -94,7 +89,7 @@ async def test_prometheus_scrapes_api_and_worker_and_promql_answers(tiny_dir, re
     )
     prom = subprocess.Popen(
         [
-            "prometheus",
+            prometheus_bin,
             f"--config.file={config}",
             f"--storage.tsdb.path={tmp_path / 'tsdb'}",
             f"--web.listen-address=127.0.0.1:{prom_port}",

@@ -16,7 +16,7 @@ from service.jobs import Job, ModelInfo, Reply
 from service.queue.base import QueueStats
 from service.queue.redis import GROUP, Keys, RedisBroker
 from tests.redis_server import RedisServer
-from tests.service_harness import TEST_RES, png_bytes, read_npy, running_service, until_ready
+from tests.service_harness import TEST_RES, model_calls, png_bytes, read_npy, running_service, until_ready
 
 pytestmark = pytest.mark.anyio
 SLOW = "/v1/uncertainty?seeds=32&processing_res=256&format=json"
@@ -55,26 +55,30 @@ async def test_round_trip_equals_direct_and_every_key_is_bounded(tiny_dir, tiny_
         for key in await client.keys(Keys(redis_prefix).tag + ":*"):
             if key.decode() != stream:
                 assert await client.ttl(key) > 0, f"{key} has no TTL"
-        assert (await client.xinfo_stream(stream))["length"] <= h.settings.stream_maxlen
+        # The answered job's entry was acknowledged and deleted with its reply: the stream holds nothing.
+        assert (await client.xlen(stream)) == 0
 
 
 async def test_expired_jobs_never_reach_the_model(tiny_dir, redis_url, redis_prefix) -> None:
     async with on_redis(tiny_dir, redis_url, redis_prefix, models=[("lotus-g", "depth")], max_batch_size=1) as h:
-        before = h.worker.stats.forwards["lotus-g-depth"]
-        slow = await start_slow(h)
-        r = await post(h, "/v1/depth?timeout_ms=300", png_bytes(32, 32))
-        assert r.status_code == 504 and not slow.done()
-        assert (await slow).status_code == 200
+        with model_calls(h, "lotus-g-depth") as calls:
+            slow = await start_slow(h)
+            r = await post(h, "/v1/depth?timeout_ms=300", png_bytes(32, 32))
+            assert r.status_code == 504 and not slow.done()
+            assert (await slow).status_code == 200
+            slow_shapes = calls.shapes()
+            # Enqueued behind the expired entry on a FIFO lane of batch size 1: once it is answered, the expired
+            # entry has been read, and dropped (or computed, had the worker not checked its deadline).
+            last = await post(h, "/v1/depth", png_bytes(32, 32, seed=1))
+            assert last.status_code == 200, last.text
+        (batch, *size), *_ = reversed(calls.calls)
+        small = (size[0], size[1])
+        assert small not in slow_shapes and batch == 1, calls.calls
+        assert calls.images(small) == 1, f"the expired job reached the model: {calls.calls}"
+        assert h.worker.stats.outcomes[("lotus-g-depth", "expired")] == 1
         client = h.app.state.broker.r
         stream = Keys(redis_prefix).jobs("lotus-g-depth")
-        for _ in range(100):  # the expired entry is read, acknowledged and answered without compute
-            if (await client.xinfo_groups(stream))[0]["lag"] == 0 and (await client.xpending(stream, GROUP))[
-                "pending"
-            ] == 0:
-                break
-            await asyncio.sleep(0.05)
-        assert h.worker.stats.forwards["lotus-g-depth"] == before + 1
-        assert h.worker.stats.outcomes[("lotus-g-depth", "expired")] == 1
+        assert (await client.xpending(stream, GROUP))["pending"] == 0 and await client.xlen(stream) == 0
 
 
 async def test_queue_full_is_429_with_retry_after(tiny_dir, redis_url, redis_prefix) -> None:
@@ -97,16 +101,16 @@ async def test_queue_full_is_429_with_retry_after(tiny_dir, redis_url, redis_pre
 async def test_idempotent_retry_returns_the_same_bytes_without_recompute(tiny_dir, redis_url, redis_prefix) -> None:
     async with on_redis(tiny_dir, redis_url, redis_prefix, models=[("lotus-g", "depth")]) as h:
         image = png_bytes(32, 48, seed=7)
-        before = h.worker.stats.forwards["lotus-g-depth"]
-        first = await post(h, "/v1/depth", image, **{"idempotency-key": "order-1"})
-        again = await post(h, "/v1/depth", image, **{"idempotency-key": "order-1"})
-        assert first.status_code == again.status_code == 200 and first.content == again.content
-        assert h.worker.stats.forwards["lotus-g-depth"] == before + 1
-        together = await asyncio.gather(
-            *(post(h, "/v1/depth", image, **{"idempotency-key": "order-2"}) for _ in range(3))
-        )
-        assert {r.content for r in together} == {first.content}
-        assert h.worker.stats.forwards["lotus-g-depth"] == before + 2
+        with model_calls(h, "lotus-g-depth") as calls:
+            first = await post(h, "/v1/depth", image, **{"idempotency-key": "order-1"})
+            again = await post(h, "/v1/depth", image, **{"idempotency-key": "order-1"})
+            assert first.status_code == again.status_code == 200 and first.content == again.content
+            assert calls.images() == 1, calls.calls
+            together = await asyncio.gather(
+                *(post(h, "/v1/depth", image, **{"idempotency-key": "order-2"}) for _ in range(3))
+            )
+            assert {r.content for r in together} == {first.content}
+            assert calls.images() == 2, calls.calls
         other = await post(h, "/v1/depth", png_bytes(32, 48, seed=8), **{"idempotency-key": "order-1"})
         assert other.status_code == 422 and "Idempotency-Key" in other.json()["detail"]
 
@@ -279,13 +283,17 @@ async def test_redis_outage_gives_fast_503s_and_recovers(tiny_dir, redis_prefix)
             assert (await post(h, "/v1/depth", png_bytes(32, 32))).status_code == 200
             in_flight = await start_slow(h)
             server.stop()
+            # The request whose job is computing is answered at once (its answer cannot come back through Redis),
+            # not left hanging until the batch ends or its deadline passes.
+            stuck = await asyncio.wait_for(in_flight, timeout=5)
+            assert h.worker.lanes["lotus-g-depth"].busy, "the in-flight request was answered only after its batch"
+            assert stuck.status_code == 503, stuck.text
+            assert stuck.json()["type"].endswith("/unavailable") and "Redis" in stuck.json()["detail"], stuck.text
             t0 = time.monotonic()
             r = await post(h, "/v1/depth", png_bytes(32, 32))
             assert r.status_code == 503 and time.monotonic() - t0 < 1.5
             assert r.headers["content-type"] == "application/problem+json"
             assert (await h.client.get("/readyz")).status_code == 503
-            stuck = await asyncio.wait_for(in_flight, timeout=5)  # answered, not left hanging
-            assert stuck.status_code in (200, 503)
             server.start()
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline:
@@ -392,22 +400,29 @@ async def test_a_fresh_install_accepts_its_configured_models_before_any_worker_a
 
 async def test_a_cancelled_request_is_never_computed_on_redis(tiny_dir, redis_url, redis_prefix) -> None:
     async with on_redis(tiny_dir, redis_url, redis_prefix) as h:
-        slow = await start_slow(h)  # the lane is busy: the next job waits (in the stream, or read ahead)
-        stats = h.worker.stats
-        forwards_before = stats.forwards["lotus-g-depth"]
-        client = asyncio.create_task(post(h, "/v1/depth?format=npy&model=lotus-g-depth", png_bytes(32, 32, seed=3)))
-        broker = h.app.state.broker
-        end = time.monotonic() + 10
-        while ((q := await broker.queue_stats("lotus-g-depth")).lag or 0) + (q.pending or 0) < 2:
-            assert time.monotonic() < end and not slow.done(), f"the job never reached the stream: {q}"
-            await asyncio.sleep(0.01)
-        client.cancel()  # the client disconnects
-        with pytest.raises(asyncio.CancelledError):
-            await client
-        assert (await slow).status_code == 200
-        end = time.monotonic() + 10
-        while stats.outcomes[("lotus-g-depth", "dropped")] < 1:  # the worker reads it, sees the marker, drops it
-            assert time.monotonic() < end, f"the cancelled job was not dropped: {dict(stats.outcomes)}"
-            await asyncio.sleep(0.02)
-        assert stats.forwards["lotus-g-depth"] == forwards_before + 1  # only the slow job ran
+        with model_calls(h, "lotus-g-depth") as calls:
+            slow = await start_slow(h)  # the lane is busy: the next job waits (in the stream, or read ahead)
+            stats = h.worker.stats
+            url = "/v1/depth?format=npy&model=lotus-g-depth"
+            client = asyncio.create_task(post(h, url, png_bytes(32, 32, seed=3)))
+            broker = h.app.state.broker
+            end = time.monotonic() + 10
+            while ((q := await broker.queue_stats("lotus-g-depth")).lag or 0) + (q.pending or 0) < 2:
+                assert time.monotonic() < end and not slow.done(), f"the job never reached the stream: {q}"
+                await asyncio.sleep(0.01)
+            client.cancel()  # the client disconnects
+            with pytest.raises(asyncio.CancelledError):
+                await client
+            assert (await slow).status_code == 200
+            end = time.monotonic() + 10
+            while stats.outcomes[("lotus-g-depth", "dropped")] < 1:  # the worker reads it, sees the marker, drops it
+                assert time.monotonic() < end, f"the cancelled job was not dropped: {dict(stats.outcomes)}"
+                await asyncio.sleep(0.02)
+            slow_shapes = calls.shapes()
+            last = await post(h, url, png_bytes(32, 32, seed=4))  # the same size, after it
+            assert last.status_code == 200, last.text
+        (batch, *size), *_ = reversed(calls.calls)
+        small = (size[0], size[1])
+        assert small not in slow_shapes and batch == 1, calls.calls
+        assert calls.images(small) == 1, f"the cancelled job reached the model: {calls.calls}"  # only the last one
         assert (await broker.queue_stats("lotus-g-depth")).pending == 0  # acknowledged, not left behind

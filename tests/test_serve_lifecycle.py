@@ -87,6 +87,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _batches_started(base: str) -> float:
+    """Batches the server's workers have started (the queue-wait histogram is observed as each one starts)."""
+    text = httpx.get(f"{base}/metrics", timeout=5).text
+    return sum(
+        float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith("dense_queue_wait_seconds_count")
+    )
+
+
 def test_serve_process_tiny_default_then_sigterm_drains(tmp_path: Path) -> None:
     """The README command for real: a server process on loopback, curl-style upload, graceful SIGTERM."""
     port = _free_port()
@@ -128,9 +136,13 @@ def test_serve_process_tiny_default_then_sigterm_drains(tmp_path: Path) -> None:
                 timeout=120,
             )
 
+        batches = _batches_started(base)
         thread = threading.Thread(target=slow)
         thread.start()
-        time.sleep(0.5)  # the request is in flight (32 seeds at 256 px take seconds on 2 cores)
+        deadline = time.monotonic() + 60
+        while _batches_started(base) == batches:  # until its batch computes (32 seeds at 256 px: seconds)
+            assert time.monotonic() < deadline and thread.is_alive(), "the slow request never started computing"
+            time.sleep(0.02)
         proc.send_signal(signal.SIGTERM)
         thread.join(timeout=120)
         assert result["r"].status_code == 200, "the in-flight request finished before the server exited"
