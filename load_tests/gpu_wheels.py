@@ -9,7 +9,7 @@ manylinux x86_64 against that image (its recorded versions are pinned, so nothin
 packages cannot live with), keeps only what the image lacks, builds the project itself as a wheel, and checks
 that the wheelhouse and the working tree that travels with it fit the device tool's 64 MiB. On the device:
 
-    python3 -m pip install --no-index --find-links .gpu-wheels dense-serve
+    python3 -m pip install --no-index --find-links .gpu-wheels 'dense-serve[worker]'
 
 installs exactly the missing ones (pip keeps the image's packages where they satisfy the requirements).
 `manifest.json` in the wheelhouse lists every wheel with why it is there, and the image packages the
@@ -88,6 +88,8 @@ IMAGE_VERSIONS = {
 #: older image copy cannot stop the install (pip installs the carried wheel only if the image's falls short).
 #: On the image, never resolved here (see `resolve`).
 NOT_RESOLVED = frozenset({"torch"})
+#: The device runs the worker side (models, runtimes): the project is installed with these extras.
+PROJECT_EXTRAS = ("worker",)
 CARRY_ANYWAY = {
     "grpcio": "service/grpc/stubs are generated for grpcio>=1.85.1 and refuse an older runtime",
     "protobuf": "the generated dense_pb2 validates the protobuf runtime (>=7.35.1)",
@@ -144,13 +146,21 @@ def wheel_metadata(path: Path) -> email.message.Message:
         return email.parser.Parser().parsestr(zf.read(name).decode())
 
 
-def requirements_of(path: Path) -> list[Requirement]:
-    """A wheel's unconditional requirements on the device (no extras; markers for CPython 3.12 on Linux)."""
-    env = {"python_version": PYTHON_VERSION, "python_full_version": PYTHON_VERSION + ".3", "extra": ""}
+def requirements_of(path: Path, extras: tuple[str, ...] = ()) -> list[Requirement]:
+    """A wheel's requirements on the device (markers for CPython 3.12 on Linux), with those of `extras`; a
+    self-reference (`dense-serve[worker]` inside another extra) is left out: its requirements are listed too."""
+    env = {"python_version": PYTHON_VERSION, "python_full_version": PYTHON_VERSION + ".3"}
     env |= {"sys_platform": "linux", "platform_system": "Linux", "platform_machine": "x86_64"}
     env |= {"implementation_name": "cpython", "platform_python_implementation": "CPython", "os_name": "posix"}
-    reqs = [Requirement(r) for r in wheel_metadata(path).get_all("Requires-Dist") or []]
-    return [r for r in reqs if r.marker is None or r.marker.evaluate(env)]
+    meta = wheel_metadata(path)
+    own = canonicalize_name(meta["Name"])
+    reqs = [Requirement(r) for r in meta.get_all("Requires-Dist") or []]
+    return [
+        r
+        for r in reqs
+        if canonicalize_name(r.name) != own
+        and any(r.marker is None or r.marker.evaluate(env | {"extra": e}) for e in ("", *extras))
+    ]
 
 
 def tree_bytes(repo: Path = REPO) -> int:
@@ -191,7 +201,11 @@ def resolve(project_wheel: Path, work: Path) -> dict[str, str]:
     torch is left out of the request (the image has it; resolving it would fetch a CUDA build's metadata and
     its nvidia-* dependencies for nothing) and added back at the image's version.
     """
-    wanted = [str(r) for r in requirements_of(project_wheel) if canonicalize_name(r.name) not in NOT_RESOLVED]
+    wanted = [  # without markers: those were evaluated for the device (an extra's would not hold for pip)
+        f"{r.name}{'[' + ','.join(sorted(r.extras)) + ']' if r.extras else ''}{r.specifier}"
+        for r in requirements_of(project_wheel, PROJECT_EXTRAS)
+        if canonicalize_name(r.name) not in NOT_RESOLVED
+    ]
     constraints = work / "image-constraints.txt"
     constraints.write_text("".join(f"{n}=={v}\n" for n, v in sorted(IMAGE_VERSIONS.items())))
     report = work / "report.json"
@@ -219,7 +233,7 @@ def check_closure(wheels: dict[str, Path]) -> tuple[list[str], list[str]]:
     assumed: set[str] = set()
     versions = {n: Version(wheel_metadata(p)["Version"]) for n, p in wheels.items()}
     for name, path in wheels.items():
-        for req in requirements_of(path):
+        for req in requirements_of(path, PROJECT_EXTRAS if name == "dense-serve" else ()):
             dep = canonicalize_name(req.name)
             if dep in versions:
                 if not req.specifier.contains(versions[dep], prereleases=True):

@@ -106,7 +106,7 @@ def test_the_wheelhouse_installs_offline_into_a_clean_python_312(wheelhouse: tup
     (record / "METADATA").write_text(f"Metadata-Version: 2.1\nName: torch\nVersion: {IMAGE_VERSIONS['torch']}\n")
     (record / "RECORD").write_text("")
 
-    install = pip("install", "--no-index", "--find-links", str(out), "dense-serve")  # what the device runs
+    install = pip("install", "--no-index", "--find-links", str(out), "dense-serve[worker]")  # what the device runs
     assert install.returncode == 0, install.stdout[-2000:] + install.stderr[-3000:]
     installed = next(ln for ln in install.stdout.splitlines() if ln.startswith("Successfully installed"))
     from packaging.utils import canonicalize_name
