@@ -191,6 +191,28 @@ def test_import_pulls_neither_torch_nor_the_server() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+def test_the_distribution_ships_its_stubs_and_nothing_of_the_server(tmp_path: Path) -> None:
+    """`pip install ./clients/python` installs this wheel: the client, its gRPC stubs and its type marker."""
+    import shutil
+    import zipfile
+
+    source = shutil.copytree(REPO / "clients" / "python", tmp_path / "src")  # build outside the checkout
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), source],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("dense_serve_client-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {"dense_serve_client/_proto/dense_pb2.py", "dense_serve_client/_proto/dense_pb2_grpc.py"} <= names
+    assert {"dense_serve_client/client.py", "dense_serve_client/stream.py", "dense_serve_client/py.typed"} <= names
+    assert not [n for n in names if n.startswith(("service/", "models/", "tests/"))]
+    metadata = next(zipfile.ZipFile(wheel).read(n).decode() for n in names if n.endswith("METADATA"))
+    requires = [line for line in metadata.splitlines() if line.startswith("Requires-Dist:")]
+    assert not [r for r in requires if "torch" in r]
+    assert {"Requires-Dist: httpx>=0.28", "Requires-Dist: numpy>=1.26", "Requires-Dist: pillow>=10.3"} <= set(requires)
+
+
 def test_client_stubs_match_the_proto(tmp_path: Path) -> None:
     from service.grpc.codegen import CLIENT_PACKAGE, CLIENT_STUBS, generate
 
@@ -452,3 +474,43 @@ def test_stream_client_in_order_with_ids_and_drop_stale(server: Server) -> None:
 
     with StreamClient(server.grpc) as anonymous, pytest.raises(Unauthorized):
         list(anonymous.stream(frames[:1]))
+
+
+@pytest.mark.anyio
+async def test_stream_client_over_tls_with_an_api_key(tiny_dir: TinyDir, tmp_path: Path) -> None:
+    """The real servicer on a TLS port (a self-signed certificate for `localhost`) behind the API-key
+    interceptor: the client trusts that certificate as its root, and sends its key in the metadata."""
+    import grpc
+
+    from service.grpc.server import ApiKeyInterceptor
+    from service.grpc.servicer import DenseServicer
+    from service.grpc.stubs import dense_pb2_grpc
+    from tests.service_harness import running_service
+
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    async with running_service(tiny_dir, models=[("lotus-g", "depth")]) as h:
+        server = grpc.aio.server(interceptors=[ApiKeyInterceptor([KEY])])
+        dense_pb2_grpc.add_DenseServiceServicer_to_server(DenseServicer(h.app.state.broker, h.settings), server)
+        port = server.add_secure_port(
+            "localhost:0", grpc.ssl_server_credentials([(key.read_bytes(), cert.read_bytes())])
+        )
+        await server.start()
+        frames = [photo(48, 64, i) for i in range(3)]
+
+        def stream(**kwargs: object) -> list[int]:
+            with StreamClient(f"localhost:{port}", **kwargs) as client:  # type: ignore[arg-type]
+                return [f for f, _ in client.stream(frames, timeout=60)]
+
+        try:
+            assert await asyncio.to_thread(stream, api_key=KEY, root_certificates=cert) == [0, 1, 2]
+            with pytest.raises(Unauthorized):
+                await asyncio.to_thread(stream, root_certificates=cert.read_bytes())
+            with pytest.raises(TransportError):  # plaintext to a TLS port: no answer
+                await asyncio.to_thread(stream, api_key=KEY)
+        finally:
+            await server.stop(None)
