@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import httpx
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -100,7 +101,10 @@ def test_page_in_headless_chromium(
         specs += ["--model", str(spec)]
     screenshot = tmp_path / "web-page.png"
     with serving([*specs, "--api-key", API_KEY]) as base:
-        run = drive(base, screenshot, SAMPLE, api_key=API_KEY, chromium=chromium, try_bad_parameter=True)
+        run = drive(
+            base, screenshot, SAMPLE, api_key=API_KEY, chromium=chromium, try_bad_parameter=True,
+            download_to=tmp_path,
+        )  # fmt: skip
     record_property("screenshot", str(screenshot))
     print(f"screenshot: {screenshot}")
 
@@ -116,6 +120,11 @@ def test_page_in_headless_chromium(
         assert "batch of" in panel["meta"] and "total" in panel["meta"], panel["meta"]
     assert run.panels["depth"]["meta"].startswith("g-depth (depth)")
     assert run.panels["normals"]["meta"].startswith("g-normals (normals)")
+    png16, npy = run.downloads["depth.png"], run.downloads["depth.npy"]
+    assert png16.name == "sample-depth.png" and npy.name == "sample-depth.npy"
+    depth = np.load(npy, allow_pickle=False)
+    assert depth.dtype == np.float32 and depth.shape == (height, width)
+    assert np.array_equal(np.asarray(Image.open(png16)), np.round(depth * 65535).astype(np.uint16))
     for task, error in run.invalid_errors.items():
         assert error.startswith("Invalid parameter: processing_res"), (task, error)
     assert run.csp_violations == [] and run.console_errors == []

@@ -106,6 +106,7 @@ class PageRun:
     panels: dict[str, dict] = field(default_factory=dict)  # task -> meta text + IMAGE_FACTS
     input_natural: tuple[int, int] = (0, 0)
     invalid_errors: dict[str, str] = field(default_factory=dict)  # task -> error text after a bad parameter
+    downloads: dict[str, Path] = field(default_factory=dict)  # "depth.npy" -> the file the page saved
     csp_violations: list[str] = field(default_factory=list)
     console_errors: list[str] = field(default_factory=list)
 
@@ -117,10 +118,12 @@ def drive(
     api_key: str | None = None,
     chromium: str | None = None,
     try_bad_parameter: bool = False,
+    download_to: Path | None = None,
     timeout_ms: float = 120_000,
 ) -> PageRun:
     """Open the page, (enter the key,) upload `image`, wait for the three maps, screenshot the page; optionally
-    then run with `processing_res = 7` and collect the errors the panels show."""
+    download the depth map as PNG16 and NPY into `download_to`, then run with `processing_res = 7` and collect
+    the errors the panels show."""
     from playwright.sync_api import sync_playwright
 
     run = PageRun()
@@ -150,6 +153,13 @@ def drive(
             run.input_natural = (natural[0], natural[1])
             screenshot.parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=str(screenshot), full_page=True)
+            if download_to is not None:
+                for fmt in ("png", "npy"):
+                    with page.expect_download() as info:
+                        page.click(f"#panel-depth button[data-format={fmt}]")
+                    target = download_to / info.value.suggested_filename
+                    info.value.save_as(target)
+                    run.downloads[f"depth.{fmt}"] = target
             if try_bad_parameter:
                 page.fill("#processing-res", "7")
                 page.click("#run")
