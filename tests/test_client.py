@@ -465,6 +465,19 @@ def test_stream_client_in_order_with_ids_and_drop_stale(server: Server) -> None:
             call.cancel()
         assert first.frame_id == 0
 
+        def leave_after_the_first() -> object:
+            answers = streams.stream(iter(frames * 5), model="slow")
+            for answer in answers:
+                assert answer.frame_id == 0
+                break
+            return answers._call  # the iterator itself is dropped on return, as after a loop's `break`
+
+        rpc = leave_after_the_first()
+        end = time.monotonic() + 10
+        while not rpc.done() and time.monotonic() < end:  # type: ignore[attr-defined]
+            time.sleep(0.05)
+        assert rpc.cancelled()  # type: ignore[attr-defined]
+
         def broken():
             yield frames[0]
             raise RuntimeError("camera unplugged")

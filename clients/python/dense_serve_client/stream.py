@@ -11,6 +11,7 @@ when the camera is faster than the model.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import threading
 import time
@@ -150,8 +151,9 @@ class StreamClient:
 
 
 class FrameStream:
-    """The answers of one stream call, in frame order. `cancel()` (or leaving a `with` block, or closing the
-    iteration early) cancels the call: the server removes the stream's queued frames."""
+    """The answers of one stream call, in frame order. `cancel()` (or `close()`, leaving a `with` block, or
+    dropping the iterator, as `break` out of a `for` loop does) cancels the call: the server removes the
+    stream's queued frames."""
 
     def __init__(
         self,
@@ -225,6 +227,12 @@ class FrameStream:
     def cancel(self) -> None:
         self._cancelled.set()
         self._call.cancel()
+
+    close = cancel
+
+    def __del__(self) -> None:  # a loop left with `break` drops the last reference: end the call with it
+        with contextlib.suppress(Exception):
+            self.cancel()
 
     def __enter__(self) -> FrameStream:
         return self
