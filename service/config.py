@@ -53,6 +53,10 @@ class Settings(BaseSettings):
 
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
     auth_exempt_health: bool = Field(default=True, description="/healthz, /readyz and /metrics without a key")
+    web_page: bool = Field(default=True, description="serve the demo page at GET / (and its files at /ui/)")
+    auth_exempt_web_page: bool = Field(
+        default=True, description="the demo page's static files without a key (the page asks for one itself)"
+    )
 
     max_upload_bytes: int = Field(default=20 * 2**20, ge=1024)
     max_pixels: int = Field(default=40_000_000, ge=1)

@@ -16,4 +16,9 @@ def test_ci_runs_the_readme_test_command() -> None:
     readme = (REPO / "README.md").read_text()
     ci = (REPO / ".ci" / "run").read_text()
     assert "make test" in readme and "make run" in readme
-    assert [line for line in ci.splitlines() if line and not line.startswith(("#", "set ", "cd "))] == ["make test"]
+    commands = [line for line in ci.splitlines() if line and not line.startswith(("#", "set ", "cd "))]
+    assert commands[-1] == "make test"
+    # Before it only the installs of tools CI can add (Debian packages); no other test command.
+    setup = "\n".join(commands[:-1])
+    assert "pytest" not in setup and "make" not in setup, commands
+    assert "apt-get install" in setup and "prometheus" in setup and "chromium" in setup, commands

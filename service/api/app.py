@@ -13,6 +13,7 @@ from service.api import problems
 from service.api.auth import check_api_key
 from service.api.middleware import BodyLimitMiddleware, MetricsMiddleware, RequestIdMiddleware, add_compression
 from service.api.routes_meta import health_router, models_router
+from service.api.routes_page import page_router
 from service.api.routes_predict import predict_router
 from service.config import Settings
 from service.frontend import declare_models
@@ -73,6 +74,8 @@ def create_app(
     app.include_router(predict_router(app.state.limits), dependencies=auth)
     app.include_router(models_router, dependencies=auth)
     app.include_router(health_router, dependencies=[] if settings.auth_exempt_health else auth)
+    if settings.web_page:  # static files that ask for a key themselves: open like /docs unless configured not to
+        app.include_router(page_router(), dependencies=[] if settings.auth_exempt_web_page else auth)
     app.add_middleware(BodyLimitMiddleware, max_image_bytes=settings.max_upload_bytes)
     app.add_middleware(RequestIdMiddleware)
     if settings.http_compression:

@@ -1,0 +1,247 @@
+// dense-serve demo page: pick an image, get its depth, normals and uncertainty from this server's REST API.
+// Plain JS, no build step, no inline code (the page is served with a strict Content-Security-Policy).
+"use strict";
+
+const KEY_STORAGE = "dense-serve-api-key"; // sessionStorage: kept in this tab only
+const $ = (id) => document.getElementById(id);
+const state = { file: null, models: [], runs: 0 };
+const panels = {
+  depth: $("panel-depth"),
+  normals: $("panel-normals"),
+  uncertainty: $("panel-uncertainty"),
+};
+
+function authHeaders() {
+  const key = $("api-key").value.trim();
+  return key ? { Authorization: `Bearer ${key}` } : {};
+}
+
+// An RFC 9457 problem (or whatever a proxy sent) as "title: detail".
+async function problemText(response) {
+  try {
+    const problem = await response.json();
+    if (problem && problem.title) {
+      return problem.detail ? `${problem.title}: ${problem.detail}` : problem.title;
+    }
+  } catch (_) {
+    // not JSON
+  }
+  return `${response.status} ${response.statusText}`;
+}
+
+function showError(text) {
+  const box = $("error");
+  box.textContent = text;
+  box.hidden = !text;
+}
+
+function option(select, value, label) {
+  const opt = document.createElement("option");
+  opt.value = value;
+  opt.textContent = label;
+  select.append(opt);
+}
+
+async function loadModels() {
+  $("status").textContent = "Loading models...";
+  let response;
+  try {
+    response = await fetch("/v1/models", { headers: authHeaders() });
+  } catch (err) {
+    showError(`The server did not answer: ${err}`);
+    return;
+  }
+  if (!response.ok) {
+    showError(await problemText(response));
+    $("status").textContent = "No models listed.";
+    return;
+  }
+  showError("");
+  state.models = (await response.json()).models;
+  fillModels();
+  $("status").textContent = state.models.length
+    ? `${state.models.length} model(s): ${state.models.map((m) => m.id).join(", ")}`
+    : "The server serves no model yet.";
+  updateRunButton();
+}
+
+function fillModels() {
+  const uncertaintyTask = $("uncertainty-task").value;
+  const choices = {
+    depth: state.models.filter((m) => m.task === "depth"),
+    normals: state.models.filter((m) => m.task === "normals"),
+    uncertainty: state.models.filter((m) => m.generative && m.task === uncertaintyTask),
+  };
+  for (const [task, models] of Object.entries(choices)) {
+    const select = $(`model-${task}`);
+    const previous = select.value;
+    select.replaceChildren();
+    for (const m of models) option(select, m.id, `${m.id} (${m.family}, ${m.output_kind})`);
+    if (!models.length) option(select, "", "none served");
+    if (models.some((m) => m.id === previous)) select.value = previous;
+    select.disabled = !models.length;
+  }
+}
+
+function updateRunButton() {
+  $("run").disabled = !state.file || !state.models.length;
+}
+
+function params(task) {
+  const query = new URLSearchParams();
+  const model = $(`model-${task}`).value;
+  if (model) query.set("model", model);
+  const res = $("processing-res").value.trim();
+  if (res !== "") query.set("processing_res", res);
+  const seed = $("seed").value.trim();
+  if (seed !== "") query.set("seed", seed);
+  if (task === "uncertainty") {
+    query.set("task", $("uncertainty-task").value);
+    const seeds = $("seeds").value.trim();
+    if (seeds !== "") query.set("seeds", seeds);
+  }
+  return query;
+}
+
+function predict(task, format) {
+  const query = params(task);
+  query.set("format", format);
+  return fetch(`/v1/${task}?${query}`, {
+    method: "POST",
+    headers: { ...authHeaders(), "Content-Type": state.file.type || "application/octet-stream" },
+    body: state.file,
+  });
+}
+
+// "decode;dur=1.2, compute;dur=30.5" -> {decode: 1.2, compute: 30.5}
+function serverTiming(header) {
+  const timings = {};
+  for (const entry of (header || "").split(",")) {
+    const [name, ...opts] = entry.split(";").map((s) => s.trim());
+    for (const opt of opts) if (opt.startsWith("dur=")) timings[name] = Number(opt.slice(4));
+  }
+  return timings;
+}
+
+function setPanel(panel, panelState, { meta = "", error = "" } = {}) {
+  panel.dataset.state = panelState;
+  panel.querySelector(".meta").textContent = meta;
+  const box = panel.querySelector(".error");
+  box.textContent = error;
+  box.hidden = !error;
+  for (const button of panel.querySelectorAll(".downloads button")) button.disabled = panelState !== "done";
+}
+
+async function runPanel(task, run) {
+  const panel = panels[task];
+  const img = panel.querySelector("img");
+  if (!$(`model-${task}`).value) {
+    img.hidden = true;
+    setPanel(panel, "unavailable", { meta: `no model serves ${task} here` });
+    return;
+  }
+  setPanel(panel, "loading", { meta: "computing..." });
+  let response;
+  try {
+    response = await predict(task, "color");
+  } catch (err) {
+    setPanel(panel, "error", { error: `The server did not answer: ${err}` });
+    return;
+  }
+  if (run !== state.runs) return; // a newer run started meanwhile
+  if (!response.ok) {
+    img.hidden = true;
+    setPanel(panel, "error", { error: await problemText(response) });
+    return;
+  }
+  const blob = await response.blob();
+  if (img.src.startsWith("blob:")) URL.revokeObjectURL(img.src);
+  await new Promise((resolve) => {
+    img.onload = resolve;
+    img.onerror = resolve;
+    img.src = URL.createObjectURL(blob);
+  });
+  img.hidden = false;
+  const h = response.headers;
+  const t = serverTiming(h.get("Server-Timing"));
+  const fmt = (v) => (v === undefined ? "-" : `${v.toFixed(0)} ms`);
+  const meta =
+    `${h.get("X-Model")} (${h.get("X-Output-Kind")}), ${img.naturalWidth}x${img.naturalHeight}; ` +
+    `total ${fmt(t.total)}, compute ${fmt(t.compute)}, queue ${fmt(t.queue)}; batch of ${h.get("X-Batch-Size")}`;
+  setPanel(panel, "done", { meta });
+}
+
+async function run() {
+  if (!state.file) return;
+  state.runs += 1;
+  const runId = state.runs;
+  showError("");
+  await Promise.all(Object.keys(panels).map((task) => runPanel(task, runId)));
+}
+
+async function download(task, format) {
+  const panel = panels[task];
+  const response = await predict(task, format);
+  if (!response.ok) {
+    setPanel(panel, "error", { error: await problemText(response) });
+    return;
+  }
+  const url = URL.createObjectURL(await response.blob());
+  const link = document.createElement("a");
+  const stem = (state.file.name || "image").replace(/\.[^.]*$/, "");
+  link.href = url;
+  link.download = `${stem}-${task}.${format}`;
+  document.body.append(link);
+  link.click();
+  link.remove();
+  setTimeout(() => URL.revokeObjectURL(url), 10000);
+}
+
+function choose(file) {
+  if (!file) return;
+  state.file = file;
+  const input = $("panel-input");
+  const img = input.querySelector("img");
+  if (img.src.startsWith("blob:")) URL.revokeObjectURL(img.src);
+  img.onload = () => {
+    input.querySelector(".meta").textContent = `${file.name}, ${img.naturalWidth}x${img.naturalHeight}`;
+    input.dataset.state = "done";
+  };
+  img.src = URL.createObjectURL(file);
+  img.hidden = false;
+  $("drop-text").textContent = file.name;
+  updateRunButton();
+  if (state.models.length) run();
+}
+
+function init() {
+  const key = $("api-key");
+  key.value = sessionStorage.getItem(KEY_STORAGE) || "";
+  $("key-form").addEventListener("submit", (e) => e.preventDefault()); // Enter in the key field
+  key.addEventListener("change", () => {
+    sessionStorage.setItem(KEY_STORAGE, key.value.trim());
+    loadModels();
+  });
+  $("file").addEventListener("change", (e) => choose(e.target.files[0]));
+  const drop = $("drop");
+  drop.addEventListener("dragover", (e) => {
+    e.preventDefault();
+    drop.classList.add("over");
+  });
+  drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+  drop.addEventListener("drop", (e) => {
+    e.preventDefault();
+    drop.classList.remove("over");
+    choose(e.dataTransfer.files[0]);
+  });
+  $("uncertainty-task").addEventListener("change", fillModels);
+  $("run").addEventListener("click", run);
+  for (const [task, panel] of Object.entries(panels)) {
+    for (const button of panel.querySelectorAll(".downloads button")) {
+      button.addEventListener("click", () => download(task, button.dataset.format));
+    }
+  }
+  loadModels();
+}
+
+document.addEventListener("DOMContentLoaded", init);

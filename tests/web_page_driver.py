@@ -1,0 +1,193 @@
+"""Drive the demo page (`GET /`) in a real headless Chromium: Debian's `chromium` through Playwright's Python
+API (`executable_path`; Playwright's own browser download is never used).
+
+Used by tests/test_web_page.py, and to refresh the README's screenshot against the default models (the
+shipped demo depth model and the tiny Lotus-G checkpoints):
+
+    .venv/bin/python -m tests.web_page_driver --out docs/web-page.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLE = REPO / "assets" / "sample.png"
+TASKS = ("depth", "normals", "uncertainty")
+#: Watches the page for Content-Security-Policy violations (injected by the browser, so the CSP allows it).
+CSP_WATCH = """
+window.__cspViolations = [];
+document.addEventListener("securitypolicyviolation",
+  (e) => window.__cspViolations.push(`${e.violatedDirective} ${e.blockedURI}`));
+"""
+#: Per map image: natural size, rendered box, and whether its pixels are more than one flat colour.
+IMAGE_FACTS = """
+(img) => {
+  const canvas = document.createElement("canvas");
+  canvas.width = img.naturalWidth;
+  canvas.height = img.naturalHeight;
+  const ctx = canvas.getContext("2d");
+  ctx.drawImage(img, 0, 0);
+  const px = ctx.getImageData(0, 0, canvas.width, canvas.height).data;
+  let opaque = 0, min = 255, max = 0;
+  for (let i = 0; i < px.length; i += 4) {
+    if (px[i + 3] === 255) opaque += 1;
+    for (let c = 0; c < 3; c++) { min = Math.min(min, px[i + c]); max = Math.max(max, px[i + c]); }
+  }
+  const box = img.getBoundingClientRect();
+  return {natural: [img.naturalWidth, img.naturalHeight], box: [box.width, box.height],
+          opaque: opaque / (px.length / 4), range: [min, max]};
+}
+"""
+
+
+def find_chromium() -> str | None:
+    """Debian's `chromium` (or `CHROMIUM` from the environment)."""
+    for candidate in (os.environ.get("CHROMIUM"), "chromium", "chromium-browser", "/usr/bin/chromium"):
+        if candidate and (found := shutil.which(candidate)):
+            return found
+    return None
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serving(args: list[str], env: dict[str, str] | None = None, ready_timeout_s: float = 240.0) -> Iterator[str]:
+    """`dense-serve serve ARGS` on a free port (gRPC off), until ready; yields its base URL."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "service.cli", "serve", "--port", str(port), *args],
+        cwd=REPO,
+        env={**os.environ, "DENSE_GRPC_ENABLED": "false", "DENSE_LOG_LEVEL": "warning", **(env or {})},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        end = time.monotonic() + ready_timeout_s
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"dense-serve exited: {proc.stderr.read() if proc.stderr else ''}")
+            with contextlib.suppress(httpx.TransportError):
+                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                    break
+            if time.monotonic() > end:
+                raise TimeoutError("dense-serve did not become ready")
+            time.sleep(0.2)
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+@dataclass
+class PageRun:
+    """What the page showed."""
+
+    models_error: str | None = None
+    panels: dict[str, dict] = field(default_factory=dict)  # task -> meta text + IMAGE_FACTS
+    input_natural: tuple[int, int] = (0, 0)
+    invalid_errors: dict[str, str] = field(default_factory=dict)  # task -> error text after a bad parameter
+    downloads: dict[str, Path] = field(default_factory=dict)  # "depth.npy" -> the file the page saved
+    csp_violations: list[str] = field(default_factory=list)
+    console_errors: list[str] = field(default_factory=list)
+
+
+def drive(
+    base: str,
+    screenshot: Path,
+    image: Path = SAMPLE,
+    api_key: str | None = None,
+    chromium: str | None = None,
+    try_bad_parameter: bool = False,
+    download_to: Path | None = None,
+    timeout_ms: float = 120_000,
+) -> PageRun:
+    """Open the page, (enter the key,) upload `image`, wait for the three maps, screenshot the page; optionally
+    download the depth map as PNG16 and NPY into `download_to`, then run with `processing_res = 7` and collect
+    the errors the panels show."""
+    from playwright.sync_api import sync_playwright
+
+    run = PageRun()
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium or find_chromium(), args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 820})
+            page.set_default_timeout(timeout_ms)
+            page.add_init_script(CSP_WATCH)
+            page.on("console", lambda m: run.console_errors.append(m.text) if m.type == "error" else None)
+            page.goto(f"{base}/")
+            if api_key is not None:
+                page.wait_for_selector("#error:not([hidden])")  # /v1/models refused without the key
+                run.models_error = page.inner_text("#error")
+                run.console_errors.clear()  # the 401 above is expected
+                page.fill("#api-key", api_key)
+                page.press("#api-key", "Enter")
+                page.wait_for_selector("#error", state="hidden")
+            page.wait_for_selector("#model-depth option:not([value=''])", state="attached")
+            page.set_input_files("#file", str(image))
+            for task in TASKS:
+                page.wait_for_selector(f"#panel-{task}[data-state=done]")
+                facts = page.eval_on_selector(f"#panel-{task} img", IMAGE_FACTS)
+                run.panels[task] = {"meta": page.inner_text(f"#panel-{task} .meta"), **facts}
+            page.wait_for_selector("#panel-input[data-state=done]")
+            natural = page.eval_on_selector("#panel-input img", "(i) => [i.naturalWidth, i.naturalHeight]")
+            run.input_natural = (natural[0], natural[1])
+            screenshot.parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(screenshot), full_page=True)
+            if download_to is not None:
+                for fmt in ("png", "npy"):
+                    with page.expect_download() as info:
+                        page.click(f"#panel-depth button[data-format={fmt}]")
+                    target = download_to / info.value.suggested_filename
+                    info.value.save_as(target)
+                    run.downloads[f"depth.{fmt}"] = target
+            if try_bad_parameter:
+                page.fill("#processing-res", "7")
+                page.click("#run")
+                for task in TASKS:
+                    page.wait_for_selector(f"#panel-{task}[data-state=error]")
+                    run.invalid_errors[task] = page.inner_text(f"#panel-{task} .error")
+                run.console_errors = [e for e in run.console_errors if "422" not in e]  # expected refusals
+            run.csp_violations = page.evaluate("window.__cspViolations")
+        finally:
+            browser.close()
+    return run
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=REPO / "docs" / "web-page.png")
+    parser.add_argument("--image", type=Path, default=SAMPLE)
+    args = parser.parse_args()
+    if find_chromium() is None:
+        print("no chromium found: apt-get install chromium", file=sys.stderr)
+        return 1
+    with serving([]) as base:
+        result = drive(base, args.out, args.image)
+    for task, panel in result.panels.items():
+        print(f"{task}: {panel['meta']}")
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
