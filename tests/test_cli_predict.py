@@ -112,8 +112,9 @@ def test_predict_many_images_in_batches_matches_single(tiny_dir, tmp_path: Path,
 
 
 def test_usage_errors(tiny_dir, tmp_path: Path, capsys) -> None:
-    with pytest.raises(SystemExit):
-        main(["predict", str(SAMPLE), "--model", "x", "--out", str(tmp_path), "--processing-res", "100"])
+    # A bad parameter is refused by the shared request model before any model is read: status 2, the field named.
+    assert main(["predict", str(SAMPLE), "--model", "x", "--out", str(tmp_path), "--processing-res", "100"]) == 2
+    assert "processing_res" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["predict", str(SAMPLE), "--model", "x", "--out", str(tmp_path), "--format", "jpeg"])
     assert main(["predict", str(SAMPLE), "--model", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
