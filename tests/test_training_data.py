@@ -579,6 +579,52 @@ def test_depth_loss_is_affine_invariant_and_differentiable() -> None:
     assert float(zero.detach()) == 0.0 and empty.grad is not None
 
 
+def _pooled_reference(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> float:
+    """Upstream E2E-FT's reduction in float64: a least-squares fit per sample, then one mean over every valid
+    pixel of the batch."""
+    errors = []
+    for b in range(pred.shape[0]):
+        m = valid[b, 0].numpy()
+        p, y = pred[b, 0].double().numpy(), target[b, 0].double().numpy()
+        s, t = metrics.fit_scale_shift(p, y, m)
+        errors.append(np.abs(s * p + t - y)[m])
+    return float(np.concatenate(errors).mean())
+
+
+def test_upstream_depth_loss_is_one_mean_over_the_batch_pixels() -> None:
+    pred, target, valid = _depth_batch(2)
+    valid[0, 0, :12] = False  # samples with very different valid counts: the reductions must differ
+    pooled = losses.affine_invariant_l1(pred, target, valid, reduction="pixel")
+    per_sample = losses.affine_invariant_l1(pred, target, valid, reduction="sample")
+    assert float(pooled) == pytest.approx(_pooled_reference(pred, target, valid), rel=1e-5)
+    assert abs(float(pooled) - float(per_sample)) > 1e-3 * float(pooled)
+    # Still affine-invariant in the prediction, and in metres: scaling the ground truth scales the loss.
+    assert float(losses.affine_invariant_l1(3 * pred - 1, target, valid, reduction="pixel")) == pytest.approx(
+        float(pooled), rel=1e-4
+    )
+    assert float(losses.affine_invariant_l1(pred, 10 * target, valid, reduction="pixel")) == pytest.approx(
+        10 * float(pooled), rel=1e-4
+    )
+    with pytest.raises(ValueError, match="reduction"):
+        losses.affine_invariant_l1(pred, target, valid, reduction="batch")  # type: ignore[arg-type]
+
+
+def test_clip_to_quantiles_keeps_metres_and_drops_flat_samples() -> None:
+    depth = torch.zeros(2, 1, 10, 10)
+    depth[0, 0] = torch.linspace(1.0, 50.0, 100).view(10, 10)
+    depth[1, 0] = 4.0  # flat: its 2 % and 98 % quantiles coincide
+    valid = depth > 0
+    valid[0, 0, 0, 0] = False
+    target, ok = losses.clip_to_quantiles(depth, valid, 0.02, 0.98)
+    values = depth[0][valid[0]]
+    lo, hi = torch.quantile(values, 0.02), torch.quantile(values, 0.98)
+    torch.testing.assert_close(target[0][ok[0]], values.clamp(lo, hi))  # metres, not [-1, 1]
+    assert float(target[0].max()) == pytest.approx(float(hi)) and float(hi) > 45.0
+    assert not ok[0, 0, 0, 0] and float(target[0, 0, 0, 0]) == 0.0
+    assert not ok[1].any() and not target[1].any()  # upstream empties the mask of a flat sample
+    assert valid[1].all()  # the input mask is not modified
+
+
 def to_t(a: np.ndarray) -> torch.Tensor:
     """`[B, H, W, 3]` numpy -> `[B, 3, H, W]` float32 tensor."""
     return torch.from_numpy(a).float().permute(0, 3, 1, 2)

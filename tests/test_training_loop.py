@@ -19,6 +19,7 @@ from models.predictors import SingleStepPredictor
 from models.training import folder_format, losses, synthetic
 from models.training.config import OptimConfig, TrainConfig, load_config
 from models.training.objectives import (
+    CONV_IN_BIAS_HALVED,
     TrainingCore,
     adapt_unet,
     add_task_switcher,
@@ -71,21 +72,31 @@ def _unet_out(unet: Any, x: torch.Tensor, labels: torch.Tensor | None = None) ->
 # --- surgery, schedule, targets -------------------------------------------------------------------
 
 
-def test_widen_conv_in_follows_the_recipe() -> None:
+@pytest.mark.parametrize("family", ["e2e-ft", "lotus-g"])
+def test_widen_conv_in_follows_each_familys_upstream_rule(family: str) -> None:
+    """E2E-FT (`util/unet_prep.py`) halves weights and bias; Lotus (`train_lotus_g.py`) halves only the weights."""
     unet = _plain_unet(4)
     old = torch.nn.Conv2d(4, unet.conv_in.out_channels, 3, padding=1)
     old.load_state_dict(unet.conv_in.state_dict())
-    assert widen_conv_in(unet, 8) and unet.config.in_channels == 8 and unet.conv_in.in_channels == 8
+    if family == "lotus-g":
+        unet = add_task_switcher(unet)
+    adapted, changes = adapt_unet(unet, family)
+    conv = adapted.conv_in
+    assert adapted.config.in_channels == 8 and conv.in_channels == 8
+    assert any(("bias kept" if family == "lotus-g" else "weights and bias halved") in c for c in changes)
+    torch.testing.assert_close(conv.weight, old.weight.repeat(1, 2, 1, 1) * 0.5, rtol=0, atol=0)
+    halved = CONV_IN_BIAS_HALVED[family]
+    assert halved == (family == "e2e-ft")
+    torch.testing.assert_close(conv.bias, old.bias * 0.5 if halved else old.bias, rtol=0, atol=0)
     x = torch.randn(2, 4, 4, 4)
+    bias = old.bias.view(1, -1, 1, 1)
     with torch.no_grad():
-        # Weights repeated then halved, bias halved: [x, 0] gives half the old response, [x, x] the old
-        # response minus half the bias.
-        torch.testing.assert_close(unet.conv_in(torch.cat([x, torch.zeros_like(x)], 1)), 0.5 * old(x))
-        bias = old.bias.view(1, -1, 1, 1)
-        torch.testing.assert_close(unet.conv_in(torch.cat([x, x], 1)), old(x) - 0.5 * bias)
-    assert not widen_conv_in(unet, 8)
+        # [x, x] gives the old weights' response; the bias is whatever the rule left.
+        expected = old(x) - 0.5 * bias if halved else old(x)
+        torch.testing.assert_close(conv(torch.cat([x, x], 1)), expected)
+    assert not widen_conv_in(adapted, 8, halved)
     with pytest.raises(ValueError):
-        widen_conv_in(unet, 12)
+        widen_conv_in(adapted, 12, halved)
 
 
 def test_task_switcher_starts_as_the_plain_unet() -> None:
@@ -154,19 +165,50 @@ def _batch(n: int = 2, size: int = 32) -> dict[str, torch.Tensor]:
     return {k: torch.stack([it[k] for it in items]) for k in ("image", "depth", "valid", "normals", "normals_valid")}
 
 
+def _upstream_depth_loss_reference(decoded: torch.Tensor, batch: dict[str, torch.Tensor]) -> float:
+    """diffusion-e2e-ft's depth loss in float64 numpy: channel mean clamped to [-1, 1]; per sample, metric depth
+    clamped to its 2 / 98 % quantiles, a least-squares scale and shift; one mean over every valid pixel."""
+    from models.training import metrics
+
+    errors = []
+    for b in range(decoded.shape[0]):
+        pred = np.clip(decoded[b].double().mean(0).numpy(), -1.0, 1.0)
+        depth, m = batch["depth"][b, 0].double().numpy(), batch["valid"][b, 0].numpy()
+        lo, hi = np.quantile(depth[m].astype(np.float32), [0.02, 0.98])
+        target = np.clip(depth, lo, hi)
+        s, t = metrics.fit_scale_shift(pred, target, m)
+        errors.append(np.abs(s * pred + t - target)[m])
+    return float(np.concatenate(errors).mean())
+
+
 @pytest.mark.parametrize("task", ["depth", "normals"])
 def test_e2eft_loss_scores_what_the_predictor_serves(tiny_dir: Any, task: str) -> None:
     core, pred = _core(tiny_dir, "e2e-ft", task)
     batch = _batch()
+    if task == "depth":
+        # A louder decoder, so that part of the decoded map lies outside [-1, 1] and the clamp matters.
+        with torch.no_grad():
+            core.vae.decoder.conv_out.weight.mul_(4.0)
+            core.vae.decoder.conv_out.bias.add_(0.9)
     loss, _ = core(batch)
     with torch.no_grad():
         decoded = pred.decode(pred.predict_latent(pred.encode(batch["image"])))
     if task == "depth":
+        assert core.e2eft_depth_loss == "upstream"
+        mean = decoded.mean(1)
+        clamped = float((mean.abs() > 1).float().mean())
+        assert 0.05 < clamped < 0.8, clamped  # the clamp has work to do
+        assert float(loss) == pytest.approx(_upstream_depth_loss_reference(decoded, batch), rel=1e-4)
+        # The documented switch keeps this project's first version: [-1, 1] targets, no clamp, per-sample means.
+        core.e2eft_depth_loss = "normalized"
         target = losses.quantile_normalize(batch["depth"], batch["valid"])
         expected = losses.affine_invariant_l1(decoded.mean(1, keepdim=True), target, batch["valid"])
+        torch.testing.assert_close(core(batch)[0].detach(), expected, rtol=1e-5, atol=1e-6)
+        assert abs(float(expected) - float(loss)) > 1e-3
+        core.e2eft_depth_loss = "upstream"
     else:
         expected = losses.normals_angular_loss(decoded, batch["normals"], batch["normals_valid"])
-    torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(loss.detach(), expected, rtol=1e-5, atol=1e-6)
     loss.backward()
     assert all(p.grad is not None for p in core.unet.parameters()) and core.vae.decoder.conv_out.weight.grad is None
 
@@ -397,6 +439,7 @@ def test_config_rules_and_shipped_configs() -> None:
         0.01,
     )
     assert e2e.data.batch_size * e2e.optim.grad_accum == 32 and e2e.optim.max_grad_norm == 1.0
+    assert e2e.optim.weight_decay == 1e-2 and e2e.objective.e2eft_depth_loss == "upstream"
     assert [s.ratio for s in e2e.data.sources] == [9.0, 1.0]
     with pytest.raises(ValueError, match="exactly one"):
         _config(Path("x"), model={"source": "a/b"})

@@ -318,6 +318,7 @@ def load_core(base: Path, cfg: TrainConfig) -> tuple[TrainingCore, list[str]]:
         alpha_bar=alpha_bar_999(scheduler_cfg),
         reconstruction_weight=cfg.objective.reconstruction_weight,
         quantiles=(cfg.objective.quantile_low, cfg.objective.quantile_high),
+        e2eft_depth_loss=cfg.objective.e2eft_depth_loss,
     )
     return core, changes
 
