@@ -68,7 +68,8 @@ class FinetuneResult:
 
 
 class SyntheticDataset(DenseDataset):
-    """Procedural scenes rendered on first use and kept in memory (scene i uses the seed (scene_seed, i))."""
+    """Procedural scenes rendered on first use and kept in memory (scene i uses the seed (scene_seed, i));
+    normals in the served convention (+x image left), like every other source."""
 
     source = "synthetic"
 
@@ -94,7 +95,7 @@ class SyntheticDataset(DenseDataset):
     def load(self, index: int) -> RawSample:
         if index not in self._cache:
             r = synthetic.generate((self.scene_seed, index), self.height, self.width)
-            self._cache[index] = RawSample(r.rgb, r.depth, r.valid, r.normals, r.valid.copy())
+            self._cache[index] = RawSample(r.rgb, r.depth, r.valid, r.served_normals, r.valid.copy())
         return self._cache[index]
 
 
