@@ -287,13 +287,25 @@ def test_exact_resume_is_bit_identical(tmp_path: Path) -> None:
         "optim": {"grad_accum": 2, "schedule": "exponential", "warmup_steps": 2, "decay_steps": 6},
         "train": {"steps": 6, "checkpoint_every": 2, "log_every": 1},
     }
-    straight = finetune(_config(tmp_path / "straight", **sections), progress=False)
+
+    def recorder(log: list[tuple[int, float]]) -> Any:
+        return lambda step, loss: log.append((step, loss))
+
+    straight_log: list[tuple[int, float]] = []
+    straight = finetune(_config(tmp_path / "straight", **sections), progress=False, on_step=recorder(straight_log))
     cfg = _config(tmp_path / "resumed", **sections)
-    first = finetune(cfg, stop_after=3, progress=False)
+    first_log: list[tuple[int, float]] = []
+    first = finetune(cfg, stop_after=3, progress=False, on_step=recorder(first_log))
     assert (first.step, first.finished, first.model_dir) == (3, False, None)
     assert (tmp_path / "resumed" / "checkpoints" / "step-0000003").is_dir()
-    resumed = finetune(cfg, progress=False)
+    resumed_log: list[tuple[int, float]] = []
+    resumed = finetune(cfg, progress=False, on_step=recorder(resumed_log))
     assert resumed.finished and resumed.step == 6
+    # A resume, not a restart: the second run executed only steps 4..6, and each of them computed the very loss
+    # the uninterrupted run computed at that step (a restart from step 0 would run 1..6 and still end on the
+    # same bits, since training is deterministic).
+    assert [s for s, _ in first_log] == [1, 2, 3] and [s for s, _ in resumed_log] == [4, 5, 6]
+    assert first_log + resumed_log == straight_log
     a = _weights(straight.model_dir / "unet" / "diffusion_pytorch_model.safetensors")
     b = _weights(resumed.model_dir / "unet" / "diffusion_pytorch_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
