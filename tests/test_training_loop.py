@@ -406,7 +406,15 @@ def test_eval_cli_tables_match_the_protocol(tiny_dir: Any, tmp_path: Path, capsy
     argv = ["eval", "--model", str(model_dir), "--data", str(data), "--processing-res", "32"]
     assert _run_cli([*argv, "--out", str(md), "--out", str(js), "--limit", "4"]) == 0
     printed = capsys.readouterr().out
-    (row,) = load_results(js)
+    rows = load_results(js)
+    (row,) = [r for r in rows if not r.baseline]
+    baselines = [r for r in rows if r.baseline]
+    assert [r.label for r in baselines] == [
+        "baseline: mean map (leave-one-out)",
+        "baseline: vertical ramp",
+        "baseline: constant",
+    ]
+    assert all(r.images == 4 and r.depth is not None for r in baselines) and "| baseline: constant |" in printed
     assert row.images == 4 and row.processing_res == 32 and row.output_kind == "depth" and row.dataset == "synthetic"
     assert md.read_text() == printed and f"| {row.depth.abs_rel * 100:.2f} |" in printed
     # The same numbers by hand: the served predictor, then the metrics module image by image.
@@ -417,6 +425,24 @@ def test_eval_cli_tables_match_the_protocol(tiny_dir: Any, tmp_path: Path, capsy
         (pred,) = model.predict([s.rgb], processing_res=32)
         scores.append(metrics.evaluate_depth(pred.array, s.depth, s.valid, "depth", synthetic.DEPTH_RANGE).abs_rel)
     assert row.depth.abs_rel == pytest.approx(float(np.mean(scores)), rel=1e-4)
+    # The baselines go through the same protocol: a ramp from far (top) to near (bottom), and a constant.
+    ramp_scores, const_scores = [], []
+    for name in folder_format.list_names(data)[:4]:
+        s = folder_format.read_sample(data, name)
+        h, w = s.depth.shape
+        ramp = np.broadcast_to(1.0 - (np.arange(h)[:, None] + 0.5) / h, (h, w))
+        ramp_scores.append(metrics.evaluate_depth(ramp, s.depth, s.valid, "depth", synthetic.DEPTH_RANGE).abs_rel)
+        flat = np.full((h, w), 0.3)
+        const_scores.append(metrics.evaluate_depth(flat, s.depth, s.valid, "depth", synthetic.DEPTH_RANGE).abs_rel)
+    assert baselines[1].depth.abs_rel == pytest.approx(float(np.mean(ramp_scores)), rel=1e-6)
+    assert baselines[2].depth.abs_rel == pytest.approx(float(np.mean(const_scores)), rel=1e-6)
+    # --train-data gives the training set's mean map; --no-baselines only the model.
+    train = tmp_path / "train"
+    synthetic.write_scenes(train, 6, 24, 40, seed=5)
+    assert _run_cli([*argv, "--limit", "2", "--train-data", str(train)]) == 0
+    assert "| baseline: mean map (training set) |" in capsys.readouterr().out
+    assert _run_cli([*argv, "--limit", "2", "--no-baselines"]) == 0
+    assert "baseline" not in capsys.readouterr().out
     # Normals models are scored by angle; a folder without a dataset.json is refused.
     normals = ["eval", "--model", str(tiny_dir("lotus-d", "normals")), "--data", str(data), "--processing-res", "32"]
     assert _run_cli(normals) == 0

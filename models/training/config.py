@@ -218,6 +218,11 @@ class ValidationConfig(_Strict):
         default=None, ge=0, description="long edge to predict at (default export.processing_res)"
     )
     limit: int | None = Field(default=None, ge=1, description="at most this many images per dataset")
+    baselines: bool = Field(
+        default=True,
+        description="also score image-independent baselines (the training set's mean map, a vertical ramp, a "
+        "constant) on each validation set once, so the table says what looking at the image is worth",
+    )
 
 
 class ExportConfig(_Strict):

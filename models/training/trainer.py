@@ -24,8 +24,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm import tqdm
 
+from models.outputs import OutputKind
 from models.training import checkpointing as ckpt
 from models.training import folder_format, synthetic
+from models.training.baselines import MeanMap, evaluate_baselines, mean_map_from
 from models.training.config import (
     Augment,
     DataConfig,
@@ -339,6 +341,24 @@ def validation_sets(cfg: TrainConfig, is_main: bool) -> list[Path]:
     return sets
 
 
+def training_mean_map(dataset: Dataset[Sample], kind: OutputKind, limit: int = 512) -> MeanMap:
+    """The training set's mean target map (the `mean map` baseline), from at most `limit` evenly spaced samples
+    as the loop sees them (augmented, epoch 0)."""
+    size = len(dataset)  # type: ignore[arg-type]
+    n = min(size, limit)
+
+    def pairs() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for i in range(n):
+            s = dataset[i * size // n]
+            if kind == "normals":
+                if bool(s["has_normals"]):
+                    yield s["normals"].permute(1, 2, 0).numpy(), s["normals_valid"][0].numpy()
+            else:
+                yield s["depth"][0].numpy(), s["valid"][0].numpy()
+
+    return mean_map_from(kind, pairs())
+
+
 def write_synthetic(root: Path, syn: SyntheticScenes) -> Path:
     staged = root.with_name(f".tmp-{root.name}")
     synthetic.write_scenes(staged, syn.count, syn.height, syn.width, syn.seed)
@@ -490,6 +510,12 @@ def finetune(
     def validate(at: int) -> None:
         if main and val_sets:
             rows = validate_core(inner, val_sets, cfg.export.model_id, val_res, cfg.validation.limit, f"step {at}")
+            if at == 0 and cfg.validation.baselines:
+                mean = training_mean_map(dataset, cfg.model.output_kind)
+                for root in val_sets:
+                    rows.extend(
+                        evaluate_baselines(root, cfg.model.output_kind, limit=cfg.validation.limit, mean_map=mean)
+                    )
             history.extend(rows)
             write_history(out, history)
             if writer is not None:
