@@ -234,3 +234,38 @@ def best(rows: Sequence[EvalResult], dataset: str | None = None) -> EvalResult:
     if not pool:
         raise ValueError("no baseline rows")
     return min(pool, key=lambda r: r.depth.abs_rel if r.depth is not None else r.normals.mean)  # type: ignore[union-attr]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m models.training.baselines CONFIG.yaml [--out FILE]`: the baseline rows a fine-tune run with
+    this config writes at step 0 (mean map from its training data, scored on its validation sets), without
+    training. Held-out synthetic scenes are written to a temporary folder."""
+    import argparse
+    import sys
+    import tempfile
+
+    from models.training.config import load_config
+    from models.training.evaluate import to_markdown, write_results
+    from models.training.trainer import baseline_rows, write_synthetic
+
+    p = argparse.ArgumentParser(prog="python -m models.training.baselines", description=main.__doc__)
+    p.add_argument("config", type=Path, help="fine-tune run config (.yaml)")
+    p.add_argument("--out", type=Path, action="append", metavar="FILE", help="write the rows: .md or .json")
+    args = p.parse_args(argv)
+    cfg = load_config(args.config)
+    with tempfile.TemporaryDirectory() as tmp:
+        sets = list(cfg.validation.data)
+        if cfg.validation.synthetic is not None:
+            sets.append(write_synthetic(Path(tmp) / "validation-synthetic", cfg.validation.synthetic))
+        if not sets:
+            print("error: the config has no validation sets", file=sys.stderr)
+            return 2
+        rows = baseline_rows(cfg, sets)
+    print(to_markdown(rows), end="")
+    for path in args.out or []:
+        write_results(rows, path)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

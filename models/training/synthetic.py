@@ -478,3 +478,23 @@ def write_rendering(
         depth_format=depth_format,
         normals_format=normals_format,
     )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m models.training.synthetic OUT --count N [--height H --width W --seed S]`: write scenes."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m models.training.synthetic", description=main.__doc__)
+    p.add_argument("out", type=Path, help="folder to write (folder format)")
+    p.add_argument("--count", type=int, required=True, help="number of scenes")
+    p.add_argument("--height", type=int, default=64, help="render height (default 64)")
+    p.add_argument("--width", type=int, default=64, help="render width (default 64)")
+    p.add_argument("--seed", type=int, default=0, help="scene seed: scene i uses (seed, i)")
+    args = p.parse_args(argv)
+    write_scenes(args.out, args.count, args.height, args.width, args.seed)
+    print(f"wrote {args.count} scenes to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -341,6 +341,14 @@ def validation_sets(cfg: TrainConfig, is_main: bool) -> list[Path]:
     return sets
 
 
+def baseline_rows(cfg: TrainConfig, sets: Sequence[Path], dataset: Dataset[Sample] | None = None) -> list[EvalResult]:
+    """The image-independent baselines on each validation set, the mean map from the run's training data: the
+    rows a run writes to eval.md at step 0 (also callable without training, e.g. for an existing run)."""
+    kind = cfg.model.output_kind
+    mean = training_mean_map(dataset if dataset is not None else build_dataset(cfg.data, cfg.run.seed), kind)
+    return [row for root in sets for row in evaluate_baselines(root, kind, limit=cfg.validation.limit, mean_map=mean)]
+
+
 def training_mean_map(dataset: Dataset[Sample], kind: OutputKind, limit: int = 512) -> MeanMap:
     """The training set's mean target map (the `mean map` baseline), from at most `limit` evenly spaced samples
     as the loop sees them (augmented, epoch 0)."""
@@ -511,11 +519,7 @@ def finetune(
         if main and val_sets:
             rows = validate_core(inner, val_sets, cfg.export.model_id, val_res, cfg.validation.limit, f"step {at}")
             if at == 0 and cfg.validation.baselines:
-                mean = training_mean_map(dataset, cfg.model.output_kind)
-                for root in val_sets:
-                    rows.extend(
-                        evaluate_baselines(root, cfg.model.output_kind, limit=cfg.validation.limit, mean_map=mean)
-                    )
+                rows.extend(baseline_rows(cfg, val_sets, dataset))
             history.extend(rows)
             write_history(out, history)
             if writer is not None:
