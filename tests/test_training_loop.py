@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from models.predictors import SingleStepPredictor
 from models.training import folder_format, losses, synthetic
 from models.training.config import OptimConfig, TrainConfig, load_config
+from models.training.evaluate import EvalResult
 from models.training.objectives import (
     CONV_IN_BIAS_HALVED,
     TrainingCore,
@@ -328,17 +329,32 @@ def test_exact_resume_is_bit_identical(tmp_path: Path) -> None:
         finetune(cfg, resume="never", progress=False)
 
 
-def _learning_run(out: Path, family: str, kind: str) -> Any:
+def _learning_run(out: Path, family: str, kind: str, steps: int = 400) -> Any:
+    """From random weights at 32 px: a 300-step VAE fit (at 100 steps the VAE alone cannot reconstruct the targets
+    better than the baselines: a normals round trip scores 45 degrees), then `steps` UNet steps."""
     cfg = _config(
         out,
         model={"family": family, "output_kind": kind},
-        vae_fit={"steps": 100, "lr": 3e-3, "batch_size": 8},
+        vae_fit={"steps": 300, "lr": 3e-3, "batch_size": 8},
         data={"sources": [{"type": "synthetic", "count": 256, "height": 32, "width": 32, "seed": 1}], "batch_size": 8},
         optim={"lr": 1e-3, "warmup_steps": 10},
-        train={"steps": 200, "checkpoint_every": 200, "log_every": 50},
+        train={"steps": steps, "checkpoint_every": steps, "log_every": 50},
         validation={"synthetic": {"count": 24, "height": 32, "width": 32, "seed": 99}},
     )
     return finetune(cfg, progress=False)
+
+
+def _rows(result: Any) -> tuple[EvalResult, EvalResult, list[EvalResult]]:
+    """(step 0, exported, baselines) of a run's validation history."""
+    rows = result.evaluations
+    assert rows[0].label == "step 0" and rows[-1].label.endswith("exported)")
+    baselines = [r for r in rows if r.baseline]
+    assert [r.label for r in baselines] == [
+        "baseline: mean map (training set)",
+        "baseline: vertical ramp",
+        "baseline: constant",
+    ]
+    return rows[0], rows[-1], baselines
 
 
 def _check_export(result: Any, family: str, kind: str) -> None:
@@ -369,9 +385,17 @@ def test_lotus_d_learns_depth_on_synthetic_scenes(tmp_path: Path) -> None:
 
 def test_e2eft_learns_normals_on_synthetic_scenes(tmp_path: Path) -> None:
     result = _learning_run(tmp_path / "run", "e2e-ft", "normals")
-    before, after = result.evaluations[0].normals, result.evaluations[-1].normals
-    # Measured: mean angular error 52.0 -> 45.1 degrees.
-    assert after.mean < before.mean - 3.0 and after.within_30 > before.within_30 + 5.0
+    first, last, baselines = _rows(result)
+    before, after = first.normals, last.normals
+    assert before is not None and after is not None
+    # Measured: mean angle 47.6 -> 37.7 degrees, median 45.8 -> 31.4, under 11.25 degrees 2.5 % -> 22.4 %. The
+    # image-independent baselines on the same scenes: the training set's mean normal map 38.8 / 36.9 / 13.5 %,
+    # a vertical ramp 45.3 / 43.6 / 7.5 %, facing the camera 54.5 / 61.2 / 6.8 %.
+    assert after.mean < before.mean - 5.0 and after.within_30 > before.within_30 + 10.0
+    best = {k: [getattr(b.normals, k) for b in baselines if b.normals is not None] for k in ("mean", "median")}
+    assert after.mean < min(best["mean"]) - 0.5
+    assert after.median < min(best["median"]) - 3.0
+    assert after.within_11_25 > max(b.normals.within_11_25 for b in baselines if b.normals is not None) + 5.0
     _check_export(result, "e2e-ft", "normals")
 
 
