@@ -373,13 +373,20 @@ def _check_export(result: Any, family: str, kind: str) -> None:
     assert pred.array.shape[:2] == (40, 48) and np.isfinite(pred.array).all()
 
 
-def test_lotus_d_learns_depth_on_synthetic_scenes(tmp_path: Path) -> None:
-    result = _learning_run(tmp_path / "run", "lotus-d", "depth")
-    before, after = result.evaluations[0].depth, result.evaluations[-1].depth
-    assert result.evaluations[-1].label.endswith("exported)")
-    # Measured: AbsRel 0.57 -> 0.46 (a vertical-ramp guess scores 0.46 at 32 px, a constant 0.67).
-    assert after.abs_rel < 0.9 * before.abs_rel and after.delta1 > before.delta1 + 0.03
-    _check_export(result, "lotus-d", "depth")
+def test_e2eft_learns_depth_on_synthetic_scenes(tmp_path: Path) -> None:
+    """Upstream's E2E-FT depth loss, end to end. (Lotus at 32 px cannot beat the training set's mean map by a
+    clear margin: its 4 x 4 latent target is too coarse; the 64 px demo model covers Lotus-D.)"""
+    result = _learning_run(tmp_path / "run", "e2e-ft", "depth", steps=700)
+    first, last, baselines = _rows(result)
+    before, after = first.depth, last.depth
+    assert before is not None and after is not None
+    # Measured: AbsRel 65.6 % -> 39.7 %, delta1 28.9 % -> 51.1 %. Baselines on the same scenes: the training
+    # set's mean depth map 45.4 % / 48.5 %, a vertical ramp 45.9 % / 47.9 %, a constant 67.4 % / 26.9 %.
+    assert after.abs_rel < before.abs_rel - 0.15 and after.delta1 > before.delta1 + 0.15
+    best = [b.depth for b in baselines if b.depth is not None]
+    assert after.abs_rel < min(b.abs_rel for b in best) - 0.03
+    assert after.delta1 > max(b.delta1 for b in best) + 0.01
+    _check_export(result, "e2e-ft", "depth")
     assert "| step 0 |" in (result.output_dir / "eval.md").read_text()
 
 
