@@ -18,6 +18,11 @@ OutputKind = Literal["depth", "disparity", "normals"]
 #: colour preview. Only the final form crosses to the CPU: a 1080p uint16 map is half the bytes of float32.
 MapForm = Literal["float32", "float16", "quantized", "color"]
 
+#: The camera-frame axes of served normals: the raw outputs of the released Lotus and E2E-FT normals checkpoints
+#: (both training codes negate Hypersim's x, so +x points to the image's left). Training and evaluation convert
+#: ground truth to it at load time; every normals answer states it.
+NORMALS_CONVENTION = "+x image left, +y image up, +z towards the camera"
+
 FAMILIES: tuple[Family, ...] = ("lotus-g", "lotus-d", "e2e-ft")
 TASKS: tuple[Task, ...] = ("depth", "normals")
 OUTPUT_KINDS: tuple[OutputKind, ...] = ("depth", "disparity", "normals")
@@ -83,5 +88,6 @@ class PredictionMap:
             "processing_size": list(self.processing_size),
             "seed": self.seed,
             "steps": self.steps,
+            "normals_convention": NORMALS_CONVENTION if self.kind == "normals" else None,
             **self.extra,
         }

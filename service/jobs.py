@@ -80,6 +80,7 @@ class MapMetadata(BaseModel):
     processing_size: list[int]
     seed: int | None = None
     steps: int = 1
+    normals_convention: str | None = None  # normals only: the camera-frame axes (models.outputs)
     # uncertainty answers
     seeds: list[int] | None = None
     reduction: Reduction | None = None

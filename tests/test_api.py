@@ -67,6 +67,8 @@ async def test_json_body_and_json_response(svc, tiny_model) -> None:
     assert data["kind"] == "normals" and data["shape"] == [32, 48, 3] and data["seed"] == 11
     assert data["affine_invariant"] is False and data["range"] == [-1.0, 1.0]
     assert data["model"] == "lotus-g-normals" and data["processing_size"] == [42, 64]
+    assert data["normals_convention"] == "+x image left, +y image up, +z towards the camera"
+    assert r.headers["x-normals-convention"] == data["normals_convention"]
     assert set(data["timings"]) >= {"queue", "compute", "total"} and data["batch_size"] >= 1
     assert data["request_id"] == r.headers["x-request-id"]
     blob = data["outputs"]["prediction"]
@@ -81,7 +83,9 @@ async def test_normals_png_color_and_accept_header(svc) -> None:
     assert r.status_code == 200
     png = Image.open(io.BytesIO(r.content))
     assert png.mode == "RGB" and png.size == (40, 24)
+    assert r.headers["x-normals-convention"].startswith("+x image left")
     r = await svc.client.post("/v1/depth?format=color", files={"image": ("d.png", image)})
+    assert "x-normals-convention" not in r.headers
     color = Image.open(io.BytesIO(r.content))
     assert color.mode == "RGB" and color.size == (40, 24)
     r = await svc.client.post("/v1/depth", files={"image": ("d.png", image)}, headers={"accept": "application/x-npy"})

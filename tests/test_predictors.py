@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from models.outputs import NORMALS_CONVENTION
 from models.predictors.lotus import ANNOTATION_SWITCH
 from tests.conftest import COMBOS, random_image
 from tests.reference import reference_map
@@ -40,6 +41,8 @@ def test_value_ranges_and_metadata(tiny_model, family, task) -> None:
     assert meta["kind"] == task and meta["model"] == f"{family}-{task}"
     assert meta["processing_size"] == [64, 48]
     assert meta["seed"] == (0 if family == "lotus-g" else None)
+    # Normals state their axes (the checkpoints' raw convention); depth maps have none.
+    assert meta["normals_convention"] == (NORMALS_CONVENTION if task == "normals" else None)
 
 
 @pytest.mark.parametrize(("family", "task"), [("lotus-g", "depth"), ("lotus-d", "normals"), ("e2e-ft", "depth")])

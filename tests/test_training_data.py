@@ -137,6 +137,70 @@ def test_random_scene_geometry_is_exact(seed: int) -> None:
     assert "Plane" in seen
 
 
+def _corner_room() -> tuple[Scene, Camera]:
+    """A camera at the origin looking down -z at a back wall (z = -6), a wall on its left (x = -2) and a floor
+    (y = -1): every pixel's normal is known in words (faces the camera / faces right / faces up)."""
+    scene = Scene(
+        [
+            Plane(np.array([0.0, 0.0, -6.0]), np.array([0.0, 0.0, 1.0]), np.array([1.0, 0.0, 0.0]), _texture()),
+            Plane(np.array([-2.0, 0.0, 0.0]), np.array([1.0, 0.0, 0.0]), np.array([0.0, 0.0, 1.0]), _texture()),
+            Plane(np.array([0.0, -1.0, 0.0]), np.array([0.0, 1.0, 0.0]), np.array([1.0, 0.0, 0.0]), _texture()),
+        ],
+        _light(),
+    )
+    return scene, _camera()
+
+
+def test_normals_ground_truth_uses_the_served_convention(tmp_path: Path) -> None:
+    """+x image LEFT, +y up, +z towards the camera (the released checkpoints' axes) in every training source:
+    synthetic renderings, the folder format, the in-memory synthetic source and the Hypersim reader."""
+    from models.outputs import NORMALS_CONVENTION
+    from models.training.trainer import SyntheticDataset
+
+    assert NORMALS_CONVENTION.startswith("+x image left")
+    scene, cam = _corner_room()
+    r = synthetic.render(scene, cam)
+    faces_right, faces_up, faces_camera = (r.primitive == k for k in (1, 2, 0))
+    assert faces_right[:, : W // 4].mean() > 0.5 and faces_up[-3:].mean() > 0.5 and faces_camera.any()
+    expected = {(-1.0, 0.0, 0.0): faces_right, (0.0, 1.0, 0.0): faces_up, (0.0, 0.0, 1.0): faces_camera}
+    for vector, where in expected.items():
+        np.testing.assert_allclose(r.served_normals[where], np.broadcast_to(vector, (int(where.sum()), 3)), atol=1e-6)
+    # The geometry itself stays in the OpenGL frame: the left wall's normal points to +x there.
+    np.testing.assert_allclose(r.normals[faces_right][:, 0], 1.0, atol=1e-6)
+
+    synthetic.write_rendering(tmp_path / "folder", "room", r)
+    folder_format.write_info(tmp_path / "folder", folder_format.DatasetInfo("room", (0.01, 50.0)))
+    for png in (False, True):
+        if png:
+            synthetic.write_rendering(tmp_path / "folder", "room", r, normals_format="png")
+            (tmp_path / "folder" / "normals" / "room.npy").unlink()
+        loaded = FolderDataset(tmp_path / "folder")[0]["normals"].permute(1, 2, 0).numpy()
+        for vector, where in expected.items():
+            np.testing.assert_allclose(loaded[where], np.broadcast_to(vector, (int(where.sum()), 3)), atol=0.02)
+
+    # The in-memory synthetic training source and the folder format agree on random scenes too.
+    source = SyntheticDataset(2, 24, 32, scene_seed=3)
+    rendered = synthetic.generate((3, 1), 24, 32)
+    np.testing.assert_array_equal(source[1]["normals"].permute(1, 2, 0).numpy(), rendered.served_normals)
+    assert np.abs(rendered.normals[..., 0]).max() > 0.3  # x components exist, so the flip is visible
+
+    # Hypersim stores OpenGL-frame normals (some back-facing); the reader turns them into the served ones.
+    h, w = 36, 48
+    f = hypersim_focal(w)
+    cam = dataclasses.replace(cam, height=h, width=w, fx=f, fy=f, cx=(w - 1) / 2, cy=(h - 1) / 2)
+    r = synthetic.render(scene, cam)
+    images = tmp_path / "hypersim" / "ai_001_001" / "images"
+    distance = np.linalg.norm(cam.backproject(r.depth.astype(np.float64)), axis=-1)
+    _write_jpg(images / "scene_cam_00_final_preview" / "frame.0000.tonemap.jpg", r.rgb)
+    _write_hdf5(images / "scene_cam_00_geometry_hdf5" / "frame.0000.depth_meters.hdf5", distance)
+    _write_hdf5(images / "scene_cam_00_geometry_hdf5" / "frame.0000.normal_cam.hdf5", -r.normals)  # back faces
+    got = HypersimDataset(tmp_path / "hypersim")[0]["normals"].permute(1, 2, 0).numpy()
+    left = r.primitive == 1
+    assert left.any()
+    np.testing.assert_allclose(got[left], np.broadcast_to((-1.0, 0.0, 0.0), (int(left.sum()), 3)), atol=1e-6)
+    np.testing.assert_allclose(got[r.valid], r.served_normals[r.valid], atol=1e-6)
+
+
 def test_scenes_cover_all_primitive_kinds_and_some_sky() -> None:
     kinds, sky = set(), False
     for seed in range(12):
@@ -179,7 +243,7 @@ def test_folder_dataset_reads_png16_depth_and_png_normals(tmp_path: Path) -> Non
         mm = np.rint(r.depth.astype(np.float64) * 1000.0)
         np.testing.assert_array_equal(s["depth"][0].numpy(), (mm / 1000.0).astype(np.float32))
         assert bool(s["has_normals"])
-        angle = metrics.angular_errors_deg(s["normals"].permute(1, 2, 0).numpy()[r.valid], r.normals[r.valid])
+        angle = metrics.angular_errors_deg(s["normals"].permute(1, 2, 0).numpy()[r.valid], r.served_normals[r.valid])
         assert angle.max() < 0.6  # 8-bit quantisation
         np.testing.assert_array_equal(s["normals_valid"][0].numpy(), r.valid)
 
@@ -190,7 +254,7 @@ def test_folder_dataset_reads_npy_exactly_and_applies_mask_and_range(tmp_path: P
     depth[0, :4] = 100.0  # beyond the dataset range: must become invalid
     mask = np.ones((H, W), bool)
     mask[-3:, -5:] = False
-    folder_format.write_sample(tmp_path, "a", r.rgb, depth, r.valid, r.normals, write_mask_file=False)
+    folder_format.write_sample(tmp_path, "a", r.rgb, depth, r.valid, r.served_normals, write_mask_file=False)
     folder_format.write_mask(tmp_path / "mask" / "a.png", mask)
     folder_format.write_info(tmp_path, folder_format.DatasetInfo("custom", (0.5, 20.0)))
     s = FolderDataset(tmp_path)[0]
@@ -199,7 +263,9 @@ def test_folder_dataset_reads_npy_exactly_and_applies_mask_and_range(tmp_path: P
     np.testing.assert_array_equal(s["valid"][0].numpy(), expected_valid)
     np.testing.assert_array_equal(s["depth"][0].numpy(), np.where(expected_valid, depth, 0.0).astype(np.float32))
     np.testing.assert_array_equal(s["normals_valid"][0].numpy(), r.valid & mask)
-    np.testing.assert_array_equal(s["normals"].permute(1, 2, 0).numpy()[r.valid & mask], r.normals[r.valid & mask])
+    np.testing.assert_array_equal(
+        s["normals"].permute(1, 2, 0).numpy()[r.valid & mask], r.served_normals[r.valid & mask]
+    )
 
 
 def test_normals_png_marks_invalid_pixels_and_renormalises(tmp_path: Path) -> None:
@@ -287,7 +353,8 @@ def test_hypersim_distance_becomes_planar_depth(tmp_path: Path) -> None:
     jpg = np.asarray(Image.open(images / "scene_cam_01_final_preview" / "frame.0003.tonemap.jpg"), np.float32)
     np.testing.assert_array_equal(s["image"].permute(1, 2, 0).numpy(), jpg / 255.0 * 2 - 1)
     assert bool(s["has_normals"])
-    np.testing.assert_allclose(s["normals"].permute(1, 2, 0).numpy()[r.valid], r.normals[r.valid], atol=1e-6)
+    served = r.served_normals  # Hypersim's OpenGL frame converted to the served one (+x image left)
+    np.testing.assert_allclose(s["normals"].permute(1, 2, 0).numpy()[r.valid], served[r.valid], atol=1e-6)
 
     split = tmp_path / "metadata_images_split_scene_v1.csv"
     split.write_text(
@@ -364,14 +431,14 @@ def test_hflip_equals_rendering_the_mirrored_scene(tmp_path: Path) -> None:
     cam = _camera()  # at the origin, principal point centred: mirror-symmetric about x = 0
     r = synthetic.render(scene, cam)
     mirrored = synthetic.render(_mirror_scene(scene), cam)
-    folder_format.write_sample(tmp_path, "s", r.rgb, r.depth, r.valid, r.normals)
+    synthetic.write_rendering(tmp_path, "s", r)
     folder_format.write_info(tmp_path, folder_format.DatasetInfo("mirror", (0.01, 50.0)))
     plain = FolderDataset(tmp_path)[0]
     flipped = FolderDataset(tmp_path, augmentation=Augmentation(hflip_prob=1.0))[0]
 
     assert flipped["valid"].all()
     np.testing.assert_allclose(flipped["depth"][0].numpy(), mirrored.depth, rtol=1e-5)
-    np.testing.assert_allclose(flipped["normals"].permute(1, 2, 0).numpy(), mirrored.normals, atol=1e-5)
+    np.testing.assert_allclose(flipped["normals"].permute(1, 2, 0).numpy(), mirrored.served_normals, atol=1e-5)
     assert np.abs(mirrored.normals[..., 0]).max() > 0.3  # the test has teeth: x components are large
     np.testing.assert_array_equal(flipped["image"].numpy(), plain["image"].flip(-1).numpy())
 
@@ -577,6 +644,52 @@ def test_depth_loss_is_affine_invariant_and_differentiable() -> None:
     zero = losses.affine_invariant_l1(empty, target, torch.zeros_like(valid))
     zero.backward()
     assert float(zero.detach()) == 0.0 and empty.grad is not None
+
+
+def _pooled_reference(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> float:
+    """Upstream E2E-FT's reduction in float64: a least-squares fit per sample, then one mean over every valid
+    pixel of the batch."""
+    errors = []
+    for b in range(pred.shape[0]):
+        m = valid[b, 0].numpy()
+        p, y = pred[b, 0].double().numpy(), target[b, 0].double().numpy()
+        s, t = metrics.fit_scale_shift(p, y, m)
+        errors.append(np.abs(s * p + t - y)[m])
+    return float(np.concatenate(errors).mean())
+
+
+def test_upstream_depth_loss_is_one_mean_over_the_batch_pixels() -> None:
+    pred, target, valid = _depth_batch(2)
+    valid[0, 0, :12] = False  # samples with very different valid counts: the reductions must differ
+    pooled = losses.affine_invariant_l1(pred, target, valid, reduction="pixel")
+    per_sample = losses.affine_invariant_l1(pred, target, valid, reduction="sample")
+    assert float(pooled) == pytest.approx(_pooled_reference(pred, target, valid), rel=1e-5)
+    assert abs(float(pooled) - float(per_sample)) > 1e-3 * float(pooled)
+    # Still affine-invariant in the prediction, and in metres: scaling the ground truth scales the loss.
+    assert float(losses.affine_invariant_l1(3 * pred - 1, target, valid, reduction="pixel")) == pytest.approx(
+        float(pooled), rel=1e-4
+    )
+    assert float(losses.affine_invariant_l1(pred, 10 * target, valid, reduction="pixel")) == pytest.approx(
+        10 * float(pooled), rel=1e-4
+    )
+    with pytest.raises(ValueError, match="reduction"):
+        losses.affine_invariant_l1(pred, target, valid, reduction="batch")  # type: ignore[arg-type]
+
+
+def test_clip_to_quantiles_keeps_metres_and_drops_flat_samples() -> None:
+    depth = torch.zeros(2, 1, 10, 10)
+    depth[0, 0] = torch.linspace(1.0, 50.0, 100).view(10, 10)
+    depth[1, 0] = 4.0  # flat: its 2 % and 98 % quantiles coincide
+    valid = depth > 0
+    valid[0, 0, 0, 0] = False
+    target, ok = losses.clip_to_quantiles(depth, valid, 0.02, 0.98)
+    values = depth[0][valid[0]]
+    lo, hi = torch.quantile(values, 0.02), torch.quantile(values, 0.98)
+    torch.testing.assert_close(target[0][ok[0]], values.clamp(lo, hi))  # metres, not [-1, 1]
+    assert float(target[0].max()) == pytest.approx(float(hi)) and float(hi) > 45.0
+    assert not ok[0, 0, 0, 0] and float(target[0, 0, 0, 0]) == 0.0
+    assert not ok[1].any() and not target[1].any()  # upstream empties the mask of a flat sample
+    assert valid[1].all()  # the input mask is not modified
 
 
 def to_t(a: np.ndarray) -> torch.Tensor:

@@ -1,7 +1,8 @@
 """Offline fine-tuning support: procedural training data, dataset readers, losses and evaluation metrics.
 
 Not used by the serving path. Array conventions follow `models.outputs`: depth is float32 `[H, W]` (here
-metric, in metres, 0 = invalid), normals are float32 `[H, W, 3]` camera-frame unit vectors with x right,
-y up and z towards the camera (the model-semantics doc is silent on the axes; this is the common OpenGL /
-Hypersim choice), images are float32 `[H, W, 3]` in [0, 1] when read and `[3, H, W]` in [-1, 1] in samples.
+metric, in metres, 0 = invalid), normals are float32 `[H, W, 3]` camera-frame unit vectors in the served
+convention, +x towards the image's LEFT, +y up, +z towards the camera (`models.outputs.NORMALS_CONVENTION`: the
+released checkpoints' axes; OpenGL / Hypersim data is converted at load time), images are float32
+`[H, W, 3]` in [0, 1] when read and `[3, H, W]` in [-1, 1] in samples.
 """

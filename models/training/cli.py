@@ -69,6 +69,17 @@ def add_eval_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("auto", "fp16", "fp32"), help="default: fp16 on CUDA, fp32 on CPU")
     p.add_argument("--task", choices=("depth", "normals"), help="override the detected task")
     p.add_argument("--label", help="row label in the table (default: the model id)")
+    p.add_argument(
+        "--train-data",
+        type=Path,
+        metavar="DIR",
+        help="training set (folder format) for the mean-map baseline (default: leave-one-out over each --data)",
+    )
+    p.add_argument(
+        "--no-baselines",
+        action="store_true",
+        help="leave out the image-independent baselines (mean map, vertical ramp, constant) scored beside the model",
+    )
     p.set_defaults(func=cmd_eval)
     return p
 
@@ -109,9 +120,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from models.errors import ModelError
     from models.loading import load_model
     from models.spec import resolve_spec
+    from models.training.baselines import evaluate_baselines, mean_map_of_folder
     from models.training.evaluate import evaluate_dataset, to_markdown, write_results
 
-    for root in args.data:
+    for root in [*args.data, *([args.train_data] if args.train_data else [])]:
         if not (root / "dataset.json").is_file():
             print(f"error: {root} is not a folder-format dataset (no dataset.json)", file=sys.stderr)
             return 2
@@ -122,20 +134,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
     except ModelError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    results = []
     try:
-        results = [
-            evaluate_dataset(
-                model,
-                root,
-                processing_res=args.processing_res,
-                limit=args.limit,
-                seed=args.seed,
-                batch_size=args.batch_size,
-                label=args.label,
-                progress=sys.stderr.isatty(),
+        mean = None
+        if args.train_data is not None and not args.no_baselines:
+            mean = mean_map_of_folder(model.output_kind, args.train_data)
+        for root in args.data:
+            results.append(
+                evaluate_dataset(
+                    model,
+                    root,
+                    processing_res=args.processing_res,
+                    limit=args.limit,
+                    seed=args.seed,
+                    batch_size=args.batch_size,
+                    label=args.label,
+                    progress=sys.stderr.isatty(),
+                )
             )
-            for root in args.data
-        ]
+            if not args.no_baselines:
+                results.extend(evaluate_baselines(root, model.output_kind, limit=args.limit, mean_map=mean))
     except (ValueError, OSError, ModelError) as exc:
         print(f"error: evaluation failed: {exc}", file=sys.stderr)
         return 1

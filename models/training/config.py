@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from models.outputs import Family, OutputKind, Task, task_of
 
 MixedPrecision = Literal["auto", "no", "fp16", "bf16"]
+E2EFTDepthLoss = Literal["upstream", "normalized"]
 
 
 class _Strict(BaseModel):
@@ -179,6 +180,13 @@ class ObjectiveConfig(_Strict):
     )
     quantile_low: float = Field(default=0.02, ge=0, lt=0.5, description="target normalisation: low quantile -> -1")
     quantile_high: float = Field(default=0.98, gt=0.5, le=1, description="target normalisation: high quantile -> 1")
+    e2eft_depth_loss: E2EFTDepthLoss = Field(
+        default="upstream",
+        description="E2E-FT depth only. upstream (diffusion-e2e-ft train.py): L1 to METRIC depth clipped to the "
+        "quantiles, prediction clamped to [-1, 1] before the per-sample scale/shift fit, one mean over all valid "
+        "pixels of the batch. normalized (this project's first version): L1 to depth normalised to [-1, 1] "
+        "between the quantiles, no clamp, the mean of per-sample means",
+    )
 
 
 class TrainLoopConfig(_Strict):
@@ -210,6 +218,11 @@ class ValidationConfig(_Strict):
         default=None, ge=0, description="long edge to predict at (default export.processing_res)"
     )
     limit: int | None = Field(default=None, ge=1, description="at most this many images per dataset")
+    baselines: bool = Field(
+        default=True,
+        description="also score image-independent baselines (the training set's mean map, a vertical ramp, a "
+        "constant) on each validation set once, so the table says what looking at the image is worth",
+    )
 
 
 class ExportConfig(_Strict):

@@ -5,8 +5,10 @@ Every dataset yields the same dict, so sources can be mixed in one batch by the 
 - `image`: float32 `[3, H, W]` in [-1, 1] (the VAE's input range)
 - `depth`: float32 `[1, H, W]` planar depth in metres, 0 where invalid
 - `valid`: bool `[1, H, W]`: depth is usable (decoded validity AND mask AND inside the depth range)
-- `normals`: float32 `[3, H, W]` camera-frame unit vectors (x right, y up, z towards the camera); zeros when
-  the source has no normals (always present so that mixed batches collate)
+- `normals`: float32 `[3, H, W]` camera-frame unit vectors in the served convention (+x image LEFT, +y up, +z
+  towards the camera: what the released normals checkpoints output; `models.outputs.NORMALS_CONVENTION`);
+  readers of data in another frame convert at load time. Zeros when the source has no normals (always present
+  so that mixed batches collate)
 - `normals_valid`: bool `[1, H, W]`, all False when the source has no normals
 - `has_normals`: bool, `source`: dataset name, `name`: sample id
 
@@ -250,8 +252,10 @@ class HypersimDataset(DenseDataset):
     optical centre (NaN where nothing was hit); it is converted to planar depth with the default pinhole
     (886.81 px at 1024 wide, principal point at the centre). A few Hypersim scenes use other, tilt-shift
     cameras (listed in Hypersim's metadata_camera_parameters.csv); leave those out or pass their focal length.
-    Hypersim's camera frame matches ours (x right, y up, z away from where the camera looks); normals are
-    normalised and flipped where they face away from the camera (back faces).
+    Hypersim's camera frame is OpenGL's (x right, y up, z away from where the camera looks); normals are
+    normalised, flipped where they face away from the camera (back faces), then converted to the served
+    convention (+x image left), as both upstream training codes do (Lotus `utils/hypersim_dataset.py`,
+    E2E-FT `dataloaders/load.py`).
 
     Frames come from `split_csv` (Hypersim's metadata_images_split_scene_v1.csv: the rows of `split` that are
     in the public release) or, without it, from every tonemap.jpg found with its depth file beside it.
@@ -333,6 +337,7 @@ class HypersimDataset(DenseDataset):
         normals = normals_valid = None
         if self.load_normals and self._normals_path(f).is_file():
             normals, normals_valid = _face_camera(_read_hdf5(self._normals_path(f)), pixel_rays(h, w, focal))
+            normals = folder_format.opengl_to_served_normals(normals)
         return RawSample(rgb, depth.astype(np.float32), valid, normals, normals_valid)
 
 

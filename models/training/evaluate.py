@@ -33,6 +33,7 @@ class EvalResult:
     processing_res: int
     depth: DepthMetrics | None = None
     normals: NormalMetrics | None = None
+    baseline: bool = False  # an image-independent prediction (models/training/baselines.py), not a model
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -100,7 +101,7 @@ def to_markdown(results: Sequence[EvalResult]) -> str:
         for r in depth:
             assert r.depth is not None
             lines.append(
-                f"| {r.label} | {r.dataset} | {r.output_kind} | {r.images} | {r.processing_res} "
+                f"| {r.label} | {r.dataset} | {r.output_kind} | {r.images} | {_res(r)} "
                 f"| {r.depth.abs_rel * 100:.2f} | {r.depth.delta1 * 100:.2f} |"
             )
         parts.append("\n".join(lines))
@@ -113,11 +114,15 @@ def to_markdown(results: Sequence[EvalResult]) -> str:
             n = r.normals
             assert n is not None
             lines.append(
-                f"| {r.label} | {r.dataset} | {r.images} | {r.processing_res} | {n.mean:.2f} | {n.median:.2f} "
+                f"| {r.label} | {r.dataset} | {r.images} | {_res(r)} | {n.mean:.2f} | {n.median:.2f} "
                 f"| {n.within_11_25:.2f} | {n.within_22_5:.2f} | {n.within_30:.2f} |"
             )
         parts.append("\n".join(lines))
     return "\n\n".join(parts) + "\n"
+
+
+def _res(r: EvalResult) -> str:
+    return "–" if r.baseline else str(r.processing_res)
 
 
 def to_json(results: Sequence[EvalResult]) -> str:

@@ -15,8 +15,11 @@ Layout (NAME is any file stem; a sample exists for every image in `rgb/`)::
 `depth_range` is the dataset's valid range in metres: ground truth outside it is ignored in training and
 evaluation, and aligned predictions are clipped to it (the evaluation protocol).
 
-Normals are camera-frame unit vectors: x right, y up, z towards the camera (OpenGL/Hypersim convention).
-A normals PNG holds one unit vector per pixel quantised to 8 bits per axis (error < 0.5 degree).
+Normals are camera-frame unit vectors in the SERVED convention (`models.outputs.NORMALS_CONVENTION`): +x towards
+the image's LEFT, +y up, +z towards the camera. That is what the released Lotus / E2E-FT normals checkpoints
+output (their training code negates Hypersim's x), so predictions and ground truth compare as they are. Data in
+the OpenGL / Hypersim camera frame (+x right) is converted with `opengl_to_served_normals` when it is written
+or read. A normals PNG holds one unit vector per pixel quantised to 8 bits per axis (error < 0.5 degree).
 """
 
 from __future__ import annotations
@@ -38,6 +41,18 @@ RGB_SUFFIXES = (".png", ".jpg", ".jpeg")
 DEPTH_SUFFIXES = (".png", ".npy", ".exr")
 NORMALS_SUFFIXES = (".png", ".npy")
 INFO_FILE = "dataset.json"
+
+
+_X_FLIP = np.array([-1.0, 1.0, 1.0])
+
+
+def opengl_to_served_normals(normals: np.ndarray) -> np.ndarray:
+    """`[..., 3]` normals in the OpenGL / Hypersim camera frame (+x right, +y up, +z towards the camera) ->
+    the served convention (+x left): x changes sign. Its own inverse; zero vectors stay zero."""
+    n = np.asarray(normals)
+    if n.shape[-1:] != (3,):
+        raise ValueError(f"normals must end in 3 components, got shape {n.shape}")
+    return (n * _X_FLIP).astype(n.dtype if np.issubdtype(n.dtype, np.floating) else np.float32)
 
 
 @dataclass(frozen=True)

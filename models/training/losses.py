@@ -2,7 +2,10 @@
 
 - E2E-FT depth: L1 between the ground truth and the prediction after a per-sample closed-form least-squares
   scale and shift fit on valid pixels. The fit runs in float32 (also under autocast) and stays in the graph,
-  so gradients flow through the aligned prediction and through the fitted scale and shift.
+  so gradients flow through the aligned prediction and through the fitted scale and shift. Upstream
+  (diffusion-e2e-ft `training/train.py`, `util/loss.py`, `dataloaders/load.py`) scores METRIC depth clipped
+  to its per-sample 2 % / 98 % quantiles (`clip_to_quantiles`) and takes one mean over all valid pixels of
+  the batch (`reduction="pixel"`); the prediction is clamped to [-1, 1] by the caller before the fit.
 - E2E-FT normals: mean angle (radians) between unit vectors, arccos of the cosine clamped away from +-1 so the
   gradient stays finite when prediction and target agree.
 - Lotus: x0-prediction MSE in latent space on the annotation branch, plus the reconstruction branch (the
@@ -13,6 +16,8 @@ Maps are `[B, C, H, W]` with a bool `valid` of `[B, 1, H, W]`.
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -45,24 +50,54 @@ def fit_scale_shift(
 
 
 def affine_invariant_l1(
-    pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor, detach_fit: bool = False
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    valid: torch.Tensor,
+    detach_fit: bool = False,
+    reduction: Literal["sample", "pixel"] = "sample",
 ) -> torch.Tensor:
-    """E2E-FT depth loss: per-sample masked mean |scale * pred + shift - target|, averaged over samples.
+    """E2E-FT depth loss: masked |scale * pred + shift - target| with a per-sample least-squares fit.
 
-    Samples with fewer than 2 valid pixels are left out; a batch with none gives a zero that keeps the graph.
-    `detach_fit=True` treats the fitted scale and shift as constants.
+    `reduction="pixel"` (upstream E2E-FT) is one mean over all valid pixels of the batch, so a sample weighs by
+    its valid pixels; `"sample"` averages each sample's mean. Samples with fewer than 2 valid pixels are left
+    out; a batch with none gives a zero that keeps the graph. `detach_fit=True` treats the fitted scale and
+    shift as constants.
     """
+    if reduction not in ("sample", "pixel"):
+        raise ValueError(f"reduction must be 'sample' or 'pixel', got {reduction!r}")
     scale, shift, n = fit_scale_shift(pred, target, valid)
     if detach_fit:
         scale, shift = scale.detach(), shift.detach()
     with torch.autocast(device_type=pred.device.type, enabled=False):
         aligned = scale.view(-1, *([1] * (pred.dim() - 1))) * pred.float() + shift.view(-1, *([1] * (pred.dim() - 1)))
-        m = valid.expand_as(pred).float()
-        per_sample = (m * (aligned - target.float()).abs()).flatten(1).sum(dim=1) / n.clamp(min=1.0)
         used = n >= 2
         if not bool(used.any()):
             return pred.float().sum() * 0.0
-        return per_sample[used].mean()
+        m = valid.expand_as(pred).float() * used.view(-1, *([1] * (pred.dim() - 1))).float()
+        abs_err = (m * (aligned - target.float()).abs()).flatten(1).sum(dim=1)
+        if reduction == "pixel":
+            return abs_err.sum() / n[used].sum()
+        return (abs_err / n.clamp(min=1.0))[used].mean()
+
+
+def clip_to_quantiles(
+    depth: torch.Tensor, valid: torch.Tensor, low: float = 0.02, high: float = 0.98
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upstream E2E-FT's depth target: per sample, metric depth clamped to the `low` / `high` quantiles of its
+    valid values (outliers removed, the scale kept in metres). Returns (target, valid); a sample whose two
+    quantiles coincide gets an empty mask, as upstream; invalid pixels are 0."""
+    out = torch.zeros_like(depth, dtype=torch.float32)
+    ok = valid.expand_as(depth).clone()
+    for b in range(depth.shape[0]):
+        values = depth[b][ok[b]].float()
+        if values.numel() == 0:
+            continue
+        q = torch.quantile(values, torch.tensor([low, high], dtype=torch.float32, device=values.device))
+        if not bool(q[1] > q[0]):
+            ok[b] = False
+            continue
+        out[b] = torch.where(ok[b], depth[b].float().clamp(q[0], q[1]), torch.zeros_like(out[b]))
+    return out, ok
 
 
 def normals_angular_loss(

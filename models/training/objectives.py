@@ -1,8 +1,10 @@
 """One training step's loss for each protocol, and the UNet surgery the recipes need before training.
 
 - E2E-FT: the image latent and a zero latent go into the UNet at t = 999; its v-prediction becomes
-  x0 = -sqrt(1 - abar_999) * v, which is decoded through the frozen VAE. Depth: the channel mean is scored with
-  the affine-invariant L1 (least-squares scale/shift per sample on valid pixels, fit in fp32). Normals: mean
+  x0 = -sqrt(1 - abar_999) * v, which is decoded through the frozen VAE. Depth: the channel mean, clamped to
+  [-1, 1], is scored with the affine-invariant L1 (least-squares scale/shift per sample on valid pixels, fit in
+  fp32) against metric depth clipped to its 2 / 98 % quantiles, one mean over the batch's valid pixels, as
+  upstream (`objective.e2eft_depth_loss: normalized` keeps this project's first version). Normals: mean
   angular error of the decoded vectors.
 - Lotus: x0-prediction MSE in latent space against the VAE latent of the normalised target map (annotation
   switch), plus the detail preserver (the same UNet with the reconstruction switch must return the image
@@ -27,6 +29,7 @@ from models.predictors import E2EFTPredictor, LotusPredictor, SingleStepPredicto
 from models.predictors.base import TIMESTEP
 from models.predictors.lotus import ANNOTATION_SWITCH, RECONSTRUCTION_SWITCH
 from models.training import losses
+from models.training.config import E2EFTDepthLoss
 
 LATENT_STRIDE = 8
 UNET_IN_CHANNELS: dict[Family, int] = {"lotus-g": 8, "lotus-d": 4, "e2e-ft": 8}
@@ -40,9 +43,15 @@ _FACING_NORMAL = (0.0, 0.0, 1.0)
 # --- UNet surgery ---------------------------------------------------------------------------------
 
 
-def widen_conv_in(unet: UNet2DConditionModel, in_channels: int) -> bool:
-    """Grow a 4-channel conv_in to 8 as the E2E-FT recipe says: the weights repeated for the new channels,
-    then weights and bias halved. Returns whether anything changed."""
+#: What each family's upstream training code does to the bias when it widens conv_in (the weights are always
+#: repeated and halved): E2E-FT `training/util/unet_prep.py` halves it too, Lotus `train_lotus_*.py` keeps it.
+CONV_IN_BIAS_HALVED: dict[Family, bool] = {"lotus-g": False, "lotus-d": False, "e2e-ft": True}
+
+
+def widen_conv_in(unet: UNet2DConditionModel, in_channels: int, halve_bias: bool) -> bool:
+    """Grow a 4-channel conv_in to 8: the weights repeated for the new channels and halved, so an input
+    `[x, x]` gives the old response; the bias halved too when `halve_bias` (E2E-FT) or kept (Lotus). Returns
+    whether anything changed."""
     conv = unet.conv_in
     if conv.in_channels == in_channels:
         return False
@@ -54,7 +63,7 @@ def widen_conv_in(unet: UNet2DConditionModel, in_channels: int) -> bool:
     with torch.no_grad():
         new.weight.copy_(conv.weight.repeat(1, 2, 1, 1) * 0.5)
         if conv.bias is not None:
-            new.bias.copy_(conv.bias * 0.5)
+            new.bias.copy_(conv.bias * 0.5 if halve_bias else conv.bias)
     unet.conv_in = new
     unet.register_to_config(in_channels=in_channels)
     return True
@@ -97,8 +106,10 @@ def adapt_unet(unet: UNet2DConditionModel, family: Family) -> tuple[UNet2DCondit
     have = unet.config.in_channels
     if have > want:
         raise ValueError(f"{family} needs a UNet with {want} input channels; the starting one has {have}")
-    if widen_conv_in(unet, want):
-        changes.append(f"widened conv_in from {have} to {want} channels")
+    halve_bias = CONV_IN_BIAS_HALVED[family]
+    if widen_conv_in(unet, want, halve_bias):
+        bias = "weights and bias halved" if halve_bias else "weights halved, bias kept"
+        changes.append(f"widened conv_in from {have} to {want} channels ({bias}, as upstream {family})")
     return unet, changes
 
 
@@ -168,6 +179,7 @@ class TrainingCore(nn.Module):
         alpha_bar: float,
         reconstruction_weight: float = 1.0,
         quantiles: tuple[float, float] = (0.02, 0.98),
+        e2eft_depth_loss: E2EFTDepthLoss = "upstream",
     ) -> None:
         super().__init__()
         if family == "e2e-ft" and output_kind == "disparity":
@@ -182,6 +194,7 @@ class TrainingCore(nn.Module):
         self.alpha_bar = alpha_bar
         self.reconstruction_weight = reconstruction_weight
         self.quantiles = quantiles
+        self.e2eft_depth_loss: E2EFTDepthLoss = e2eft_depth_loss
         self.scaling_factor = float(vae.config.scaling_factor)
 
     def train(self, mode: bool = True) -> TrainingCore:
@@ -221,8 +234,13 @@ class TrainingCore(nn.Module):
             loss = losses.normals_angular_loss(decoded, batch["normals"], batch["normals_valid"])
             return loss, {"angular_rad": loss.detach()}
         lo, hi = self.quantiles
-        target = scalar_target(batch["depth"], batch["valid"], "depth", lo, hi)
-        loss = losses.affine_invariant_l1(decoded.mean(dim=1, keepdim=True), target, batch["valid"])
+        pred = decoded.mean(dim=1, keepdim=True)
+        if self.e2eft_depth_loss == "upstream":
+            target, valid = losses.clip_to_quantiles(batch["depth"], batch["valid"], lo, hi)
+            loss = losses.affine_invariant_l1(pred.clamp(-1.0, 1.0), target, valid, reduction="pixel")
+        else:
+            target = scalar_target(batch["depth"], batch["valid"], "depth", lo, hi)
+            loss = losses.affine_invariant_l1(pred, target, batch["valid"])
         return loss, {"affine_l1": loss.detach()}
 
     def _lotus(

@@ -6,13 +6,17 @@ and spheres, each with a checker, stripe or value-noise texture, lit by one dire
 centre is ray-cast in float64, so depth and normals are exact, not estimated.
 
 Conventions (the same as the served outputs and the folder format):
-- Camera frame: x right, y up, z towards the viewer (the camera looks along -z), as in OpenGL and Hypersim.
+- Camera frame of the geometry: x right, y up, z towards the viewer (the camera looks along -z), as in OpenGL
+  and Hypersim.
 - Pixel (row i, column j) has image coordinates (u, v) = (j, i): pixel centres sit on integers, so a centred
   principal point is ((W - 1) / 2, (H - 1) / 2). The ray through (u, v) in the camera frame is
   ((u - cx) / fx, -(v - cy) / fy, -1).
 - Depth is PLANAR: the distance along the optical axis (-z of the hit point in the camera frame), in metres.
   Because the ray's z component is -1, the ray parameter of a hit is its planar depth.
-- Normals are camera-frame unit vectors oriented to face the camera (dot with the viewing ray < 0).
+- `Rendering.normals` are camera-frame unit vectors in that OpenGL frame (x right), oriented to face the camera
+  (dot with the viewing ray < 0): the geometry. `Rendering.served_normals` are the same vectors in the served
+  convention (+x image left, `models.outputs.NORMALS_CONVENTION`); everything that becomes ground truth
+  (`write_scenes`, the in-memory training source) uses those.
 - Pixels that hit nothing closer than `MAX_DEPTH` are sky: invalid, depth 0, normals 0.
 """
 
@@ -214,11 +218,16 @@ class Rendering:
 
     rgb: np.ndarray  # [H, W, 3] in [0, 1]
     depth: np.ndarray  # [H, W] planar metres, 0 where invalid
-    normals: np.ndarray  # [H, W, 3] camera frame, unit where valid, 0 elsewhere
+    normals: np.ndarray  # [H, W, 3] OpenGL camera frame (x right), unit where valid, 0 elsewhere
     valid: np.ndarray  # [H, W]
     primitive: np.ndarray  # [H, W] index into scene.primitives
     camera: Camera
     scene: Scene
+
+    @property
+    def served_normals(self) -> np.ndarray:
+        """The normals as ground truth for the served models: +x image left, +y up, +z towards the camera."""
+        return folder_format.opengl_to_served_normals(self.normals)
 
 
 def render(scene: Scene, camera: Camera) -> Rendering:
@@ -437,24 +446,55 @@ def write_scenes(
     normals_format: folder_format.NormalsFormat = "npy",
 ) -> list[str]:
     """Render `n` scenes into the generic folder format (with masks, normals and dataset.json); returns names.
+    Normals are written in the served convention (+x image left), as the folder format says.
 
     Scene `i` uses the seed `(seed, i)`, so a set can be extended or regenerated piecewise.
     """
     root = Path(out_dir)
     names = []
     for i in range(n):
-        r = generate((seed, i), height, width)
         name = f"{i:06d}"
-        folder_format.write_sample(
-            root,
-            name,
-            rgb=r.rgb,
-            depth=r.depth,
-            valid=r.valid,
-            normals=r.normals,
-            depth_format=depth_format,
-            normals_format=normals_format,
-        )
+        write_rendering(root, name, generate((seed, i), height, width), depth_format, normals_format)
         names.append(name)
     folder_format.write_info(root, folder_format.DatasetInfo(name="synthetic", depth_range=DEPTH_RANGE))
     return names
+
+
+def write_rendering(
+    root: str | Path,
+    name: str,
+    r: Rendering,
+    depth_format: folder_format.DepthFormat = "npy",
+    normals_format: folder_format.NormalsFormat = "npy",
+) -> None:
+    """One rendering as folder-format sample `name`: normals in the served convention (+x image left)."""
+    folder_format.write_sample(
+        Path(root),
+        name,
+        rgb=r.rgb,
+        depth=r.depth,
+        valid=r.valid,
+        normals=r.served_normals,
+        depth_format=depth_format,
+        normals_format=normals_format,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m models.training.synthetic OUT --count N [--height H --width W --seed S]`: write scenes."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m models.training.synthetic", description=main.__doc__)
+    p.add_argument("out", type=Path, help="folder to write (folder format)")
+    p.add_argument("--count", type=int, required=True, help="number of scenes")
+    p.add_argument("--height", type=int, default=64, help="render height (default 64)")
+    p.add_argument("--width", type=int, default=64, help="render width (default 64)")
+    p.add_argument("--seed", type=int, default=0, help="scene seed: scene i uses (seed, i)")
+    args = p.parse_args(argv)
+    write_scenes(args.out, args.count, args.height, args.width, args.seed)
+    print(f"wrote {args.count} scenes to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -24,8 +24,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm import tqdm
 
+from models.outputs import OutputKind
 from models.training import checkpointing as ckpt
 from models.training import folder_format, synthetic
+from models.training.baselines import MeanMap, evaluate_baselines, mean_map_from
 from models.training.config import (
     Augment,
     DataConfig,
@@ -68,7 +70,8 @@ class FinetuneResult:
 
 
 class SyntheticDataset(DenseDataset):
-    """Procedural scenes rendered on first use and kept in memory (scene i uses the seed (scene_seed, i))."""
+    """Procedural scenes rendered on first use and kept in memory (scene i uses the seed (scene_seed, i));
+    normals in the served convention (+x image left), like every other source."""
 
     source = "synthetic"
 
@@ -94,7 +97,7 @@ class SyntheticDataset(DenseDataset):
     def load(self, index: int) -> RawSample:
         if index not in self._cache:
             r = synthetic.generate((self.scene_seed, index), self.height, self.width)
-            self._cache[index] = RawSample(r.rgb, r.depth, r.valid, r.normals, r.valid.copy())
+            self._cache[index] = RawSample(r.rgb, r.depth, r.valid, r.served_normals, r.valid.copy())
         return self._cache[index]
 
 
@@ -318,6 +321,7 @@ def load_core(base: Path, cfg: TrainConfig) -> tuple[TrainingCore, list[str]]:
         alpha_bar=alpha_bar_999(scheduler_cfg),
         reconstruction_weight=cfg.objective.reconstruction_weight,
         quantiles=(cfg.objective.quantile_low, cfg.objective.quantile_high),
+        e2eft_depth_loss=cfg.objective.e2eft_depth_loss,
     )
     return core, changes
 
@@ -335,6 +339,32 @@ def validation_sets(cfg: TrainConfig, is_main: bool) -> list[Path]:
             write_synthetic(root, syn)
         sets.append(root)
     return sets
+
+
+def baseline_rows(cfg: TrainConfig, sets: Sequence[Path], dataset: Dataset[Sample] | None = None) -> list[EvalResult]:
+    """The image-independent baselines on each validation set, the mean map from the run's training data: the
+    rows a run writes to eval.md at step 0 (also callable without training, e.g. for an existing run)."""
+    kind = cfg.model.output_kind
+    mean = training_mean_map(dataset if dataset is not None else build_dataset(cfg.data, cfg.run.seed), kind)
+    return [row for root in sets for row in evaluate_baselines(root, kind, limit=cfg.validation.limit, mean_map=mean)]
+
+
+def training_mean_map(dataset: Dataset[Sample], kind: OutputKind, limit: int = 512) -> MeanMap:
+    """The training set's mean target map (the `mean map` baseline), from at most `limit` evenly spaced samples
+    as the loop sees them (augmented, epoch 0)."""
+    size = len(dataset)  # type: ignore[arg-type]
+    n = min(size, limit)
+
+    def pairs() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for i in range(n):
+            s = dataset[i * size // n]
+            if kind == "normals":
+                if bool(s["has_normals"]):
+                    yield s["normals"].permute(1, 2, 0).numpy(), s["normals_valid"][0].numpy()
+            else:
+                yield s["depth"][0].numpy(), s["valid"][0].numpy()
+
+    return mean_map_from(kind, pairs())
 
 
 def write_synthetic(root: Path, syn: SyntheticScenes) -> Path:
@@ -488,6 +518,8 @@ def finetune(
     def validate(at: int) -> None:
         if main and val_sets:
             rows = validate_core(inner, val_sets, cfg.export.model_id, val_res, cfg.validation.limit, f"step {at}")
+            if at == 0 and cfg.validation.baselines:
+                rows.extend(baseline_rows(cfg, val_sets, dataset))
             history.extend(rows)
             write_history(out, history)
             if writer is not None:

@@ -185,6 +185,8 @@ def _respond(request: Request, reply: Reply, req: PredictionRequest, main: str, 
     if meta.seed is not None:
         headers["X-Seed"] = str(meta.seed)
     headers["X-Steps"] = str(meta.steps)
+    if meta.normals_convention:
+        headers["X-Normals-Convention"] = meta.normals_convention
     if reply.worker:
         headers["X-Worker"] = reply.worker
     if req.format != "json":

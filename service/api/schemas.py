@@ -137,6 +137,10 @@ class PredictionJSON(BaseModel):
     range: list[float]
     seed: int | None = None
     steps: int = Field(default=1, description="denoising steps that made the map")
+    normals_convention: str | None = Field(
+        default=None,
+        description="normals only: the camera-frame axes of the vectors (+x image left, +y up, +z to camera)",
+    )
     processing_size: list[int]
     batch_size: int
     timings: dict[str, float] = Field(description="milliseconds per stage")
