@@ -35,6 +35,8 @@ class BatchItem:
     seed: int | None = None
     match_input_resolution: bool = True
     form: MapForm = "float32"
+    steps: int | None = None  # multi-step families: denoising steps (None = the model's default)
+    ensemble_size: int = 1  # multi-step families: members ensembled as diffusers does
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,7 @@ class UncertaintyResult:
     members: np.ndarray | None
     seeds: list[int]
     reduction: Reduction
+    method: str = "seeds"  # seeds (ours), diffusers (Marigold ensembling), steps (step change)
 
 
 class DensePredictor:

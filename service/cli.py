@@ -198,6 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--family", choices=FAMILIES, required=True)
     t.add_argument("--task", choices=TASKS, required=True)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument(
+        "--scheduler", choices=("ddim", "lcm"), default="ddim", help="marigold: DDIM (v1-1, 4 steps) or LCM (1 step)"
+    )
     t.set_defaults(func=cmd_make_tiny)
     return parser
 
@@ -349,7 +352,7 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
     _quiet_hub_libraries()
     from models.tiny import make_tiny
 
-    path = make_tiny(args.out, args.family, args.task, args.seed)
+    path = make_tiny(args.out, args.family, args.task, args.seed, scheduler=args.scheduler)
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     print(f"wrote tiny {args.family} {args.task} checkpoint (random weights, {size / 1e6:.1f} MB) to {path}")
     return 0
