@@ -11,7 +11,6 @@ generator (LCM draws from it between steps, DDIM does not).
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
@@ -79,7 +78,8 @@ class StepBatch:
         self.predictor = predictor
         self.core = predictor.core
         self.active: list[Trajectory] = []
-        self.step_seconds: list[tuple[int, float]] = []  # (members, seconds) of each UNet call
+        self.last_step_s = 0.0  # the UNet call (and scheduler steps) of the last step
+        self.last_decode_s = 0.0  # the VAE decode of what the last step finished
 
     @property
     def members(self) -> int:
@@ -152,11 +152,12 @@ class StepBatch:
             traj.index += 1
         self.predictor.runtime.synchronize()
         unet_s = time.perf_counter() - start
-        self.step_seconds.append((sum(t.members for t in self.active), unet_s))
+        self.last_step_s = unet_s
         done = [t for t in self.active if t.done]
         self.active = [t for t in self.active if not t.done]
         start = time.perf_counter()
         finished = self._decode(done)
+        self.last_decode_s = time.perf_counter() - start
         stages["unet_decode"] = stages.get("unet_decode", 0.0) + unet_s + time.perf_counter() - start
         return finished
 
@@ -217,7 +218,7 @@ class MultiStepPredictor(DensePredictor):
     ) -> None:
         super().__init__(MultiStepRuntime(core, default_steps), model_id, "marigold", processing_res, default_seed)
         self.core = core
-        self.default_steps = default_steps
+        self._default_steps = default_steps
         self.auto_max_steps = auto_max_steps or default_steps
         self.scale_invariant = scale_invariant
         self.shift_invariant = shift_invariant
@@ -225,6 +226,10 @@ class MultiStepPredictor(DensePredictor):
     @property
     def multi_step(self) -> bool:
         return True
+
+    @property
+    def default_steps(self) -> int:
+        return self._default_steps
 
     def stepper(self) -> StepBatch:
         return StepBatch(self)
@@ -364,15 +369,6 @@ class MultiStepPredictor(DensePredictor):
             reduction=reduction,
             method=method,
         )
-
-
-def auto_steps(remaining_s: float, per_step_s: float, fixed_s: float, max_steps: int) -> int:
-    """The most steps (1 .. `max_steps`) whose estimated time, `fixed_s` (encode, decode, queue) plus one
-    `per_step_s` per step, fits in `remaining_s`; 1 when even one does not fit (a late answer beats none)."""
-    if per_step_s <= 0:
-        return max_steps
-    fit = math.floor((remaining_s - fixed_s) / per_step_s)
-    return max(1, min(max_steps, fit))
 
 
 def _with(item: BatchItem, **changes: Any) -> BatchItem:

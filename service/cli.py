@@ -16,7 +16,7 @@ from models.spec import BACKEND_CHOICES
 from models.training.cli import add_eval_parser, add_finetune_parser
 from service import logs, tracing
 from service.errors import InvalidParameter
-from service.request import FORMAT_ALIASES, Format, Limits, PredictionRequest, parse_request
+from service.request import FORMAT_ALIASES, Format, Limits, PredictionRequest, check_for_model, parse_request
 
 if TYPE_CHECKING:
     from models.inference import DensePredictor
@@ -112,8 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=True,
         help="resize maps back to the input size (default); --no-match-input-resolution keeps the processing size",
     )
-    p.add_argument("--seed", type=int, help="Lotus-G noise seed (default: the spec's, 0)")
-    p.add_argument("--steps", type=int, help="denoising steps (single-step families always take 1)")
+    p.add_argument("--seed", type=int, help="Lotus-G / Marigold noise seed (default: the spec's, 0)")
+    p.add_argument(
+        "--steps", type=int, help="denoising steps (default: the model's; single-step families refuse other than 1)"
+    )
+    p.add_argument("--ensemble-size", type=int, help="Marigold: members ensembled as diffusers does (default 1)")
     p.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default 4)")
     p.add_argument(
         "--format", type=_formats, default=["png"], help=f"comma list of {','.join(FILE_FORMATS)} (default png)"
@@ -374,6 +377,7 @@ def _predict_request(args: argparse.Namespace, task: str) -> PredictionRequest:
         "match_input_resolution": args.match_input_resolution,
         "seed": args.seed,
         "steps": args.steps,
+        "ensemble_size": args.ensemble_size,
         "format": args.format[0],
     }
     return parse_request({k: v for k, v in fields.items() if v is not None}, Limits(max_processing_res=16384))
@@ -400,6 +404,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         _predict_request(args, args.task or "depth")  # flags checked before minutes of model loading
         model = _load(args.model, args.device, args.dtype, args.task, args.backend)
         request = _predict_request(args, model.output_kind if model.output_kind == "normals" else "depth")
+        check_for_model(request, model.model_id, model.family, model.multi_step, model.default_steps)
     except (ModelError, InvalidParameter) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -416,7 +421,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
             pixels, geometry = decode_for(model, path, request.processing_res, max_pixels, args.jpeg_draft)
         except (codec.ImageDecodeError, ValueError) as exc:
             return f"error: {path}: {exc}"
-        return BatchItem(pixels, geometry, model.resolve_seed(request.seed), request.match_input_resolution, form)
+        steps = request.steps if isinstance(request.steps, int) else None
+        return BatchItem(
+            pixels,
+            geometry,
+            model.resolve_seed(request.seed),
+            request.match_input_resolution,
+            form,
+            steps,
+            request.ensemble_size or 1,
+        )
 
     def write(stem: str, pred: PredictionMap) -> None:
         for name, data in output_files(pred, stem, args.format, args.png_compression).items():
