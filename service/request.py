@@ -10,7 +10,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+    field_validator,
+)
 
 from models.outputs import Task
 from service.errors import InvalidParameter
@@ -30,6 +39,18 @@ RequestKind = Literal["predict", "uncertainty"]
 #: denoising steps of one run). `diffusers` and `steps` are for multi-step (Marigold) models.
 UncertaintyMethod = Literal["seeds", "diffusers", "steps"]
 STEPS_CAP = 1000
+
+
+def _one_steps_error(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    """One message for `steps` instead of one per branch of its union."""
+    try:
+        return handler(value)
+    except ValidationError:
+        raise ValueError(f"must be a whole number of steps from 1 to {STEPS_CAP}, or auto; got {value!r}") from None
+
+
+#: Denoising steps: N, or `auto` (the most that fit the deadline).
+Steps = Annotated[Annotated[int, Field(ge=1, le=STEPS_CAP)] | Literal["auto"], WrapValidator(_one_steps_error)]
 SEED_MAX = 2**31 - 1
 SEEDS_CAP = 32  # the hard cap of `seeds`; `uncertainty_max_seeds` may set a lower one
 PROCESSING_RES_CAP = 16384
@@ -71,7 +92,7 @@ class PredictionRequest(BaseModel):
     )
     reduction: Reduction = Field(default="mean", description="uncertainty: mean (std) or median (MAD)")
     return_members: bool = Field(default=False, description="uncertainty: every member too (JSON answers, as NPY)")
-    steps: Annotated[int, Field(ge=1, le=STEPS_CAP)] | Literal["auto"] | None = Field(
+    steps: Steps | None = Field(
         default=None,
         description="denoising steps (default: the model's); `auto`: the most that fit the deadline at the "
         "worker's measured time per step; single-step families (Lotus, E2E-FT) run 1 and refuse any other "

@@ -94,7 +94,8 @@ def test_batch_of_mixed_steps_equals_diffusers_per_image(marigold, name: str) ->
 def test_jobs_joining_and_leaving_between_steps_get_their_alone_result(marigold) -> None:
     _, model, _ = marigold["depth"]
     images = [random_image(48, 64, seed=10 + i) for i in range(3)]
-    alone = [model.predict_batch([item(model, im, i, s)])[0].array for i, (im, s) in enumerate(zip(images, (10, 3, 5)))]
+    steps = (10, 3, 5)
+    alone = [model.predict_batch([item(model, images[i], i, steps[i])])[0].array for i in range(3)]
     batch = model.stepper()
     batch.admit([("a", item(model, images[0], 0, 10))])
     finished = {}
@@ -199,11 +200,11 @@ def test_shipped_marigold_specs_and_offline_error(tmp_path) -> None:
         ("prs-eth/marigold-depth-lcm-v1-0", "depth"),
     ]:
         assert specs[source].family == "marigold" and specs[source].task == task
+    cli_args = ["--model", "marigold-depth-v1-1", "--steps", "4", "--out", str(tmp_path / "out")]
     env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
     env |= {"HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     result = subprocess.run(
-        [sys.executable, "-m", "service.cli", "predict", str(REPO / "assets" / "sample.png")]
-        + ["--model", "marigold-depth-v1-1", "--steps", "4", "--out", str(tmp_path / "out")],
+        [sys.executable, "-m", "service.cli", "predict", str(REPO / "assets" / "sample.png"), *cli_args],
         cwd=REPO,
         env=env,
         capture_output=True,

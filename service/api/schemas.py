@@ -17,11 +17,11 @@ from service.jobs import ModelInfo
 from service.request import (
     SEED_MAX,
     SEEDS_CAP,
-    STEPS_CAP,
     Format,
     JsonEncoding,
     Limits,
     Reduction,
+    Steps,
     UncertaintyMethod,
 )
 
@@ -44,7 +44,7 @@ def _predict_fields(limits: Limits) -> dict[str, Any]:
             Field(default=None, description="Lotus-G noise seed (default 0)"),
         ),
         "steps": (
-            Annotated[int, Field(ge=1, le=STEPS_CAP)] | Literal["auto"] | None,
+            Steps | None,
             Field(
                 default=None,
                 description="denoising steps (default: the model's); auto = the most that fit the deadline; "
