@@ -319,6 +319,9 @@ class Lane:
         held: dict[int, tuple[Prepared, float]] = {}
         await self._admit(stepper, batch, held)
         while stepper.active:
+            await self._drop_dead(stepper, held)
+            if not stepper.active:
+                break
             stages: dict[str, float] = {}
             members = stepper.members
             started = time.time()
@@ -343,6 +346,9 @@ class Lane:
             if room > 0 and self._pending:
                 now = time.time()
                 self._pending = [q for q in self._pending if not await self._dispose_if_dead(q.delivery, now)]
+                oldest = min(self._pending, key=lambda q: q.job.enqueued_at, default=None)
+                if oldest is not None and oldest.key != shape_key:
+                    continue  # another shape (or an uncertainty job) waits longer: drain, then serve it
                 joiners: list[Prepared] = []
                 for q in sorted(self._pending, key=lambda q: q.job.enqueued_at):
                     if q.key == shape_key and q.item.ensemble_size <= room:
@@ -351,6 +357,16 @@ class Lane:
                 if joiners:
                     self._take(joiners)
                     await self._admit(stepper, joiners, held)
+
+    async def _drop_dead(self, stepper: StepBatch, held: dict[int, tuple[Prepared, float]]) -> None:
+        """Stop stepping jobs whose deadline passed or whose client left: their answer would be thrown away."""
+        await self.broker.refresh_abandoned([held[id(t)][0].delivery for t in stepper.active])
+        now = time.time()
+        for traj in list(stepper.active):
+            p = held[id(traj)][0]
+            if await self._dispose_if_dead(p.delivery, now):
+                stepper.active.remove(traj)
+                del held[id(traj)]
 
     async def _admit(self, stepper: StepBatch, jobs: list[Prepared], held: dict[int, tuple[Prepared, float]]) -> None:
         """Start the jobs' trajectories (their images encoded in one VAE call), `steps=auto` resolved now."""
