@@ -56,6 +56,7 @@ def run(
     pending = iter(jobs)
     queue: deque[Job] = deque()
     latencies: list[float] = []
+    by_steps: dict[int, list[float]] = {n: [] for n in STEP_CHOICES}
     members_per_call: list[int] = []
 
     def issue() -> None:
@@ -89,6 +90,7 @@ def run(
         for done in finished:
             model.finish_trajectory(done)
             latencies.append(time.perf_counter() - done.trajectory.key.issued)
+            by_steps[done.trajectory.steps].append(latencies[-1])
             issue()
     elapsed = time.perf_counter() - start
     return {
@@ -96,6 +98,7 @@ def run(
         "mean_ms": statistics.fmean(latencies) * 1000,
         "p95_ms": float(np.percentile(latencies, 95)) * 1000,
         "members_per_call": statistics.fmean(members_per_call),
+        **{f"p50_{n}_ms": statistics.median(v) * 1000 for n, v in by_steps.items() if v},
         "unet_calls": len(members_per_call),
     }
 
@@ -134,13 +137,17 @@ def main(argv: list[str] | None = None) -> int:
         f"UNet call, {args.threads} CPU thread(s)"
     )
     print()
-    print("| device per UNet call | policy | jobs/s | mean ms | p95 ms | members per UNet call | UNet calls |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| device per UNet call | policy | jobs/s | mean ms | p95 ms | p50 ms, 1-step jobs | p50 ms, 10-step jobs "
+        "| members per UNet call | UNet calls |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for (device_ms, policy), r in results.items():
         device = "CPU only" if device_ms == 0 else f"CPU + {device_ms:.0f} ms"
         print(
             f"| {device} | {policy} | {r['jobs_per_s']:.2f} | {r['mean_ms']:.0f} | {r['p95_ms']:.0f} | "
-            f"{r['members_per_call']:.2f} | {r['unet_calls']:.0f} |"
+            f"{r.get('p50_1_ms', 0):.0f} | {r.get('p50_10_ms', 0):.0f} | {r['members_per_call']:.2f} | "
+            f"{r['unet_calls']:.0f} |"
         )
     print()
     for device_ms in (0.0, args.device_ms):

@@ -80,7 +80,7 @@ async def resolve_model(
             return serving[0]
         if not catalog or set(expected) - {m.id for m in catalog}:
             raise Unavailable("no model is ready yet; try again shortly", retry_after=1)
-        need = "a Lotus-G model" if kind == "uncertainty" else "a model"
+        need = "a Lotus-G or Marigold model" if kind == "uncertainty" else "a model"
         raise TaskNotServed(f"no served model predicts {task}; this request needs {need} for {task}")
     info = next((m for m in catalog if m.id == name), None)
     if info is None:
@@ -93,7 +93,7 @@ async def resolve_model(
     if kind == "uncertainty" and not info.generative:
         raise TaskNotServed(
             f"model '{name}' ({info.family}) is deterministic, so seeds do not vary it: multi-seed "
-            "uncertainty needs a Lotus-G model",
+            "uncertainty needs a Lotus-G or Marigold model",
             model=name,
         )
     return info
