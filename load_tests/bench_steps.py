@@ -111,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--model", type=Path, help="a Marigold checkpoint folder (default: a tiny one, built now)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each policy, interleaved; medians reported")
     parser.add_argument("--device-ms", type=float, default=50.0, help="batch-insensitive device time per UNet call")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -125,16 +126,18 @@ def main(argv: list[str] | None = None) -> int:
         rng = np.random.default_rng(args.seed)
         image = rng.random((48, 64, 3), dtype=np.float32)
         run(model, image, _jobs(8, args.seed), 4, args.max_batch, "continuous")  # warm-up
-        results = {}
+        runs: dict[tuple[float, str], list[dict[str, float]]] = {}
         for device_ms in (0.0, args.device_ms):
-            for policy in ("by-steps", "continuous"):
-                jobs = _jobs(args.jobs, args.seed)
-                results[(device_ms, policy)] = run(
-                    model, image, jobs, args.concurrency, args.max_batch, policy, device_ms
-                )
+            for _ in range(args.repeats):  # interleaved, so a busy machine slows both alike
+                for policy in ("by-steps", "continuous"):
+                    jobs = _jobs(args.jobs, args.seed)
+                    runs.setdefault((device_ms, policy), []).append(
+                        run(model, image, jobs, args.concurrency, args.max_batch, policy, device_ms)
+                    )
+        results = {key: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for key, rs in runs.items()}
     print(
         f"{args.jobs} jobs, steps from {STEP_CHOICES}, c={args.concurrency}, at most {args.max_batch} members per "
-        f"UNet call, {args.threads} CPU thread(s)"
+        f"UNet call, {args.threads} CPU thread(s); medians of {args.repeats} interleaved runs"
     )
     print()
     print(
