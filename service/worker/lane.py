@@ -325,6 +325,7 @@ class Lane:
             stages: dict[str, float] = {}
             members = stepper.members
             started = time.time()
+            idle_s = max(0.0, started - self._device_free_at)
             self.busy = True
             try:
                 finished = await loop.run_in_executor(self.compute_pool, self._step_and_finish, stepper, stages)
@@ -338,10 +339,12 @@ class Lane:
                 self.busy = False
                 self._device_free_at = time.time()
             self.step_timer.observe_step(stepper.last_step_s)
-            self.stats.record_forward(self.model_id, members, stages, max(0.0, started - self._device_free_at))
+            self.stats.record_forward(self.model_id, members, stages, idle_s)
             for key, pred in finished:
                 p, admitted = held.pop(key)
-                yield Computed([p], admitted, dict(stages), maps=[pred], shared=members)
+                # its compute: from admission to its last step, the steps it shared with others included
+                life = {"unet_decode": self._device_free_at - admitted, "postprocess": stages.get("postprocess", 0.0)}
+                yield Computed([p], admitted, life, maps=[pred], shared=members)
             room = self.max_batch - stepper.members
             if room > 0 and self._pending:
                 now = time.time()
