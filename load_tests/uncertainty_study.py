@@ -103,6 +103,8 @@ def train(folder: Path, scenes, steps: int, batch: int, lr: float) -> list[float
         loss.backward()
         opt.step()
         losses.append(float(loss.detach()))
+        if len(losses) % 25 == 0:
+            print(f"step {len(losses)}: loss {np.mean(losses[-25:]):.4f}", file=sys.stderr, flush=True)
     unet.eval().save_pretrained(folder / "unet")
     return losses
 
@@ -167,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--steps", type=int, default=10, help="denoising steps at evaluation")
     parser.add_argument("--seeds", type=int, default=8, help="members of the multi-seed ensemble")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
