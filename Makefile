@@ -13,7 +13,7 @@ TINY := .cache/tiny
 OUT ?= out
 PYTEST_WORKERS ?= 2
 
-.PHONY: install run demo bench-http bench-sizes bench-codecs gpu-wheels gpu-check-smoke chaos soak fuzz proto robot test lint clean
+.PHONY: install run demo bench-http bench-sizes bench-codecs bench-steps gpu-wheels gpu-check-smoke chaos soak fuzz proto robot test lint clean
 
 $(STAMP): pyproject.toml clients/python/pyproject.toml
 	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "dense-serve needs Python >= 3.11"; exit 1; }
@@ -42,6 +42,9 @@ bench-http: $(STAMP)
 # The data path at 640x480, 1080p and 4K through a real server; BEFORE=<git ref> measures that commit too.
 bench-sizes: $(STAMP)
 	$(BIN)/python -m load_tests.bench_sizes $(if $(BEFORE),--before $(BEFORE)) $(ARGS)
+
+bench-steps: $(STAMP)
+	$(BIN)/python -m load_tests.bench_steps $(ARGS)
 
 bench-codecs: $(STAMP)
 	$(BIN)/python -m load_tests.bench_codecs $(ARGS)

@@ -19,6 +19,10 @@ MARIGOLD_TASKS: dict[str, Task] = {
     "MarigoldDepthPipeline": "depth",
     "MarigoldNormalsPipeline": "normals",
 }
+#: Older Marigold checkpoints (the LCM ones, normals v0-1) name the generic pipeline; their keys say the task.
+MARIGOLD_PIPELINES = (*MARIGOLD_TASKS, "MarigoldPipeline")
+#: The schedulers diffusers' Marigold pipelines run (DDIM with eta 0, or LCM, which draws noise per step).
+MARIGOLD_SCHEDULERS = ("DDIMScheduler", "LCMScheduler")
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 
 
@@ -48,6 +52,20 @@ class CheckpointConfig:
             raise ModelLoadError(f"{path}: unreadable checkpoint config: {exc}") from exc
 
     @property
+    def default_steps(self) -> int | None:
+        """The checkpoint's recommended denoising steps (`default_denoising_steps` in model_index.json)."""
+        value = self.model_index.get("default_denoising_steps")
+        return int(value) if isinstance(value, int) and value >= 1 else None
+
+    @property
+    def is_multi_step(self) -> bool:
+        """A Marigold checkpoint meant for several steps from noise: an LCM scheduler, or more than one
+        recommended step. (E2E-FT checkpoints are Marigold pipelines too, but run one step from zeros.)"""
+        if self.model_index.get("_class_name") not in MARIGOLD_PIPELINES:
+            return False
+        return self.scheduler.get("_class_name") == "LCMScheduler" or (self.default_steps or 1) > 1
+
+    @property
     def is_lotus_unet(self) -> bool:
         return (
             self.unet.get("class_embed_type") == "projection"
@@ -63,6 +81,7 @@ class ModelIdentity:
     task: Task
     output_kind: OutputKind
     processing_res: int
+    default_steps: int = 1  # denoising steps when a request does not say (multi-step families only above 1)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -76,6 +95,8 @@ def detect_family(cfg: CheckpointConfig) -> Family | None:
     in_ch = cfg.unet.get("in_channels")
     if cfg.is_lotus_unet:
         return {8: "lotus-g", 4: "lotus-d"}.get(in_ch)
+    if in_ch == 8 and cfg.is_multi_step:
+        return "marigold"
     if in_ch == 8 and cfg.scheduler.get("prediction_type") == "v_prediction":
         return "e2e-ft"
     return None
@@ -86,6 +107,12 @@ def detect_kind(cfg: CheckpointConfig, name: str) -> OutputKind | None:
     marigold = MARIGOLD_TASKS.get(cfg.model_index.get("_class_name", ""))
     if marigold:
         return marigold
+    if cfg.model_index.get("_class_name") == "MarigoldPipeline":
+        declared = cfg.model_index.get("prediction_type")
+        if declared in ("depth", "normals"):
+            return declared
+        if "use_full_z_range" in cfg.model_index:
+            return "normals"
     name = name.lower()
     if "normal" in name:
         return "normals"
@@ -110,6 +137,14 @@ def check_family(family: Family, cfg: CheckpointConfig) -> None:
         want = 8 if family == "lotus-g" else 4
         if in_ch != want:
             problems.append(f"{family} needs a UNet with in_channels={want}, this one has {in_ch}")
+    elif family == "marigold":
+        if in_ch != 8:
+            problems.append(f"marigold needs a UNet with in_channels=8 (image + prediction latent), not {in_ch}")
+        scheduler = cfg.scheduler.get("_class_name")
+        if scheduler not in MARIGOLD_SCHEDULERS:
+            problems.append(f"marigold runs a DDIMScheduler or LCMScheduler, this checkpoint names {scheduler!r}")
+        if cfg.is_lotus_unet:
+            problems.append("this UNet has the Lotus task-switcher class embedding")
     else:
         if in_ch != 8:
             problems.append(f"e2e-ft needs a UNet with in_channels=8, this one has {in_ch}")
@@ -146,10 +181,15 @@ def identify(spec: ModelSpec, cfg: CheckpointConfig) -> ModelIdentity:
     task: Task = "normals" if kind == "normals" else "depth"
     if spec.task is not None and spec.task != task:
         raise ModelLoadError(f"model '{spec.id}': task={spec.task} contradicts output_kind={kind}")
-    if family == "e2e-ft" and kind == "disparity":
-        raise ModelLoadError(f"model '{spec.id}': e2e-ft predicts depth or normals, not disparity")
+    if family in ("e2e-ft", "marigold") and kind == "disparity":
+        raise ModelLoadError(f"model '{spec.id}': {family} predicts depth or normals, not disparity")
 
     res = spec.processing_res
     if res is None:
         res = int(cfg.model_index.get("default_processing_resolution") or DEFAULT_PROCESSING_RES)
-    return ModelIdentity(family=family, task=task, output_kind=kind, processing_res=res)
+    steps = 1
+    if family == "marigold":
+        steps = spec.steps or cfg.default_steps or 1
+    elif spec.steps not in (None, 1):
+        raise ModelLoadError(f"model '{spec.id}': {family} is a single-step family; steps must be 1, got {spec.steps}")
+    return ModelIdentity(family=family, task=task, output_kind=kind, processing_res=res, default_steps=steps)

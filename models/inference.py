@@ -35,6 +35,8 @@ class BatchItem:
     seed: int | None = None
     match_input_resolution: bool = True
     form: MapForm = "float32"
+    steps: int | None = None  # multi-step families: denoising steps (None = the model's default)
+    ensemble_size: int = 1  # multi-step families: members ensembled as diffusers does
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,7 @@ class UncertaintyResult:
     members: np.ndarray | None
     seeds: list[int]
     reduction: Reduction
+    method: str = "seeds"  # seeds (ours), diffusers (Marigold ensembling), steps (step change)
 
 
 class DensePredictor:
@@ -77,6 +80,15 @@ class DensePredictor:
     def generative(self) -> bool:
         return self.runtime.generative
 
+    @property
+    def multi_step(self) -> bool:
+        """Whether `steps` changes what this model computes (single-step families always take 1)."""
+        return False
+
+    @property
+    def default_steps(self) -> int:
+        return 1
+
     def plan(self, image: np.ndarray, processing_res: int | None = None) -> Geometry:
         """Sizes for one image; a ValueError when the runtime cannot run them (an engine built for less)."""
         return self.plan_size(image.shape[0], image.shape[1], processing_res)
@@ -109,10 +121,13 @@ class DensePredictor:
         batch_size: int = 8,
         on_batch: Callable[[int], None] | None = None,
         form: MapForm = "float32",
+        steps: int | None = None,
+        ensemble_size: int = 1,
     ) -> list[PredictionMap]:
         """Predict one map per `[H, W, 3]` image (uint8, or float32 in [0, 1]), in input order.
 
         Images that share a processing shape run together, `batch_size` at a time, in one forward pass.
+        `steps` and `ensemble_size` are for multi-step families (single-step ones refuse anything but 1).
         """
         if seeds is None or isinstance(seeds, int):
             seed_list = [seeds] * len(images)
@@ -121,7 +136,15 @@ class DensePredictor:
         else:
             seed_list = list(seeds)
         items = [
-            BatchItem(img, self.plan(img, processing_res), self.resolve_seed(s), match_input_resolution, form)
+            BatchItem(
+                img,
+                self.plan(img, processing_res),
+                self.resolve_seed(s),
+                match_input_resolution,
+                form,
+                steps,
+                ensemble_size,
+            )
             for img, s in zip(images, seed_list, strict=True)
         ]
         return self.predict_items(items, batch_size=batch_size, on_batch=on_batch)
@@ -162,6 +185,8 @@ class DensePredictor:
         shapes = {it.geometry.padded_hw for it in items}
         if len(shapes) != 1:
             raise ValueError(f"a batch must share one processing shape, got {sorted(shapes)}")
+        if any(it.steps not in (None, 1) or it.ensemble_size != 1 for it in items):
+            raise ValueError(f"model '{self.model_id}' ({self.family}) is single-step: steps and ensemble_size are 1")
         rt = self.runtime
         stages = {} if stages is None else stages
         start = time.perf_counter()
@@ -193,8 +218,11 @@ class DensePredictor:
         seeds: Sequence[int],
         reduction: Reduction = "mean",
         return_members: bool = False,
+        method: str = "seeds",
     ) -> UncertaintyResult:
         """Lotus-G multi-seed ensemble as ONE batch: encode once, repeat the latent per seed."""
+        if method != "seeds":
+            raise ValueError(f"model '{self.model_id}' ({self.family}) has only the seeds uncertainty method")
         if not self.generative:
             raise ValueError(f"model '{self.model_id}' ({self.family}) is deterministic: seeds do not vary it")
         if len(seeds) < 2:

@@ -98,6 +98,13 @@ def load_model(
 
         simulated = SimulatedRuntime(ident.output_kind, ident.family == "lotus-g", spec.simulated_batch_ms)
         return DensePredictor(simulated, spec.id, ident.family, ident.processing_res, spec.seed)
+    if ident.family == "marigold":
+        if chosen not in ("auto", "torch"):
+            raise ModelLoadError(
+                f"model '{spec.id}': the marigold family runs on the torch backend only (its step loop batches "
+                f"jobs at different steps, which the exported single-step graphs cannot); got backend {chosen}"
+            )
+        return _load_marigold(spec, path, cfg, ident, device, dtype)
     if chosen in ("auto", "torch"):
         dev = pick_device(device)
         dt = pick_dtype(dtype or spec.dtype, dev)
@@ -115,6 +122,55 @@ def load_model(
         )
     folder = cached_export(spec, path, chosen, _export_dtype(dtype or spec.dtype, device))
     return _load_export(spec, folder, Manifest.read(folder), chosen, device)
+
+
+def _load_marigold(
+    spec: ModelSpec, path: Path, cfg: CheckpointConfig, ident: ModelIdentity, device: str, dtype: str | None
+) -> DensePredictor:
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from models.multistep import MultiStepPredictor
+    from models.predictors.marigold import MarigoldCore
+
+    dev = pick_device(device)
+    dt = pick_dtype(dtype or spec.dtype, dev)
+    try:
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dt)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dt)
+        for module in (unet, vae):
+            module.set_attn_processor(AttnProcessor2_0())
+            module.requires_grad_(False)
+        core = MarigoldCore(
+            unet,
+            vae,
+            empty_prompt_embedding(path).to(dt),
+            ident.output_kind,
+            cfg.scheduler,
+            use_full_z_range=bool(cfg.model_index.get("use_full_z_range", True)),
+        )
+    except Exception as exc:  # corrupt weights raise library-specific types; name the model either way
+        raise ModelLoadError(f"model '{spec.id}': cannot load {path}: {type(exc).__name__}: {exc}") from exc
+    core = core.to(dev).eval()
+    log.info(
+        "loaded %s (marigold %s, %s, %d steps by default) on %s %s",
+        spec.id,
+        ident.task,
+        core.scheduler_name,
+        ident.default_steps,
+        dev,
+        dt,
+    )
+    return MultiStepPredictor(
+        core,
+        spec.id,
+        ident.processing_res,
+        ident.default_steps,
+        default_seed=spec.seed,
+        auto_max_steps=spec.auto_max_steps,
+        scale_invariant=bool(cfg.model_index.get("scale_invariant", True)),
+        shift_invariant=bool(cfg.model_index.get("shift_invariant", True)),
+    )
 
 
 def _export_dtype(dtype: str, device: str) -> str:

@@ -10,7 +10,7 @@ from typing import Literal
 
 import numpy as np
 
-Family = Literal["lotus-g", "lotus-d", "e2e-ft"]
+Family = Literal["lotus-g", "lotus-d", "e2e-ft", "marigold"]
 Task = Literal["depth", "normals"]
 OutputKind = Literal["depth", "disparity", "normals"]
 #: What a map is when it leaves the runtime's device: float32 values, float16 values, quantised integers
@@ -23,7 +23,9 @@ MapForm = Literal["float32", "float16", "quantized", "color"]
 #: ground truth to it at load time; every normals answer states it.
 NORMALS_CONVENTION = "+x image left, +y image up, +z towards the camera"
 
-FAMILIES: tuple[Family, ...] = ("lotus-g", "lotus-d", "e2e-ft")
+FAMILIES: tuple[Family, ...] = ("lotus-g", "lotus-d", "e2e-ft", "marigold")
+#: Families that refine their map over several denoising steps (the others run one UNet call).
+MULTI_STEP_FAMILIES: tuple[Family, ...] = ("marigold",)
 TASKS: tuple[Task, ...] = ("depth", "normals")
 OUTPUT_KINDS: tuple[OutputKind, ...] = ("depth", "disparity", "normals")
 

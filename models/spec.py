@@ -36,6 +36,12 @@ class ModelSpec(BaseModel):
     processing_res: int | None = Field(
         default=None, ge=0, description="default long edge; 0 = native; None = checkpoint default or 768"
     )
+    steps: int | None = Field(
+        default=None, ge=1, le=1000, description="multi-step families: default denoising steps (None = checkpoint's)"
+    )
+    auto_max_steps: int | None = Field(
+        default=None, ge=1, le=1000, description="steps=auto: the most steps it may choose (None = the default steps)"
+    )
     dtype: Literal["auto", "fp16", "fp32"] = "auto"
     device: str = "auto"
     seed: int = Field(default=0, ge=0, description="default Lotus-G noise seed")

@@ -22,7 +22,11 @@ PIPELINE_CLASS: dict[tuple[Family, Task], str] = {
     ("lotus-d", "normals"): "DirectRegressionPipeline",
     ("e2e-ft", "depth"): "MarigoldDepthPipeline",
     ("e2e-ft", "normals"): "MarigoldNormalsPipeline",
+    ("marigold", "depth"): "MarigoldDepthPipeline",
+    ("marigold", "normals"): "MarigoldNormalsPipeline",
 }
+#: Recommended steps written into a tiny Marigold checkpoint (prs-eth/marigold-depth-v1-1 says 4; LCM says 1).
+TINY_MARIGOLD_STEPS = {"ddim": 4, "lcm": 1}
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -99,9 +103,14 @@ TINY_VAE = dict(
 )
 
 
-def make_tiny(out: str | Path, family: Family, task: Task, seed: int = 0, arch: str = "tiny") -> Path:
-    """Write a diffusers-format checkpoint (tiny: well under 5 MB; sd2: the real SD2 architecture) to `out`."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+def make_tiny(
+    out: str | Path, family: Family, task: Task, seed: int = 0, arch: str = "tiny", scheduler: str = "ddim"
+) -> Path:
+    """Write a diffusers-format checkpoint (tiny: well under 5 MB; sd2: the real SD2 architecture) to `out`.
+
+    `scheduler` (marigold only): "ddim" like prs-eth/marigold-*-v1-1, or "lcm" like marigold-depth-lcm-v1-0.
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, LCMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     out = Path(out)
@@ -145,22 +154,35 @@ def make_tiny(out: str | Path, family: Family, task: Task, seed: int = 0, arch: 
         class_embed_type="projection" if lotus else None,
         projection_class_embeddings_input_dim=4 if lotus else None,
     )
-    scheduler = DDIMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        set_alpha_to_one=True,
-        steps_offset=1,
-        timestep_spacing="trailing",
-        prediction_type="sample" if lotus else "v_prediction",
-    )
+    if scheduler not in TINY_MARIGOLD_STEPS:
+        raise ValueError(f"scheduler must be one of {', '.join(TINY_MARIGOLD_STEPS)}, got {scheduler!r}")
+    betas = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+    sched: DDIMScheduler | LCMScheduler
+    if family == "marigold" and scheduler == "lcm":
+        sched = LCMScheduler(
+            **betas,
+            clip_sample=False,
+            set_alpha_to_one=False,
+            steps_offset=1,
+            original_inference_steps=50,
+            timestep_spacing="leading",
+            prediction_type="v_prediction",
+        )
+    else:
+        # Marigold v1-1's own config: "previous sample" at the last step, not alpha 1 (E2E-FT sets it).
+        sched = DDIMScheduler(
+            **betas,
+            clip_sample=False,
+            set_alpha_to_one=family != "marigold",
+            steps_offset=1,
+            timestep_spacing="trailing",
+            prediction_type="sample" if lotus else "v_prediction",
+        )
     _condition_like_trained(vae, task)
     for name, module in (("text_encoder", text_encoder), ("vae", vae), ("unet", unet)):
         module.save_pretrained(out / name, safe_serialization=True)
-    scheduler.save_pretrained(out / "scheduler")
-    write_model_index(out, family, task)
+    sched.save_pretrained(out / "scheduler")
+    write_model_index(out, family, task, steps=TINY_MARIGOLD_STEPS[scheduler] if family == "marigold" else 1)
     return out
 
 
@@ -175,23 +197,30 @@ def _condition_like_trained(vae: torch.nn.Module, task: Task) -> None:
             vae.decoder.conv_out.bias[2] = 0.9
 
 
-def write_model_index(out: Path, family: Family, task: Task, processing_res: int = TINY_PROCESSING_RES) -> None:
+def write_model_index(
+    out: Path, family: Family, task: Task, processing_res: int = TINY_PROCESSING_RES, steps: int = 1
+) -> None:
     """The pipeline class and keys the hub checkpoints of this family carry, so detection works on ours too."""
     import diffusers
+
+    scheduler_file = out / "scheduler" / "scheduler_config.json"
+    scheduler_class = "DDIMScheduler"
+    if scheduler_file.is_file():
+        scheduler_class = json.loads(scheduler_file.read_text())["_class_name"]
 
     index: dict[str, object] = {
         "_class_name": PIPELINE_CLASS[(family, task)],
         "_diffusers_version": diffusers.__version__,
-        "scheduler": ["diffusers", "DDIMScheduler"],
+        "scheduler": ["diffusers", scheduler_class],
         "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"],
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
     }
-    if family == "e2e-ft":
+    if family in ("e2e-ft", "marigold"):
         index |= {
             "prediction_type": task,
-            "default_denoising_steps": 1,
+            "default_denoising_steps": steps,
             "default_processing_resolution": processing_res,
         }
         index |= {"use_full_z_range": True} if task == "normals" else {"scale_invariant": True, "shift_invariant": True}

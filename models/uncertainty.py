@@ -1,4 +1,5 @@
-"""Multi-seed (Lotus-G) ensembling: align members, reduce them, and measure their spread.
+"""Multi-seed ensembling (Lotus-G, and Marigold's `seeds` method): align members, reduce them, and measure
+their spread; and the step-change uncertainty of a multi-step trajectory (`step_change`).
 
 Depth/disparity members are aligned to the first one by a least-squares scale and shift (they are
 affine-invariant), then reduced by mean (uncertainty = standard deviation) or median (uncertainty =
@@ -49,3 +50,22 @@ def reduce_normals(members: torch.Tensor, reduction: Reduction) -> tuple[torch.T
     angles = torch.rad2deg(torch.arccos(cos))
     spread = angles.mean(dim=0) if reduction == "mean" else angles.median(dim=0).values
     return centre, spread
+
+
+def step_change(track: torch.Tensor) -> torch.Tensor:
+    """How much the decoded x0 prediction still changes over the last steps of one trajectory.
+
+    `track` holds the decoded x0 maps of the last k + 1 steps, oldest first: `[k + 1, H, W]` depth in [0, 1] or
+    `[k + 1, 3, H, W]` unit normals. Depth: every map is affine-aligned (least squares) to the last one, then
+    the mean absolute change between consecutive maps, in the final map's units. Normals: the mean angle
+    between consecutive directions, in degrees. Zero where the steps agree.
+    """
+    if track.shape[0] < 2:
+        raise ValueError("step change needs the x0 predictions of at least two steps")
+    if track.dim() == 4:
+        # atan2(|a x b|, a . b): exact 0 for equal vectors, where arccos of a rounded dot product is not
+        a, b = track[1:], track[:-1]
+        sin = torch.linalg.vector_norm(torch.linalg.cross(a, b, dim=1), dim=1)
+        return torch.rad2deg(torch.atan2(sin, (a * b).sum(dim=1))).mean(dim=0)
+    aligned = align_scale_shift(track.flip(0)).flip(0)
+    return (aligned[1:] - aligned[:-1]).abs().mean(dim=0)

@@ -16,7 +16,7 @@ from models.spec import BACKEND_CHOICES
 from models.training.cli import add_eval_parser, add_finetune_parser
 from service import logs, tracing
 from service.errors import InvalidParameter
-from service.request import FORMAT_ALIASES, Format, Limits, PredictionRequest, parse_request
+from service.request import FORMAT_ALIASES, Format, Limits, PredictionRequest, check_for_model, parse_request
 
 if TYPE_CHECKING:
     from models.inference import DensePredictor
@@ -112,8 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=True,
         help="resize maps back to the input size (default); --no-match-input-resolution keeps the processing size",
     )
-    p.add_argument("--seed", type=int, help="Lotus-G noise seed (default: the spec's, 0)")
-    p.add_argument("--steps", type=int, help="denoising steps (single-step families always take 1)")
+    p.add_argument("--seed", type=int, help="Lotus-G / Marigold noise seed (default: the spec's, 0)")
+    p.add_argument(
+        "--steps", type=int, help="denoising steps (default: the model's; single-step families refuse other than 1)"
+    )
+    p.add_argument("--ensemble-size", type=int, help="Marigold: members ensembled as diffusers does (default 1)")
     p.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default 4)")
     p.add_argument(
         "--format", type=_formats, default=["png"], help=f"comma list of {','.join(FILE_FORMATS)} (default png)"
@@ -198,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--family", choices=FAMILIES, required=True)
     t.add_argument("--task", choices=TASKS, required=True)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument(
+        "--scheduler", choices=("ddim", "lcm"), default="ddim", help="marigold: DDIM (v1-1, 4 steps) or LCM (1 step)"
+    )
     t.set_defaults(func=cmd_make_tiny)
     return parser
 
@@ -350,7 +356,7 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
     _quiet_hub_libraries()
     from models.tiny import make_tiny
 
-    path = make_tiny(args.out, args.family, args.task, args.seed)
+    path = make_tiny(args.out, args.family, args.task, args.seed, scheduler=args.scheduler)
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
     print(f"wrote tiny {args.family} {args.task} checkpoint (random weights, {size / 1e6:.1f} MB) to {path}")
     return 0
@@ -372,6 +378,7 @@ def _predict_request(args: argparse.Namespace, task: str) -> PredictionRequest:
         "match_input_resolution": args.match_input_resolution,
         "seed": args.seed,
         "steps": args.steps,
+        "ensemble_size": args.ensemble_size,
         "format": args.format[0],
     }
     return parse_request({k: v for k, v in fields.items() if v is not None}, Limits(max_processing_res=16384))
@@ -398,6 +405,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         _predict_request(args, args.task or "depth")  # flags checked before minutes of model loading
         model = _load(args.model, args.device, args.dtype, args.task, args.backend)
         request = _predict_request(args, model.output_kind if model.output_kind == "normals" else "depth")
+        check_for_model(request, model.model_id, model.family, model.multi_step, model.default_steps)
     except (ModelError, InvalidParameter) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -414,7 +422,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
             pixels, geometry = decode_for(model, path, request.processing_res, max_pixels, args.jpeg_draft)
         except (codec.ImageDecodeError, ValueError) as exc:
             return f"error: {path}: {exc}"
-        return BatchItem(pixels, geometry, model.resolve_seed(request.seed), request.match_input_resolution, form)
+        steps = request.steps if isinstance(request.steps, int) else None
+        return BatchItem(
+            pixels,
+            geometry,
+            model.resolve_seed(request.seed),
+            request.match_input_resolution,
+            form,
+            steps,
+            request.ensemble_size or 1,
+        )
 
     def write(stem: str, pred: PredictionMap) -> None:
         for name, data in output_files(pred, stem, args.format, args.png_compression).items():

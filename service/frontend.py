@@ -7,12 +7,12 @@ import logging
 import time
 from collections.abc import Sequence
 
-from models.outputs import Task, task_of
+from models.outputs import MULTI_STEP_FAMILIES, Task, task_of
 from models.spec import DEFAULT_PROCESSING_RES, ModelSpec
 from service.errors import ModelNotFound, TaskNotServed, Unavailable
 from service.jobs import Job, JobKind, JobParams, ModelInfo
 from service.queue.base import Broker
-from service.request import PredictionRequest
+from service.request import PredictionRequest, check_for_model
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,8 @@ def declared_info(spec: ModelSpec, max_batch_size: int, max_queue_delay_ms: floa
         dtype=spec.dtype,
         max_batch_size=spec.max_batch_size or max_batch_size,
         max_queue_delay_ms=spec.max_queue_delay_ms if spec.max_queue_delay_ms is not None else max_queue_delay_ms,
+        multi_step=spec.family in MULTI_STEP_FAMILIES,
+        default_steps=spec.steps or (0 if spec.family in MULTI_STEP_FAMILIES else 1),  # 0: the checkpoint's
     )
 
 
@@ -78,7 +80,7 @@ async def resolve_model(
             return serving[0]
         if not catalog or set(expected) - {m.id for m in catalog}:
             raise Unavailable("no model is ready yet; try again shortly", retry_after=1)
-        need = "a Lotus-G model" if kind == "uncertainty" else "a model"
+        need = "a Lotus-G or Marigold model" if kind == "uncertainty" else "a model"
         raise TaskNotServed(f"no served model predicts {task}; this request needs {need} for {task}")
     info = next((m for m in catalog if m.id == name), None)
     if info is None:
@@ -91,7 +93,7 @@ async def resolve_model(
     if kind == "uncertainty" and not info.generative:
         raise TaskNotServed(
             f"model '{name}' ({info.family}) is deterministic, so seeds do not vary it: multi-seed "
-            "uncertainty needs a Lotus-G model",
+            "uncertainty needs a Lotus-G or Marigold model",
             model=name,
         )
     return info
@@ -107,7 +109,9 @@ def make_job(
     traceparent: str | None,
     raw_shape: list[int] | None = None,
 ) -> Job:
-    """The job a validated request becomes, the same way from REST and gRPC."""
+    """The job a validated request becomes, the same way from REST and gRPC; refused (422) when it asks the
+    model for what its family cannot do (steps of a single-step family, ...)."""
+    check_for_model(request, info.id, info.family, info.multi_step, info.default_steps)
     timeout_ms = request.timeout_ms or default_timeout_ms
     return Job(
         kind=request.kind,

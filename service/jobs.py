@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field
 
 from models.outputs import OutputKind, Task
 from service.errors import ErrorInfo
-from service.request import PredictionRequest, Reduction, RequestKind
+from service.request import PredictionRequest, Reduction, RequestKind, UncertaintyMethod
 
 JobKind = RequestKind
 #: What a worker writes: every answer format but `json`, which the front-end wraps around `png` or `npy`.
@@ -27,11 +27,13 @@ class JobParams(BaseModel):
     match_input_resolution: bool = True
     seed: int | None = None
     encoding: Encoding = "png"
-    steps: int | None = None
+    steps: int | Literal["auto"] | None = None
+    ensemble_size: int = 1
     # uncertainty only
     seeds: list[int] | None = None
     reduction: Reduction = "mean"
     return_members: bool = False
+    method: UncertaintyMethod = "seeds"
 
     @classmethod
     def of(cls, request: PredictionRequest) -> JobParams:
@@ -42,7 +44,9 @@ class JobParams(BaseModel):
             seed=request.seed,
             encoding=request.encoding,  # type: ignore[arg-type] - json is unwrapped by `encoding`
             steps=request.steps,
+            ensemble_size=request.ensemble_size or 1,
             seeds=request.ensemble if uncertainty else None,
+            method=request.method,
             reduction=request.reduction,
             return_members=uncertainty and request.return_members and request.format == "json",
         )
@@ -81,7 +85,10 @@ class MapMetadata(BaseModel):
     seed: int | None = None
     steps: int = 1
     normals_convention: str | None = None  # normals only: the camera-frame axes (models.outputs)
+    ensemble_size: int | None = None
     # uncertainty answers
+    uncertainty_method: UncertaintyMethod | None = None
+    step_window: int | None = None
     seeds: list[int] | None = None
     reduction: Reduction | None = None
     uncertainty_unit: str | None = None
@@ -123,3 +130,5 @@ class ModelInfo(BaseModel):
     dtype: str
     max_batch_size: int
     max_queue_delay_ms: float
+    multi_step: bool = False
+    default_steps: int = 1

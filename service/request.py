@@ -10,7 +10,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+    field_validator,
+)
 
 from models.outputs import Task
 from service.errors import InvalidParameter
@@ -24,6 +33,24 @@ FORMAT_ALIASES: dict[str, Format] = {"png16": "png"}
 JsonEncoding = Literal["png", "npy"]
 Reduction = Literal["mean", "median"]
 RequestKind = Literal["predict", "uncertainty"]
+#: How `/v1/uncertainty` measures: `seeds` (ours: members seed, seed + 1, ... aligned to member 0 by least
+#: squares, population std), `diffusers` (Marigold's own ensembling: joint BFGS alignment, MAD or sample std
+#: over the range; normals: mean angle / pi), `steps` (how much the x0 prediction still changes over the last
+#: denoising steps of one run). `diffusers` and `steps` are for multi-step (Marigold) models.
+UncertaintyMethod = Literal["seeds", "diffusers", "steps"]
+STEPS_CAP = 1000
+
+
+def _one_steps_error(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    """One message for `steps` instead of one per branch of its union."""
+    try:
+        return handler(value)
+    except ValidationError:
+        raise ValueError(f"must be a whole number of steps from 1 to {STEPS_CAP}, or auto; got {value!r}") from None
+
+
+#: Denoising steps: N, or `auto` (the most that fit the deadline).
+Steps = Annotated[Annotated[int, Field(ge=1, le=STEPS_CAP)] | Literal["auto"], WrapValidator(_one_steps_error)]
 SEED_MAX = 2**31 - 1
 SEEDS_CAP = 32  # the hard cap of `seeds`; `uncertainty_max_seeds` may set a lower one
 PROCESSING_RES_CAP = 16384
@@ -65,10 +92,17 @@ class PredictionRequest(BaseModel):
     )
     reduction: Reduction = Field(default="mean", description="uncertainty: mean (std) or median (MAD)")
     return_members: bool = Field(default=False, description="uncertainty: every member too (JSON answers, as NPY)")
-    steps: Annotated[int, Field(ge=1, le=1000)] | None = Field(
+    steps: Steps | None = Field(
         default=None,
-        description="denoising steps (default: the model's); single-step families (Lotus, E2E-FT) always take 1, "
-        "as deterministic ones ignore `seed`: the answer's `steps` says what ran",
+        description="denoising steps (default: the model's); `auto`: the most that fit the deadline at the "
+        "worker's measured time per step; single-step families (Lotus, E2E-FT) run 1 and refuse any other "
+        "number; the answer's `steps` says what ran",
+    )
+    ensemble_size: Annotated[int, Field(ge=1, le=SEEDS_CAP)] | None = Field(
+        default=None, description="multi-step families: members ensembled as diffusers' Marigold does (default 1)"
+    )
+    method: UncertaintyMethod = Field(
+        default="seeds", description="uncertainty: seeds (ours), diffusers (Marigold's ensembling) or steps"
     )
     format: Format = Field(default="png", description="answer format")
     json_encoding: JsonEncoding = Field(default="png", description="how maps are encoded inside a JSON answer")
@@ -118,6 +152,40 @@ class PredictionRequest(BaseModel):
         SEED_MAX to 0 so that every seed the schema allows is a valid start."""
         base = self.seed or 0
         return [(base + i) % (SEED_MAX + 1) for i in range(self.seeds or 8)]
+
+
+def check_for_model(request: PredictionRequest, model: str, family: str, multi_step: bool, default_steps: int) -> None:
+    """What only the chosen model decides: a single-step family runs exactly one step, has no ensemble, and
+    no step-change uncertainty; a 422 that says why, naming the field."""
+    if not multi_step:
+        if isinstance(request.steps, int) and request.steps != 1:
+            raise InvalidParameter(
+                f"model '{model}' ({family}) is a single-step family: it computes its map in one UNet call, so "
+                f"steps must be 1 (or left out, or auto), got {request.steps}; multi-step models (marigold) take N",
+                field="steps",
+            )
+        if (request.ensemble_size or 1) != 1:
+            raise InvalidParameter(
+                f"model '{model}' ({family}) has no ensemble_size (a multi-step family's option); "
+                "for a Lotus-G ensemble use /v1/uncertainty with seeds",
+                field="ensemble_size",
+            )
+        if request.kind == "uncertainty" and request.method != "seeds":
+            raise InvalidParameter(
+                f"method={request.method} needs a multi-step model; model '{model}' ({family}) has only method=seeds",
+                field="method",
+            )
+        return
+    if request.kind == "uncertainty" and request.method == "steps":
+        steps = request.steps if isinstance(request.steps, int) else default_steps
+        if request.steps != "auto" and 0 < steps < 2:  # 0: not known before a worker loaded the checkpoint
+            raise InvalidParameter(
+                f"method=steps measures the change between denoising steps, so it needs steps >= 2 "
+                f"(model '{model}' runs {steps} by default); pass steps",
+                field="steps",
+            )
+        if (request.ensemble_size or 1) != 1:
+            raise InvalidParameter("method=steps follows one run: ensemble_size must be 1", field="ensemble_size")
 
 
 def _limits(info: ValidationInfo) -> Limits:

@@ -80,7 +80,7 @@ async def test_endpoint_members_match_single_seed_predictions(tiny_dir, tiny_mod
             aligned = _np_align(singles)
             np.testing.assert_allclose(outs["prediction"], np.clip(aligned.mean(0), 0, 1), atol=1e-4)
             np.testing.assert_allclose(outs["uncertainty"], aligned.std(0), atol=1e-4)
-            assert data["uncertainty_measure"] == "standard deviation"
+            assert data["uncertainty_measure"] == "population standard deviation"
         else:
             mean = singles.mean(0)
             mean /= np.linalg.norm(mean, axis=-1, keepdims=True)

@@ -14,7 +14,16 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from models.outputs import OutputKind, Task
 from service.jobs import ModelInfo
-from service.request import SEED_MAX, Format, JsonEncoding, Limits, Reduction
+from service.request import (
+    SEED_MAX,
+    SEEDS_CAP,
+    Format,
+    JsonEncoding,
+    Limits,
+    Reduction,
+    Steps,
+    UncertaintyMethod,
+)
 
 ApiFormat = Literal["png", "npy", "exr", "tiff", "color", "json"]  # `raw16`/`raw32` are gRPC's bare floats
 
@@ -35,8 +44,16 @@ def _predict_fields(limits: Limits) -> dict[str, Any]:
             Field(default=None, description="Lotus-G noise seed (default 0)"),
         ),
         "steps": (
-            Annotated[int, Field(ge=1, le=1000)] | None,
-            Field(default=None, description="denoising steps; single-step families (Lotus, E2E-FT) always take 1"),
+            Steps | None,
+            Field(
+                default=None,
+                description="denoising steps (default: the model's); auto = the most that fit the deadline; "
+                "single-step families (Lotus, E2E-FT) take 1 and refuse other numbers",
+            ),
+        ),
+        "ensemble_size": (
+            Annotated[int, Field(ge=1, le=SEEDS_CAP)] | None,
+            Field(default=None, description="multi-step (Marigold): members ensembled as diffusers does"),
         ),
         "timeout_ms": (
             Annotated[int, Field(ge=1, le=limits.max_timeout_ms)] | None,
@@ -56,6 +73,15 @@ def _uncertainty_fields(limits: Limits) -> dict[str, Any]:
         ),
         "reduction": (Reduction, Field(default="mean", description="mean (std / mean angle) or median (MAD)")),
         "return_members": (bool, Field(default=False, description="every member too (JSON answers, as NPY)")),
+        "method": (
+            UncertaintyMethod,
+            Field(
+                default="seeds",
+                description="seeds: ours (multi-seed, least squares to member 0, population std); diffusers: "
+                "Marigold's ensembling (joint alignment, MAD or sample std over the range); steps: change of the "
+                "x0 prediction over the last steps of one run (no extra UNet calls). The last two: Marigold",
+            ),
+        ),
     }
 
 
@@ -141,6 +167,9 @@ class PredictionJSON(BaseModel):
         default=None,
         description="normals only: the camera-frame axes of the vectors (+x image left, +y up, +z to camera)",
     )
+    ensemble_size: int | None = Field(default=None, description="multi-step: members ensembled (diffusers' way)")
+    uncertainty_method: str | None = Field(default=None, description="uncertainty: seeds, diffusers or steps")
+    step_window: int | None = Field(default=None, description="method=steps: step changes averaged")
     processing_size: list[int]
     batch_size: int
     timings: dict[str, float] = Field(description="milliseconds per stage")

@@ -63,9 +63,13 @@ def request_of(req: pb.PredictRequest, limits: Limits, deadline_s: float | None 
         if req.HasField("match_input_resolution")
         else not req.native_size,
     }
-    for name in ("processing_res", "seed", "steps"):
+    for name in ("processing_res", "seed", "steps", "ensemble_size"):
         if req.HasField(name):
             fields[name] = getattr(req, name)
+    if req.steps_auto:
+        if req.HasField("steps"):
+            raise InvalidParameter("set steps or steps_auto, not both", field="steps")
+        fields["steps"] = "auto"
     timeout_ms = req.timeout_ms or None
     if deadline_s is not None:  # the call's own deadline bounds the job's
         timeout_ms = max(1, min(timeout_ms or limits.max_timeout_ms, int(deadline_s * 1000)))
@@ -87,6 +91,7 @@ class _Window:
 
     max_in_flight: int
     drop_stale: bool = False
+    steps_auto: bool = False  # frames without steps run steps=auto
 
 
 class DenseServicer(dense_pb2_grpc.DenseServiceServicer):
@@ -127,6 +132,8 @@ class DenseServicer(dense_pb2_grpc.DenseServiceServicer):
                     dtype=m.dtype,
                     max_batch_size=m.max_batch_size,
                     generative=m.generative,
+                    multi_step=m.multi_step,
+                    default_steps=m.default_steps,
                 )
                 for m in catalog
             ]
@@ -251,7 +258,10 @@ class DenseServicer(dense_pb2_grpc.DenseServiceServicer):
                         if message.config.max_in_flight:
                             window.max_in_flight = max(1, min(int(message.config.max_in_flight), cap))
                         window.drop_stale = bool(message.config.drop_stale)
+                        window.steps_auto = bool(message.config.steps_auto)
                         continue
+                    if window.steps_auto and not message.frame.HasField("steps"):
+                        message.frame.steps_auto = True
                     async with changed:
                         if window.drop_stale:
                             for older in frames:

@@ -57,16 +57,17 @@ def encode_prediction(pred: PredictionMap, encoding: Encoding, options: EncodeOp
     return codec.encode_npy(pred.float_array())
 
 
-def uncertainty_png_max(kind: str) -> float:
-    """16-bit PNGs hold [0, 1]: depth spread is already in map units; angular spread is divided by 180 deg."""
-    return 180.0 if kind == "normals" else 1.0
+def uncertainty_png_max(kind: str, method: str = "seeds") -> float:
+    """16-bit PNGs hold [0, 1]: depth spread is already in map units; angular spread in degrees is divided by
+    180 (diffusers' normals uncertainty is already an angle / pi)."""
+    return 180.0 if kind == "normals" and method != "diffusers" else 1.0
 
 
 def encode_uncertainty(
     result: UncertaintyResult, encoding: Encoding, options: EncodeOptions = EncodeOptions()
 ) -> dict[str, bytes]:
     kind = result.prediction.kind
-    scale = uncertainty_png_max(kind)
+    scale = uncertainty_png_max(kind, result.method)
     outputs = {"prediction": encode_prediction(result.prediction, encoding, options)}
     if encoding == "color":
         outputs["uncertainty"] = codec.encode_spectral_png(1.0 - np.clip(result.uncertainty / scale, 0, 1))
@@ -89,17 +90,28 @@ def map_metadata(pred: PredictionMap) -> MapMetadata:
 
 def uncertainty_metadata(result: UncertaintyResult) -> MapMetadata:
     kind = result.prediction.kind
-    if kind == "normals":
+    unit = "degrees" if kind == "normals" else "map units (aligned members)"
+    if result.method == "steps":
+        measure = "mean change of the x0 prediction between consecutive steps, over the last steps"
+        unit = "degrees" if kind == "normals" else "map units (x0 maps aligned to the last)"
+    elif result.method == "diffusers":
+        if kind == "normals":
+            measure, unit = "mean angle to the mean direction (diffusers)", "fraction of pi"
+        else:
+            measure = "sample standard deviation" if result.reduction == "mean" else "median absolute deviation"
+            measure, unit = f"{measure} (diffusers)", "fraction of the ensembled map's range"
+    elif kind == "normals":
         measure = "mean angle to the mean direction" if result.reduction == "mean" else "median angle to the median"
     else:
-        measure = "standard deviation" if result.reduction == "mean" else "median absolute deviation"
+        measure = "population standard deviation" if result.reduction == "mean" else "median absolute deviation"
     return map_metadata(result.prediction).model_copy(
         update={
             "seeds": result.seeds,
             "reduction": result.reduction,
-            "uncertainty_unit": "degrees" if kind == "normals" else "map units (aligned members)",
+            "uncertainty_method": result.method,
+            "uncertainty_unit": unit,
             "uncertainty_measure": measure,
-            "uncertainty_png_max": uncertainty_png_max(kind),
+            "uncertainty_png_max": uncertainty_png_max(kind, result.method),
             "uncertainty_max": float(result.uncertainty.max(initial=0.0)),
         }
     )

@@ -20,11 +20,13 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import AsyncIterator
 from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 
 from models.inference import BatchItem, UncertaintyResult
+from models.multistep import MultiStepPredictor, StepBatch
 from models.outputs import PredictionMap
 from service import codec, logs, metrics, tracing
 from service.config import Settings
@@ -50,6 +52,7 @@ from service.worker.encode import (
 from service.worker.prepare import decode_for
 from service.worker.registry import ServedModel
 from service.worker.stats import WorkerStats
+from service.worker.steps import StepTimer
 
 log = logging.getLogger(__name__)
 IDLE_POLL_S = 0.25
@@ -79,6 +82,7 @@ class Computed:
     stages: dict[str, float]
     maps: list[PredictionMap] = field(default_factory=list)
     uncertainty: UncertaintyResult | None = None
+    shared: int = 0  # multi-step: members that shared the job's last step (its batch size)
 
 
 class Lane:
@@ -109,6 +113,8 @@ class Lane:
         self._ready = asyncio.Event()  # set when a decode finishes: the device may form a batch
         self._room = asyncio.Event()  # set when a batch is taken: the reader may read again
         self._device_free_at = time.time()
+        self.multi_step = self.model.multi_step
+        self.step_timer = StepTimer()  # measured time per denoising step (steps=auto); tests pin it
 
     async def run(self, stop: asyncio.Event) -> None:
         """Until `stop`, then drain: every job already read is computed (or expired) and answered."""
@@ -117,6 +123,10 @@ class Lane:
         replier = asyncio.create_task(self._reply_all(computed), name=f"lane-reply-{self.model_id}")
         try:
             while (batch := await self._next_batch(stop, reader)) is not None:
+                if self.multi_step and batch[0].job.kind == "predict":
+                    async for done in self._compute_steps(batch):
+                        await computed.put(done)
+                    continue
                 for done in await self._compute(batch):
                     await computed.put(done)  # waits while the encoder is a batch behind: bounded memory
         finally:
@@ -187,7 +197,10 @@ class Lane:
             raise InvalidParameter(str(exc), field="processing_res") from exc
         seed = self.model.resolve_seed(job.params.seed)
         form = FORM_OF[job.params.encoding] if job.kind == "predict" else "float32"
-        item = BatchItem(pixels, geometry, seed, job.params.match_input_resolution, form)
+        steps = job.params.steps if isinstance(job.params.steps, int) else None  # auto: chosen at admission
+        item = BatchItem(
+            pixels, geometry, seed, job.params.match_input_resolution, form, steps, job.params.ensemble_size
+        )
         key: tuple[object, ...] = (job.kind, geometry.padded_hw) if job.kind == "predict" else (job.kind, job.id)
         return Prepared(delivery, item, key, (time.perf_counter() - start) * 1000.0)
 
@@ -257,11 +270,14 @@ class Lane:
                 job = batch[0].job
                 done.uncertainty = await loop.run_in_executor(
                     self.compute_pool,
-                    self.model.predict_uncertainty,
-                    batch[0].item,
-                    job.params.seeds or [],
-                    job.params.reduction,
-                    job.params.return_members,
+                    partial(
+                        self.model.predict_uncertainty,
+                        self._with_steps(batch[0], started),
+                        job.params.seeds or [],
+                        job.params.reduction,
+                        job.params.return_members,
+                        method=job.params.method,
+                    ),
                 )
                 stages["uncertainty"] = time.time() - started  # encode once + every seed's head, one call
                 self.stats.record_forward(self.model_id, len(job.params.seeds or []), stages, idle_s)
@@ -283,6 +299,103 @@ class Lane:
                 idle_s * 1000,
             )
         return [done] if failure is None else await self._isolate(batch, failure)
+
+    def _with_steps(self, p: Prepared, now: float) -> BatchItem:
+        """The job's item with `steps=auto` resolved: the most steps that fit what is left of its deadline at
+        the lane's measured time per step (single-step families: 1)."""
+        if p.job.params.steps != "auto" or not self.multi_step:
+            return p.item
+        steps = self.step_timer.choose(p.job.deadline - now, self.model.auto_max_steps)
+        return replace(p.item, steps=steps)
+
+    async def _compute_steps(self, batch: list[Prepared]) -> AsyncIterator[Computed]:
+        """Multi-step models: the batch's jobs step together, one UNet call per step over all of them, each
+        at its own timestep; a job leaves when its steps are done (answered at once), and jobs of the same
+        shape that arrived meanwhile join before the next step, while the members in flight fit `max_batch`."""
+        loop = asyncio.get_running_loop()
+        assert isinstance(self.model, MultiStepPredictor)
+        stepper = self.model.stepper()
+        shape_key = batch[0].key
+        held: dict[int, tuple[Prepared, float]] = {}
+        await self._admit(stepper, batch, held)
+        while stepper.active:
+            await self._drop_dead(stepper, held)
+            if not stepper.active:
+                break
+            stages: dict[str, float] = {}
+            members = stepper.members
+            started = time.time()
+            idle_s = max(0.0, started - self._device_free_at)
+            self.busy = True
+            try:
+                finished = await loop.run_in_executor(self.compute_pool, self._step_and_finish, stepper, stages)
+            except Exception as exc:  # each job in flight alone, from the start: only the one that breaks fails
+                self.busy = False
+                in_flight = [held[id(t)][0] for t in stepper.active if id(t) in held]
+                for done in await self._isolate(in_flight, exc):
+                    yield done
+                return
+            finally:
+                self.busy = False
+                self._device_free_at = time.time()
+            self.step_timer.observe_step(stepper.last_step_s)
+            self.stats.record_forward(self.model_id, members, stages, idle_s)
+            for key, pred in finished:
+                p, admitted = held.pop(key)
+                # its compute: from admission to its last step, the steps it shared with others included
+                life = {"unet_decode": self._device_free_at - admitted, "postprocess": stages.get("postprocess", 0.0)}
+                yield Computed([p], admitted, life, maps=[pred], shared=members)
+            room = self.max_batch - stepper.members
+            if room > 0 and self._pending:
+                now = time.time()
+                self._pending = [q for q in self._pending if not await self._dispose_if_dead(q.delivery, now)]
+                oldest = min(self._pending, key=lambda q: q.job.enqueued_at, default=None)
+                if oldest is not None and oldest.key != shape_key:
+                    continue  # another shape (or an uncertainty job) waits longer: drain, then serve it
+                joiners: list[Prepared] = []
+                for q in sorted(self._pending, key=lambda q: q.job.enqueued_at):
+                    if q.key == shape_key and q.item.ensemble_size <= room:
+                        joiners.append(q)
+                        room -= q.item.ensemble_size
+                if joiners:
+                    self._take(joiners)
+                    await self._admit(stepper, joiners, held)
+
+    async def _drop_dead(self, stepper: StepBatch, held: dict[int, tuple[Prepared, float]]) -> None:
+        """Stop stepping jobs whose deadline passed or whose client left: their answer would be thrown away."""
+        await self.broker.refresh_abandoned([held[id(t)][0].delivery for t in stepper.active])
+        now = time.time()
+        for traj in list(stepper.active):
+            p = held[id(traj)][0]
+            if await self._dispose_if_dead(p.delivery, now):
+                stepper.active.remove(traj)
+                del held[id(traj)]
+
+    async def _admit(self, stepper: StepBatch, jobs: list[Prepared], held: dict[int, tuple[Prepared, float]]) -> None:
+        """Start the jobs' trajectories (their images encoded in one VAE call), `steps=auto` resolved now."""
+        loop = asyncio.get_running_loop()
+        now = time.time()
+        for p in jobs:
+            self.stats.record_queue_wait(self.model_id, now - p.job.enqueued_at)
+        await self.broker.computing([p.delivery for p in jobs])
+        items = [self._with_steps(p, now) for p in jobs]
+        before = {id(t) for t in stepper.active}
+        stages: dict[str, float] = {}
+        entries = [(i, item) for i, item in enumerate(items)]
+        await loop.run_in_executor(self.compute_pool, stepper.admit, entries, stages)
+        self.step_timer.observe_fixed(stages.get("encode", 0.0) / max(1, len(jobs)) + stepper.last_decode_s)
+        for traj in stepper.active:
+            if id(traj) not in before:
+                held[id(traj)] = (jobs[int(traj.key)], now)  # type: ignore[call-overload]
+                traj.key = id(traj)
+
+    def _step_and_finish(self, stepper: StepBatch, stages: dict[str, float]) -> list[tuple[int, PredictionMap]]:
+        """One step; the maps of the jobs it finished, in their final form (compute thread)."""
+        finished = stepper.step(stages)
+        start = time.perf_counter()
+        out = [(int(f.trajectory.key), stepper.predictor.finish_trajectory(f)) for f in finished]  # type: ignore[call-overload]
+        stages["postprocess"] = stages.get("postprocess", 0.0) + time.perf_counter() - start
+        return out
 
     async def _isolate(self, batch: list[Prepared], exc: Exception) -> list[Computed]:
         if len(batch) > 1:
@@ -337,7 +450,7 @@ class Lane:
             outputs={"prediction": data},
             metadata=map_metadata(pred),
             timings=_timings(p, done, t0),
-            batch_size=len(done.batch),
+            batch_size=done.shared or len(done.batch),
         )
 
     def _encode_uncertainty(self, p: Prepared, result: UncertaintyResult, done: Computed) -> Reply:

@@ -39,6 +39,8 @@ def describe(spec: ModelSpec, predictor: DensePredictor, max_batch: int, max_del
         dtype=runtime.dtype,
         max_batch_size=spec.max_batch_size or max_batch,
         max_queue_delay_ms=spec.max_queue_delay_ms if spec.max_queue_delay_ms is not None else max_delay_ms,
+        multi_step=predictor.multi_step,
+        default_steps=predictor.default_steps,
     )
 
 

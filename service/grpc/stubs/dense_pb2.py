@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x64\x65nse/v1/dense.proto\x12\x08\x64\x65nse.v1\"7\n\x08RawImage\x12\x0e\n\x06height\x18\x01 \x01(\r\x12\r\n\x05width\x18\x02 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xa7\x03\n\x0ePredictRequest\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12!\n\x03raw\x18\x02 \x01(\x0b\x32\x12.dense.v1.RawImageH\x00\x12\x1c\n\x04task\x18\x03 \x01(\x0e\x32\x0e.dense.v1.Task\x12\r\n\x05model\x18\x04 \x01(\t\x12\x1b\n\x0eprocessing_res\x18\x05 \x01(\rH\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\rH\x02\x88\x01\x01\x12*\n\x08\x65ncoding\x18\x07 \x01(\x0e\x32\x18.dense.v1.OutputEncoding\x12\x10\n\x08\x66rame_id\x18\x08 \x01(\x04\x12\x14\n\x0ctimestamp_ns\x18\t \x01(\x03\x12\x12\n\ntimeout_ms\x18\n \x01(\r\x12\x17\n\x0bnative_size\x18\x0b \x01(\x08\x42\x02\x18\x01\x12#\n\x16match_input_resolution\x18\x0c \x01(\x08H\x03\x88\x01\x01\x12\x12\n\x05steps\x18\r \x01(\rH\x04\x88\x01\x01\x42\x07\n\x05imageB\x11\n\x0f_processing_resB\x07\n\x05_seedB\x19\n\x17_match_input_resolutionB\x08\n\x06_steps\"9\n\x0cStreamConfig\x12\x15\n\rmax_in_flight\x18\x01 \x01(\r\x12\x12\n\ndrop_stale\x18\x02 \x01(\x08\"l\n\rStreamRequest\x12(\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x16.dense.v1.StreamConfigH\x00\x12)\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x18.dense.v1.PredictRequestH\x00\x42\x06\n\x04kind\"\xa6\x03\n\x0fPredictResponse\x12\x10\n\x08\x66rame_id\x18\x01 \x01(\x04\x12\x14\n\x0ctimestamp_ns\x18\x02 \x01(\x03\x12%\n\x06status\x18\x03 \x01(\x0e\x32\x15.dense.v1.FrameStatus\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\r\n\x05shape\x18\x05 \x03(\r\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x0c\n\x04kind\x18\x07 \x01(\t\x12*\n\x08\x65ncoding\x18\x08 \x01(\x0e\x32\x18.dense.v1.OutputEncoding\x12\r\n\x05model\x18\t \x01(\t\x12\x11\n\x04seed\x18\n \x01(\rH\x00\x88\x01\x01\x12\x18\n\x10\x61\x66\x66ine_invariant\x18\x0b \x01(\x08\x12\x10\n\x08queue_ms\x18\x0c \x01(\x01\x12\x12\n\ncompute_ms\x18\r \x01(\x01\x12\x10\n\x08total_ms\x18\x0e \x01(\x01\x12\x12\n\nerror_code\x18\x0f \x01(\x05\x12\x15\n\rerror_message\x18\x10 \x01(\t\x12\r\n\x05steps\x18\x11 \x01(\r\x12\x12\n\nerror_type\x18\x12 \x01(\t\x12\x13\n\x0b\x65rror_field\x18\x13 \x01(\tB\x07\n\x05_seed\"\x13\n\x11ListModelsRequest\"\xbe\x01\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x0c\n\x04task\x18\x03 \x01(\t\x12\x13\n\x0boutput_kind\x18\x04 \x01(\t\x12\x16\n\x0eprocessing_res\x18\x05 \x01(\r\x12\x0f\n\x07\x62\x61\x63kend\x18\x06 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x16\n\x0emax_batch_size\x18\t \x01(\r\x12\x12\n\ngenerative\x18\n \x01(\x08\"9\n\x12ListModelsResponse\x12#\n\x06models\x18\x01 \x03(\x0b\x32\x13.dense.v1.ModelInfo*>\n\x04Task\x12\x14\n\x10TASK_UNSPECIFIED\x10\x00\x12\x0e\n\nTASK_DEPTH\x10\x01\x12\x10\n\x0cTASK_NORMALS\x10\x02*\xf5\x01\n\x0eOutputEncoding\x12\x1f\n\x1bOUTPUT_ENCODING_UNSPECIFIED\x10\x00\x12\x1f\n\x1bOUTPUT_ENCODING_RAW_FLOAT16\x10\x01\x12\x1f\n\x1bOUTPUT_ENCODING_RAW_FLOAT32\x10\x02\x12\x19\n\x15OUTPUT_ENCODING_PNG16\x10\x03\x12\x17\n\x13OUTPUT_ENCODING_EXR\x10\x04\x12\x18\n\x14OUTPUT_ENCODING_TIFF\x10\x05\x12\x17\n\x13OUTPUT_ENCODING_NPY\x10\x06\x12\x19\n\x15OUTPUT_ENCODING_COLOR\x10\x07*T\n\x0b\x46rameStatus\x12\x13\n\x0f\x46RAME_STATUS_OK\x10\x00\x12\x18\n\x14\x46RAME_STATUS_DROPPED\x10\x01\x12\x16\n\x12\x46RAME_STATUS_ERROR\x10\x02\x32\xe0\x01\n\x0c\x44\x65nseService\x12>\n\x07Predict\x12\x18.dense.v1.PredictRequest\x1a\x19.dense.v1.PredictResponse\x12G\n\rStreamPredict\x12\x17.dense.v1.StreamRequest\x1a\x19.dense.v1.PredictResponse(\x01\x30\x01\x12G\n\nListModels\x12\x1b.dense.v1.ListModelsRequest\x1a\x1c.dense.v1.ListModelsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14\x64\x65nse/v1/dense.proto\x12\x08\x64\x65nse.v1\"7\n\x08RawImage\x12\x0e\n\x06height\x18\x01 \x01(\r\x12\r\n\x05width\x18\x02 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\xe9\x03\n\x0ePredictRequest\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12!\n\x03raw\x18\x02 \x01(\x0b\x32\x12.dense.v1.RawImageH\x00\x12\x1c\n\x04task\x18\x03 \x01(\x0e\x32\x0e.dense.v1.Task\x12\r\n\x05model\x18\x04 \x01(\t\x12\x1b\n\x0eprocessing_res\x18\x05 \x01(\rH\x01\x88\x01\x01\x12\x11\n\x04seed\x18\x06 \x01(\rH\x02\x88\x01\x01\x12*\n\x08\x65ncoding\x18\x07 \x01(\x0e\x32\x18.dense.v1.OutputEncoding\x12\x10\n\x08\x66rame_id\x18\x08 \x01(\x04\x12\x14\n\x0ctimestamp_ns\x18\t \x01(\x03\x12\x12\n\ntimeout_ms\x18\n \x01(\r\x12\x17\n\x0bnative_size\x18\x0b \x01(\x08\x42\x02\x18\x01\x12#\n\x16match_input_resolution\x18\x0c \x01(\x08H\x03\x88\x01\x01\x12\x12\n\x05steps\x18\r \x01(\rH\x04\x88\x01\x01\x12\x12\n\nsteps_auto\x18\x0e \x01(\x08\x12\x1a\n\rensemble_size\x18\x0f \x01(\rH\x05\x88\x01\x01\x42\x07\n\x05imageB\x11\n\x0f_processing_resB\x07\n\x05_seedB\x19\n\x17_match_input_resolutionB\x08\n\x06_stepsB\x10\n\x0e_ensemble_size\"M\n\x0cStreamConfig\x12\x15\n\rmax_in_flight\x18\x01 \x01(\r\x12\x12\n\ndrop_stale\x18\x02 \x01(\x08\x12\x12\n\nsteps_auto\x18\x03 \x01(\x08\"l\n\rStreamRequest\x12(\n\x06\x63onfig\x18\x01 \x01(\x0b\x32\x16.dense.v1.StreamConfigH\x00\x12)\n\x05\x66rame\x18\x02 \x01(\x0b\x32\x18.dense.v1.PredictRequestH\x00\x42\x06\n\x04kind\"\xa6\x03\n\x0fPredictResponse\x12\x10\n\x08\x66rame_id\x18\x01 \x01(\x04\x12\x14\n\x0ctimestamp_ns\x18\x02 \x01(\x03\x12%\n\x06status\x18\x03 \x01(\x0e\x32\x15.dense.v1.FrameStatus\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\x12\r\n\x05shape\x18\x05 \x03(\r\x12\r\n\x05\x64type\x18\x06 \x01(\t\x12\x0c\n\x04kind\x18\x07 \x01(\t\x12*\n\x08\x65ncoding\x18\x08 \x01(\x0e\x32\x18.dense.v1.OutputEncoding\x12\r\n\x05model\x18\t \x01(\t\x12\x11\n\x04seed\x18\n \x01(\rH\x00\x88\x01\x01\x12\x18\n\x10\x61\x66\x66ine_invariant\x18\x0b \x01(\x08\x12\x10\n\x08queue_ms\x18\x0c \x01(\x01\x12\x12\n\ncompute_ms\x18\r \x01(\x01\x12\x10\n\x08total_ms\x18\x0e \x01(\x01\x12\x12\n\nerror_code\x18\x0f \x01(\x05\x12\x15\n\rerror_message\x18\x10 \x01(\t\x12\r\n\x05steps\x18\x11 \x01(\r\x12\x12\n\nerror_type\x18\x12 \x01(\t\x12\x13\n\x0b\x65rror_field\x18\x13 \x01(\tB\x07\n\x05_seed\"\x13\n\x11ListModelsRequest\"\xe9\x01\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x0c\n\x04task\x18\x03 \x01(\t\x12\x13\n\x0boutput_kind\x18\x04 \x01(\t\x12\x16\n\x0eprocessing_res\x18\x05 \x01(\r\x12\x0f\n\x07\x62\x61\x63kend\x18\x06 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x07 \x01(\t\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x16\n\x0emax_batch_size\x18\t \x01(\r\x12\x12\n\ngenerative\x18\n \x01(\x08\x12\x12\n\nmulti_step\x18\x0b \x01(\x08\x12\x15\n\rdefault_steps\x18\x0c \x01(\r\"9\n\x12ListModelsResponse\x12#\n\x06models\x18\x01 \x03(\x0b\x32\x13.dense.v1.ModelInfo*>\n\x04Task\x12\x14\n\x10TASK_UNSPECIFIED\x10\x00\x12\x0e\n\nTASK_DEPTH\x10\x01\x12\x10\n\x0cTASK_NORMALS\x10\x02*\xf5\x01\n\x0eOutputEncoding\x12\x1f\n\x1bOUTPUT_ENCODING_UNSPECIFIED\x10\x00\x12\x1f\n\x1bOUTPUT_ENCODING_RAW_FLOAT16\x10\x01\x12\x1f\n\x1bOUTPUT_ENCODING_RAW_FLOAT32\x10\x02\x12\x19\n\x15OUTPUT_ENCODING_PNG16\x10\x03\x12\x17\n\x13OUTPUT_ENCODING_EXR\x10\x04\x12\x18\n\x14OUTPUT_ENCODING_TIFF\x10\x05\x12\x17\n\x13OUTPUT_ENCODING_NPY\x10\x06\x12\x19\n\x15OUTPUT_ENCODING_COLOR\x10\x07*T\n\x0b\x46rameStatus\x12\x13\n\x0f\x46RAME_STATUS_OK\x10\x00\x12\x18\n\x14\x46RAME_STATUS_DROPPED\x10\x01\x12\x16\n\x12\x46RAME_STATUS_ERROR\x10\x02\x32\xe0\x01\n\x0c\x44\x65nseService\x12>\n\x07Predict\x12\x18.dense.v1.PredictRequest\x1a\x19.dense.v1.PredictResponse\x12G\n\rStreamPredict\x12\x17.dense.v1.StreamRequest\x1a\x19.dense.v1.PredictResponse(\x01\x30\x01\x12G\n\nListModels\x12\x1b.dense.v1.ListModelsRequest\x1a\x1c.dense.v1.ListModelsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,28 +33,28 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PREDICTREQUEST'].fields_by_name['native_size']._loaded_options = None
   _globals['_PREDICTREQUEST'].fields_by_name['native_size']._serialized_options = b'\030\001'
-  _globals['_TASK']._serialized_start=1384
-  _globals['_TASK']._serialized_end=1446
-  _globals['_OUTPUTENCODING']._serialized_start=1449
-  _globals['_OUTPUTENCODING']._serialized_end=1694
-  _globals['_FRAMESTATUS']._serialized_start=1696
-  _globals['_FRAMESTATUS']._serialized_end=1780
+  _globals['_TASK']._serialized_start=1513
+  _globals['_TASK']._serialized_end=1575
+  _globals['_OUTPUTENCODING']._serialized_start=1578
+  _globals['_OUTPUTENCODING']._serialized_end=1823
+  _globals['_FRAMESTATUS']._serialized_start=1825
+  _globals['_FRAMESTATUS']._serialized_end=1909
   _globals['_RAWIMAGE']._serialized_start=34
   _globals['_RAWIMAGE']._serialized_end=89
   _globals['_PREDICTREQUEST']._serialized_start=92
-  _globals['_PREDICTREQUEST']._serialized_end=515
-  _globals['_STREAMCONFIG']._serialized_start=517
-  _globals['_STREAMCONFIG']._serialized_end=574
-  _globals['_STREAMREQUEST']._serialized_start=576
-  _globals['_STREAMREQUEST']._serialized_end=684
-  _globals['_PREDICTRESPONSE']._serialized_start=687
-  _globals['_PREDICTRESPONSE']._serialized_end=1109
-  _globals['_LISTMODELSREQUEST']._serialized_start=1111
-  _globals['_LISTMODELSREQUEST']._serialized_end=1130
-  _globals['_MODELINFO']._serialized_start=1133
-  _globals['_MODELINFO']._serialized_end=1323
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1325
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1382
-  _globals['_DENSESERVICE']._serialized_start=1783
-  _globals['_DENSESERVICE']._serialized_end=2007
+  _globals['_PREDICTREQUEST']._serialized_end=581
+  _globals['_STREAMCONFIG']._serialized_start=583
+  _globals['_STREAMCONFIG']._serialized_end=660
+  _globals['_STREAMREQUEST']._serialized_start=662
+  _globals['_STREAMREQUEST']._serialized_end=770
+  _globals['_PREDICTRESPONSE']._serialized_start=773
+  _globals['_PREDICTRESPONSE']._serialized_end=1195
+  _globals['_LISTMODELSREQUEST']._serialized_start=1197
+  _globals['_LISTMODELSREQUEST']._serialized_end=1216
+  _globals['_MODELINFO']._serialized_start=1219
+  _globals['_MODELINFO']._serialized_end=1452
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1454
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1511
+  _globals['_DENSESERVICE']._serialized_start=1912
+  _globals['_DENSESERVICE']._serialized_end=2136
 # @@protoc_insertion_point(module_scope)

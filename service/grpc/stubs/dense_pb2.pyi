@@ -55,7 +55,7 @@ class RawImage(_message.Message):
     def __init__(self, height: _Optional[int] = ..., width: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class PredictRequest(_message.Message):
-    __slots__ = ("encoded", "raw", "task", "model", "processing_res", "seed", "encoding", "frame_id", "timestamp_ns", "timeout_ms", "native_size", "match_input_resolution", "steps")
+    __slots__ = ("encoded", "raw", "task", "model", "processing_res", "seed", "encoding", "frame_id", "timestamp_ns", "timeout_ms", "native_size", "match_input_resolution", "steps", "steps_auto", "ensemble_size")
     ENCODED_FIELD_NUMBER: _ClassVar[int]
     RAW_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
@@ -69,6 +69,8 @@ class PredictRequest(_message.Message):
     NATIVE_SIZE_FIELD_NUMBER: _ClassVar[int]
     MATCH_INPUT_RESOLUTION_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
+    STEPS_AUTO_FIELD_NUMBER: _ClassVar[int]
+    ENSEMBLE_SIZE_FIELD_NUMBER: _ClassVar[int]
     encoded: bytes
     raw: RawImage
     task: Task
@@ -82,15 +84,19 @@ class PredictRequest(_message.Message):
     native_size: bool
     match_input_resolution: bool
     steps: int
-    def __init__(self, encoded: _Optional[bytes] = ..., raw: _Optional[_Union[RawImage, _Mapping]] = ..., task: _Optional[_Union[Task, str]] = ..., model: _Optional[str] = ..., processing_res: _Optional[int] = ..., seed: _Optional[int] = ..., encoding: _Optional[_Union[OutputEncoding, str]] = ..., frame_id: _Optional[int] = ..., timestamp_ns: _Optional[int] = ..., timeout_ms: _Optional[int] = ..., native_size: _Optional[bool] = ..., match_input_resolution: _Optional[bool] = ..., steps: _Optional[int] = ...) -> None: ...
+    steps_auto: bool
+    ensemble_size: int
+    def __init__(self, encoded: _Optional[bytes] = ..., raw: _Optional[_Union[RawImage, _Mapping]] = ..., task: _Optional[_Union[Task, str]] = ..., model: _Optional[str] = ..., processing_res: _Optional[int] = ..., seed: _Optional[int] = ..., encoding: _Optional[_Union[OutputEncoding, str]] = ..., frame_id: _Optional[int] = ..., timestamp_ns: _Optional[int] = ..., timeout_ms: _Optional[int] = ..., native_size: _Optional[bool] = ..., match_input_resolution: _Optional[bool] = ..., steps: _Optional[int] = ..., steps_auto: _Optional[bool] = ..., ensemble_size: _Optional[int] = ...) -> None: ...
 
 class StreamConfig(_message.Message):
-    __slots__ = ("max_in_flight", "drop_stale")
+    __slots__ = ("max_in_flight", "drop_stale", "steps_auto")
     MAX_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     DROP_STALE_FIELD_NUMBER: _ClassVar[int]
+    STEPS_AUTO_FIELD_NUMBER: _ClassVar[int]
     max_in_flight: int
     drop_stale: bool
-    def __init__(self, max_in_flight: _Optional[int] = ..., drop_stale: _Optional[bool] = ...) -> None: ...
+    steps_auto: bool
+    def __init__(self, max_in_flight: _Optional[int] = ..., drop_stale: _Optional[bool] = ..., steps_auto: _Optional[bool] = ...) -> None: ...
 
 class StreamRequest(_message.Message):
     __slots__ = ("config", "frame")
@@ -147,7 +153,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("id", "family", "task", "output_kind", "processing_res", "backend", "device", "dtype", "max_batch_size", "generative")
+    __slots__ = ("id", "family", "task", "output_kind", "processing_res", "backend", "device", "dtype", "max_batch_size", "generative", "multi_step", "default_steps")
     ID_FIELD_NUMBER: _ClassVar[int]
     FAMILY_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
@@ -158,6 +164,8 @@ class ModelInfo(_message.Message):
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     GENERATIVE_FIELD_NUMBER: _ClassVar[int]
+    MULTI_STEP_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_STEPS_FIELD_NUMBER: _ClassVar[int]
     id: str
     family: str
     task: str
@@ -168,7 +176,9 @@ class ModelInfo(_message.Message):
     dtype: str
     max_batch_size: int
     generative: bool
-    def __init__(self, id: _Optional[str] = ..., family: _Optional[str] = ..., task: _Optional[str] = ..., output_kind: _Optional[str] = ..., processing_res: _Optional[int] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., generative: _Optional[bool] = ...) -> None: ...
+    multi_step: bool
+    default_steps: int
+    def __init__(self, id: _Optional[str] = ..., family: _Optional[str] = ..., task: _Optional[str] = ..., output_kind: _Optional[str] = ..., processing_res: _Optional[int] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., generative: _Optional[bool] = ..., multi_step: _Optional[bool] = ..., default_steps: _Optional[int] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)
