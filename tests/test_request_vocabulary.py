@@ -51,7 +51,7 @@ async def test_processing_res_zero_is_native_size_on_rest_grpc_and_cli(tiny_dir,
                     encoding=pb.OUTPUT_ENCODING_RAW_FLOAT32,
                 )
             )
-        assert tuple(reply.shape) == (40, 56) and reply.steps == 1
+        assert tuple(reply.shape) == (40, 56) and reply.steps == 1 and reply.normals_convention == ""
         np.testing.assert_array_equal(np.frombuffer(reply.data, "<f4").reshape(40, 56), native)
     source = tmp_path / "in.png"
     source.write_bytes(image)
@@ -147,3 +147,15 @@ def test_the_cli_refuses_a_bad_parameter_with_the_same_words(tmp_path: Path, tin
     assert cli.returncode == 2, cli.stderr
     assert "processing_res" in cli.stderr and "multiple of 8" in cli.stderr, cli.stderr
     assert "Traceback" not in cli.stderr
+
+
+async def test_normals_answers_state_their_axes_on_rest_and_grpc(tiny_dir) -> None:
+    from models.outputs import NORMALS_CONVENTION
+
+    image = png_bytes(24, 24)
+    async with running_service(tiny_dir, models=[("lotus-g", "normals")], grpc_enabled=True, grpc_port=0) as h:
+        r = await h.client.post("/v1/normals?format=npy", content=image, headers=PNG)
+        assert r.status_code == 200 and r.headers["x-normals-convention"] == NORMALS_CONVENTION
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{h.app.state.grpc.port}") as channel:
+            reply = await DenseServiceStub(channel).Predict(pb.PredictRequest(encoded=image, task=pb.TASK_NORMALS))
+        assert reply.status == pb.FRAME_STATUS_OK and reply.normals_convention == NORMALS_CONVENTION

@@ -191,6 +191,7 @@ class DenseServicer(dense_pb2_grpc.DenseServiceServicer):
             model=meta.model,
             seed=meta.seed,
             steps=meta.steps,
+            normals_convention=meta.normals_convention or "",
             affine_invariant=meta.affine_invariant,
             queue_ms=reply.timings.get("queue", 0.0),
             compute_ms=reply.timings.get("compute", 0.0),

@@ -107,7 +107,7 @@ class StreamRequest(_message.Message):
     def __init__(self, config: _Optional[_Union[StreamConfig, _Mapping]] = ..., frame: _Optional[_Union[PredictRequest, _Mapping]] = ...) -> None: ...
 
 class PredictResponse(_message.Message):
-    __slots__ = ("frame_id", "timestamp_ns", "status", "data", "shape", "dtype", "kind", "encoding", "model", "seed", "affine_invariant", "queue_ms", "compute_ms", "total_ms", "error_code", "error_message", "steps", "error_type", "error_field")
+    __slots__ = ("frame_id", "timestamp_ns", "status", "data", "shape", "dtype", "kind", "encoding", "model", "seed", "affine_invariant", "queue_ms", "compute_ms", "total_ms", "error_code", "error_message", "steps", "error_type", "error_field", "normals_convention")
     FRAME_ID_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_NS_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
@@ -127,6 +127,7 @@ class PredictResponse(_message.Message):
     STEPS_FIELD_NUMBER: _ClassVar[int]
     ERROR_TYPE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_FIELD_NUMBER: _ClassVar[int]
+    NORMALS_CONVENTION_FIELD_NUMBER: _ClassVar[int]
     frame_id: int
     timestamp_ns: int
     status: FrameStatus
@@ -146,7 +147,8 @@ class PredictResponse(_message.Message):
     steps: int
     error_type: str
     error_field: str
-    def __init__(self, frame_id: _Optional[int] = ..., timestamp_ns: _Optional[int] = ..., status: _Optional[_Union[FrameStatus, str]] = ..., data: _Optional[bytes] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., kind: _Optional[str] = ..., encoding: _Optional[_Union[OutputEncoding, str]] = ..., model: _Optional[str] = ..., seed: _Optional[int] = ..., affine_invariant: _Optional[bool] = ..., queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., error_code: _Optional[int] = ..., error_message: _Optional[str] = ..., steps: _Optional[int] = ..., error_type: _Optional[str] = ..., error_field: _Optional[str] = ...) -> None: ...
+    normals_convention: str
+    def __init__(self, frame_id: _Optional[int] = ..., timestamp_ns: _Optional[int] = ..., status: _Optional[_Union[FrameStatus, str]] = ..., data: _Optional[bytes] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., kind: _Optional[str] = ..., encoding: _Optional[_Union[OutputEncoding, str]] = ..., model: _Optional[str] = ..., seed: _Optional[int] = ..., affine_invariant: _Optional[bool] = ..., queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., error_code: _Optional[int] = ..., error_message: _Optional[str] = ..., steps: _Optional[int] = ..., error_type: _Optional[str] = ..., error_field: _Optional[str] = ..., normals_convention: _Optional[str] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
