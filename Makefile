@@ -33,8 +33,8 @@ demo: $(STAMP)
 	@echo "== dense-serve predict on random-weight tiny checkpoints; configure a real model for real maps =="
 	test -f $(TINY)/lotus-g-depth/model_index.json || $(BIN)/dense-serve make-tiny $(TINY)/lotus-g-depth --family lotus-g --task depth
 	test -f $(TINY)/lotus-g-normals/model_index.json || $(BIN)/dense-serve make-tiny $(TINY)/lotus-g-normals --family lotus-g --task normals
-	$(BIN)/dense-serve predict assets/sample.png --model $(TINY)/lotus-g-depth --processing-res 128 --format png16,npy,color --out $(OUT)
-	$(BIN)/dense-serve predict assets/sample.png --model $(TINY)/lotus-g-normals --processing-res 128 --format png16,npy,color --out $(OUT)
+	$(BIN)/dense-serve predict assets/sample.png --model $(TINY)/lotus-g-depth --processing-res 128 --format png,npy,color --out $(OUT)
+	$(BIN)/dense-serve predict assets/sample.png --model $(TINY)/lotus-g-normals --processing-res 128 --format png,npy,color --out $(OUT)
 
 bench-http: $(STAMP)
 	$(BIN)/python load_tests/bench_http.py $(ARGS)
