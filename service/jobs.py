@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from models.outputs import OutputKind, Task
+from models.outputs import ServedKind, ServedTask
 from service.errors import ErrorInfo
 from service.request import PredictionRequest, Reduction, RequestKind
 
@@ -32,6 +32,9 @@ class JobParams(BaseModel):
     seeds: list[int] | None = None
     reduction: Reduction = "mean"
     return_members: bool = False
+    # segment only: the probe (the job runs on its base model's queue) and the combined depth answer
+    probe: str | None = None
+    with_depth: bool = False
 
     @classmethod
     def of(cls, request: PredictionRequest) -> JobParams:
@@ -45,6 +48,7 @@ class JobParams(BaseModel):
             seeds=request.ensemble if uncertainty else None,
             reduction=request.reduction,
             return_members=uncertainty and request.return_members and request.format == "json",
+            with_depth=request.with_depth,
         )
 
 
@@ -52,7 +56,7 @@ class Job(BaseModel):
     id: str = Field(default_factory=lambda: uuid.uuid4().hex)
     kind: JobKind = "predict"
     model: str
-    task: Task
+    task: ServedTask
     params: JobParams = Field(default_factory=JobParams)
     deadline: float = Field(description="absolute epoch seconds")
     reply_to: str = ""
@@ -70,7 +74,7 @@ class Job(BaseModel):
 class MapMetadata(BaseModel):
     """What a client needs to read a map: its kind and shape, how its values are meant, who made it."""
 
-    kind: OutputKind
+    kind: ServedKind
     shape: list[int]
     height: int
     width: int
@@ -87,6 +91,10 @@ class MapMetadata(BaseModel):
     uncertainty_measure: str | None = None
     uncertainty_png_max: float | None = None
     uncertainty_max: float | None = None
+    # segmentation answers
+    classes: list[str] | None = None
+    class_pixels: dict[str, int] | None = None
+    depth_kind: str | None = Field(default=None, description="with_depth: the kind of the `depth` output")
 
 
 class Reply(BaseModel):
@@ -113,8 +121,8 @@ class ModelInfo(BaseModel):
 
     id: str
     family: str
-    task: Task
-    output_kind: OutputKind
+    task: ServedTask
+    output_kind: ServedKind
     generative: bool
     processing_res: int
     backend: str = "torch"
@@ -122,3 +130,5 @@ class ModelInfo(BaseModel):
     dtype: str
     max_batch_size: int
     max_queue_delay_ms: float
+    classes: list[str] | None = Field(default=None, description="probes: the class names, by index")
+    base_model: str | None = Field(default=None, description="probes: the model whose UNet pass they share")
