@@ -537,16 +537,6 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    return int(args.func(args))
-
-
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 SEGMENT_FILES = {"png": "{}_classes.png", "npy": "{}_classes.npy", "color": "{}_overlay.png", "json": "{}.json"}
 
 
@@ -606,3 +596,13 @@ def cmd_segment(args: argparse.Namespace) -> int:
             target.write_text(json.dumps(meta, indent=2) + "\n")
         print(f"{path} -> {args.out}: {', '.join(f'{k} {v}' for k, v in seg.pixel_counts().items() if v)}")
     return 1 if failed else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -30,6 +30,7 @@ class ProbeManifest(BaseModel):
     task: str = Field(default="segment", pattern="^segment$")
     base_model: str = Field(description="id of the served model whose UNet the features come from")
     base_source: str = Field(description="the base checkpoint's folder when trained (informative)")
+    base_spec: str = Field(default="", description="the `base` the config named (a spec .toml, folder or id)")
     base_hash: str = Field(min_length=64, max_length=64, description="sha256 of the base checkpoint")
     family: str
     blocks: list[int]

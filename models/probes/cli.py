@@ -34,6 +34,7 @@ def add_probe_parser(sub: Any) -> None:
     c = psub.add_parser("curve", help="held-out mIoU against the number of labelled training images")
     c.add_argument("config", type=Path)
     c.add_argument("--counts", type=_counts, default=[5, 10, 20, 40], help="comma list (default 5,10,20,40)")
+    c.add_argument("--strides", type=_counts, help="comma list of feature strides to compare (default: the config's)")
     c.add_argument("--out", type=Path, default=Path("runs/probe-curve"), help="probes and curve.json go here")
     c.set_defaults(func=cmd_curve)
 
@@ -89,29 +90,36 @@ def cmd_curve(args: argparse.Namespace) -> int:
     _logging()
     cfg = load_config(args.config)
     rows = []
-    for n in args.counts:
-        source = cfg.train_data
-        update = {"limit": n} if isinstance(source, FolderSource) else {"count": n}
-        run = cfg.model_copy(update={"train_data": source.model_copy(update=update)})
-        report = train_probe(run, args.out / f"n{n}")
-        base = report["majority_baseline"]
-        rows.append(
-            {
-                "labelled_images": n,
-                "miou": report["miou"],
-                "pixel_accuracy": report["pixel_accuracy"],
-                "majority_miou": base["miou"],  # type: ignore[index]
-                "majority_accuracy": base["pixel_accuracy"],  # type: ignore[index]
-                "seconds": report["seconds"]["total"],  # type: ignore[index]
-            }
-        )
+    for stride in args.strides or [cfg.features.stride]:
+        for n in args.counts:
+            source = cfg.train_data
+            update = {"limit": n} if isinstance(source, FolderSource) else {"count": n}
+            run = cfg.model_copy(
+                update={
+                    "train_data": source.model_copy(update=update),
+                    "features": cfg.features.model_copy(update={"stride": stride}),
+                }
+            )
+            report = train_probe(run, args.out / f"s{stride}-n{n}")
+            base = report["majority_baseline"]
+            rows.append(
+                {
+                    "labelled_images": n,
+                    "stride": stride,
+                    "miou": report["miou"],
+                    "pixel_accuracy": report["pixel_accuracy"],
+                    "majority_miou": base["miou"],  # type: ignore[index]
+                    "majority_accuracy": base["pixel_accuracy"],  # type: ignore[index]
+                    "seconds": report["seconds"]["total"],  # type: ignore[index]
+                }
+            )
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "curve.json").write_text(json.dumps(rows, indent=2) + "\n")
-    print("| labelled images | mIoU | pixel acc. | majority-class mIoU / acc. | train s |")
-    print("|---:|---:|---:|---:|---:|")
+    print("| labelled images | stride | mIoU | pixel acc. | majority-class mIoU / acc. | train s |")
+    print("|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         print(
-            f"| {r['labelled_images']} | {r['miou']:.3f} | {r['pixel_accuracy']:.3f} | "
+            f"| {r['labelled_images']} | {r['stride']} | {r['miou']:.3f} | {r['pixel_accuracy']:.3f} | "
             f"{r['majority_miou']:.3f} / {r['majority_accuracy']:.3f} | {r['seconds']:.0f} |"
         )
     return 0
@@ -124,7 +132,9 @@ def _attached(folder: Path, model: str | None) -> Any:
     from models.spec import resolve_spec
 
     manifest = ProbeManifest.read(folder)
-    spec = resolve_spec(model or manifest.base_source, backend="torch", dtype="fp32", device="cpu")
+    spec = resolve_spec(
+        model or manifest.base_spec or manifest.base_source, backend="torch", dtype="fp32", device="cpu"
+    )
     spec = spec.model_copy(update={"id": manifest.base_model})
     base = load_model(spec)
     return Probe.attach(folder, base, resolve_source(spec))

@@ -250,6 +250,7 @@ def train_probe(cfg: ProbeConfig, out: Path | None = None) -> dict[str, object]:
         id=cfg.id,
         base_model=spec.id,
         base_source=str(base_path),
+        base_spec=cfg.base,
         base_hash=checkpoint_hash(base_path),
         family=base.family,
         blocks=list(taps.blocks),
