@@ -50,6 +50,26 @@ def test_extraction_returns_the_configured_blocks_at_the_right_shapes(tiny_model
         extract(core, latent, TapConfig(blocks=(4,)))
 
 
+def test_majority_vote_counts_members_and_breaks_ties_by_probability() -> None:
+    from models.probes.mlp import PixelEnsemble, vote
+
+    class Fixed(PixelEnsemble):
+        def forward(self, features: torch.Tensor) -> torch.Tensor:
+            return features  # the "features" are the members' logits here: [M, B, C, h, w]
+
+    # Pixel 0: two members say class 2 (barely), one says class 0 (very sure): the vote is 2.
+    # Pixel 1: one vote each for classes 0 and 1 and 2 (a tie): the most probable on average wins (class 1).
+    logits = torch.tensor(
+        [
+            [[0.0, 0.0], [0.0, 5.0], [0.1, 0.0]],
+            [[0.0, 0.0], [0.0, 0.0], [0.1, 4.0]],
+            [[9.0, 3.0], [0.0, 0.0], [0.0, 0.0]],
+        ]
+    ).reshape(3, 1, 3, 1, 2)
+    labels = vote(Fixed(1, 3, members=3).scores(logits, (1, 2)))
+    assert labels.tolist() == [[[2, 1]]]
+
+
 @pytest.fixture(scope="module")
 def trained_probe(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     """A small probe on the shipped demo model, trained as `dense-serve probe train` does (the CI learning run)."""
@@ -157,6 +177,12 @@ async def test_segment_endpoint_formats_models_and_combined_pass(trained_probe, 
         assert np.array_equal(seg, index)
         depth = await h.client.post(f"/v1/depth?processing_res={CI_RES}", files=files)
         assert np.array_equal(read_png16(_b64(both["outputs"]["depth"]["data"])), read_png16(depth.content))
+
+        # A 1080p image: the class map comes back at 1080p (the votes are resized, one member at a time).
+        big = io.BytesIO()
+        Image.fromarray(np.asarray(Image.open(io.BytesIO(data)).resize((1920, 1080)))).save(big, format="PNG")
+        r = await h.client.post("/v1/segment?format=npy", files={"image": ("big.png", big.getvalue(), "image/png")})
+        assert r.status_code == 200 and read_npy(r.content).shape == (1080, 1920)
 
         # Clear errors.
         r = await h.client.post("/v1/segment?format=exr", files=files)

@@ -44,6 +44,7 @@ def add_probe_parser(sub: Any) -> None:
     b.add_argument("--processing-res", type=int, help="default: the probe's")
     b.add_argument("--batch-size", type=int, default=1)
     b.add_argument("--repeats", type=int, default=20)
+    b.add_argument("--threads", type=int, default=1, help="torch threads (default 1: CPU time is then comparable)")
     b.set_defaults(func=cmd_bench)
 
     x = psub.add_parser("export", help="ONNX graph of the base head + feature taps + MLPs (probe_head.onnx)")
@@ -171,25 +172,34 @@ def cmd_bench(args: argparse.Namespace) -> int:
     image = rng.integers(0, 256, (res, res, 3), dtype=np.uint8)
     items = [BatchItem(image, base.plan(image, res))] * args.batch_size
 
-    def timed(call: Any) -> float:
+    def timed(call: Any) -> tuple[float, float]:
+        """Median wall and CPU milliseconds (CPU time stays meaningful on a shared, busy machine)."""
         call()  # warm-up
-        best = []
+        wall, cpu = [], []
         for _ in range(args.repeats):
-            start = time.perf_counter()
+            w, c = time.perf_counter(), time.process_time()
             call()
-            best.append(time.perf_counter() - start)
-        return float(np.median(best)) * 1000.0
+            wall.append(time.perf_counter() - w)
+            cpu.append(time.process_time() - c)
+        return float(np.median(wall)) * 1000.0, float(np.median(cpu)) * 1000.0
 
-    torch.set_num_threads(torch.get_num_threads())
+    torch.set_num_threads(args.threads)
     base_ms = timed(lambda: base.predict_batch(items))
     probe_ms = timed(lambda: probe.segment(items))
     both_ms = timed(lambda: probe.segment(items, with_depth=True))
-    print(f"{manifest.id} on {manifest.base_model}, {res} px, batch {args.batch_size}, median of {args.repeats}:")
-    print("| answer | ms per batch | vs base prediction |")
-    print("|---|---:|---:|")
-    print(f"| base prediction ({base.output_kind}) | {base_ms:.1f} | 1.00x |")
-    print(f"| segment (probe) | {probe_ms:.1f} | {probe_ms / base_ms:.2f}x |")
-    print(f"| segment + {base.output_kind}, one UNet pass | {both_ms:.1f} | {both_ms / base_ms:.2f}x |")
-    two = probe_ms + base_ms
-    print(f"| segment and {base.output_kind} as two requests | {two:.1f} | {two / base_ms:.2f}x |")
+    two = (probe_ms[0] + base_ms[0], probe_ms[1] + base_ms[1])
+    kind = base.output_kind
+    print(
+        f"{manifest.id} on {manifest.base_model}, {res} px, batch {args.batch_size}, {args.threads} thread(s), "
+        f"median of {args.repeats}:"
+    )
+    print("| answer | wall ms | CPU ms | CPU vs base prediction |")
+    print("|---|---:|---:|---:|")
+    for name, (w, c) in (
+        (f"base prediction ({kind})", base_ms),
+        ("segment (probe)", probe_ms),
+        (f"segment + {kind}, one UNet pass", both_ms),
+        (f"segment and {kind} as two requests", two),
+    ):
+        print(f"| {name} | {w:.1f} | {c:.1f} | {c / base_ms[1]:.2f}x |")
     return 0

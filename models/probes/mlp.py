@@ -44,13 +44,17 @@ class PixelEnsemble(nn.Module):
 
     def scores(self, features: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
         """Majority-vote scores `[B, C, H, W]` at `size`: each member's logits upsampled (bilinear) and argmaxed,
-        votes counted, plus TIE_BREAK x the mean probability; the label is their argmax."""
+        votes counted, plus TIE_BREAK x the mean probability; the label is their argmax. One member at a time
+        at full size, so the peak is one `[B, C, H, W]` map, not M of them."""
         logits = self(features)
-        m, b, c, h, w = logits.shape
-        up = F.interpolate(logits.reshape(m * b, c, h, w), size=size, mode="bilinear", align_corners=False)
-        up = up.reshape(m, b, c, *size)
-        votes = F.one_hot(up.argmax(dim=2), c).permute(0, 1, 4, 2, 3).sum(dim=0).float()
-        return votes + TIE_BREAK * up.softmax(dim=2).mean(dim=0)
+        b, c = logits.shape[1:3]
+        votes = torch.zeros((b, c, *size), dtype=torch.float32, device=logits.device)
+        probs = torch.zeros_like(votes)
+        for member_logits in logits:
+            up = F.interpolate(member_logits, size=size, mode="bilinear", align_corners=False)
+            votes.scatter_add_(1, up.argmax(dim=1, keepdim=True), torch.ones_like(up[:, :1]))
+            probs += up.softmax(dim=1)
+        return votes + (TIE_BREAK / len(logits)) * probs
 
 
 def vote(scores: torch.Tensor) -> torch.Tensor:
