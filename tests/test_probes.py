@@ -141,7 +141,7 @@ async def test_segment_endpoint_formats_models_and_combined_pass(trained_probe, 
     folder, _ = trained_probe
     spec = load_spec_file(DEMO_SPEC)
     data, truth = _image(80, 120)
-    async with running_service(tiny_dir, specs=[spec], probes=[str(folder)]) as h:
+    async with running_service(tiny_dir, specs=[spec], probes=[str(folder)], grpc_enabled=True, grpc_port=0) as h:
         models = (await h.client.get("/v1/models")).json()["models"]
         probe = next(m for m in models if m["id"] == "rooms-ci")
         assert probe["task"] == "segment" and probe["output_kind"] == "segmentation"
@@ -183,6 +183,26 @@ async def test_segment_endpoint_formats_models_and_combined_pass(trained_probe, 
         Image.fromarray(np.asarray(Image.open(io.BytesIO(data)).resize((1920, 1080)))).save(big, format="PNG")
         r = await h.client.post("/v1/segment?format=npy", files={"image": ("big.png", big.getvalue(), "image/png")})
         assert r.status_code == 200 and read_npy(r.content).shape == (1080, 1920)
+
+        # gRPC: the same request vocabulary (task TASK_SEGMENT), the same map.
+        import grpc
+
+        from service.grpc.stubs import dense_pb2 as pb
+        from service.grpc.stubs.dense_pb2_grpc import DenseServiceStub
+
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{h.app.state.grpc.port}") as channel:
+            stub = DenseServiceStub(channel)
+            listed = {m.id: m for m in (await stub.ListModels(pb.ListModelsRequest())).models}
+            assert list(listed["rooms-ci"].classes) == probe["classes"] and listed["rooms-ci"].task == "segment"
+            reply = await stub.Predict(pb.PredictRequest(encoded=data, task=pb.TASK_SEGMENT))
+            assert reply.kind == "segmentation" and reply.encoding == pb.OUTPUT_ENCODING_PNG16
+            assert np.array_equal(np.asarray(Image.open(io.BytesIO(reply.data))), index)
+            assert dict(reply.class_pixels) == body["class_pixels"] and list(reply.classes) == body["classes"]
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await stub.Predict(
+                    pb.PredictRequest(encoded=data, task=pb.TASK_SEGMENT, encoding=pb.OUTPUT_ENCODING_EXR)
+                )
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
         # Clear errors.
         r = await h.client.post("/v1/segment?format=exr", files=files)
