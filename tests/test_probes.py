@@ -243,3 +243,21 @@ def test_onnx_export_of_taps_and_mlps_matches_torch(tiny_model, tmp_path: Path) 
         assert g.shape == tuple(w.shape), name
         assert np.abs(g - w.numpy()).max() < 1e-3, name
     assert got[1].shape == (2, 2 * (64 + 32 + 32), 32, 48) and got[2].shape == (3, 2, 5, 32, 48)
+
+
+@pytest.mark.anyio
+async def test_segment_on_the_redis_queue_equals_the_embedded_queue(trained_probe, tiny_dir, redis_url, redis_prefix):
+    """A probe's jobs travel on its base model's Redis stream; the worker publishes the probe in its heartbeat."""
+    folder, _ = trained_probe
+    spec = load_spec_file(DEMO_SPEC)
+    data, _ = _image(48, 64, seed=5)
+    files = {"image": ("scene.png", data, "image/png")}
+    answers = []
+    for queue in ({}, {"queue": "redis", "redis_url": redis_url, "redis_prefix": redis_prefix}):
+        async with running_service(tiny_dir, specs=[spec], probes=[str(folder)], **queue) as h:
+            models = {m["id"]: m for m in (await h.client.get("/v1/models")).json()["models"]}
+            assert models["rooms-ci"]["classes"][0] == "sky"
+            r = await h.client.post("/v1/segment?format=npy", files=files)
+            assert r.status_code == 200, r.text
+            answers.append(read_npy(r.content))
+    assert np.array_equal(answers[0], answers[1])
