@@ -50,6 +50,28 @@ def test_extraction_returns_the_configured_blocks_at_the_right_shapes(tiny_model
         extract(core, latent, TapConfig(blocks=(4,)))
 
 
+def test_labelled_folder_round_trip_and_clear_errors(tmp_path: Path) -> None:
+    from models.probes.data import read_folder, synthetic, write_folder
+
+    classes, images = synthetic(3, 24, 32, seed=7)
+    assert classes == ["sky", "floor", "ceiling", "wall", "box", "sphere"]
+    assert all(img.labels.max() < len(classes) and img.rgb.dtype == np.uint8 for img in images)
+    write_folder(tmp_path / "set", classes, images)
+    read_classes, read_images = read_folder(tmp_path / "set")
+    assert read_classes == classes
+    for a, b in zip(images, read_images, strict=True):
+        assert a.name == b.name and np.array_equal(a.rgb, b.rgb) and np.array_equal(a.labels, b.labels)
+    assert len(read_folder(tmp_path / "set", limit=2)[1]) == 2
+    bad = images[0].labels.copy()
+    bad[0, 0] = 9
+    Image.fromarray(bad, mode="L").save(tmp_path / "set" / "labels" / f"{images[0].name}.png")
+    with pytest.raises(ValueError, match=r"class indices \[9\] but classes.json names 6"):
+        read_folder(tmp_path / "set")
+    (tmp_path / "set" / "labels" / f"{images[0].name}.png").unlink()
+    with pytest.raises(FileNotFoundError, match="needs its label PNG"):
+        read_folder(tmp_path / "set")
+
+
 def test_majority_vote_counts_members_and_breaks_ties_by_probability() -> None:
     from models.probes.mlp import PixelEnsemble, vote
 

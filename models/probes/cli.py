@@ -47,11 +47,27 @@ def add_probe_parser(sub: Any) -> None:
     b.add_argument("--threads", type=int, default=1, help="torch threads (default 1: CPU time is then comparable)")
     b.set_defaults(func=cmd_bench)
 
+    m = psub.add_parser("make-synthetic", help="write labelled synthetic scenes in the probe folder format")
+    m.add_argument("out", type=Path)
+    m.add_argument("--count", type=int, default=20)
+    m.add_argument("--size", type=int, default=128, help="square image size (default 128)")
+    m.add_argument("--seed", type=int, default=0)
+    m.set_defaults(func=cmd_make_synthetic)
+
     x = psub.add_parser("export", help="ONNX graph of the base head + feature taps + MLPs (probe_head.onnx)")
     x.add_argument("probe", type=Path, help="a trained probe folder")
     x.add_argument("--model", help="the base model (default: the probe's training base)")
     x.add_argument("--out", type=Path, required=True, help="the .onnx file to write")
     x.set_defaults(func=cmd_export)
+
+
+def cmd_make_synthetic(args: argparse.Namespace) -> int:
+    from models.probes.data import synthetic, write_folder
+
+    classes, images = synthetic(args.count, args.size, args.size, args.seed)
+    write_folder(args.out, classes, images)
+    print(f"wrote {len(images)} labelled scenes ({', '.join(classes)}) to {args.out}")
+    return 0
 
 
 def _logging() -> None:

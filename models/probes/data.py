@@ -75,7 +75,8 @@ def read_folder(root: str | Path, limit: int | None = None) -> tuple[list[str], 
 
 def write_folder(root: str | Path, classes: list[str], images: list[LabelledImage]) -> None:
     root = Path(root)
-    (root / "labels").mkdir(parents=True, exist_ok=True)
+    for sub in ("rgb", "labels"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
     (root / CLASSES_FILE).write_text(json.dumps(classes) + "\n")
     for img in images:
         Image.fromarray(img.rgb, mode="RGB").save(root / "rgb" / f"{img.name}.png")
