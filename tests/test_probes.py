@@ -72,6 +72,34 @@ def test_labelled_folder_round_trip_and_clear_errors(tmp_path: Path) -> None:
         read_folder(tmp_path / "set")
 
 
+def test_train_from_a_labelled_folder_writes_probe_toml_weights_and_eval(tiny_dir, tmp_path: Path) -> None:
+    """The folder source end to end, on a tiny Lotus-G (noise input) with two timesteps: the artifacts only."""
+    from models.probes.artifact import ProbeManifest, load_probe
+    from models.probes.data import synthetic, write_folder
+    from models.probes.train import ProbeConfig, train_probe
+
+    classes, images = synthetic(4, 32, 40, seed=11)
+    write_folder(tmp_path / "set", classes, images)
+    cfg = ProbeConfig.model_validate(
+        {
+            "id": "folder-probe",
+            "base": str(tiny_dir("lotus-g", "depth")),
+            "features": {"blocks": [1, 2], "timesteps": [999, 300], "stride": 4, "processing_res": 32},
+            "train_data": {"type": "folder", "path": str(tmp_path / "set"), "limit": 3},
+            "eval_data": {"type": "synthetic", "count": 2, "height": 24, "width": 24, "seed": 12},
+            "train": {"members": 2, "hidden": [16, 8], "epochs": 1, "pixels_per_image": 64},
+            "output_dir": str(tmp_path / "probe"),
+        }
+    )
+    report = train_probe(cfg)
+    manifest, ensemble = load_probe(tmp_path / "probe")
+    assert manifest == ProbeManifest.read(tmp_path / "probe")
+    assert manifest.classes == classes and manifest.timesteps == [999, 300] and manifest.family == "lotus-g"
+    assert manifest.feature_dim == 2 * (64 + 32) and len(ensemble.members) == 2 and len(manifest.base_hash) == 64
+    assert report["train_images"] == 3 and report["images"] == 2
+    assert {"miou", "per_class_iou", "pixel_accuracy", "majority_baseline"} <= set(report)
+
+
 def test_majority_vote_counts_members_and_breaks_ties_by_probability() -> None:
     from models.probes.mlp import PixelEnsemble, vote
 
