@@ -13,6 +13,9 @@ import numpy as np
 Family = Literal["lotus-g", "lotus-d", "e2e-ft", "marigold"]
 Task = Literal["depth", "normals"]
 OutputKind = Literal["depth", "disparity", "normals"]
+#: What the service answers: the predictors' tasks, plus `segment` from probes on their UNets (models/probes).
+ServedTask = Literal["depth", "normals", "segment"]
+ServedKind = Literal["depth", "disparity", "normals", "segmentation"]
 #: What a map is when it leaves the runtime's device: float32 values, float16 values, quantised integers
 #: (uint16 `round(v * 65535)` for [0, 1] maps, uint8 `round((n + 1) / 2 * 255)` for normals), or the 8-bit RGB
 #: colour preview. Only the final form crosses to the CPU: a 1080p uint16 map is half the bytes of float32.

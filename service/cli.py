@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from models.errors import ModelError
 from models.outputs import FAMILIES, TASKS, PredictionMap
+from models.probes.cli import add_probe_parser
 from models.spec import BACKEND_CHOICES
 from models.training.cli import add_eval_parser, add_finetune_parser
 from service import logs, tracing
@@ -76,6 +77,16 @@ def _models(p: argparse.ArgumentParser, metavar: str, text: str) -> None:
     p.add_argument("--model", action="append", dest="models", metavar=metavar, help=text)
 
 
+def _probes(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--probe",
+        action="append",
+        dest="probes",
+        metavar="DIR",
+        help="a trained probe folder (dense-serve probe train), served at /v1/segment beside its base model",
+    )
+
+
 def _backend(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--backend",
@@ -137,6 +148,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("serve", help="run the REST API (and gRPC) with the worker in one process")
     _config_and_queue(s, embedded=True)
     _models(s, "SPEC", "model to serve (repeatable): spec .toml, diffusers folder, shipped id or hub id")
+    _probes(s)
     _backend(s)
     _bind(s, "host", "port", 8000)
     _api_keys(s)
@@ -160,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     w = sub.add_parser("worker", help="run only a GPU/CPU worker that serves models from Redis")
     _config_and_queue(w, embedded=False)
     _models(w, "SPEC", "model to serve (repeatable)")
+    _probes(w)
     _backend(w)
     w.add_argument("--name", dest="worker_name", help="consumer name; keep it stable across restarts")
     w.add_argument("--metrics-port", type=int, help="serve /metrics, /healthz and /readyz on this port")
@@ -195,6 +208,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_finetune_parser(sub)
     add_eval_parser(sub)
+    add_probe_parser(sub)
+
+    sg = sub.add_parser("segment", help="class maps of image files from a trained probe (as POST /v1/segment)")
+    sg.add_argument("images", nargs="+", type=Path, help="input image files")
+    sg.add_argument("--probe", type=Path, required=True, help="a trained probe folder")
+    sg.add_argument("--model", help="its base model (default: the checkpoint it was trained on)")
+    sg.add_argument("--processing-res", type=int, help="default: the probe's")
+    sg.add_argument(
+        "--format", default="png", help="comma list of png (8-bit index), npy, color (overlay), json (default png)"
+    )
+    sg.add_argument("--with-depth", action="store_true", help="also the base model's map from the same pass")
+    sg.add_argument("--out", type=Path, required=True, help="output directory")
+    sg.set_defaults(func=cmd_segment)
 
     t = sub.add_parser("make-tiny", help="write a tiny random-weight checkpoint for tests and trials")
     t.add_argument("out", type=Path)
@@ -238,14 +264,26 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def _serving_setup(args: argparse.Namespace) -> tuple[Settings, list[ModelSpec], bool]:
     """Settings from file/env/flags, the specs to serve (tiny ones when none), checked before starting."""
     from service.config import load_settings
-    from service.embedded import preflight, preflight_queue, serving_specs
+    from service.embedded import preflight, preflight_probes, preflight_queue, serving_specs
     from service.worker.encode import EncodeOptions
 
-    keys = ("host", "port", "models", "api_keys", "queue", "redis_url", "worker_name", "backend", "metrics_port")
+    keys = (
+        "host",
+        "port",
+        "models",
+        "probes",
+        "api_keys",
+        "queue",
+        "redis_url",
+        "worker_name",
+        "backend",
+        "metrics_port",
+    )
     settings = load_settings(args.config, **{k: getattr(args, k, None) for k in keys})
     EncodeOptions(settings.png_compression, settings.tiff_compression).check()
     specs, tiny = serving_specs(settings)
     preflight(specs)
+    preflight_probes(settings.probes, specs)
     preflight_queue(settings)
     return settings, specs, tiny
 
@@ -515,6 +553,67 @@ def cmd_export(args: argparse.Namespace) -> int:
         f"(tolerance {v.tolerance:g}, {v.runtime} {v.provider})"
     )
     return 0
+
+
+SEGMENT_FILES = {"png": "{}_classes.png", "npy": "{}_classes.npy", "color": "{}_overlay.png", "json": "{}.json"}
+
+
+def cmd_segment(args: argparse.Namespace) -> int:
+    """The CLI face of `/v1/segment`: the same request vocabulary, the same encoders, files instead of bodies."""
+    import json
+
+    formats = [f.strip() for f in args.format.split(",") if f.strip()]
+    try:
+        requests = [
+            parse_request(
+                {
+                    "task": "segment",
+                    "format": f,
+                    "processing_res": args.processing_res,
+                    "with_depth": args.with_depth and f == "json",
+                },
+                Limits(max_processing_res=16384),
+            )
+            for f in formats
+        ]
+    except InvalidParameter as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    _quiet_hub_libraries()
+    from models.inference import BatchItem
+    from models.probes.cli import _attached
+    from service import codec
+    from service.worker.encode import encode_prediction, encode_segmentation, map_metadata, segmentation_metadata
+
+    try:
+        probe = _attached(args.probe, args.model)
+    except (ModelError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    res = args.processing_res if args.processing_res is not None else probe.manifest.processing_res
+    failed = 0
+    for stem, path in zip(_unique_stems(args.images), args.images, strict=True):
+        try:
+            pixels = codec.decode_pixels(path, codec.DEFAULT_MAX_PIXELS).pixels
+            item = BatchItem(pixels, probe.base.plan(pixels, res), form="float32")
+        except (codec.ImageDecodeError, ValueError) as exc:
+            print(f"error: {path}: {exc}", file=sys.stderr)
+            failed += 1
+            continue
+        (seg,), depth = probe.segment([item], with_depth=args.with_depth)
+        for req in requests:
+            target = args.out / SEGMENT_FILES[req.format].format(stem)
+            if req.format != "json":
+                target.write_bytes(encode_segmentation(seg, req.format, pixels))  # type: ignore[arg-type]
+                continue
+            meta = segmentation_metadata(seg, depth[0] if depth else None).model_dump(exclude_none=True)
+            if depth:
+                meta["depth"] = map_metadata(depth[0]).model_dump(exclude_none=True)
+                (args.out / f"{stem}_depth.npy").write_bytes(encode_prediction(depth[0], "npy"))
+            target.write_text(json.dumps(meta, indent=2) + "\n")
+        print(f"{path} -> {args.out}: {', '.join(f'{k} {v}' for k, v in seg.pixel_counts().items() if v)}")
+    return 1 if failed else 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -41,6 +41,10 @@ class Settings(BaseSettings):
         default_factory=list,
         description="model specs to serve: spec .toml files, diffusers folders, shipped ids or hub ids",
     )
+    probes: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="probe folders (dense-serve probe train) served at /v1/segment beside their base models",
+    )
     device: str | None = Field(default=None, description="override every spec's device (auto, cpu, cuda:N)")
     dtype: Literal["auto", "fp16", "fp32"] | None = None
     backend: Literal["auto", "torch", "onnxruntime", "tensorrt", "triton", "simulated"] | None = Field(
@@ -139,7 +143,7 @@ class Settings(BaseSettings):
     worker_name: str | None = Field(default=None, description="consumer name (default host-pid); keep it stable")
     heartbeat_s: float = Field(default=2.0, gt=0, description="worker heartbeat; its key lives 3 heartbeats")
 
-    @field_validator("models", "api_keys", mode="before")
+    @field_validator("models", "probes", "api_keys", mode="before")
     @classmethod
     def _lists(cls, value: Any) -> Any:
         return _split_list(value)

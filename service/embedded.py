@@ -78,6 +78,20 @@ def serving_specs(settings: Settings) -> tuple[list[ModelSpec], bool]:
     return specs, False
 
 
+def preflight_probes(folders: list[str], specs: list[ModelSpec]) -> None:
+    """Every probe readable and its base model among the served ones (the hash is checked at load)."""
+    from models.probes.artifact import ProbeManifest
+
+    ids = [s.id for s in specs]
+    for folder in folders:
+        manifest = ProbeManifest.read(Path(folder))
+        if manifest.base_model not in ids:
+            raise SpecError(
+                f"probe '{manifest.id}' ({folder}) runs on model '{manifest.base_model}', which is not served "
+                f"(served: {', '.join(ids)}); add --model for it"
+            )
+
+
 def preflight(specs: list[ModelSpec]) -> None:
     """Fail before the server starts on what can be checked cheaply: missing checkpoints, offline hub ids,
     a spec that contradicts its UNet."""

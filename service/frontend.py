@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import Sequence
 
-from models.outputs import MULTI_STEP_FAMILIES, Task, task_of
+from models.outputs import MULTI_STEP_FAMILIES, ServedTask, task_of
 from models.spec import DEFAULT_PROCESSING_RES, ModelSpec
 from service.errors import ModelNotFound, TaskNotServed, Unavailable
 from service.jobs import Job, JobKind, JobParams, ModelInfo
@@ -61,7 +61,7 @@ async def waiting_models(broker: Broker, expected: Sequence[str] = ()) -> list[M
 async def resolve_model(
     broker: Broker,
     name: str | None,
-    task: Task,
+    task: ServedTask,
     kind: JobKind,
     expected: Sequence[str] = (),
     scale_from_zero: bool = False,
@@ -80,6 +80,8 @@ async def resolve_model(
             return serving[0]
         if not catalog or set(expected) - {m.id for m in catalog}:
             raise Unavailable("no model is ready yet; try again shortly", retry_after=1)
+        if task == "segment":
+            raise TaskNotServed("no probe is served: segmentation needs one (dense-serve serve --probe DIR)")
         need = "a Lotus-G or Marigold model" if kind == "uncertainty" else "a model"
         raise TaskNotServed(f"no served model predicts {task}; this request needs {need} for {task}")
     info = next((m for m in catalog if m.id == name), None)
@@ -113,14 +115,17 @@ def make_job(
     model for what its family cannot do (steps of a single-step family, ...)."""
     check_for_model(request, info.id, info.family, info.multi_step, info.default_steps)
     timeout_ms = request.timeout_ms or default_timeout_ms
+    params = JobParams.of(request)
+    if info.base_model is not None:  # a probe: its jobs join its base model's queue, to share the UNet pass
+        params = params.model_copy(update={"probe": info.id})
     return Job(
         kind=request.kind,
-        model=info.id,
+        model=info.base_model or info.id,
         task=request.task,
         deadline=time.time() + timeout_ms / 1000.0,
         image=image,
         raw_shape=raw_shape,
         request_id=request_id,
         traceparent=traceparent,
-        params=JobParams.of(request),
+        params=params,
     )

@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from models.outputs import OutputKind, Task
+from models.outputs import ServedKind, ServedTask
 from service.errors import ErrorInfo
 from service.request import PredictionRequest, Reduction, RequestKind, UncertaintyMethod
 
@@ -34,6 +34,9 @@ class JobParams(BaseModel):
     reduction: Reduction = "mean"
     return_members: bool = False
     method: UncertaintyMethod = "seeds"
+    # segment only: the probe (the job runs on its base model's queue) and the combined depth answer
+    probe: str | None = None
+    with_depth: bool = False
 
     @classmethod
     def of(cls, request: PredictionRequest) -> JobParams:
@@ -49,6 +52,7 @@ class JobParams(BaseModel):
             method=request.method,
             reduction=request.reduction,
             return_members=uncertainty and request.return_members and request.format == "json",
+            with_depth=request.with_depth,
         )
 
 
@@ -56,7 +60,7 @@ class Job(BaseModel):
     id: str = Field(default_factory=lambda: uuid.uuid4().hex)
     kind: JobKind = "predict"
     model: str
-    task: Task
+    task: ServedTask
     params: JobParams = Field(default_factory=JobParams)
     deadline: float = Field(description="absolute epoch seconds")
     reply_to: str = ""
@@ -74,7 +78,7 @@ class Job(BaseModel):
 class MapMetadata(BaseModel):
     """What a client needs to read a map: its kind and shape, how its values are meant, who made it."""
 
-    kind: OutputKind
+    kind: ServedKind
     shape: list[int]
     height: int
     width: int
@@ -95,6 +99,10 @@ class MapMetadata(BaseModel):
     uncertainty_measure: str | None = None
     uncertainty_png_max: float | None = None
     uncertainty_max: float | None = None
+    # segmentation answers
+    classes: list[str] | None = None
+    class_pixels: dict[str, int] | None = None
+    depth_kind: str | None = Field(default=None, description="with_depth: the kind of the `depth` output")
 
 
 class Reply(BaseModel):
@@ -121,8 +129,8 @@ class ModelInfo(BaseModel):
 
     id: str
     family: str
-    task: Task
-    output_kind: OutputKind
+    task: ServedTask
+    output_kind: ServedKind
     generative: bool
     processing_res: int
     backend: str = "torch"
@@ -132,3 +140,5 @@ class ModelInfo(BaseModel):
     max_queue_delay_ms: float
     multi_step: bool = False
     default_steps: int = 1
+    classes: list[str] | None = Field(default=None, description="probes: the class names, by index")
+    base_model: str | None = Field(default=None, description="probes: the model whose UNet pass they share")

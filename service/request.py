@@ -19,9 +19,10 @@ from pydantic import (
     ValidatorFunctionWrapHandler,
     WrapValidator,
     field_validator,
+    model_validator,
 )
 
-from models.outputs import Task
+from models.outputs import ServedTask
 from service.errors import InvalidParameter
 
 #: One spelling per answer format, everywhere. `png` is 16-bit gray (depth, disparity) or 8-bit RGB (normals);
@@ -30,6 +31,9 @@ Format = Literal["png", "npy", "exr", "tiff", "color", "json", "raw16", "raw32"]
 FORMATS: tuple[Format, ...] = get_args(Format)
 #: Older spellings still accepted on input (the CLI's `png16`).
 FORMAT_ALIASES: dict[str, Format] = {"png16": "png"}
+#: What a class map can be answered as: 8-bit index PNG, uint8 NPY, colour overlay, or JSON (class names and
+#: per-class pixel counts, the map inside).
+SEGMENT_FORMATS: tuple[Format, ...] = ("png", "npy", "color", "json")
 JsonEncoding = Literal["png", "npy"]
 Reduction = Literal["mean", "median"]
 RequestKind = Literal["predict", "uncertainty"]
@@ -77,7 +81,7 @@ class PredictionRequest(BaseModel):
     model: str | None = Field(
         default=None, min_length=1, max_length=200, description="model id (default: the first model serving the task)"
     )
-    task: Task = Field(default="depth", description="depth or normals (REST: the path says it)")
+    task: ServedTask = Field(default="depth", description="depth, normals or segment (REST: the path says it)")
     kind: RequestKind = Field(default="predict", description="predict, or uncertainty (a multi-seed ensemble)")
     processing_res: Annotated[int, Field(ge=0, le=PROCESSING_RES_CAP)] | None = Field(
         default=None,
@@ -109,6 +113,23 @@ class PredictionRequest(BaseModel):
     timeout_ms: Annotated[int, Field(ge=1)] | None = Field(
         default=None, description="deadline; past it the answer is an error and the job is never computed"
     )
+    with_depth: bool = Field(
+        default=False,
+        description="segment: also the base model's map from the same UNet pass (JSON answers: output `depth`)",
+    )
+
+    @model_validator(mode="after")
+    def _segment(self) -> PredictionRequest:
+        if self.task == "segment":
+            if self.format not in SEGMENT_FORMATS:
+                raise ValueError(f"format: a class map is answered as {', '.join(SEGMENT_FORMATS)}, not {self.format}")
+            if self.kind != "predict":
+                raise ValueError("kind: segmentation has no multi-seed uncertainty")
+            if self.with_depth and self.format != "json":
+                raise ValueError("with_depth: two maps need format=json (outputs `prediction` and `depth`)")
+        elif self.with_depth:
+            raise ValueError("with_depth: only a segment request adds the depth map of its pass")
+        return self
 
     @field_validator("format", mode="before")
     @classmethod

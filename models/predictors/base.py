@@ -57,11 +57,14 @@ class SingleStepPredictor(torch.nn.Module, ABC):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.vae.decode(latents / self.scaling_factor).sample
 
-    def unet_step(self, sample: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+    def unet_step(
+        self, sample: torch.Tensor, class_labels: torch.Tensor | None = None, timestep: int = TIMESTEP
+    ) -> torch.Tensor:
+        """One UNet call; `timestep` is 999 for every served prediction (probes tap other t too)."""
         batch = sample.shape[0]
-        timestep = torch.full((batch,), TIMESTEP, dtype=torch.long, device=sample.device)
+        timesteps = torch.full((batch,), timestep, dtype=torch.long, device=sample.device)
         hidden = self.prompt_embeds.to(sample.dtype).expand(batch, -1, -1)
-        return self.unet(sample, timestep, encoder_hidden_states=hidden, class_labels=class_labels).sample
+        return self.unet(sample, timesteps, encoder_hidden_states=hidden, class_labels=class_labels).sample
 
     def make_noise(self, seeds: Sequence[int], latent_hw: tuple[int, int]) -> torch.Tensor | None:
         """Seeded noise for generative families, on this core's device and dtype."""
@@ -70,8 +73,10 @@ class SingleStepPredictor(torch.nn.Module, ABC):
         return seeded_noise(seeds, latent_hw).to(self.device, self.dtype)
 
     @abstractmethod
-    def predict_latent(self, image_latent: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
-        """One UNet call, returning the predicted clean latent x0."""
+    def predict_latent(
+        self, image_latent: torch.Tensor, noise: torch.Tensor | None = None, timestep: int = TIMESTEP
+    ) -> torch.Tensor:
+        """One UNet call, returning the predicted clean latent x0 (meaningful at t = 999 only)."""
 
     @abstractmethod
     def postprocess(self, decoded: torch.Tensor) -> torch.Tensor:

@@ -38,8 +38,10 @@ class E2EFTPredictor(SingleStepPredictor):
         scheduler = DDIMScheduler.from_config(config)
         return float(scheduler.alphas_cumprod[TIMESTEP])
 
-    def predict_latent(self, image_latent: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
-        v = self.unet_step(torch.cat([image_latent, torch.zeros_like(image_latent)], dim=1))
+    def predict_latent(
+        self, image_latent: torch.Tensor, noise: torch.Tensor | None = None, timestep: int = TIMESTEP
+    ) -> torch.Tensor:
+        v = self.unet_step(torch.cat([image_latent, torch.zeros_like(image_latent)], dim=1), timestep=timestep)
         return v * self.v_to_x0
 
     def postprocess(self, decoded: torch.Tensor) -> torch.Tensor:

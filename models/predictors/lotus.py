@@ -11,7 +11,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from models.outputs import OutputKind
-from models.predictors.base import SingleStepPredictor
+from models.predictors.base import TIMESTEP, SingleStepPredictor
 from models.predictors.processing import normalize_vectors
 
 # class_labels for the annotation branch: [sin 1, sin 0, cos 1, cos 0].
@@ -41,14 +41,16 @@ class LotusPredictor(SingleStepPredictor):
             return self.annotation_switch.to(self.dtype).expand(batch, -1)
         return torch.tensor(switch, dtype=self.dtype, device=self.device).expand(batch, -1)
 
-    def predict_latent(self, image_latent: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+    def predict_latent(
+        self, image_latent: torch.Tensor, noise: torch.Tensor | None = None, timestep: int = TIMESTEP
+    ) -> torch.Tensor:
         if self.generative:
             if noise is None or noise.shape != image_latent.shape:
                 raise ValueError("Lotus-G needs one noise latent per image, shaped like the image latent")
             sample = torch.cat([image_latent, noise], dim=1)
         else:
             sample = image_latent
-        return self.unet_step(sample, self.task_switch(sample.shape[0]))
+        return self.unet_step(sample, self.task_switch(sample.shape[0]), timestep)
 
     def postprocess(self, decoded: torch.Tensor) -> torch.Tensor:
         # Clamp per channel first, then reduce: the order differs from Marigold on purpose.

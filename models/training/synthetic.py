@@ -460,6 +460,23 @@ def write_scenes(
     return names
 
 
+#: Per-pixel classes of a synthetic scene (`semantic_labels`), in index order; index 0 is the sky.
+SEMANTIC_CLASSES: tuple[str, ...] = ("sky", "floor", "ceiling", "wall", "box", "sphere")
+
+
+def semantic_labels(rendering: Rendering) -> np.ndarray:
+    """`[H, W]` uint8 class indices into SEMANTIC_CLASSES: a plane is floor, ceiling or wall by its normal."""
+    lookup = np.zeros(len(rendering.scene.primitives) + 1, dtype=np.uint8)  # the last entry is -1: sky
+    for k, prim in enumerate(rendering.scene.primitives):
+        if isinstance(prim, Plane):
+            up = float(prim.normal[1])
+            name = "floor" if up > 0.9 else "ceiling" if up < -0.9 else "wall"
+        else:
+            name = "box" if isinstance(prim, Box) else "sphere"
+        lookup[k] = SEMANTIC_CLASSES.index(name)
+    return lookup[rendering.primitive.astype(np.int64)]
+
+
 def write_rendering(
     root: str | Path,
     name: str,

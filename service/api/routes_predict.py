@@ -1,4 +1,5 @@
-"""`POST /v1/depth`, `/v1/normals`, `/v1/uncertainty`: validate, enqueue, await the reply, respond.
+"""`POST /v1/depth`, `/v1/normals`, `/v1/uncertainty`, `/v1/segment` (probes): validate, enqueue, await the
+reply, respond.
 
 Parameters are FastAPI query models (their limits are the server's); the same fields may come as form fields
 or JSON fields beside the image. Either way they become one `PredictionRequest`, validated once.
@@ -15,16 +16,30 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ValidationError
 
-from models.outputs import Task
+from models.outputs import ServedTask
 from service import codec, tracing
 from service.api.dependencies import Context, context
 from service.api.inputs import read_input
 from service.api.negotiate import choose
-from service.api.schemas import MEDIA_TYPES, PredictionJSON, Problem, parameter_models, request_body
+from service.api.schemas import (
+    MEDIA_TYPES,
+    PredictionJSON,
+    Problem,
+    parameter_models,
+    request_body,
+    segment_parameters,
+)
 from service.errors import ERRORS, ClientClosed, InvalidParameter, PayloadTooLarge, UnsupportedMedia
 from service.frontend import make_job, resolve_model
 from service.jobs import Reply
-from service.request import Limits, PredictionRequest, RequestKind, invalid_parameter, parse_request
+from service.request import (
+    SEGMENT_FORMATS,
+    Limits,
+    PredictionRequest,
+    RequestKind,
+    invalid_parameter,
+    parse_request,
+)
 
 BINARY = {"schema": {"type": "string", "format": "binary"}}
 #: Every problem the routes can answer, documented with RFC 9457's media type.
@@ -98,10 +113,28 @@ def predict_router(limits: Limits) -> APIRouter:
     ) -> Response:
         return await _handle(request, ctx, params, "uncertainty", None)
 
+    segment_params = segment_parameters(limits)
+
+    @router.post(
+        "/segment",
+        summary="Class map of an image from a probe on a served UNet (see /v1/models: task segment)",
+        responses=_answers(
+            "8-bit index PNG (class i = value i), uint8 NPY [H, W], a colour overlay on the image, or JSON with "
+            "the class names, per-class pixel counts and the map (with_depth: the base model's map too)"
+        ),
+        openapi_extra=request_body(segment_params),
+    )
+    async def segment(
+        request: Request, params: Annotated[segment_params, Query()], ctx: Annotated[Context, Depends(context)]
+    ) -> Response:
+        return await _handle(request, ctx, params, "predict", "segment")
+
     return router
 
 
-async def _handle(request: Request, ctx: Context, query: BaseModel, kind: RequestKind, task: Task | None) -> Response:
+async def _handle(
+    request: Request, ctx: Context, query: BaseModel, kind: RequestKind, task: ServedTask | None
+) -> Response:
     started = time.perf_counter()
     image, body = await read_input(request, ctx.settings.max_upload_bytes)
     fields = {**query.model_dump(exclude_unset=True), **_body_fields(type(query), body), "kind": kind}
@@ -109,6 +142,8 @@ async def _handle(request: Request, ctx: Context, query: BaseModel, kind: Reques
         fields["task"] = task
     req = parse_request(fields, ctx.limits)
     fmt = choose(req.format if "format" in fields else None, request.headers.get("accept"))
+    if req.task == "segment" and fmt not in SEGMENT_FORMATS:
+        raise InvalidParameter(f"a class map is answered as {', '.join(SEGMENT_FORMATS)}, not {fmt}", field="format")
     req = req.model_copy(update={"format": fmt})
     info = await resolve_model(ctx.broker, req.model, req.task, kind, ctx.expected_models, ctx.settings.scale_from_zero)
     key = request.headers.get("idempotency-key")

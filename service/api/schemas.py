@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from models.outputs import OutputKind, Task
+from models.outputs import ServedKind, Task
 from service.jobs import ModelInfo
 from service.request import (
     SEED_MAX,
@@ -83,6 +83,22 @@ def _uncertainty_fields(limits: Limits) -> dict[str, Any]:
             ),
         ),
     }
+
+
+@cache
+def segment_parameters(limits: Limits) -> type[BaseModel]:
+    """`/v1/segment`: the prediction parameters, formats png (8-bit index), npy, color (overlay) or json, and
+    `with_depth`."""
+    fields = _predict_fields(limits)
+    fields["format"] = (
+        Literal["png", "npy", "color", "json"] | None,
+        Field(default=None, description="8-bit index PNG, uint8 NPY, colour overlay, or JSON with counts"),
+    )
+    fields["with_depth"] = (
+        bool,
+        Field(default=False, description="also the base model's map from the same UNet pass (format=json)"),
+    )
+    return create_model("SegmentParams", __config__=ConfigDict(extra="forbid"), **fields)
 
 
 @cache
@@ -157,7 +173,7 @@ class PredictionJSON(BaseModel):
 
     request_id: str
     model: str
-    kind: OutputKind
+    kind: ServedKind
     shape: list[int]
     affine_invariant: bool
     range: list[float]
@@ -180,6 +196,9 @@ class PredictionJSON(BaseModel):
     uncertainty_measure: str | None = None
     uncertainty_png_max: float | None = None
     uncertainty_max: float | None = None
+    classes: list[str] | None = Field(default=None, description="segmentation: class names by index")
+    class_pixels: dict[str, int] | None = Field(default=None, description="segmentation: pixels per class")
+    depth_kind: str | None = Field(default=None, description="with_depth: the kind of output `depth`")
 
 
 class Problem(BaseModel):

@@ -54,6 +54,13 @@ def encode_npy(values: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+def encode_npy_as(values: np.ndarray) -> bytes:
+    """NPY in the array's own dtype (class maps are uint8 indices, not floats)."""
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(values), allow_pickle=False)
+    return buf.getvalue()
+
+
 def decode_npy(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 

@@ -37,6 +37,7 @@ FORMATS: dict[int, Format] = {
     pb.OUTPUT_ENCODING_COLOR: "color",
 }
 DTYPES: dict[Format, str] = {"raw16": "float16", "raw32": "float32", "color": "png"}
+TASKS: dict[int, str] = {pb.TASK_NORMALS: "normals", pb.TASK_SEGMENT: "segment"}
 
 
 def status_of(exc: ServiceError) -> grpc.StatusCode:
@@ -57,7 +58,7 @@ def request_of(req: pb.PredictRequest, limits: Limits, deadline_s: float | None 
     """The proto's fields, by their REST names, into the one request model (validated there)."""
     fields: dict[str, object] = {
         "model": req.model or None,
-        "task": "normals" if req.task == pb.TASK_NORMALS else "depth",
+        "task": TASKS.get(req.task, "depth"),
         "format": FORMATS.get(req.encoding, "raw16"),
         "match_input_resolution": req.match_input_resolution
         if req.HasField("match_input_resolution")
@@ -75,6 +76,8 @@ def request_of(req: pb.PredictRequest, limits: Limits, deadline_s: float | None 
         timeout_ms = max(1, min(timeout_ms or limits.max_timeout_ms, int(deadline_s * 1000)))
     if timeout_ms is not None:
         fields["timeout_ms"] = min(timeout_ms, limits.max_timeout_ms) if deadline_s is not None else timeout_ms
+    if fields["task"] == "segment" and req.encoding == pb.OUTPUT_ENCODING_UNSPECIFIED:
+        fields["format"] = "png"  # a class map's default: 8-bit index PNG (float encodings do not apply)
     return parse_request(fields, limits)
 
 
@@ -134,6 +137,8 @@ class DenseServicer(dense_pb2_grpc.DenseServiceServicer):
                     generative=m.generative,
                     multi_step=m.multi_step,
                     default_steps=m.default_steps,
+                    classes=m.classes or [],
+                    base_model=m.base_model or "",
                 )
                 for m in catalog
             ]
@@ -153,7 +158,7 @@ class DenseServicer(dense_pb2_grpc.DenseServiceServicer):
             status = status_of(exc).name
             raise
         finally:
-            task = "normals" if req.task == pb.TASK_NORMALS else "depth"
+            task = TASKS.get(req.task, "depth")
             bytes_in = len(req.raw.data) if req.WhichOneof("image") == "raw" else len(req.encoded)
             elapsed = time.perf_counter() - started
             metrics.observe_request("grpc", route, model, task, status, elapsed, bytes_in, size)
@@ -187,7 +192,8 @@ class DenseServicer(dense_pb2_grpc.DenseServiceServicer):
             shape=meta.shape,
             dtype=DTYPES.get(request.format, request.format),
             kind=meta.kind,
-            encoding=req.encoding or pb.OUTPUT_ENCODING_RAW_FLOAT16,
+            encoding=req.encoding
+            or (pb.OUTPUT_ENCODING_PNG16 if request.task == "segment" else pb.OUTPUT_ENCODING_RAW_FLOAT16),
             model=meta.model,
             seed=meta.seed,
             steps=meta.steps,
@@ -196,6 +202,8 @@ class DenseServicer(dense_pb2_grpc.DenseServiceServicer):
             queue_ms=reply.timings.get("queue", 0.0),
             compute_ms=reply.timings.get("compute", 0.0),
             total_ms=(time.perf_counter() - started) * 1000.0,
+            classes=meta.classes or [],
+            class_pixels=meta.class_pixels or {},
         )
 
     async def _image(self, req: pb.PredictRequest) -> tuple[bytes, list[int] | None]:

@@ -9,6 +9,7 @@ import numpy as np
 
 from models.inference import UncertaintyResult
 from models.outputs import MapForm, PredictionMap
+from models.probes.segmenter import Segmentation
 from service import codec
 from service.jobs import Encoding, MapMetadata
 
@@ -114,4 +115,56 @@ def uncertainty_metadata(result: UncertaintyResult) -> MapMetadata:
             "uncertainty_png_max": uncertainty_png_max(kind, result.method),
             "uncertainty_max": float(result.uncertainty.max(initial=0.0)),
         }
+    )
+
+
+def class_palette(n: int) -> np.ndarray:
+    """`[n, 3]` uint8 colours, well apart for small n: hues around the wheel at two lightness levels."""
+    import colorsys
+
+    hues = [(i * 0.618033988749895) % 1.0 for i in range(n)]
+    rgb = [colorsys.hls_to_rgb(h, 0.5 if i % 2 == 0 else 0.35, 0.85) for i, h in enumerate(hues)]
+    return np.clip(np.rint(np.array(rgb) * 255.0), 0, 255).astype(np.uint8).reshape(n, 3)
+
+
+def overlay(labels: np.ndarray, image: np.ndarray, classes: int, alpha: float = 0.5) -> np.ndarray:
+    """The class colours blended over the input image (resized to the map's size when it differs)."""
+    colours = class_palette(classes)[labels].astype(np.float32)
+    pixels = image if image.dtype == np.uint8 else np.clip(np.rint(image * 255.0), 0, 255).astype(np.uint8)
+    if pixels.shape[:2] != labels.shape:
+        from PIL import Image
+
+        pixels = np.asarray(Image.fromarray(pixels).resize(labels.shape[::-1], Image.Resampling.BILINEAR))
+    blended = alpha * colours + (1.0 - alpha) * pixels.astype(np.float32)
+    return np.clip(np.rint(blended), 0, 255).astype(np.uint8)
+
+
+def encode_segmentation(
+    seg: Segmentation, encoding: Encoding, image: np.ndarray, options: EncodeOptions = EncodeOptions()
+) -> bytes:
+    """8-bit index PNG (`png`), uint8 NPY (`npy`), or the colour overlay on the input image (`color`)."""
+    if encoding == "png":
+        return codec.encode_png(seg.labels, options.png_level)
+    if encoding == "npy":
+        return codec.encode_npy_as(seg.labels)
+    if encoding == "color":
+        return codec.encode_png(overlay(seg.labels, image, len(seg.classes)), options.png_level)
+    raise ValueError(f"a class map is not answered as {encoding}")
+
+
+def segmentation_metadata(seg: Segmentation, depth: PredictionMap | None = None) -> MapMetadata:
+    h, w = seg.labels.shape
+    return MapMetadata(
+        kind="segmentation",
+        shape=[h, w],
+        height=h,
+        width=w,
+        affine_invariant=False,
+        range=[0.0, float(len(seg.classes) - 1)],
+        model=seg.model_id,
+        processing_size=list(seg.processing_size),
+        classes=seg.classes,
+        class_pixels=seg.pixel_counts(),
+        depth_kind=depth.kind if depth is not None else None,
+        seed=depth.seed if depth is not None else None,
     )

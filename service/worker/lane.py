@@ -28,6 +28,7 @@ from functools import partial
 from models.inference import BatchItem, UncertaintyResult
 from models.multistep import MultiStepPredictor, StepBatch
 from models.outputs import PredictionMap
+from models.probes.segmenter import Segmentation
 from service import codec, logs, metrics, tracing
 from service.config import Settings
 from service.errors import (
@@ -45,8 +46,10 @@ from service.worker.encode import (
     FORM_OF,
     EncodeOptions,
     encode_prediction,
+    encode_segmentation,
     encode_uncertainty,
     map_metadata,
+    segmentation_metadata,
     uncertainty_metadata,
 )
 from service.worker.prepare import decode_for
@@ -83,6 +86,7 @@ class Computed:
     maps: list[PredictionMap] = field(default_factory=list)
     uncertainty: UncertaintyResult | None = None
     shared: int = 0  # multi-step: members that shared the job's last step (its batch size)
+    segments: list[Segmentation] | None = None
 
 
 class Lane:
@@ -182,6 +186,8 @@ class Lane:
         start = time.perf_counter()
         job = delivery.job
         res = job.params.processing_res
+        if job.task == "segment" and res is None and job.params.probe in self.served.probes:
+            res = self.served.probes[job.params.probe].manifest.processing_res  # what the probe was trained at
         try:
             if job.raw_shape:
                 pixels = codec.decode_raw_rgb(job.image, job.raw_shape[0], job.raw_shape[1], self.max_pixels)
@@ -202,6 +208,10 @@ class Lane:
             pixels, geometry, seed, job.params.match_input_resolution, form, steps, job.params.ensemble_size
         )
         key: tuple[object, ...] = (job.kind, geometry.padded_hw) if job.kind == "predict" else (job.kind, job.id)
+        if job.task == "segment":  # one probe and one answer shape per batch; the UNet pass is the base model's
+            if job.params.probe not in self.served.probes:
+                raise InvalidParameter(f"probe '{job.params.probe}' is not attached to {self.model_id}", field="model")
+            key = ("segment", job.params.probe, job.params.with_depth, geometry.padded_hw)
         return Prepared(delivery, item, key, (time.perf_counter() - start) * 1000.0)
 
     # ------------------------------------------------------------------ stage 2: batch and compute
@@ -266,7 +276,15 @@ class Lane:
         )
         self.busy = True
         try:
-            if batch[0].job.kind == "uncertainty":
+            if batch[0].job.task == "segment":
+                params = batch[0].job.params
+                probe = self.served.probes[params.probe or ""]
+                done.segments, depth = await loop.run_in_executor(
+                    self.compute_pool, probe.segment, [p.item for p in batch], params.with_depth, stages
+                )
+                done.maps = depth or []
+                self.stats.record_forward(self.model_id, len(batch), stages, idle_s)
+            elif batch[0].job.kind == "uncertainty":
                 job = batch[0].job
                 done.uncertainty = await loop.run_in_executor(
                     self.compute_pool,
@@ -422,7 +440,12 @@ class Lane:
         compute_done = time.time()
         encode_start = time.perf_counter()
         await self.broker.refresh_abandoned([p.delivery for p in done.batch])
-        if done.uncertainty is not None:
+        if done.segments is not None:
+            calls = [
+                partial(self._encode_segmentation, p, seg, done.maps[i] if done.maps else None, done)
+                for i, (p, seg) in enumerate(zip(done.batch, done.segments, strict=True))
+            ]
+        elif done.uncertainty is not None:
             calls = [partial(self._encode_uncertainty, done.batch[0], done.uncertainty, done)]
         else:
             calls = [partial(self._encode_prediction, p, m, done) for p, m in zip(done.batch, done.maps, strict=True)]
@@ -451,6 +474,22 @@ class Lane:
             metadata=map_metadata(pred),
             timings=_timings(p, done, t0),
             batch_size=done.shared or len(done.batch),
+        )
+
+    def _encode_segmentation(
+        self, p: Prepared, seg: Segmentation, depth: PredictionMap | None, done: Computed
+    ) -> Reply:
+        t0 = time.perf_counter()
+        outputs = {"prediction": encode_segmentation(seg, p.job.params.encoding, p.item.image, self.options)}
+        if depth is not None:
+            outputs["depth"] = encode_prediction(depth, p.job.params.encoding, self.options)
+        return Reply(
+            id=p.job.id,
+            status="ok",
+            outputs=outputs,
+            metadata=segmentation_metadata(seg, depth),
+            timings=_timings(p, done, t0),
+            batch_size=len(done.batch),
         )
 
     def _encode_uncertainty(self, p: Prepared, result: UncertaintyResult, done: Computed) -> Reply:
@@ -501,7 +540,11 @@ def _timings(p: Prepared, done: Computed, encode_start: float) -> dict[str, floa
         "decode": p.decode_ms,
         "queue": max(0.0, (done.started - p.job.enqueued_at) * 1000.0),
         "preprocess": ms.get("preprocess", 0.0),
-        "compute": ms.get("encode", 0.0) + ms.get("unet_decode", 0.0) + ms.get("uncertainty", 0.0),
+        "compute": ms.get("encode", 0.0)
+        + ms.get("unet_decode", 0.0)
+        + ms.get("uncertainty", 0.0)
+        + ms.get("encode_unet", 0.0)
+        + ms.get("probe", 0.0),
         "postprocess": ms.get("postprocess", 0.0),
         "encode": (time.perf_counter() - encode_start) * 1000.0,
     }

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
+from models.errors import ModelLoadError
 from models.inference import BatchItem, DensePredictor
-from models.loading import load_model
+from models.loading import load_model, resolve_source
+from models.probes.artifact import ProbeManifest
+from models.probes.segmenter import Probe
 from models.spec import ModelSpec
 from service.jobs import ModelInfo
 
@@ -23,6 +27,7 @@ class ServedModel:
     info: ModelInfo
     load_s: float
     warmup_s: float = 0.0
+    probes: dict[str, Probe] = field(default_factory=dict)
 
 
 def describe(spec: ModelSpec, predictor: DensePredictor, max_batch: int, max_delay_ms: float) -> ModelInfo:
@@ -58,3 +63,35 @@ def load_served(spec: ModelSpec, max_batch: int, max_delay_ms: float, warmup: bo
         served.warmup_s = time.perf_counter() - start
     log.info("model %s ready: load %.2fs, warm-up %.2fs", spec.id, served.load_s, served.warmup_s)
     return served
+
+
+def attach_probes(served: dict[str, ServedModel], folders: list[str]) -> list[ModelInfo]:
+    """Blocking: load each probe onto the served model it was trained on (hash-checked); their catalog entries."""
+    infos = []
+    for folder in folders:
+        manifest = ProbeManifest.read(Path(folder))
+        base = served.get(manifest.base_model)
+        if base is None:
+            raise ModelLoadError(
+                f"probe '{manifest.id}' ({folder}) runs on model '{manifest.base_model}', which is not served here; "
+                f"serve it too (served: {', '.join(served) or 'none'})"
+            )
+        if manifest.id in served or any(manifest.id in s.probes for s in served.values()):
+            raise ModelLoadError(f"probe '{manifest.id}' ({folder}): another model or probe has that id")
+        probe = Probe.attach(Path(folder), base.predictor, resolve_source(base.spec))
+        base.probes[probe.id] = probe
+        infos.append(
+            base.info.model_copy(
+                update={
+                    "id": probe.id,
+                    "task": "segment",
+                    "output_kind": "segmentation",
+                    "generative": False,
+                    "processing_res": manifest.processing_res,
+                    "classes": manifest.classes,
+                    "base_model": base.info.id,
+                }
+            )
+        )
+        log.info("probe %s (%d classes) attached to %s", probe.id, len(probe.classes), base.info.id)
+    return infos

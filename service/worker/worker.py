@@ -9,10 +9,11 @@ from concurrent.futures import ThreadPoolExecutor
 from models.spec import ModelSpec
 from service import metrics
 from service.config import Settings
+from service.jobs import ModelInfo
 from service.queue.base import Broker
 from service.readiness import WorkerState
 from service.worker.lane import Lane
-from service.worker.registry import ServedModel, load_served
+from service.worker.registry import ServedModel, attach_probes, load_served
 from service.worker.stats import WorkerStats
 
 log = logging.getLogger(__name__)
@@ -28,6 +29,7 @@ class Worker:
         self.error: str | None = None
         self.served: dict[str, ServedModel] = {}
         self.lanes: dict[str, Lane] = {}
+        self.probe_infos: list[ModelInfo] = []
         self._stop = asyncio.Event()
         self._io_pool = ThreadPoolExecutor(settings.io_threads, thread_name_prefix="dense-io")
         self._compute_pools: dict[str, ThreadPoolExecutor] = {}
@@ -55,6 +57,7 @@ class Worker:
                     self.settings.max_queue_delay_ms,
                     self.settings.warmup,
                 )
+            self.probe_infos = await loop.run_in_executor(None, attach_probes, self.served, list(self.settings.probes))
         except Exception as exc:
             self.state, self.error = "failed", f"{type(exc).__name__}: {exc}"
             log.error("worker failed to load models: %s", self.error)
@@ -63,7 +66,7 @@ class Worker:
             self.lanes[model_id] = Lane(
                 self.broker, served, self.settings, self._io_pool, self._compute_pools[model_id], self.stats
             )
-        await self.broker.publish_models([s.info for s in self.served.values()])
+        await self.broker.publish_models([s.info for s in self.served.values()] + self.probe_infos)
         for served in self.served.values():
             i = served.info
             metrics.MODEL_LOAD_SECONDS.labels(i.id).set(served.load_s)
@@ -99,7 +102,7 @@ class Worker:
         if self.state in ("stopping", "stopped"):
             return
         self.state = "stopping"
-        await self.broker.withdraw_models(list(self.served))
+        await self.broker.withdraw_models(list(self.served) + [i.id for i in self.probe_infos])
         self._stop.set()
         if self._main is not None:
             try:

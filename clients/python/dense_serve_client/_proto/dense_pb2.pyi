@@ -12,6 +12,7 @@ class Task(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TASK_UNSPECIFIED: _ClassVar[Task]
     TASK_DEPTH: _ClassVar[Task]
     TASK_NORMALS: _ClassVar[Task]
+    TASK_SEGMENT: _ClassVar[Task]
 
 class OutputEncoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -32,6 +33,7 @@ class FrameStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
 TASK_UNSPECIFIED: Task
 TASK_DEPTH: Task
 TASK_NORMALS: Task
+TASK_SEGMENT: Task
 OUTPUT_ENCODING_UNSPECIFIED: OutputEncoding
 OUTPUT_ENCODING_RAW_FLOAT16: OutputEncoding
 OUTPUT_ENCODING_RAW_FLOAT32: OutputEncoding
@@ -107,7 +109,14 @@ class StreamRequest(_message.Message):
     def __init__(self, config: _Optional[_Union[StreamConfig, _Mapping]] = ..., frame: _Optional[_Union[PredictRequest, _Mapping]] = ...) -> None: ...
 
 class PredictResponse(_message.Message):
-    __slots__ = ("frame_id", "timestamp_ns", "status", "data", "shape", "dtype", "kind", "encoding", "model", "seed", "affine_invariant", "queue_ms", "compute_ms", "total_ms", "error_code", "error_message", "steps", "error_type", "error_field", "normals_convention")
+    __slots__ = ("frame_id", "timestamp_ns", "status", "data", "shape", "dtype", "kind", "encoding", "model", "seed", "affine_invariant", "queue_ms", "compute_ms", "total_ms", "error_code", "error_message", "steps", "error_type", "error_field", "normals_convention", "classes", "class_pixels")
+    class ClassPixelsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     FRAME_ID_FIELD_NUMBER: _ClassVar[int]
     TIMESTAMP_NS_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
@@ -128,6 +137,8 @@ class PredictResponse(_message.Message):
     ERROR_TYPE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_FIELD_NUMBER: _ClassVar[int]
     NORMALS_CONVENTION_FIELD_NUMBER: _ClassVar[int]
+    CLASSES_FIELD_NUMBER: _ClassVar[int]
+    CLASS_PIXELS_FIELD_NUMBER: _ClassVar[int]
     frame_id: int
     timestamp_ns: int
     status: FrameStatus
@@ -148,14 +159,16 @@ class PredictResponse(_message.Message):
     error_type: str
     error_field: str
     normals_convention: str
-    def __init__(self, frame_id: _Optional[int] = ..., timestamp_ns: _Optional[int] = ..., status: _Optional[_Union[FrameStatus, str]] = ..., data: _Optional[bytes] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., kind: _Optional[str] = ..., encoding: _Optional[_Union[OutputEncoding, str]] = ..., model: _Optional[str] = ..., seed: _Optional[int] = ..., affine_invariant: _Optional[bool] = ..., queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., error_code: _Optional[int] = ..., error_message: _Optional[str] = ..., steps: _Optional[int] = ..., error_type: _Optional[str] = ..., error_field: _Optional[str] = ..., normals_convention: _Optional[str] = ...) -> None: ...
+    classes: _containers.RepeatedScalarFieldContainer[str]
+    class_pixels: _containers.ScalarMap[str, int]
+    def __init__(self, frame_id: _Optional[int] = ..., timestamp_ns: _Optional[int] = ..., status: _Optional[_Union[FrameStatus, str]] = ..., data: _Optional[bytes] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., kind: _Optional[str] = ..., encoding: _Optional[_Union[OutputEncoding, str]] = ..., model: _Optional[str] = ..., seed: _Optional[int] = ..., affine_invariant: _Optional[bool] = ..., queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., error_code: _Optional[int] = ..., error_message: _Optional[str] = ..., steps: _Optional[int] = ..., error_type: _Optional[str] = ..., error_field: _Optional[str] = ..., normals_convention: _Optional[str] = ..., classes: _Optional[_Iterable[str]] = ..., class_pixels: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("id", "family", "task", "output_kind", "processing_res", "backend", "device", "dtype", "max_batch_size", "generative", "multi_step", "default_steps")
+    __slots__ = ("id", "family", "task", "output_kind", "processing_res", "backend", "device", "dtype", "max_batch_size", "generative", "multi_step", "default_steps", "classes", "base_model")
     ID_FIELD_NUMBER: _ClassVar[int]
     FAMILY_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
@@ -168,6 +181,8 @@ class ModelInfo(_message.Message):
     GENERATIVE_FIELD_NUMBER: _ClassVar[int]
     MULTI_STEP_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_STEPS_FIELD_NUMBER: _ClassVar[int]
+    CLASSES_FIELD_NUMBER: _ClassVar[int]
+    BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     id: str
     family: str
     task: str
@@ -180,7 +195,9 @@ class ModelInfo(_message.Message):
     generative: bool
     multi_step: bool
     default_steps: int
-    def __init__(self, id: _Optional[str] = ..., family: _Optional[str] = ..., task: _Optional[str] = ..., output_kind: _Optional[str] = ..., processing_res: _Optional[int] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., generative: _Optional[bool] = ..., multi_step: _Optional[bool] = ..., default_steps: _Optional[int] = ...) -> None: ...
+    classes: _containers.RepeatedScalarFieldContainer[str]
+    base_model: str
+    def __init__(self, id: _Optional[str] = ..., family: _Optional[str] = ..., task: _Optional[str] = ..., output_kind: _Optional[str] = ..., processing_res: _Optional[int] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., generative: _Optional[bool] = ..., multi_step: _Optional[bool] = ..., default_steps: _Optional[int] = ..., classes: _Optional[_Iterable[str]] = ..., base_model: _Optional[str] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)

@@ -1,0 +1,1 @@
+"""Pixel probes on a served UNet's decoder features: extraction, training, serving, export."""

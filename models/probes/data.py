@@ -1,0 +1,95 @@
+"""Labelled images for probes: the folder format, and synthetic scenes written into it.
+
+Layout (NAME is any file stem; a sample exists for every image in `rgb/`)::
+
+    ROOT/
+      classes.json        ["floor", "wall", ...]: class index i is the i-th name
+      rgb/NAME.png        8-bit RGB (.jpg/.jpeg also read)
+      labels/NAME.png     8-bit single channel, the class index per pixel; 255 = unlabelled (ignored)
+
+A label PNG must have the size of its image. Any paint program or labelling tool that exports index masks
+writes this (CVAT "Segmentation mask", LabelMe `labelme_export_json`, ... with a palette mapped to indices).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from models.training import folder_format
+
+IGNORE = 255
+CLASSES_FILE = "classes.json"
+
+
+@dataclass(frozen=True)
+class LabelledImage:
+    name: str
+    rgb: np.ndarray  # uint8 [H, W, 3]: what a served request decodes to
+    labels: np.ndarray  # uint8 [H, W], IGNORE = unlabelled
+
+
+def read_classes(root: Path) -> list[str]:
+    path = root / CLASSES_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: a probe dataset names its classes in a JSON list")
+    classes = json.loads(path.read_text())
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) and c for c in classes):
+        raise ValueError(f"{path}: expected a non-empty JSON list of class names")
+    if len(classes) > IGNORE or len(set(classes)) != len(classes):
+        raise ValueError(f"{path}: at most {IGNORE} distinct class names")
+    return classes
+
+
+def read_folder(root: str | Path, limit: int | None = None) -> tuple[list[str], list[LabelledImage]]:
+    root = Path(root)
+    classes = read_classes(root)
+    names = folder_format.list_names(root)[:limit]
+    if not names:
+        raise ValueError(f"{root}/rgb holds no images")
+    images = []
+    for name in names:
+        label_path = root / "labels" / f"{name}.png"
+        if not label_path.is_file():
+            raise FileNotFoundError(f"{label_path} is missing: every image in rgb/ needs its label PNG")
+        rgb_path = folder_format.find_file(root / "rgb", name, folder_format.RGB_SUFFIXES)
+        assert rgb_path is not None
+        with Image.open(rgb_path) as im:
+            rgb = np.asarray(im.convert("RGB"), dtype=np.uint8)
+        with Image.open(label_path) as im:
+            if im.mode not in ("L", "P"):
+                raise ValueError(f"{label_path}: a label PNG is 8-bit single channel (class indices), not {im.mode}")
+            labels = np.asarray(im, dtype=np.uint8)
+        if labels.shape != rgb.shape[:2]:
+            raise ValueError(f"{label_path}: {labels.shape[::-1]} labels for a {rgb.shape[1::-1]} image")
+        bad = np.unique(labels[(labels != IGNORE) & (labels >= len(classes))])
+        if bad.size:
+            raise ValueError(f"{label_path}: class indices {bad.tolist()} but classes.json names {len(classes)}")
+        images.append(LabelledImage(name, rgb, labels))
+    return classes, images
+
+
+def write_folder(root: str | Path, classes: list[str], images: list[LabelledImage]) -> None:
+    root = Path(root)
+    for sub in ("rgb", "labels"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    (root / CLASSES_FILE).write_text(json.dumps(classes) + "\n")
+    for img in images:
+        Image.fromarray(img.rgb, mode="RGB").save(root / "rgb" / f"{img.name}.png")
+        Image.fromarray(img.labels, mode="L").save(root / "labels" / f"{img.name}.png")
+
+
+def synthetic(count: int, height: int, width: int, seed: int) -> tuple[list[str], list[LabelledImage]]:
+    """Procedural rooms with per-pixel classes (sky, floor, ceiling, wall, box, sphere); scene i uses seed (seed, i)."""
+    from models.training.synthetic import SEMANTIC_CLASSES, generate, semantic_labels
+
+    images = []
+    for i in range(count):
+        r = generate((seed, i), height, width)
+        rgb = np.clip(np.rint(r.rgb * 255.0), 0, 255).astype(np.uint8)
+        images.append(LabelledImage(f"{i:06d}", rgb, semantic_labels(r)))
+    return list(SEMANTIC_CLASSES), images
