@@ -312,7 +312,7 @@ def test_typed_errors_for_each_problem(server: Server) -> None:
         with pytest.raises(DeadlineExceeded) as late:
             client.depth(SAMPLE, model="slow", timeout_ms=1)
         assert late.value.status == 504
-        with pytest.raises(TaskNotServed, match="multi-seed uncertainty needs a Lotus-G model"):
+        with pytest.raises(TaskNotServed, match="multi-seed uncertainty needs a Lotus-G or Marigold model"):
             client.uncertainty(SAMPLE, model="slow")
     with Client(server.base) as anonymous, pytest.raises(Unauthorized) as denied:
         anonymous.depth(SAMPLE)

@@ -67,6 +67,8 @@ def test_schemathesis_finds_nothing_with_all_checks(tmp_path: Path) -> None:
                 f"{base}/openapi.json",
                 "--checks",
                 "all",
+                "--exclude-checks",
+                "positive_data_acceptance",  # replaced by fuzz_hooks.schema_valid_requests_accepted
                 "--max-examples",
                 str(CASES_PER_OPERATION),
                 "--seed",
@@ -91,7 +93,8 @@ def test_schemathesis_finds_nothing_with_all_checks(tmp_path: Path) -> None:
     report = run.stdout[-6000:] + run.stderr[-3000:]
     print(run.stdout[-1500:])  # the summary, shown by `make fuzz`
     assert run.returncode == 0, report
-    assert "No issues found" in run.stdout or "0 failures" in run.stdout, report
+    # (A warning that an operation "mostly rejected generated data" is expected: most generated values of the
+    # multi-step parameters are refused by the single-step models served here.)
     match = re.search(r"(\d+) generated, (\d+) passed", run.stdout)
     assert match and match.group(1) == match.group(2), report
     tested = {case.get("name") for case in ElementTree.parse(tmp_path / "fuzz.xml").iter("testcase")}
