@@ -427,8 +427,16 @@ async def test_429_queue_full_with_retry_after_while_the_worker_is_busy(tiny_dir
 async def test_429_with_an_idempotency_key_claims_no_key_so_the_retry_is_computed(tiny_dir: TinyDir) -> None:
     async with running_service(tiny_dir, models=[("lotus-g", "depth")], queue_max_jobs=1, max_batch_size=1) as h:
         slow = await start_slow_job(h)
-        queued = [asyncio.create_task(post_raw(h, "/v1/depth", png_bytes(32, 32, seed=i))) for i in range(3)]
-        await wait_until(lambda: h.app.state.broker.depth("lotus-g-depth") >= 1, "a job to fill the queue")
+        queued: list[asyncio.Task[httpx.Response]] = []
+        for i in range(12):  # fill the lane's read-ahead and the queue until the queue refuses
+            task = asyncio.create_task(post_raw(h, "/v1/depth", png_bytes(32, 32, seed=i)))
+            done, _ = await asyncio.wait({task}, timeout=0.5)
+            if done and task.result().status_code == 429:
+                break
+            queued.append(task)
+        else:
+            raise AssertionError("the queue never filled while the slow job held the lane")
+        assert not slow.done(), "precondition: the queue is full because the slow job holds the lane"
         key = {"idempotency-key": "refused-1"}
         assert_problem(await post_raw(h, "/v1/depth", png_bytes(32, 32), **key), 429)
         assert (await slow).status_code == 200
