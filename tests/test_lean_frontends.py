@@ -21,7 +21,16 @@ from tests.redis_server import free_port
 from tests.service_harness import png_bytes, read_npy
 
 #: What a front-end must never even try to import: the [worker] extra's model libraries.
-MODEL_LIBRARIES = ("torch", "diffusers", "transformers", "safetensors", "huggingface_hub", "OpenEXR", "tifffile")
+MODEL_LIBRARIES = (
+    "torch",
+    "diffusers",
+    "transformers",
+    "safetensors",
+    "huggingface_hub",
+    "OpenEXR",
+    "tifffile",
+    "scipy",
+)
 #: The worker's PNG deflate back-ends: `service.codec` falls back to zlib without them, so a front-end may try.
 OPTIONAL_CODECS = ("isal", "deflate")
 BLOCKED = MODEL_LIBRARIES + OPTIONAL_CODECS
