@@ -42,23 +42,24 @@ from service.request import (
 )
 
 BINARY = {"schema": {"type": "string", "format": "binary"}}
-#: Every problem the routes can answer, documented with RFC 9457's media type.
-PROBLEMS: dict[int | str, dict[str, Any]] = {
-    cls.http_status: {
+
+
+def _problem_answer(description: str) -> dict[str, Any]:
+    """One documented problem answer, with RFC 9457's media type."""
+    return {
         "model": Problem,
-        "description": cls.title,
+        "description": description,
         "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}},
     }
+
+
+#: Every problem the routes can answer; 400 is Starlette's own answer to a body that is not the multipart it
+#: claims to be (a broken boundary).
+PROBLEMS: dict[int | str, dict[str, Any]] = {
+    cls.http_status: _problem_answer(cls.title)
     for cls in ERRORS.values()
     if cls.http_status >= 400 and cls.code not in ("client_closed",)
-} | {
-    # Starlette's own answer to a body that is not the multipart it claims to be (a broken boundary).
-    400: {
-        "model": Problem,
-        "description": "Malformed request body (invalid multipart data)",
-        "content": {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}},
-    }
-}
+} | {400: _problem_answer("Malformed request body (invalid multipart data)")}
 
 
 def _answers(description: str) -> dict[int | str, dict[str, Any]]:

@@ -50,7 +50,8 @@ class MemoryBroker(Broker):
             raise Unavailable("the service is shutting down")
         if idempotency_key is not None:
             return await self._submit_idempotent(job, idempotency_key)
-        return await self._submit(job, asyncio.get_running_loop().create_future())
+        self._admit(job)
+        return await self._enqueue(job, asyncio.get_running_loop().create_future())
 
     async def _submit_idempotent(self, job: Job, key: str) -> Reply:
         now = time.time()
@@ -70,9 +71,10 @@ class MemoryBroker(Broker):
         self._admit(job)  # a refused job claims no key, so its retry is not left waiting for nothing
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
         self._idempotent[key] = (fingerprint(job), future, now + self.result_ttl_s)
-        return await self._submit(job, future, idempotent=True)
+        return await self._enqueue(job, future, idempotent=True)
 
     def _admit(self, job: Job) -> None:
+        """Refuse a job past its deadline or beyond the queue's limit, before anything records it."""
         if job.expired():
             raise DeadlineExceeded(f"job {job.id} was already past its deadline when enqueued")
         waiting = self.depth(job.model)
@@ -82,8 +84,8 @@ class MemoryBroker(Broker):
                 retry_after=self._rates[job.model].retry_after(waiting),
             )
 
-    async def _submit(self, job: Job, future: asyncio.Future[Reply], idempotent: bool = False) -> Reply:
-        self._admit(job)
+    async def _enqueue(self, job: Job, future: asyncio.Future[Reply], idempotent: bool = False) -> Reply:
+        """Queue an admitted job and await its answer."""
         self._queue(job.model).put_nowait((job, future))
         try:
             return await asyncio.wait_for(asyncio.shield(future), timeout=max(0.0, job.deadline - time.time()))

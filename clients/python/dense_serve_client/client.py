@@ -64,6 +64,12 @@ def _predict_params(
     }
 
 
+def _uncertainty_params(
+    task: str, seeds: int | None, reduction: str | None, return_members: bool | None, common: dict[str, Any]
+) -> dict[str, Any]:
+    return {"task": task, "seeds": seeds, "reduction": reduction, "return_members": return_members, **common}
+
+
 class _Base:
     def __init__(
         self,
@@ -186,13 +192,10 @@ class Client(_Base):
         idempotency_key: str | None = None,
     ) -> UncertaintyPrediction:
         """A Lotus-G ensemble of `seeds` members (seed, seed + 1, ...): its prediction and per-pixel spread."""
-        params = {
-            "task": task,
-            "seeds": seeds,
-            "reduction": reduction,
-            "return_members": return_members,
-            **_predict_params(model, processing_res, match_input_resolution, seed, steps, timeout_ms),
-        }
+        params = _uncertainty_params(
+            task, seeds, reduction, return_members,
+            _predict_params(model, processing_res, match_input_resolution, seed, steps, timeout_ms),
+        )  # fmt: skip
         result = self._predict(self._call("uncertainty", image, params, format, idempotency_key))
         assert isinstance(result, UncertaintyPrediction)
         return result
@@ -390,13 +393,10 @@ class AsyncClient(_Base):
         idempotency_key: str | None = None,
     ) -> UncertaintyPrediction:
         """A Lotus-G ensemble of `seeds` members (seed, seed + 1, ...): its prediction and per-pixel spread."""
-        params = {
-            "task": task,
-            "seeds": seeds,
-            "reduction": reduction,
-            "return_members": return_members,
-            **_predict_params(model, processing_res, match_input_resolution, seed, steps, timeout_ms),
-        }
+        params = _uncertainty_params(
+            task, seeds, reduction, return_members,
+            _predict_params(model, processing_res, match_input_resolution, seed, steps, timeout_ms),
+        )  # fmt: skip
         result = await self._predict(self._call("uncertainty", image, params, format, idempotency_key))
         assert isinstance(result, UncertaintyPrediction)
         return result
