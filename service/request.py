@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
@@ -45,6 +46,18 @@ UncertaintyMethod = Literal["seeds", "diffusers", "steps"]
 STEPS_CAP = 1000
 
 
+def _whole_number(value: Any) -> Any:
+    """pydantic's lax int reads the text "8.0" as 8; a query or form value the schema calls an integer is written
+    without a fraction. (A JSON 8.0 stays valid: JSON Schema counts it as an integer.)"""
+    if isinstance(value, str) and not value.strip().lstrip("+-").isdigit():
+        raise ValueError(f"must be a whole number written without a fraction, got {value!r}")
+    return value
+
+
+#: On every integer parameter, from every front-end: what the OpenAPI schema calls an integer, and nothing else.
+WHOLE = BeforeValidator(_whole_number)
+
+
 def _one_steps_error(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
     """One message for `steps` instead of one per branch of its union."""
     try:
@@ -54,7 +67,7 @@ def _one_steps_error(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
 
 
 #: Denoising steps: N, or `auto` (the most that fit the deadline).
-Steps = Annotated[Annotated[int, Field(ge=1, le=STEPS_CAP)] | Literal["auto"], WrapValidator(_one_steps_error)]
+Steps = Annotated[Annotated[int, Field(ge=1, le=STEPS_CAP), WHOLE] | Literal["auto"], WrapValidator(_one_steps_error)]
 SEED_MAX = 2**31 - 1
 SEEDS_CAP = 32  # the hard cap of `seeds`; `uncertainty_max_seeds` may set a lower one
 PROCESSING_RES_CAP = 16384
@@ -83,15 +96,15 @@ class PredictionRequest(BaseModel):
     )
     task: ServedTask = Field(default="depth", description="depth, normals or segment (REST: the path says it)")
     kind: RequestKind = Field(default="predict", description="predict, or uncertainty (a multi-seed ensemble)")
-    processing_res: Annotated[int, Field(ge=0, le=PROCESSING_RES_CAP)] | None = Field(
+    processing_res: Annotated[int, Field(ge=0, le=PROCESSING_RES_CAP), WHOLE] | None = Field(
         default=None,
         description="long edge the model sees, a multiple of 8; 0 = the input's native size; default: the model's",
     )
     match_input_resolution: bool = Field(default=True, description="resize the map back to the input size")
-    seed: Annotated[int, Field(ge=0, le=SEED_MAX)] | None = Field(
+    seed: Annotated[int, Field(ge=0, le=SEED_MAX), WHOLE] | None = Field(
         default=None, description="Lotus-G noise seed (default 0); deterministic families ignore it"
     )
-    seeds: Annotated[int, Field(ge=2, le=SEEDS_CAP)] | None = Field(
+    seeds: Annotated[int, Field(ge=2, le=SEEDS_CAP), WHOLE] | None = Field(
         default=None, description="uncertainty: ensemble size (default 8); member i uses seed + i (mod 2^31)"
     )
     reduction: Reduction = Field(default="mean", description="uncertainty: mean (std) or median (MAD)")
@@ -102,7 +115,7 @@ class PredictionRequest(BaseModel):
         "worker's measured time per step; single-step families (Lotus, E2E-FT) run 1 and refuse any other "
         "number; the answer's `steps` says what ran",
     )
-    ensemble_size: Annotated[int, Field(ge=1, le=SEEDS_CAP)] | None = Field(
+    ensemble_size: Annotated[int, Field(ge=1, le=SEEDS_CAP), WHOLE] | None = Field(
         default=None, description="multi-step families: members ensembled as diffusers' Marigold does (default 1)"
     )
     method: UncertaintyMethod = Field(
@@ -110,7 +123,7 @@ class PredictionRequest(BaseModel):
     )
     format: Format = Field(default="png", description="answer format")
     json_encoding: JsonEncoding = Field(default="png", description="how maps are encoded inside a JSON answer")
-    timeout_ms: Annotated[int, Field(ge=1)] | None = Field(
+    timeout_ms: Annotated[int, Field(ge=1), WHOLE] | None = Field(
         default=None, description="deadline; past it the answer is an error and the job is never computed"
     )
     with_depth: bool = Field(

@@ -17,6 +17,7 @@ from service.jobs import ModelInfo
 from service.request import (
     SEED_MAX,
     SEEDS_CAP,
+    WHOLE,
     Format,
     JsonEncoding,
     Limits,
@@ -35,12 +36,12 @@ def _predict_fields(limits: Limits) -> dict[str, Any]:
             Field(default=None, min_length=1, max_length=200, description="model id; default: the first serving"),
         ),
         "processing_res": (
-            Annotated[int, Field(ge=0, le=limits.max_processing_res, multiple_of=8)] | None,
+            Annotated[int, Field(ge=0, le=limits.max_processing_res, multiple_of=8), WHOLE] | None,
             Field(default=None, description="long edge the model sees (0 = native size); default: the model's"),
         ),
         "match_input_resolution": (bool, Field(default=True, description="resize the map back to the input size")),
         "seed": (
-            Annotated[int, Field(ge=0, le=SEED_MAX)] | None,
+            Annotated[int, Field(ge=0, le=SEED_MAX), WHOLE] | None,
             Field(default=None, description="Lotus-G noise seed (default 0)"),
         ),
         "steps": (
@@ -52,11 +53,11 @@ def _predict_fields(limits: Limits) -> dict[str, Any]:
             ),
         ),
         "ensemble_size": (
-            Annotated[int, Field(ge=1, le=SEEDS_CAP)] | None,
+            Annotated[int, Field(ge=1, le=SEEDS_CAP), WHOLE] | None,
             Field(default=None, description="multi-step (Marigold): members ensembled as diffusers does"),
         ),
         "timeout_ms": (
-            Annotated[int, Field(ge=1, le=limits.max_timeout_ms)] | None,
+            Annotated[int, Field(ge=1, le=limits.max_timeout_ms), WHOLE] | None,
             Field(default=None, description="deadline in ms (default: the server's)"),
         ),
         "format": (ApiFormat | None, Field(default=None, description="answer format; default: by Accept, else png")),
@@ -68,7 +69,7 @@ def _uncertainty_fields(limits: Limits) -> dict[str, Any]:
     return {
         "task": (Task, Field(default="depth", description="depth or normals")),
         "seeds": (
-            Annotated[int, Field(ge=2, le=limits.max_seeds)] | None,
+            Annotated[int, Field(ge=2, le=limits.max_seeds), WHOLE] | None,
             Field(default=None, description="ensemble size (default 8); member i uses seed + i (mod 2^31)"),
         ),
         "reduction": (Reduction, Field(default="mean", description="mean (std / mean angle) or median (MAD)")),
