@@ -87,6 +87,17 @@ def _probes(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _declared_probes(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--probe",
+        action="append",
+        dest="probes",
+        metavar="DIR",
+        help="a probe folder whose probe.toml this front-end declares (no torch): with scale_from_zero its "
+        "/v1/segment jobs queue before any worker announced it; workers attach the probe with worker --probe",
+    )
+
+
 def _backend(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--backend",
@@ -157,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("api", help="run only the REST API (and gRPC); workers join through Redis")
     _config_and_queue(a, embedded=False)
     _models(a, "ID", "model ids readiness waits for (default: ready once any worker serves a model)")
+    _declared_probes(a)
     _bind(a, "host", "port", 8000)
     _api_keys(a)
     a.set_defaults(func=cmd_serve, role="api")
@@ -164,6 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("grpc", help="run only the gRPC front-end; workers join through Redis")
     _config_and_queue(g, embedded=False)
     _models(g, "ID", "model ids readiness waits for")
+    _declared_probes(g)
     _bind(g, "grpc_host", "grpc_port", 50051)
     _api_keys(g)
     g.add_argument("--metrics-port", type=int, help="serve /metrics, /healthz and /readyz on this port")
@@ -294,17 +307,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
     from pydantic import ValidationError
 
-    from service.embedded import build_app, default_banner, frontend_specs, preflight_queue
+    from service.embedded import build_app, default_banner, frontend_probes, frontend_specs, preflight_queue
 
     api_only = args.role == "api"
     try:
         if api_only:
             from service.config import load_settings
 
-            overrides = {k: getattr(args, k, None) for k in ("host", "port", "api_keys", "queue", "redis_url")}
-            settings = load_settings(args.config, **overrides)
+            keys = ("host", "port", "api_keys", "queue", "redis_url", "probes")
+            settings = load_settings(args.config, **{k: getattr(args, k, None) for k in keys})
             # The API reads no checkpoint: ids to wait for, and specs to accept jobs by before workers come.
             specs, tiny = frontend_specs(args.models or settings.models), False
+            frontend_probes(settings.probes, specs)
             preflight_queue(settings)
         else:
             settings, specs, tiny = _serving_setup(args)
@@ -339,12 +353,13 @@ def cmd_grpc(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from service.config import load_settings
-    from service.embedded import frontend_specs, preflight_queue, run_grpc
+    from service.embedded import frontend_probes, frontend_specs, preflight_queue, run_grpc
 
     try:
-        keys = ("grpc_host", "grpc_port", "api_keys", "queue", "redis_url", "metrics_port", "host")
+        keys = ("grpc_host", "grpc_port", "api_keys", "queue", "redis_url", "metrics_port", "host", "probes")
         settings = load_settings(args.config, **{k: getattr(args, k, None) for k in keys})
         specs = frontend_specs(args.models or settings.models)
+        frontend_probes(settings.probes, specs)
         preflight_queue(settings)
     except (ModelError, ValidationError, FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -14,11 +14,12 @@ from fastapi import FastAPI
 
 from models.detect import CheckpointConfig, identify
 from models.errors import SpecError
+from models.probes.declaration import ProbeDeclaration
 from models.source import resolve_source
 from models.spec import ModelSpec, resolve_spec
 from service.api.app import create_app
 from service.config import Settings
-from service.frontend import declare_models, declared_info
+from service.frontend import declare_models, declared_info, declared_probe_info
 from service.jobs import ModelInfo
 from service.queue.base import Broker
 from service.queue.memory import MemoryBroker
@@ -160,8 +161,12 @@ def build_app(settings: Settings, specs: list[ModelSpec], with_worker: bool = Tr
     broker = make_broker(settings)
     worker = new_worker(broker, specs, settings) if with_worker else None
     grpc = GrpcFrontend(settings) if settings.grpc_enabled else None
-    declared = [] if with_worker else declared_infos(specs, settings)
-    return create_app(settings, broker, worker, [s.id for s in specs], grpc, declared)
+    expected = [s.id for s in specs]
+    declared: list[ModelInfo] = []
+    if not with_worker:
+        declared = declared_infos(specs, settings)
+        expected += frontend_probe_ids(settings, specs)
+    return create_app(settings, broker, worker, expected, grpc, declared)
 
 
 def frontend_specs(models: list[str]) -> list[ModelSpec]:
@@ -186,9 +191,36 @@ def frontend_specs(models: list[str]) -> list[ModelSpec]:
     return specs
 
 
+def frontend_probes(folders: list[str], specs: list[ModelSpec]) -> list[ProbeDeclaration]:
+    """What `api`/`grpc --probe DIR` declare: each folder's `probe.toml` read without torch (the hash is the
+    worker's check); a base model that this front-end's `--model` list leaves out is refused, as `serve` does."""
+    ids = [s.id for s in specs]
+    probes = []
+    for folder in folders:
+        probe = ProbeDeclaration.read(Path(folder))
+        if ids and probe.base_model not in ids:
+            raise SpecError(
+                f"probe '{probe.id}' ({folder}) runs on model '{probe.base_model}', which this front-end does not "
+                f"name (--model: {', '.join(ids)}); add --model {probe.base_model}"
+            )
+        probes.append(probe)
+    return probes
+
+
+def frontend_probe_ids(settings: Settings, specs: list[ModelSpec]) -> list[str]:
+    """Probe ids readiness waits for beside the models: only when the front-end names its models (with no
+    list, it is ready once any worker serves, and takes jobs for any known model and probe)."""
+    return [p.id for p in frontend_probes(settings.probes, specs)] if specs else []
+
+
 def declared_infos(specs: list[ModelSpec], settings: Settings) -> list[ModelInfo]:
-    infos = [declared_info(s, settings.max_batch_size, settings.max_queue_delay_ms) for s in specs]
-    return [i for i in infos if i is not None]
+    """The configured models and probes a front-end declares to the broker (scale from zero)."""
+    limits = (settings.max_batch_size, settings.max_queue_delay_ms)
+    models = {s.id: declared_info(s, *limits) for s in specs}
+    probes = [
+        declared_probe_info(p, models.get(p.base_model), *limits) for p in frontend_probes(settings.probes, specs)
+    ]
+    return [i for i in [*models.values(), *probes] if i is not None]
 
 
 async def run_grpc(settings: Settings, specs: list[ModelSpec]) -> int:
@@ -202,7 +234,7 @@ async def run_grpc(settings: Settings, specs: list[ModelSpec]) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await broker.start()
-    expected = [s.id for s in specs]
+    expected = [s.id for s in specs] + frontend_probe_ids(settings, specs)
     declaring = asyncio.create_task(declare_models(broker, declared_infos(specs, settings)))
     await frontend.start(broker, None, expected)
     async with contextlib.AsyncExitStack() as stack:

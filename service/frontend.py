@@ -8,6 +8,7 @@ import time
 from collections.abc import Sequence
 
 from models.outputs import MULTI_STEP_FAMILIES, ServedTask, task_of
+from models.probes.declaration import ProbeDeclaration
 from models.spec import DEFAULT_PROCESSING_RES, ModelSpec
 from service.errors import ModelNotFound, TaskNotServed, Unavailable
 from service.jobs import Job, JobKind, JobParams, ModelInfo
@@ -48,6 +49,31 @@ def declared_info(spec: ModelSpec, max_batch_size: int, max_queue_delay_ms: floa
         max_queue_delay_ms=spec.max_queue_delay_ms if spec.max_queue_delay_ms is not None else max_queue_delay_ms,
         multi_step=spec.family in MULTI_STEP_FAMILIES,
         default_steps=spec.steps or (0 if spec.family in MULTI_STEP_FAMILIES else 1),  # 0: the checkpoint's
+    )
+
+
+def declared_probe_info(
+    probe: ProbeDeclaration, base: ModelInfo | None, max_batch_size: int, max_queue_delay_ms: float
+) -> ModelInfo | None:
+    """A probe's catalog entry from its `probe.toml` alone (what a worker announces once it attached it),
+    with the base model's runtime fields when the base is declared too; None for a task other than segment
+    (those are announced by the workers only)."""
+    if probe.task != "segment":
+        return None
+    return ModelInfo(
+        id=probe.id,
+        family=probe.family,
+        task="segment",
+        output_kind="segmentation",
+        generative=False,
+        processing_res=probe.processing_res,
+        backend=base.backend if base is not None else "torch",
+        device="(no worker yet)",
+        dtype=base.dtype if base is not None else "auto",
+        max_batch_size=base.max_batch_size if base is not None else max_batch_size,
+        max_queue_delay_ms=base.max_queue_delay_ms if base is not None else max_queue_delay_ms,
+        classes=probe.classes,
+        base_model=probe.base_model,
     )
 
 

@@ -1,8 +1,12 @@
-"""Probes served beyond the embedded REST path: gRPC streams of segmentation frames."""
+"""Probes served beyond the embedded REST path: gRPC streams of segmentation frames, and front-ends that
+declare a probe from its probe.toml so its jobs queue on Redis before any worker announced it."""
 
 from __future__ import annotations
 
+import asyncio
 import io
+import json
+import time
 from collections.abc import AsyncIterator
 
 import grpc
@@ -64,3 +68,68 @@ async def test_stream_of_segment_frames_equals_unary_answers(trained_probe, tiny
                 assert list(streamed.classes) == list(unary.classes)
             assert np.array_equal(read_npy(by_id[7].data), np.asarray(Image.open(io.BytesIO(by_id[0].data))))
             assert max(h.worker.stats.batch_sizes("lotus-d-synthetic-demo")) > 1  # frames did batch
+
+
+async def test_a_front_end_declares_a_probe_and_its_jobs_wait_for_a_later_worker(
+    trained_probe,  # noqa: F811
+    tiny_dir,
+    redis_url,
+    redis_prefix,
+) -> None:
+    """Scale from zero with a probe: the API process reads probe.toml (no worker has ever run), lists it as
+    ready, queues a /v1/segment job on the base model's stream; a worker started later answers it."""
+    folder, _ = trained_probe
+    spec = load_spec_file(DEMO_SPEC)
+    image, _ = _image(48, 64, seed=31)
+    files = {"image": ("scene.png", image, "image/png")}
+    redis = {"queue": "redis", "redis_url": redis_url, "redis_prefix": redis_prefix}
+    front = {"specs": [spec], "probes": [str(folder)], "with_worker": False, "wait_ready": False, **redis}
+    async with running_service(tiny_dir, **front) as plain:  # without scale_from_zero: refused, not queued
+        assert (await plain.client.post("/v1/segment", files=files)).status_code == 503
+    async with running_service(tiny_dir, scale_from_zero=True, **front) as api:
+        broker = api.app.state.broker
+        end = time.monotonic() + 10
+        while (ready := await api.client.get("/readyz")).status_code != 200:
+            assert time.monotonic() < end, ready.json()
+            await asyncio.sleep(0.05)
+        assert ready.json()["models"] == {"lotus-d-synthetic-demo": True, "rooms-ci": True}
+        assert await broker.catalog() == []  # no worker has ever served either
+        declared = {m.id: m for m in await broker.dormant_models()}
+        probe = declared["rooms-ci"]
+        assert (probe.task, probe.output_kind, probe.base_model) == ("segment", "segmentation", spec.id)
+        assert probe.classes == ["sky", "floor", "ceiling", "wall", "box", "sphere"] and probe.family == "lotus-d"
+        waiting = asyncio.create_task(api.client.post("/v1/segment?format=npy&timeout_ms=60000", files=files))
+        while (await broker.queue_stats(spec.id)).lag != 1:  # on the base model's stream, where KEDA looks
+            assert not waiting.done(), waiting.result().text
+            await asyncio.sleep(0.05)
+        async with running_service(tiny_dir, specs=[spec], probes=[str(folder)], **redis) as worker:
+            reply = await asyncio.wait_for(waiting, timeout=60)
+            assert reply.status_code == 200, reply.text
+            assert reply.headers["x-model"] == "rooms-ci"
+            direct = await worker.client.post("/v1/segment?format=npy", files=files)
+            assert np.array_equal(read_npy(reply.content), read_npy(direct.content))
+
+
+def test_the_api_process_declares_a_probe_without_torch(trained_probe, redis_url, redis_prefix, tmp_path) -> None:  # noqa: F811
+    """`dense-serve api --probe DIR` as a real process with torch unimportable: it reads probe.toml, declares
+    the probe to Redis (where front-ends look for dormant models), and imports no model library."""
+    import redis
+
+    from service.queue.redis.keys import Keys
+    from tests.redis_server import free_port
+    from tests.test_lean_frontends import assert_lean, start_frontend, wait_http
+
+    folder, _ = trained_probe
+    port, log = free_port(), tmp_path / "api.log"
+    api = start_frontend(
+        "api", "--redis-url", redis_url, "--port", str(port), "--probe", str(folder), prefix=redis_prefix, log=log
+    )
+    wait_http(api, log, f"http://127.0.0.1:{port}/healthz")
+    client = redis.Redis.from_url(redis_url)
+    end = time.monotonic() + 10
+    while not (known := client.hgetall(Keys(redis_prefix).known_models())):
+        assert time.monotonic() < end, "the probe was never declared"
+        time.sleep(0.05)
+    info = json.loads(known[b"rooms-ci"])
+    assert (info["task"], info["base_model"], info["classes"][0]) == ("segment", "lotus-d-synthetic-demo", "sky")
+    assert_lean(api, log)
