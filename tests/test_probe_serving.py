@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import shutil
 import time
 from collections.abc import AsyncIterator
 
@@ -14,11 +15,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from models.inference import BatchItem
 from models.spec import load_spec_file
 from service.grpc.stubs import dense_pb2 as pb
 from service.grpc.stubs.dense_pb2_grpc import DenseServiceStub
-from tests.service_harness import read_npy, running_service
-from tests.test_probes import DEMO_SPEC, _image, trained_probe  # noqa: F401  (trained_probe: a fixture)
+from tests.service_harness import read_npy, read_png16, running_service
+from tests.test_probes import CI_RES, DEMO_SPEC, _b64, _image, trained_probe  # noqa: F401  (trained_probe: a fixture)
 
 pytestmark = pytest.mark.anyio
 
@@ -133,3 +135,71 @@ def test_the_api_process_declares_a_probe_without_torch(trained_probe, redis_url
     info = json.loads(known[b"rooms-ci"])
     assert (info["task"], info["base_model"], info["classes"][0]) == ("segment", "lotus-d-synthetic-demo", "sky")
     assert_lean(api, log)
+
+
+async def test_a_probe_on_an_onnxruntime_base_answers_as_on_torch(trained_probe, tiny_dir, tmp_path) -> None:  # noqa: F811
+    """The base exported to ONNX and served on ONNX Runtime (CPU); the probe runs from its own ONNX graph,
+    exported into the engine cache at attach time. Class maps agree with the torch backend's on >= 99.9 % of the
+    pixels (two graphs of float math: a pixel whose two top classes tie to ~1e-5 may flip), depth from the same
+    pass equals the ONNX base's own /v1/depth to one 16-bit PNG step. Measured: every pixel and depth value equal."""
+    folder, _ = trained_probe
+    torch_spec = load_spec_file(DEMO_SPEC)
+    ort_spec = torch_spec.model_copy(update={"backend": "onnxruntime", "engine_cache": str(tmp_path / "engines")})
+    images = [_image(h, w, seed=40 + i)[0] for i, (h, w) in enumerate([(48, 64), (80, 120), (48, 64)])]
+    answers: dict[str, list[np.ndarray]] = {}
+    for name, spec in (("torch", torch_spec), ("onnxruntime", ort_spec)):
+        async with running_service(tiny_dir, specs=[spec], probes=[str(folder)]) as h:
+            models = {m["id"]: m for m in (await h.client.get("/v1/models")).json()["models"]}
+            assert models["rooms-ci"]["backend"] == name
+            replies = await asyncio.gather(
+                *(h.client.post("/v1/segment?format=npy", files={"image": ("f.png", im, "image/png")}) for im in images)
+            )
+            assert all(r.status_code == 200 for r in replies), [r.text for r in replies]
+            answers[name] = [read_npy(r.content) for r in replies]
+            if name == "onnxruntime":
+                graphs = list((tmp_path / "engines" / "probes").glob("rooms-ci-*/probe_head.onnx"))
+                assert len(graphs) == 1 and graphs[0].with_name("probe_head.onnx.json").is_file()
+                files = {"image": ("f.png", images[1], "image/png")}
+                both = (await h.client.post("/v1/segment?format=json&with_depth=true", files=files)).json()
+                depth = await h.client.post(f"/v1/depth?processing_res={CI_RES}", files=files)
+                got = read_png16(_b64(both["outputs"]["depth"]["data"])).astype(np.int32)
+                want = read_png16(depth.content).astype(np.int32)
+                assert np.abs(got - want).max() <= 1  # measured: 0 (one 16-bit step allowed for the two graphs)
+    for t, o in zip(answers["torch"], answers["onnxruntime"], strict=True):
+        assert t.shape == o.shape
+        agree = (t == o).mean()
+        assert agree >= 0.999, agree
+
+
+def test_the_probe_folders_own_graph_is_served_when_its_key_matches(trained_probe, tmp_path) -> None:  # noqa: F811
+    """`dense-serve probe export DIR --out DIR/probe_head.onnx` writes the graph, its logits-only twin and the
+    probe's key: attaching to an ONNX Runtime base then uses it as is (nothing exported into the cache); once the
+    probe's files change, the key no longer matches and the graph is exported into the cache instead."""
+    from models.loading import load_model, resolve_source
+    from models.probes.heads import OnnxProbeHead
+    from models.probes.segmenter import Probe
+    from service.cli import main
+
+    folder = tmp_path / "probe"
+    shutil.copytree(trained_probe[0], folder)
+    assert main(["probe", "export", str(folder), "--out", str(folder / "probe_head.onnx")]) == 0
+    assert {p.name for p in folder.glob("probe_*.onnx*")} == {
+        "probe_head.onnx",
+        "probe_logits.onnx",
+        "probe_head.onnx.json",
+    }
+    spec = load_spec_file(DEMO_SPEC).model_copy(
+        update={"backend": "onnxruntime", "engine_cache": str(tmp_path / "engines")}
+    )
+    base = load_model(spec)
+    probe = Probe.attach(folder, base, resolve_source(spec), tmp_path / "engines")
+    assert isinstance(probe.head, OnnxProbeHead) and probe.head.graph == folder / "probe_head.onnx"
+    assert not (tmp_path / "engines" / "probes").exists()
+    with (folder / "probe.toml").open("a") as fh:
+        fh.write("# edited\n")  # any change to the probe's files: the folder's graph is stale
+    probe = Probe.attach(folder, base, resolve_source(spec), tmp_path / "engines")
+    assert probe.head.graph.parent.parent == tmp_path / "engines" / "probes"
+    image, _ = _image(48, 64, seed=50)
+    items = [BatchItem(np.asarray(Image.open(io.BytesIO(image)).convert("RGB")), base.plan_size(48, 64, CI_RES))]
+    segments, _ = probe.segment(items)
+    assert segments[0].labels.shape == (48, 64)

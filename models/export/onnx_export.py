@@ -107,6 +107,12 @@ def export_onnx(
     return files
 
 
+def fuse_attention(path: Path):
+    """The ONNX model at `path` through the same optimizer as the exported heads (other graphs over a UNet,
+    such as a probe's, run as fast as the base head)."""
+    return _optimize(path, "onnxruntime")
+
+
 def _optimize(path: Path, optimization: Optimization):
     """ONNX Runtime's transformer optimizer: fuse attention (unpacked Q/K/V, so the CPU kernels run it too)."""
     import onnx

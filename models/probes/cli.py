@@ -45,6 +45,13 @@ def add_probe_parser(sub: Any) -> None:
     b.add_argument("--batch-size", type=int, default=1)
     b.add_argument("--repeats", type=int, default=20)
     b.add_argument("--threads", type=int, default=1, help="torch threads (default 1: CPU time is then comparable)")
+    b.add_argument(
+        "--backend",
+        choices=("torch", "onnxruntime"),
+        default="torch",
+        help="the base model's runtime (onnxruntime: the probe runs from its ONNX graph)",
+    )
+    b.add_argument("--engine-cache", type=Path, help="where exports go (default .cache/engines)")
     b.set_defaults(func=cmd_bench)
 
     m = psub.add_parser("make-synthetic", help="write labelled synthetic scenes in the probe folder format")
@@ -54,7 +61,10 @@ def add_probe_parser(sub: Any) -> None:
     m.add_argument("--seed", type=int, default=0)
     m.set_defaults(func=cmd_make_synthetic)
 
-    x = psub.add_parser("export", help="ONNX graph of the base head + feature taps + MLPs (probe_head.onnx)")
+    x = psub.add_parser(
+        "export",
+        help="ONNX graph of the base head + taps + MLPs (probe_head.onnx; served as is from DIR/probe_head.onnx)",
+    )
     x.add_argument("probe", type=Path, help="a trained probe folder")
     x.add_argument("--model", help="the base model (default: the probe's training base)")
     x.add_argument("--out", type=Path, required=True, help="the .onnx file to write")
@@ -142,24 +152,25 @@ def cmd_curve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _attached(folder: Path, model: str | None) -> Any:
+def _attached(folder: Path, model: str | None, backend: str = "torch", cache: Path | None = None) -> Any:
     from models.loading import load_model, resolve_source
     from models.probes.artifact import ProbeManifest
     from models.probes.segmenter import Probe
     from models.spec import resolve_spec
 
     manifest = ProbeManifest.read(folder)
+    extra = {"engine_cache": str(cache)} if cache is not None else {}
     spec = resolve_spec(
-        model or manifest.base_spec or manifest.base_source, backend="torch", dtype="fp32", device="cpu"
+        model or manifest.base_spec or manifest.base_source, backend=backend, dtype="fp32", device="cpu", **extra
     )
     spec = spec.model_copy(update={"id": manifest.base_model})
     base = load_model(spec)
-    return Probe.attach(folder, base, resolve_source(spec))
+    return Probe.attach(folder, base, resolve_source(spec), cache)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from models.errors import ModelError
-    from models.probes.export import export_probe_onnx
+    from models.probes.onnx_graph import logits_graph, probe_key, sidecar, write_graph
 
     _logging()
     try:
@@ -167,9 +178,11 @@ def cmd_export(args: argparse.Namespace) -> int:
     except (ModelError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    res = probe.manifest.processing_res or 64
-    path = export_probe_onnx(probe.core, probe.taps, probe.ensemble, args.out, (res // 8, res // 8))
-    print(f"wrote {path}: inputs latent{', noise' if probe.core.generative else ''}; outputs map, features, logits")
+    path = write_graph(probe.core, probe.taps, probe.ensemble, args.out, probe_key(args.probe))
+    print(
+        f"wrote {path} (and {logits_graph(path).name}, the logits alone; {sidecar(path).name}, the probe's key): "
+        f"inputs latent{', noise' if probe.core.generative else ''}; outputs map, features, logits"
+    )
     return 0
 
 
@@ -181,7 +194,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from models.inference import BatchItem
 
     _logging()
-    probe = _attached(args.probe, args.model)
+    probe = _attached(args.probe, args.model, args.backend, args.engine_cache)
     manifest, base = probe.manifest, probe.base
     res = args.processing_res or manifest.processing_res
     rng = np.random.default_rng(0)
@@ -206,7 +219,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     two = (probe_ms[0] + base_ms[0], probe_ms[1] + base_ms[1])
     kind = base.output_kind
     print(
-        f"{manifest.id} on {manifest.base_model}, {res} px, batch {args.batch_size}, {args.threads} thread(s), "
+        f"{manifest.id} on {manifest.base_model} ({base.runtime.name}), {res} px, batch {args.batch_size}, "
+        f"{args.threads} thread(s), "
         f"median of {args.repeats}:"
     )
     print("| answer | wall ms | CPU ms | CPU vs base prediction |")

@@ -55,6 +55,7 @@ def export_probe_onnx(
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     core.unet.set_attn_processor(AttnProcessor())  # the classic processor traces to plain MatMul/Softmax
+    core.vae.set_attn_processor(AttnProcessor())
     try:
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")
@@ -70,4 +71,5 @@ def export_probe_onnx(
             )
     finally:
         core.unet.set_attn_processor(AttnProcessor2_0())
+        core.vae.set_attn_processor(AttnProcessor2_0())
     return out

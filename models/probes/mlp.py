@@ -46,15 +46,20 @@ class PixelEnsemble(nn.Module):
         """Majority-vote scores `[B, C, H, W]` at `size`: each member's logits upsampled (bilinear) and argmaxed,
         votes counted, plus TIE_BREAK x the mean probability; the label is their argmax. One member at a time
         at full size, so the peak is one `[B, C, H, W]` map, not M of them."""
-        logits = self(features)
-        b, c = logits.shape[1:3]
-        votes = torch.zeros((b, c, *size), dtype=torch.float32, device=logits.device)
-        probs = torch.zeros_like(votes)
-        for member_logits in logits:
-            up = F.interpolate(member_logits, size=size, mode="bilinear", align_corners=False)
-            votes.scatter_add_(1, up.argmax(dim=1, keepdim=True), torch.ones_like(up[:, :1]))
-            probs += up.softmax(dim=1)
-        return votes + (TIE_BREAK / len(logits)) * probs
+        return vote_scores(self(features), size)
+
+
+def vote_scores(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """`PixelEnsemble.scores` from the members' logits `[M, B, C, h, w]`, however they were computed (the eager
+    MLPs or an ONNX graph's `logits` output): the vote is the same integer work on every backend."""
+    b, c = logits.shape[1:3]
+    votes = torch.zeros((b, c, *size), dtype=torch.float32, device=logits.device)
+    probs = torch.zeros_like(votes)
+    for member_logits in logits:
+        up = F.interpolate(member_logits, size=size, mode="bilinear", align_corners=False)
+        votes.scatter_add_(1, up.argmax(dim=1, keepdim=True), torch.ones_like(up[:, :1]))
+        probs += up.softmax(dim=1)
+    return votes + (TIE_BREAK / len(logits)) * probs
 
 
 def vote(scores: torch.Tensor) -> torch.Tensor:

@@ -23,8 +23,9 @@ from models.outputs import PredictionMap
 from models.predictors.base import SingleStepPredictor
 from models.predictors.processing import unpad
 from models.probes.artifact import ProbeManifest, check_base, load_probe
-from models.probes.features import check_blocks, extract, unet_input_noise
-from models.probes.mlp import PixelEnsemble, vote
+from models.probes.features import check_blocks
+from models.probes.heads import OnnxProbeHead, ProbeHead, TorchProbeHead
+from models.probes.mlp import PixelEnsemble, vote, vote_scores
 
 
 @dataclass(frozen=True)
@@ -53,16 +54,71 @@ def torch_core(base: DensePredictor) -> SingleStepPredictor:
     return core
 
 
-class Probe:
-    """A trained probe on a loaded base model; `segment` runs the shared pass."""
+def base_hash(base: DensePredictor, base_path: Path | None) -> str:
+    """The base checkpoint's sha256: an export records the hash of the checkpoint it was made from."""
+    exported = getattr(base.runtime, "manifest", None)
+    if exported is not None:
+        return str(exported.model_hash)
+    if base_path is None:
+        raise ModelLoadError(f"model '{base.model_id}' has no checkpoint folder to check a probe against")
+    return checkpoint_hash(base_path)
 
-    def __init__(self, manifest: ProbeManifest, ensemble: PixelEnsemble, base: DensePredictor) -> None:
+
+def head_for(
+    folder: Path,
+    manifest: ProbeManifest,
+    ensemble: PixelEnsemble,
+    base: DensePredictor,
+    base_path: Path | None,
+    cache: Path,
+) -> ProbeHead:
+    """The probe's executor for the base model's backend: hooks on the eager UNet, or the probe's ONNX graph in
+    ONNX Runtime (`models/probes/onnx_graph.py` says where the graph comes from); other backends refuse."""
+    name = base.runtime.name
+    if name == "onnxruntime":
+        from models.export.manifest import is_export
+        from models.probes.onnx_graph import cached_graph
+
+        checkpoint = base_path if base_path is not None and not is_export(base_path) else None
+        source = Path(base.runtime.manifest.source)  # type: ignore[attr-defined]
+        if checkpoint is None and (source / "model_index.json").is_file():
+            checkpoint = source  # an export folder whose checkpoint is still at hand
+        reference = None
+        if checkpoint is not None:
+            from models.spec import ModelSpec
+
+            reference = ModelSpec(
+                id=base.model_id, source=str(checkpoint), family=base.family, output_kind=base.output_kind
+            )
+        graph = cached_graph(folder, manifest.id, cache, manifest.taps, ensemble, reference)
+        return OnnxProbeHead(base.runtime, graph, manifest.taps, manifest.members, len(manifest.classes))
+    if name in ("tensorrt", "triton"):
+        raise ModelLoadError(
+            f"probe '{manifest.id}': model '{base.model_id}' runs on {name}, which serves only the base model's "
+            "graphs; serve the base with backend torch or onnxruntime to attach probes"
+        )
+    core = torch_core(base)
+    check_blocks(core.unet, manifest.blocks)
+    return TorchProbeHead(core, manifest.taps, ensemble)
+
+
+class Probe:
+    """A trained probe on a loaded base model; `segment` runs the shared pass through its `ProbeHead`."""
+
+    def __init__(
+        self, manifest: ProbeManifest, ensemble: PixelEnsemble, base: DensePredictor, head: ProbeHead | None = None
+    ) -> None:
         self.manifest = manifest
         self.base = base
-        self.core = torch_core(base)
-        check_blocks(self.core.unet, manifest.blocks)
-        self.ensemble = ensemble.to(self.core.device).eval()
         self.taps = manifest.taps
+        if head is None:
+            core = torch_core(base)
+            check_blocks(core.unet, manifest.blocks)
+            head = TorchProbeHead(core, self.taps, ensemble)
+        self.head = head
+        #: The eager core and MLPs on the torch backend (export and bench trace them); None on ONNX Runtime.
+        self.core = head.core if isinstance(head, TorchProbeHead) else None
+        self.ensemble = head.ensemble if isinstance(head, TorchProbeHead) else ensemble
 
     @property
     def id(self) -> str:
@@ -73,13 +129,15 @@ class Probe:
         return self.manifest.classes
 
     @classmethod
-    def attach(cls, folder: Path, base: DensePredictor, base_path: Path | None) -> Probe:
-        """Load a probe onto `base`, refusing a base checkpoint other than the one it was trained on."""
+    def attach(cls, folder: Path, base: DensePredictor, base_path: Path | None, cache: Path | None = None) -> Probe:
+        """Load a probe onto `base`, refusing a base checkpoint other than the one it was trained on. `cache`:
+        where an ONNX Runtime base's probe graph is exported when the folder has none that matches."""
         manifest, ensemble = load_probe(folder)
-        if base_path is None:
-            raise ModelLoadError(f"probe '{manifest.id}': model '{base.model_id}' has no checkpoint folder to check")
-        check_base(manifest, base.model_id, checkpoint_hash(base_path))
-        return cls(manifest, ensemble, base)
+        check_base(manifest, base.model_id, base_hash(base, base_path))
+        from models.loading import DEFAULT_ENGINE_CACHE
+
+        head = head_for(folder, manifest, ensemble, base, base_path, cache or DEFAULT_ENGINE_CACHE)
+        return cls(manifest, ensemble, base, head)
 
     @torch.inference_mode()
     def segment(
@@ -91,25 +149,17 @@ class Probe:
         if len(shapes) != 1:
             raise ValueError(f"a batch must share one processing shape, got {sorted(shapes)}")
         stages = {} if stages is None else stages
-        core, device = self.core, self.core.device
+        x = torch.stack([_to_tensor(it, self.head.device) for it in items])
+        out = self.head.run(x, with_depth, stages)
         start = time.perf_counter()
-        x = torch.stack([_to_tensor(it, device) for it in items]).to(core.dtype)
-        latent = core.encode(x)
-        noise = unet_input_noise(core, latent, self.taps.noise_seed)
-        feats, x0 = extract(core, latent, self.taps, noise)
-        mid = time.perf_counter()
         depth: list[PredictionMap] | None = None
-        if with_depth:
-            if x0 is None:  # 999 is not among the probe's timesteps: the depth needs its own UNet call
-                x0 = core.predict_latent(latent, noise)
-            maps = core.postprocess(core.decode(x0)).float()
-            seed = self.taps.noise_seed if core.generative else None
-            depth = [self.base.finish(replace(it, seed=seed), m) for it, m in zip(items, maps, strict=True)]
-        scores = self.ensemble.scores(feats, items[0].geometry.padded_hw)
-        out = [self._finish(it, s) for it, s in zip(items, scores, strict=True)]
-        stages["probe"] = stages.get("probe", 0.0) + time.perf_counter() - mid
-        stages["encode_unet"] = stages.get("encode_unet", 0.0) + mid - start
-        return out, depth
+        if out.maps is not None:
+            seed = self.taps.noise_seed if self.head.seeded else None
+            depth = [self.base.finish(replace(it, seed=seed), m) for it, m in zip(items, out.maps, strict=True)]
+        scores = vote_scores(out.logits, items[0].geometry.padded_hw)
+        segments = [self._finish(it, s) for it, s in zip(items, scores, strict=True)]
+        stages["probe"] = stages.get("probe", 0.0) + time.perf_counter() - start
+        return segments, depth
 
     def _finish(self, item: BatchItem, scores: torch.Tensor) -> Segmentation:
         scores = unpad(scores, item.geometry)

@@ -11,7 +11,7 @@ import numpy as np
 
 from models.errors import ModelLoadError
 from models.inference import BatchItem, DensePredictor
-from models.loading import load_model, resolve_source
+from models.loading import DEFAULT_ENGINE_CACHE, load_model, resolve_source
 from models.probes.artifact import ProbeManifest
 from models.probes.segmenter import Probe
 from models.spec import ModelSpec
@@ -78,7 +78,8 @@ def attach_probes(served: dict[str, ServedModel], folders: list[str]) -> list[Mo
             )
         if manifest.id in served or any(manifest.id in s.probes for s in served.values()):
             raise ModelLoadError(f"probe '{manifest.id}' ({folder}): another model or probe has that id")
-        probe = Probe.attach(Path(folder), base.predictor, resolve_source(base.spec))
+        cache = Path(base.spec.engine_cache or DEFAULT_ENGINE_CACHE)  # an ONNX Runtime base's probe graphs
+        probe = Probe.attach(Path(folder), base.predictor, resolve_source(base.spec), cache)
         base.probes[probe.id] = probe
         infos.append(
             base.info.model_copy(
