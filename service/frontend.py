@@ -72,6 +72,8 @@ def declared_probe_info(
         dtype=base.dtype if base is not None else "auto",
         max_batch_size=base.max_batch_size if base is not None else max_batch_size,
         max_queue_delay_ms=base.max_queue_delay_ms if base is not None else max_queue_delay_ms,
+        multi_step=probe.family in MULTI_STEP_FAMILIES,  # steps reach a Marigold base's with_depth run
+        default_steps=base.default_steps if base is not None else (0 if probe.family in MULTI_STEP_FAMILIES else 1),
         classes=probe.classes,
         base_model=probe.base_model,
     )

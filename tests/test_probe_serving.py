@@ -9,10 +9,13 @@ import json
 import shutil
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from models.inference import BatchItem
@@ -203,3 +206,93 @@ def test_the_probe_folders_own_graph_is_served_when_its_key_matches(trained_prob
     items = [BatchItem(np.asarray(Image.open(io.BytesIO(image)).convert("RGB")), base.plan_size(48, 64, CI_RES))]
     segments, _ = probe.segment(items)
     assert segments[0].labels.shape == (48, 64)
+
+
+def test_marigold_features_tap_the_unet_on_the_image_latent_noised_to_t(tiny_model) -> None:
+    """Marigold: the UNet reads [image latent, x_t] with x_t = scheduler.add_noise(image latent, fixed-seed
+    noise, t); the configured blocks come back at the configured grid, per image, and depend on t and the seed."""
+    from models.predictors.base import seeded_noise
+    from models.probes.features import TapConfig, decoder_layers, extract, feature_dim, tapped
+    from models.probes.marigold_features import MarigoldFeatureCore
+    from models.probes.segmenter import torch_core
+
+    base = tiny_model("marigold", "depth")
+    core = torch_core(base)
+    assert isinstance(core, MarigoldFeatureCore) and core.unet is base.core.unet  # shared, not copied
+    taps = TapConfig(blocks=(1, 3), timesteps=(999, 250), stride=2, noise_seed=5)
+    latent = core.encode(torch.rand(2, 3, 64, 96) * 2 - 1)
+    with torch.inference_mode():
+        feats, _ = extract(core, latent, taps)
+        assert feats.shape == (2, feature_dim(core.unet, taps), 32, 48) == (2, 2 * (64 + 32), 32, 48)
+        assert torch.isfinite(feats).all() and all(not layer._forward_hooks for layer in decoder_layers(core.unet))
+        # The recipe, by hand: block 1 at t = 250 on [latent, add_noise(latent, seed-5 noise, 250)].
+        noise = seeded_noise([5], (8, 12)).expand(2, -1, -1, -1)
+        t = torch.full((2,), 250, dtype=torch.long)
+        x_t = base.core.new_scheduler(4).add_noise(latent, noise, t)
+        with tapped(core.unet, [1]) as captured:
+            base.core.denoise(latent, x_t, t)
+        by_hand = F.interpolate(captured[1].float(), size=(32, 48), mode="bilinear", align_corners=False)
+        assert torch.allclose(feats[:, 96:160], by_hand, atol=1e-5)
+        alone, _ = extract(core, latent[:1], taps)  # one fixed noise latent for the batch: per-image features
+        assert torch.allclose(alone[0], feats[0], atol=1e-4)
+        other_seed, _ = extract(core, latent, TapConfig(blocks=(1, 3), timesteps=(999, 250), stride=2, noise_seed=6))
+        assert not torch.allclose(other_seed, feats)
+        assert not torch.allclose(feats[:, :96], feats[:, 96:])  # t changes the features
+
+
+@pytest.fixture(scope="module")
+def marigold_probe(tiny_dir, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
+    """`probe train` with a tiny (random-weight) Marigold as the base: the artifacts, not a learning claim."""
+    from models.probes.train import ProbeConfig, train_probe
+
+    cfg = ProbeConfig.model_validate(
+        {
+            "id": "rooms-marigold",
+            "base": str(tiny_dir("marigold", "depth")),
+            "features": {"blocks": [1, 2, 3], "timesteps": [999, 250], "stride": 4, "processing_res": 64},
+            "train_data": {"type": "synthetic", "count": 4, "height": 48, "width": 64, "seed": 301},
+            "eval_data": {"type": "synthetic", "count": 2, "height": 48, "width": 64, "seed": 302},
+            "train": {"members": 2, "hidden": [16, 8], "epochs": 1, "pixels_per_image": 128},
+            "output_dir": str(tmp_path_factory.mktemp("probe") / "rooms-marigold"),
+        }
+    )
+    return Path(cfg.output_dir), train_probe(cfg)
+
+
+def test_training_a_probe_on_a_marigold_base(marigold_probe) -> None:
+    from models.probes.artifact import ProbeManifest
+
+    folder, report = marigold_probe
+    manifest = ProbeManifest.read(folder)
+    assert manifest.family == "marigold" and manifest.base_model == "marigold-depth"
+    assert manifest.timesteps == [999, 250] and manifest.feature_dim == 2 * (64 + 32 + 32)
+    assert report["images"] == 2 and 0.0 <= report["miou"] <= 1.0
+
+
+async def test_segment_on_a_marigold_base_and_its_depth_from_its_own_run(marigold_probe, tiny_dir) -> None:
+    """A probe on a served Marigold model: /v1/segment answers class maps at the input size; with_depth adds
+    the base's own multi-step map (no shared pass: the features' input is not a denoising step), equal to
+    /v1/depth with the same seed and steps; steps and seed reach that depth run."""
+    folder, _ = marigold_probe
+    image, _ = _image(40, 56, seed=60)
+    files = {"image": ("f.png", image, "image/png")}
+    async with running_service(tiny_dir, models=[("marigold", "depth")], probes=[str(folder)]) as h:
+        models = {m["id"]: m for m in (await h.client.get("/v1/models")).json()["models"]}
+        assert models["rooms-marigold"]["family"] == "marigold" and models["rooms-marigold"]["task"] == "segment"
+        r = await h.client.post("/v1/segment?format=npy", files=files)
+        assert r.status_code == 200, r.text
+        labels = read_npy(r.content)
+        assert labels.shape == (40, 56) and labels.max() < 6
+        depths = []
+        for query in ("seed=3", "seed=3&steps=2"):
+            both = await h.client.post(f"/v1/segment?format=json&with_depth=true&{query}", files=files)
+            assert both.status_code == 200, both.text
+            body = both.json()
+            seg = np.asarray(Image.open(io.BytesIO(_b64(body["outputs"]["prediction"]["data"]))))
+            assert np.array_equal(seg, labels)
+            depth = await h.client.post(f"/v1/depth?processing_res=64&{query}", files=files)
+            want = read_png16(depth.content)
+            got = read_png16(_b64(body["outputs"]["depth"]["data"]))
+            assert got.shape == want.shape == (40, 56) and np.array_equal(got, want), query
+            depths.append(got)
+        assert not np.array_equal(depths[0], depths[1])  # steps=2 reached the depth run (4 by default)

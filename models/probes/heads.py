@@ -36,6 +36,8 @@ class ProbeHead(ABC):
     device: torch.device
     #: True when the UNet input holds the probe's fixed-seed noise (Lotus-G): the depth map reports that seed.
     seeded: bool = False
+    #: False when the feature pass cannot give the base model's map (Marigold: its map is a multi-step run).
+    shares_depth: bool = True
 
     @abstractmethod
     def run(self, images: torch.Tensor, with_depth: bool, stages: dict[str, float]) -> HeadOutput:
@@ -51,8 +53,10 @@ def _add(stages: dict[str, float], name: str, since: float) -> float:
 class TorchProbeHead(ProbeHead):
     """Forward hooks on the eager UNet (single-step families): the t = 999 pass is shared with the depth."""
 
-    def __init__(self, core: SingleStepPredictor, taps: TapConfig, ensemble: PixelEnsemble) -> None:
-        self.core, self.taps = core, taps
+    def __init__(
+        self, core: SingleStepPredictor, taps: TapConfig, ensemble: PixelEnsemble, shares_depth: bool = True
+    ) -> None:
+        self.core, self.taps, self.shares_depth = core, taps, shares_depth
         self.ensemble = ensemble.to(core.device).eval()
         self.device = core.device
         self.seeded = core.generative

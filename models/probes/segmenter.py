@@ -43,8 +43,15 @@ class Segmentation:
 
 
 def torch_core(base: DensePredictor) -> SingleStepPredictor:
-    """The eager predictor behind a served model: probes tap its UNet, which only the torch backend has."""
+    """The eager predictor behind a served model: probes tap its UNet, which only the torch backend has.
+    A Marigold base gives its UNet behind the single-step interface (`models/probes/marigold_features.py`)."""
     core = getattr(base.runtime, "core", None)
+    from models.predictors.marigold import MarigoldCore
+
+    if isinstance(core, MarigoldCore):
+        from models.probes.marigold_features import MarigoldFeatureCore
+
+        return MarigoldFeatureCore(core)
     if not isinstance(core, SingleStepPredictor):
         raise ModelLoadError(
             f"model '{base.model_id}' runs on {base.runtime.name}: probes tap the UNet's decoder, which only the "
@@ -99,7 +106,7 @@ def head_for(
         )
     core = torch_core(base)
     check_blocks(core.unet, manifest.blocks)
-    return TorchProbeHead(core, manifest.taps, ensemble)
+    return TorchProbeHead(core, manifest.taps, ensemble, shares_depth=not base.multi_step)
 
 
 class Probe:
@@ -114,7 +121,7 @@ class Probe:
         if head is None:
             core = torch_core(base)
             check_blocks(core.unet, manifest.blocks)
-            head = TorchProbeHead(core, self.taps, ensemble)
+            head = TorchProbeHead(core, self.taps, ensemble, shares_depth=not base.multi_step)
         self.head = head
         #: The eager core and MLPs on the torch backend (export and bench trace them); None on ONNX Runtime.
         self.core = head.core if isinstance(head, TorchProbeHead) else None
@@ -144,15 +151,18 @@ class Probe:
         self, items: Sequence[BatchItem], with_depth: bool = False, stages: dict[str, float] | None = None
     ) -> tuple[list[Segmentation], list[PredictionMap] | None]:
         """One batch (one padded shape): class maps, and with `with_depth` the base model's maps from the same
-        UNet pass (Lotus-G: with the probe's fixed noise seed, which the map's `seed` reports)."""
+        UNet pass (Lotus-G: with the probe's fixed noise seed, which the map's `seed` reports); on a multi-step
+        base (Marigold) the maps of its own run instead (the items' seed, steps and ensemble size)."""
         shapes = {it.geometry.padded_hw for it in items}
         if len(shapes) != 1:
             raise ValueError(f"a batch must share one processing shape, got {sorted(shapes)}")
         stages = {} if stages is None else stages
         x = torch.stack([_to_tensor(it, self.head.device) for it in items])
-        out = self.head.run(x, with_depth, stages)
-        start = time.perf_counter()
+        out = self.head.run(x, with_depth and self.head.shares_depth, stages)
         depth: list[PredictionMap] | None = None
+        if with_depth and not self.head.shares_depth:  # a multi-step base: its own run, as /v1/depth computes it
+            depth = self.base.predict_batch(items, stages)
+        start = time.perf_counter()
         if out.maps is not None:
             seed = self.taps.noise_seed if self.head.seeded else None
             depth = [self.base.finish(replace(it, seed=seed), m) for it, m in zip(items, out.maps, strict=True)]

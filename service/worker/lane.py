@@ -127,7 +127,7 @@ class Lane:
         replier = asyncio.create_task(self._reply_all(computed), name=f"lane-reply-{self.model_id}")
         try:
             while (batch := await self._next_batch(stop, reader)) is not None:
-                if self.multi_step and batch[0].job.kind == "predict":
+                if self.multi_step and batch[0].job.kind == "predict" and batch[0].job.task != "segment":
                     async for done in self._compute_steps(batch):
                         await computed.put(done)
                     continue
