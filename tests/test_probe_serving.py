@@ -296,3 +296,42 @@ async def test_segment_on_a_marigold_base_and_its_depth_from_its_own_run(marigol
             assert got.shape == want.shape == (40, 56) and np.array_equal(got, want), query
             depths.append(got)
         assert not np.array_equal(depths[0], depths[1])  # steps=2 reached the depth run (4 by default)
+
+
+def test_a_lotus_g_probe_on_onnxruntime_feeds_the_graph_its_fixed_noise(tiny_dir, tmp_path) -> None:
+    """Lotus-G's UNet input holds noise: the ONNX graph gets the probe's fixed-seed latent, as the hooks do, so
+    class maps and the combined depth (which reports that seed) agree with the torch backend's."""
+    from models.loading import load_model, resolve_source
+    from models.probes.heads import OnnxProbeHead
+    from models.probes.segmenter import Probe
+    from models.probes.train import ProbeConfig, train_probe
+    from models.spec import resolve_spec
+
+    source = str(tiny_dir("lotus-g", "depth"))
+    cfg = ProbeConfig.model_validate(
+        {
+            "id": "g-probe",
+            "base": source,
+            "features": {"blocks": [1, 3], "timesteps": [999, 300], "stride": 2, "noise_seed": 7, "processing_res": 64},
+            "train_data": {"type": "synthetic", "count": 3, "height": 48, "width": 64, "seed": 401},
+            "eval_data": {"type": "synthetic", "count": 1, "height": 48, "width": 64, "seed": 402},
+            "train": {"members": 2, "hidden": [16, 8], "epochs": 1, "pixels_per_image": 64},
+            "output_dir": str(tmp_path / "g-probe"),
+        }
+    )
+    train_probe(cfg)
+    answers = []
+    for backend in ("torch", "onnxruntime"):
+        spec = resolve_spec(source, backend=backend, engine_cache=str(tmp_path / "engines"), device="cpu")
+        base = load_model(spec)
+        probe = Probe.attach(tmp_path / "g-probe", base, resolve_source(spec), tmp_path / "engines")
+        assert isinstance(probe.head, OnnxProbeHead) == (backend == "onnxruntime") and probe.head.seeded
+        image, _ = _image(48, 64, seed=70)
+        rgb = np.asarray(Image.open(io.BytesIO(image)).convert("RGB"))
+        items = [BatchItem(rgb, base.plan(rgb, 64), base.resolve_seed(None))] * 2
+        segments, depth = probe.segment(items, with_depth=True)
+        assert depth is not None and depth[0].seed == 7
+        answers.append((segments[0].labels, depth[0].array))
+    (labels_t, depth_t), (labels_o, depth_o) = answers
+    assert (labels_t == labels_o).mean() >= 0.999
+    assert np.abs(depth_t - depth_o).max() < 1e-4
