@@ -335,3 +335,19 @@ def test_a_lotus_g_probe_on_onnxruntime_feeds_the_graph_its_fixed_noise(tiny_dir
     (labels_t, depth_t), (labels_o, depth_o) = answers
     assert (labels_t == labels_o).mean() >= 0.999
     assert np.abs(depth_t - depth_o).max() < 1e-4
+
+
+def test_a_declared_probe_whose_base_the_front_end_does_not_name_is_refused(trained_probe, tmp_path) -> None:  # noqa: F811
+    """`api --model X --probe DIR` where the probe runs on another model: one clear line, as `serve` says it;
+    an unreadable folder names the file."""
+    from models.errors import ModelLoadError, SpecError
+    from models.spec import ModelSpec
+    from service.embedded import frontend_probes
+
+    folder, _ = trained_probe
+    other = ModelSpec(id="other-model", source="elsewhere")
+    with pytest.raises(SpecError, match=r"runs on model 'lotus-d-synthetic-demo'.*add --model lotus-d-synthetic-demo"):
+        frontend_probes([str(folder)], [other])
+    assert [p.id for p in frontend_probes([str(folder)], [])] == ["rooms-ci"]  # no list: nothing to check against
+    with pytest.raises(ModelLoadError, match=r"probe\.toml: not a readable probe manifest"):
+        frontend_probes([str(tmp_path)], [])
