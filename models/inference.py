@@ -37,6 +37,7 @@ class BatchItem:
     form: MapForm = "float32"
     steps: int | None = None  # multi-step families: denoising steps (None = the model's default)
     ensemble_size: int = 1  # multi-step families: members ensembled as diffusers does
+    step_uncertainty: bool = False  # multi-step families: the step-change uncertainty of the run, with the map
 
 
 @dataclass(frozen=True)

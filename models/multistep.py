@@ -95,7 +95,9 @@ class StepBatch:
     ) -> None:
         """Encode the new images in one VAE call and start their trajectories (steps and members from each
         item, the default steps where it says none). `member_seeds` (one entry only) gives every member its
-        own generator instead: the multi-seed ensemble, one trajectory per seed, keyed `(key, i)`."""
+        own generator instead: the multi-seed ensemble, one trajectory per seed, keyed `(key, i)`. The x0
+        predictions of the last `window` steps are kept (`STEP_WINDOW` for an item that asks for its
+        step-change uncertainty), so trajectories with and without it share the batch."""
         if not entries:
             return
         stages = {} if stages is None else stages
@@ -127,7 +129,7 @@ class StepBatch:
                         latent=noise,
                         scheduler=self.core.new_scheduler(steps),
                         generator=generator,
-                        window=min(window, steps - 1),
+                        window=min(max(window, STEP_WINDOW if item.step_uncertainty else 0), steps - 1),
                     )
                 )
 
@@ -253,9 +255,13 @@ class MultiStepPredictor(DensePredictor):
         """The answer of one finished trajectory: its map, or diffusers' ensemble of its members."""
         traj = done.trajectory
         item = traj.item
+        spread: torch.Tensor | None = None
         if traj.members == 1:
             pred = self._finish_tensor(item, done.maps[0])
             extra: dict[str, object] = {}
+            if item.step_uncertainty and done.x0_maps is not None:
+                spread, _ = self.step_spread(item, done.x0_maps)
+                extra = step_extra(len(done.x0_maps))
         else:
             pred, _ = self.ensemble(item, done.maps, "median" if self.output_kind != "normals" else "closest")
             extra = {"ensemble_size": traj.members}
@@ -269,7 +275,15 @@ class MultiStepPredictor(DensePredictor):
             extra=extra,
             form=item.form,
             steps=traj.steps,
+            uncertainty=None if spread is None else _numpy(spread.cpu()),
         )
+
+    def step_spread(self, item: BatchItem, x0_maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step-change uncertainty `[H, W]` of one trajectory from its decoded x0 maps `[k + 1, C, PH, PW]`
+        (oldest first), each finished like the map; also the finished maps `[k + 1, C, H, W]`. One definition
+        for `/v1/uncertainty?method=steps` and for `uncertainty=steps` in a plain answer: the same numbers."""
+        track = torch.stack([self._finish_tensor(item, m) for m in x0_maps])
+        return step_change(track if self.output_kind == "normals" else track[:, 0]), track
 
     def ensemble(self, item: BatchItem, maps: torch.Tensor, reduction: str) -> tuple[torch.Tensor, torch.Tensor]:
         """diffusers' Marigold ensembling of `[E, C, PH, PW]` members at the processing size (depth: joint
@@ -336,11 +350,10 @@ class MultiStepPredictor(DensePredictor):
             extra["reduction"] = red
         elif method == "steps":
             assert finished[0].x0_maps is not None
-            track = torch.stack([self._finish_tensor(item, m) for m in finished[0].x0_maps])
-            spread = step_change(track if self.output_kind == "normals" else track[:, 0])
+            spread, track = self.step_spread(item, finished[0].x0_maps)
             pred = self._finish_tensor(item, members_maps[0])
             members = track.cpu()
-            extra["step_window"] = len(track) - 1
+            extra.update(step_extra(len(track)))
         else:
             members = torch.stack([self._finish_tensor(item, m) for m in members_maps]).cpu()
             if self.output_kind == "normals":
@@ -369,6 +382,12 @@ class MultiStepPredictor(DensePredictor):
             reduction=reduction,
             method=method,
         )
+
+
+def step_extra(tracked: int) -> dict[str, object]:
+    """What the step-change uncertainty of a run with `tracked` decoded x0 maps says about itself: its method,
+    its window (the changes averaged) and its cost (those decodes; no UNet call)."""
+    return {"uncertainty_method": "steps", "step_window": tracked - 1, "uncertainty_decodes": tracked}
 
 
 def _with(item: BatchItem, **changes: Any) -> BatchItem:

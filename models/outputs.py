@@ -54,6 +54,7 @@ class PredictionMap:
     extra: dict[str, object] = field(default_factory=dict)
     form: MapForm = "float32"
     steps: int = 1  # denoising steps that made it (single-step families: always 1)
+    uncertainty: np.ndarray | None = None  # `[H, W]` float32, on request (multi-step: the step change)
 
     def float_array(self) -> np.ndarray:
         """The values as float32 (quantised ones scaled back); the colour preview has none."""
