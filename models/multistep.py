@@ -28,7 +28,8 @@ from models.runtime.base import Runtime
 from models.uncertainty import Reduction, reduce_normals, reduce_scalar, step_change
 
 #: Step-change uncertainty looks at the x0 predictions of the last `STEP_WINDOW + 1` steps (fewer when the
-#: trajectory is shorter): `STEP_WINDOW` changes, as many extra VAE decodes plus one, no extra UNet call.
+#: trajectory is shorter): `STEP_WINDOW` changes, as many extra VAE decodes (one more when the last x0 is not
+#: the final latent itself), no extra UNet call.
 STEP_WINDOW = 3
 UncertaintyMethod = Literal["seeds", "steps", "diffusers"]
 
@@ -69,6 +70,7 @@ class Finished:
     trajectory: Trajectory
     maps: torch.Tensor  # [E, C, PH, PW]
     x0_maps: torch.Tensor | None = None  # [window + 1, C, PH, PW]
+    x0_decodes: int = 0  # VAE decodes the x0 maps cost (the last is the final map's when they are equal)
 
 
 class StepBatch:
@@ -164,13 +166,24 @@ class StepBatch:
         return finished
 
     def _decode(self, done: list[Trajectory]) -> list[Finished]:
+        """The final latents and the tracked x0 predictions in one VAE call. A last x0 equal to the final
+        latent (DDIM with `set_alpha_to_one`, LCM: the last step returns its x0) is not decoded twice."""
         if not done:
             return []
-        parts = [t.latent for t in done] + [torch.cat(t.x0s) for t in done if t.x0s]
+        x0s = [t.x0s[:-1] if t.x0s and torch.equal(t.x0s[-1], t.latent) else t.x0s for t in done]
+        parts = [t.latent for t in done] + [torch.cat(x) for x in x0s if x]
         maps = self.core.decode(torch.cat(parts))
         finals = maps[: sum(t.members for t in done)].split([t.members for t in done])
-        tracked = iter(maps[sum(t.members for t in done) :].split([len(t.x0s) for t in done if t.x0s]))
-        return [Finished(t, m, next(tracked) if t.x0s else None) for t, m in zip(done, finals, strict=True)]
+        tracked = iter(maps[sum(t.members for t in done) :].split([len(x) for x in x0s if x]))
+        out = []
+        for t, final, own in zip(done, finals, x0s, strict=True):
+            if not t.x0s:
+                out.append(Finished(t, final))
+                continue
+            decoded = next(tracked) if own else final[:0]
+            x0_maps = decoded if len(own) == len(t.x0s) else torch.cat([decoded, final])
+            out.append(Finished(t, final, x0_maps, len(own)))
+        return out
 
 
 class MultiStepRuntime(Runtime):
@@ -261,7 +274,7 @@ class MultiStepPredictor(DensePredictor):
             extra: dict[str, object] = {}
             if item.step_uncertainty and done.x0_maps is not None:
                 spread, _ = self.step_spread(item, done.x0_maps)
-                extra = step_extra(len(done.x0_maps))
+                extra = step_extra(len(done.x0_maps), done.x0_decodes)
         else:
             pred, _ = self.ensemble(item, done.maps, "median" if self.output_kind != "normals" else "closest")
             extra = {"ensemble_size": traj.members}
@@ -353,7 +366,7 @@ class MultiStepPredictor(DensePredictor):
             spread, track = self.step_spread(item, finished[0].x0_maps)
             pred = self._finish_tensor(item, members_maps[0])
             members = track.cpu()
-            extra.update(step_extra(len(track)))
+            extra.update(step_extra(len(track), finished[0].x0_decodes))
         else:
             members = torch.stack([self._finish_tensor(item, m) for m in members_maps]).cpu()
             if self.output_kind == "normals":
@@ -384,10 +397,10 @@ class MultiStepPredictor(DensePredictor):
         )
 
 
-def step_extra(tracked: int) -> dict[str, object]:
-    """What the step-change uncertainty of a run with `tracked` decoded x0 maps says about itself: its method,
-    its window (the changes averaged) and its cost (those decodes; no UNet call)."""
-    return {"uncertainty_method": "steps", "step_window": tracked - 1, "uncertainty_decodes": tracked}
+def step_extra(tracked: int, decodes: int) -> dict[str, object]:
+    """What the step-change uncertainty over `tracked` x0 maps says about itself: its method, its window (the
+    changes averaged) and its cost (`decodes` extra VAE decodes; no UNet call)."""
+    return {"uncertainty_method": "steps", "step_window": tracked - 1, "uncertainty_decodes": decodes}
 
 
 def _with(item: BatchItem, **changes: Any) -> BatchItem:
