@@ -289,6 +289,7 @@ class MultiStepPredictor(DensePredictor):
             form=item.form,
             steps=traj.steps,
             uncertainty=None if spread is None else _numpy(spread.cpu()),
+            normals_axes=self.normals_axes,
         )
 
     def step_spread(self, item: BatchItem, x0_maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -386,6 +387,7 @@ class MultiStepPredictor(DensePredictor):
             seed=seed,
             extra={"seeds": used, "reduction": reduction, **extra},
             steps=steps_run,
+            normals_axes=self.normals_axes,
         )
         return UncertaintyResult(
             prediction=prediction,

@@ -147,3 +147,6 @@ class ModelInfo(BaseModel):
     default_steps: int = 1
     classes: list[str] | None = Field(default=None, description="probes: the class names, by index")
     base_model: str | None = Field(default=None, description="probes: the model whose UNet pass they share")
+    normals_convention: str | None = Field(
+        default=None, description="normals models: the camera-frame axes of their vectors (their family's)"
+    )

@@ -194,7 +194,8 @@ class PredictionJSON(BaseModel):
     steps: int = Field(default=1, description="denoising steps that made the map")
     normals_convention: str | None = Field(
         default=None,
-        description="normals only: the camera-frame axes of the vectors (+x image left, +y up, +z to camera)",
+        description="normals only: the camera-frame axes of the vectors, the family's own (Lotus, E2E-FT: +x image "
+        "left; Marigold: +x image right; +y up, +z towards the camera)",
     )
     ensemble_size: int | None = Field(default=None, description="multi-step: members ensembled (diffusers' way)")
     uncertainty_method: str | None = Field(default=None, description="uncertainty: seeds, diffusers or steps")

@@ -145,6 +145,7 @@ class DenseServicer(dense_pb2_grpc.DenseServiceServicer):
                     default_steps=m.default_steps,
                     classes=m.classes or [],
                     base_model=m.base_model or "",
+                    normals_convention=m.normals_convention or "",
                 )
                 for m in catalog
             ]

@@ -193,7 +193,7 @@ class ListModelsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("id", "family", "task", "output_kind", "processing_res", "backend", "device", "dtype", "max_batch_size", "generative", "multi_step", "default_steps", "classes", "base_model")
+    __slots__ = ("id", "family", "task", "output_kind", "processing_res", "backend", "device", "dtype", "max_batch_size", "generative", "multi_step", "default_steps", "classes", "base_model", "normals_convention")
     ID_FIELD_NUMBER: _ClassVar[int]
     FAMILY_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
@@ -208,6 +208,7 @@ class ModelInfo(_message.Message):
     DEFAULT_STEPS_FIELD_NUMBER: _ClassVar[int]
     CLASSES_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
+    NORMALS_CONVENTION_FIELD_NUMBER: _ClassVar[int]
     id: str
     family: str
     task: str
@@ -222,7 +223,8 @@ class ModelInfo(_message.Message):
     default_steps: int
     classes: _containers.RepeatedScalarFieldContainer[str]
     base_model: str
-    def __init__(self, id: _Optional[str] = ..., family: _Optional[str] = ..., task: _Optional[str] = ..., output_kind: _Optional[str] = ..., processing_res: _Optional[int] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., generative: _Optional[bool] = ..., multi_step: _Optional[bool] = ..., default_steps: _Optional[int] = ..., classes: _Optional[_Iterable[str]] = ..., base_model: _Optional[str] = ...) -> None: ...
+    normals_convention: str
+    def __init__(self, id: _Optional[str] = ..., family: _Optional[str] = ..., task: _Optional[str] = ..., output_kind: _Optional[str] = ..., processing_res: _Optional[int] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., generative: _Optional[bool] = ..., multi_step: _Optional[bool] = ..., default_steps: _Optional[int] = ..., classes: _Optional[_Iterable[str]] = ..., base_model: _Optional[str] = ..., normals_convention: _Optional[str] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)
