@@ -257,8 +257,8 @@ def check_answer_format(request: PredictionRequest, fmt: Format) -> None:
     if request.uncertainty != "none" and fmt not in TWO_MAP_FORMATS:
         raise InvalidParameter(
             f"uncertainty={request.uncertainty} adds a second map, which a {fmt} answer cannot carry: use "
-            "format=json (outputs `prediction` and `uncertainty`), or gRPC (PredictResponse.uncertainty)",
-            field="format",
+            "format=json (outputs `prediction` and `uncertainty`), or gRPC (PredictResponse.uncertainty_data)",
+            field="uncertainty",
         )
 
 
