@@ -336,3 +336,19 @@ async def test_a_live_stream_with_steps_auto_degrades_steps_under_a_tight_deadli
         np.testing.assert_allclose(
             np.frombuffer(r.data, "<f4").reshape(32, 40), alone(svc, image, r.steps, 0), atol=1e-5
         )
+
+
+async def test_steps_auto_with_step_uncertainty_runs_at_least_two_steps(svc) -> None:
+    """The change between steps needs two: where auto would run one, a job that asked for it runs two."""
+    lane = svc.worker.lanes["marigold-depth"]
+    lane.step_timer.pin(per_step_s=0.45)
+    try:
+        image = png_bytes(32, 40, seed=8)
+        url = "/v1/depth?model=marigold-depth&steps=auto&format=json&json_encoding=npy&timeout_ms=700"
+        plain = await svc.client.post(url, files={"image": image})
+        asked = await svc.client.post(url + "&uncertainty=steps", files={"image": image})
+    finally:
+        lane.step_timer = StepTimer()
+    assert plain.status_code == 200 and asked.status_code == 200, (plain.text, asked.text)
+    assert plain.json()["steps"] == 1 and asked.json()["steps"] == 2
+    assert asked.json()["step_window"] == 1 and json_maps(asked)[1] is not None
