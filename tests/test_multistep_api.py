@@ -352,3 +352,21 @@ async def test_steps_auto_with_step_uncertainty_runs_at_least_two_steps(svc) -> 
     assert plain.status_code == 200 and asked.status_code == 200, (plain.text, asked.text)
     assert plain.json()["steps"] == 1 and asked.json()["steps"] == 2
     assert asked.json()["step_window"] == 1 and json_maps(asked)[1] is not None
+
+
+async def test_steps_and_step_uncertainty_travel_over_redis(svc, tiny_dir, redis_url, redis_prefix) -> None:
+    """`steps`, `seed` and `uncertainty=steps` survive the Redis stream: the answer equals the embedded queue's."""
+    image = png_bytes(32, 40, seed=6)
+    q = "model=marigold-depth&steps=3&seed=2&json_encoding=npy&uncertainty=steps&format=json"
+    embedded = await svc.client.post(f"/v1/depth?{q}", files={"image": image})
+    assert embedded.status_code == 200, embedded.text
+    specs = [ModelSpec(id="marigold-depth", source=str(tiny_dir("marigold", "depth")), processing_res=TEST_RES)]
+    async with running_service(
+        tiny_dir, specs=specs, queue="redis", redis_url=redis_url, redis_prefix=redis_prefix
+    ) as h:
+        r = await h.client.post(f"/v1/depth?{q}", files={"image": image})
+    assert r.status_code == 200, r.text
+    assert r.json()["steps"] == 3 and r.json()["uncertainty_method"] == "steps"
+    for got, want in zip(json_maps(r), json_maps(embedded), strict=True):
+        assert got is not None and want is not None
+        np.testing.assert_array_equal(got, want)
