@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from models.outputs import Family, MapForm, OutputKind, PredictionMap, Task, task_of
+from models.outputs import FAMILY_NORMALS_AXES, Family, MapForm, NormalsAxes, OutputKind, PredictionMap, Task, task_of
 from models.predictors.forms import to_form
 from models.predictors.processing import Geometry, normalize_vectors, plan, preprocess, resize_back, unpad
 from models.runtime.base import Runtime
@@ -37,6 +37,7 @@ class BatchItem:
     form: MapForm = "float32"
     steps: int | None = None  # multi-step families: denoising steps (None = the model's default)
     ensemble_size: int = 1  # multi-step families: members ensembled as diffusers does
+    step_uncertainty: bool = False  # multi-step families: the step-change uncertainty of the run, with the map
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,11 @@ class DensePredictor:
     def multi_step(self) -> bool:
         """Whether `steps` changes what this model computes (single-step families always take 1)."""
         return False
+
+    @property
+    def normals_axes(self) -> NormalsAxes:
+        """The camera-frame axes its normals come in: its family's checkpoints' own (models.outputs)."""
+        return FAMILY_NORMALS_AXES[self.family]
 
     @property
     def default_steps(self) -> int:
@@ -209,6 +215,7 @@ class DensePredictor:
             processing_size=item.geometry.processing_hw,
             seed=item.seed,
             form=item.form,
+            normals_axes=self.normals_axes,
         )
 
     @torch.inference_mode()
@@ -246,6 +253,7 @@ class DensePredictor:
             processing_size=item.geometry.processing_hw,
             seed=None,
             extra={"seeds": list(seeds), "reduction": reduction},
+            normals_axes=self.normals_axes,
         )
         return UncertaintyResult(
             prediction=prediction,

@@ -28,7 +28,8 @@ from models.runtime.base import Runtime
 from models.uncertainty import Reduction, reduce_normals, reduce_scalar, step_change
 
 #: Step-change uncertainty looks at the x0 predictions of the last `STEP_WINDOW + 1` steps (fewer when the
-#: trajectory is shorter): `STEP_WINDOW` changes, as many extra VAE decodes plus one, no extra UNet call.
+#: trajectory is shorter): `STEP_WINDOW` changes, as many extra VAE decodes (one more when the last x0 is not
+#: the final latent itself), no extra UNet call.
 STEP_WINDOW = 3
 UncertaintyMethod = Literal["seeds", "steps", "diffusers"]
 
@@ -69,6 +70,7 @@ class Finished:
     trajectory: Trajectory
     maps: torch.Tensor  # [E, C, PH, PW]
     x0_maps: torch.Tensor | None = None  # [window + 1, C, PH, PW]
+    x0_decodes: int = 0  # VAE decodes the x0 maps cost (the last is the final map's when they are equal)
 
 
 class StepBatch:
@@ -95,7 +97,9 @@ class StepBatch:
     ) -> None:
         """Encode the new images in one VAE call and start their trajectories (steps and members from each
         item, the default steps where it says none). `member_seeds` (one entry only) gives every member its
-        own generator instead: the multi-seed ensemble, one trajectory per seed, keyed `(key, i)`."""
+        own generator instead: the multi-seed ensemble, one trajectory per seed, keyed `(key, i)`. The x0
+        predictions of the last `window` steps are kept (`STEP_WINDOW` for an item that asks for its
+        step-change uncertainty), so trajectories with and without it share the batch."""
         if not entries:
             return
         stages = {} if stages is None else stages
@@ -127,7 +131,7 @@ class StepBatch:
                         latent=noise,
                         scheduler=self.core.new_scheduler(steps),
                         generator=generator,
-                        window=min(window, steps - 1),
+                        window=min(max(window, STEP_WINDOW if item.step_uncertainty else 0), steps - 1),
                     )
                 )
 
@@ -162,13 +166,24 @@ class StepBatch:
         return finished
 
     def _decode(self, done: list[Trajectory]) -> list[Finished]:
+        """The final latents and the tracked x0 predictions in one VAE call. A last x0 equal to the final
+        latent (DDIM with `set_alpha_to_one`, LCM: the last step returns its x0) is not decoded twice."""
         if not done:
             return []
-        parts = [t.latent for t in done] + [torch.cat(t.x0s) for t in done if t.x0s]
+        x0s = [t.x0s[:-1] if t.x0s and torch.equal(t.x0s[-1], t.latent) else t.x0s for t in done]
+        parts = [t.latent for t in done] + [torch.cat(x) for x in x0s if x]
         maps = self.core.decode(torch.cat(parts))
         finals = maps[: sum(t.members for t in done)].split([t.members for t in done])
-        tracked = iter(maps[sum(t.members for t in done) :].split([len(t.x0s) for t in done if t.x0s]))
-        return [Finished(t, m, next(tracked) if t.x0s else None) for t, m in zip(done, finals, strict=True)]
+        tracked = iter(maps[sum(t.members for t in done) :].split([len(x) for x in x0s if x]))
+        out = []
+        for t, final, own in zip(done, finals, x0s, strict=True):
+            if not t.x0s:
+                out.append(Finished(t, final))
+                continue
+            decoded = next(tracked) if own else final[:0]
+            x0_maps = decoded if len(own) == len(t.x0s) else torch.cat([decoded, final])
+            out.append(Finished(t, final, x0_maps, len(own)))
+        return out
 
 
 class MultiStepRuntime(Runtime):
@@ -253,9 +268,13 @@ class MultiStepPredictor(DensePredictor):
         """The answer of one finished trajectory: its map, or diffusers' ensemble of its members."""
         traj = done.trajectory
         item = traj.item
+        spread: torch.Tensor | None = None
         if traj.members == 1:
             pred = self._finish_tensor(item, done.maps[0])
             extra: dict[str, object] = {}
+            if item.step_uncertainty and done.x0_maps is not None:
+                spread, _ = self.step_spread(item, done.x0_maps)
+                extra = step_extra(len(done.x0_maps), done.x0_decodes)
         else:
             pred, _ = self.ensemble(item, done.maps, "median" if self.output_kind != "normals" else "closest")
             extra = {"ensemble_size": traj.members}
@@ -269,7 +288,16 @@ class MultiStepPredictor(DensePredictor):
             extra=extra,
             form=item.form,
             steps=traj.steps,
+            uncertainty=None if spread is None else _numpy(spread.cpu()),
+            normals_axes=self.normals_axes,
         )
+
+    def step_spread(self, item: BatchItem, x0_maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step-change uncertainty `[H, W]` of one trajectory from its decoded x0 maps `[k + 1, C, PH, PW]`
+        (oldest first), each finished like the map; also the finished maps `[k + 1, C, H, W]`. One definition
+        for `/v1/uncertainty?method=steps` and for `uncertainty=steps` in a plain answer: the same numbers."""
+        track = torch.stack([self._finish_tensor(item, m) for m in x0_maps])
+        return step_change(track if self.output_kind == "normals" else track[:, 0]), track
 
     def ensemble(self, item: BatchItem, maps: torch.Tensor, reduction: str) -> tuple[torch.Tensor, torch.Tensor]:
         """diffusers' Marigold ensembling of `[E, C, PH, PW]` members at the processing size (depth: joint
@@ -336,11 +364,10 @@ class MultiStepPredictor(DensePredictor):
             extra["reduction"] = red
         elif method == "steps":
             assert finished[0].x0_maps is not None
-            track = torch.stack([self._finish_tensor(item, m) for m in finished[0].x0_maps])
-            spread = step_change(track if self.output_kind == "normals" else track[:, 0])
+            spread, track = self.step_spread(item, finished[0].x0_maps)
             pred = self._finish_tensor(item, members_maps[0])
             members = track.cpu()
-            extra["step_window"] = len(track) - 1
+            extra.update(step_extra(len(track), finished[0].x0_decodes))
         else:
             members = torch.stack([self._finish_tensor(item, m) for m in members_maps]).cpu()
             if self.output_kind == "normals":
@@ -360,6 +387,7 @@ class MultiStepPredictor(DensePredictor):
             seed=seed,
             extra={"seeds": used, "reduction": reduction, **extra},
             steps=steps_run,
+            normals_axes=self.normals_axes,
         )
         return UncertaintyResult(
             prediction=prediction,
@@ -369,6 +397,12 @@ class MultiStepPredictor(DensePredictor):
             reduction=reduction,
             method=method,
         )
+
+
+def step_extra(tracked: int, decodes: int) -> dict[str, object]:
+    """What the step-change uncertainty over `tracked` x0 maps says about itself: its method, its window (the
+    changes averaged) and its cost (`decodes` extra VAE decodes; no UNet call)."""
+    return {"uncertainty_method": "steps", "step_window": tracked - 1, "uncertainty_decodes": decodes}
 
 
 def _with(item: BatchItem, **changes: Any) -> BatchItem:

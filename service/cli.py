@@ -8,7 +8,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, get_args
 
 from models.errors import ModelError
 from models.outputs import FAMILIES, TASKS, PredictionMap
@@ -17,7 +17,15 @@ from models.spec import BACKEND_CHOICES
 from models.training.cli import add_eval_parser, add_finetune_parser
 from service import logs, tracing
 from service.errors import InvalidParameter
-from service.request import FORMAT_ALIASES, Format, Limits, PredictionRequest, check_for_model, parse_request
+from service.request import (
+    FORMAT_ALIASES,
+    AnswerUncertainty,
+    Format,
+    Limits,
+    PredictionRequest,
+    check_for_model,
+    parse_request,
+)
 
 if TYPE_CHECKING:
     from models.inference import DensePredictor
@@ -139,6 +147,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--steps", type=int, help="denoising steps (default: the model's; single-step families refuse other than 1)"
     )
     p.add_argument("--ensemble-size", type=int, help="Marigold: members ensembled as diffusers does (default 1)")
+    p.add_argument(
+        "--uncertainty",
+        choices=get_args(AnswerUncertainty),
+        help="steps: also write the step-change uncertainty of each run (Marigold, steps >= 2) as "
+        "STEM_KIND_uncertainty.EXT in each format (default none)",
+    )
     p.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default 4)")
     p.add_argument(
         "--format", type=_formats, default=["png"], help=f"comma list of {','.join(FILE_FORMATS)} (default png)"
@@ -416,10 +430,15 @@ def cmd_make_tiny(args: argparse.Namespace) -> int:
 
 
 def output_files(pred: PredictionMap, stem: str, formats: Sequence[str], png_level: int = 1) -> dict[str, bytes]:
-    from service.worker.encode import EncodeOptions, encode_prediction
+    from service.worker.encode import EncodeOptions, encode_prediction, encode_uncertainty_map
 
     options = EncodeOptions(png_level)
-    return {FILE_NAMES[fmt].format(f"{stem}_{pred.kind}"): encode_prediction(pred, fmt, options) for fmt in formats}
+    files = {FILE_NAMES[fmt].format(f"{stem}_{pred.kind}"): encode_prediction(pred, fmt, options) for fmt in formats}
+    if pred.uncertainty is not None:  # uncertainty=steps: the run's step change, beside its map
+        for fmt in formats:
+            data = encode_uncertainty_map(pred.uncertainty, pred.kind, "steps", fmt, options)
+            files[FILE_NAMES[fmt].format(f"{stem}_{pred.kind}_uncertainty")] = data
+    return files
 
 
 def _predict_request(args: argparse.Namespace, task: str) -> PredictionRequest:
@@ -432,6 +451,7 @@ def _predict_request(args: argparse.Namespace, task: str) -> PredictionRequest:
         "seed": args.seed,
         "steps": args.steps,
         "ensemble_size": args.ensemble_size,
+        "uncertainty": args.uncertainty,
         "format": args.format[0],
     }
     return parse_request({k: v for k, v in fields.items() if v is not None}, Limits(max_processing_res=16384))
@@ -484,6 +504,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             form,
             steps,
             request.ensemble_size or 1,
+            step_uncertainty=request.uncertainty == "steps",
         )
 
     def write(stem: str, pred: PredictionMap) -> None:

@@ -7,7 +7,7 @@ import logging
 import time
 from collections.abc import Sequence
 
-from models.outputs import MULTI_STEP_FAMILIES, ServedTask, task_of
+from models.outputs import FAMILY_NORMALS_AXES, MULTI_STEP_FAMILIES, ServedTask, task_of
 from models.probes.declaration import ProbeDeclaration
 from models.spec import DEFAULT_PROCESSING_RES, ModelSpec
 from service.errors import ModelNotFound, TaskNotServed, Unavailable
@@ -49,6 +49,7 @@ def declared_info(spec: ModelSpec, max_batch_size: int, max_queue_delay_ms: floa
         max_queue_delay_ms=spec.max_queue_delay_ms if spec.max_queue_delay_ms is not None else max_queue_delay_ms,
         multi_step=spec.family in MULTI_STEP_FAMILIES,
         default_steps=spec.steps or (0 if spec.family in MULTI_STEP_FAMILIES else 1),  # 0: the checkpoint's
+        normals_convention=FAMILY_NORMALS_AXES[spec.family].words if kind == "normals" else None,
     )
 
 

@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field
 
 from models.outputs import ServedKind, ServedTask
 from service.errors import ErrorInfo
-from service.request import PredictionRequest, Reduction, RequestKind, UncertaintyMethod
+from service.request import AnswerUncertainty, PredictionRequest, Reduction, RequestKind, UncertaintyMethod
 
 JobKind = RequestKind
 #: What a worker writes: every answer format but `json`, which the front-end wraps around `png` or `npy`.
@@ -29,6 +29,7 @@ class JobParams(BaseModel):
     encoding: Encoding = "png"
     steps: int | Literal["auto"] | None = None
     ensemble_size: int = 1
+    uncertainty: AnswerUncertainty = "none"  # predict: the step-change uncertainty of the run, beside the map
     # uncertainty only
     seeds: list[int] | None = None
     reduction: Reduction = "mean"
@@ -48,6 +49,7 @@ class JobParams(BaseModel):
             encoding=request.encoding,  # type: ignore[arg-type] - json is unwrapped by `encoding`
             steps=request.steps,
             ensemble_size=request.ensemble_size or 1,
+            uncertainty=request.uncertainty,
             seeds=request.ensemble if uncertainty else None,
             method=request.method,
             reduction=request.reduction,
@@ -93,6 +95,9 @@ class MapMetadata(BaseModel):
     # uncertainty answers
     uncertainty_method: UncertaintyMethod | None = None
     step_window: int | None = None
+    uncertainty_decodes: int | None = Field(
+        default=None, description="method=steps: the VAE decodes the uncertainty cost (it costs no UNet call)"
+    )
     seeds: list[int] | None = None
     reduction: Reduction | None = None
     uncertainty_unit: str | None = None
@@ -142,3 +147,6 @@ class ModelInfo(BaseModel):
     default_steps: int = 1
     classes: list[str] | None = Field(default=None, description="probes: the class names, by index")
     base_model: str | None = Field(default=None, description="probes: the model whose UNet pass they share")
+    normals_convention: str | None = Field(
+        default=None, description="normals models: the camera-frame axes of their vectors (their family's)"
+    )

@@ -43,6 +43,12 @@ RequestKind = Literal["predict", "uncertainty"]
 #: over the range; normals: mean angle / pi), `steps` (how much the x0 prediction still changes over the last
 #: denoising steps of one run). `diffusers` and `steps` are for multi-step (Marigold) models.
 UncertaintyMethod = Literal["seeds", "diffusers", "steps"]
+#: What a plain depth/normals answer carries beside its map: `none`, or `steps`: the step-change uncertainty
+#: (`/v1/uncertainty?method=steps`'s numbers) of the same run, for VAE decodes only (no extra UNet call).
+AnswerUncertainty = Literal["none", "steps"]
+#: REST answers that can carry a second map; a binary answer carries one (gRPC and the CLI have their own field
+#: and file for it).
+TWO_MAP_FORMATS: tuple[Format, ...] = ("json",)
 STEPS_CAP = 1000
 
 
@@ -121,6 +127,12 @@ class PredictionRequest(BaseModel):
     method: UncertaintyMethod = Field(
         default="seeds", description="uncertainty: seeds (ours), diffusers (Marigold's ensembling) or steps"
     )
+    uncertainty: AnswerUncertainty = Field(
+        default="none",
+        description="depth/normals answers: also the step-change uncertainty of the same run (`steps`: the "
+        "numbers of /v1/uncertainty?method=steps; multi-step models, steps >= 2, REST format=json; VAE decodes "
+        "only, no extra UNet call)",
+    )
     format: Format = Field(default="png", description="answer format")
     json_encoding: JsonEncoding = Field(default="png", description="how maps are encoded inside a JSON answer")
     timeout_ms: Annotated[int, Field(ge=1), WHOLE] | None = Field(
@@ -142,6 +154,11 @@ class PredictionRequest(BaseModel):
                 raise ValueError("with_depth: two maps need format=json (outputs `prediction` and `depth`)")
         elif self.with_depth:
             raise ValueError("with_depth: only a segment request adds the depth map of its pass")
+        if self.uncertainty != "none" and (self.kind != "predict" or self.task == "segment"):
+            raise ValueError(
+                "uncertainty: only a depth or normals answer carries the step-change uncertainty of its run "
+                "(/v1/uncertainty chooses its measure with method)"
+            )
         return self
 
     @field_validator("format", mode="before")
@@ -209,17 +226,40 @@ def check_for_model(request: PredictionRequest, model: str, family: str, multi_s
                 f"method={request.method} needs a multi-step model; model '{model}' ({family}) has only method=seeds",
                 field="method",
             )
+        if request.uncertainty != "none":
+            raise InvalidParameter(
+                f"uncertainty={request.uncertainty} is the change between denoising steps, and model '{model}' "
+                f"({family}) computes its map in one UNet call; multi-step models (marigold) offer it",
+                field="uncertainty",
+            )
         return
     if request.kind == "uncertainty" and request.method == "steps":
-        steps = request.steps if isinstance(request.steps, int) else default_steps
-        if request.steps != "auto" and 0 < steps < 2:  # 0: not known before a worker loaded the checkpoint
-            raise InvalidParameter(
-                f"method=steps measures the change between denoising steps, so it needs steps >= 2 "
-                f"(model '{model}' runs {steps} by default); pass steps",
-                field="steps",
-            )
-        if (request.ensemble_size or 1) != 1:
-            raise InvalidParameter("method=steps follows one run: ensemble_size must be 1", field="ensemble_size")
+        _check_step_change(request, model, default_steps, "method=steps")
+    if request.uncertainty == "steps":
+        _check_step_change(request, model, default_steps, "uncertainty=steps")
+
+
+def _check_step_change(request: PredictionRequest, model: str, default_steps: int, name: str) -> None:
+    """The step-change uncertainty follows one run of at least two steps."""
+    steps = request.steps if isinstance(request.steps, int) else default_steps
+    if request.steps != "auto" and 0 < steps < 2:  # 0: not known before a worker loaded the checkpoint
+        raise InvalidParameter(
+            f"{name} measures the change between denoising steps, so it needs steps >= 2 "
+            f"(model '{model}' would run {steps}); pass steps",
+            field="steps",
+        )
+    if (request.ensemble_size or 1) != 1:
+        raise InvalidParameter(f"{name} follows one run: ensemble_size must be 1", field="ensemble_size")
+
+
+def check_answer_format(request: PredictionRequest, fmt: Format) -> None:
+    """REST: a binary answer carries one map, so the map and its uncertainty need a JSON answer."""
+    if request.uncertainty != "none" and fmt not in TWO_MAP_FORMATS:
+        raise InvalidParameter(
+            f"uncertainty={request.uncertainty} adds a second map, which a {fmt} answer cannot carry: use "
+            "format=json (outputs `prediction` and `uncertainty`), or gRPC (PredictResponse.uncertainty_data)",
+            field="uncertainty",
+        )
 
 
 def _limits(info: ValidationInfo) -> Limits:

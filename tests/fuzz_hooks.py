@@ -81,10 +81,10 @@ def deadline_504_only_when_asked(ctx: Any, response: Any, case: Any) -> bool | N
 
 
 #: A 422 naming one of these fields depends on the served model (a single-step family refuses `steps` other than
-#: 1, `ensemble_size`, `method` other than seeds: the schema describes every family) or on another field
-#: (`with_depth` needs `format=json`); the schema cannot say either, so such a 422 is no schema violation.
-#: tests/test_multistep_api.py and tests/test_probes.py check those refusals themselves.
-MODEL_DEPENDENT_FIELDS = frozenset({"steps", "ensemble_size", "method"})
+#: 1, `ensemble_size`, `method` other than seeds, `uncertainty=steps`: the schema describes every family) or on
+#: another field (`with_depth` and `uncertainty=steps` need `format=json`); the schema cannot say either, so such
+#: a 422 is no schema violation. tests/test_multistep_api.py and tests/test_probes.py check those refusals themselves.
+MODEL_DEPENDENT_FIELDS = frozenset({"steps", "ensemble_size", "method", "uncertainty"})
 ACCEPTED = ("2", "3")  # 2xx, 3xx
 ACCEPTED_CODES = frozenset({401, 403, 404, 409, 429})
 

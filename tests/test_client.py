@@ -35,6 +35,7 @@ from dense_serve_client import (
     TaskNotServed,
     TransportError,
     Unauthorized,
+    UncertaintyPrediction,
     UnsupportedMedia,
 )
 from dense_serve_client.errors import error_class
@@ -112,7 +113,8 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(tiny_dir: TinyDir, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """Tiny Lotus-G depth and normals at 64 px, and `slow`: a simulated device (400 ms a batch of up to 4).
+    """Tiny Lotus-G depth and normals and a tiny Marigold depth at 64 px, and `slow`: a simulated device (400 ms
+    a batch of up to 4).
     Its first prediction is sent while the models still load: the client retries the 503s until ready."""
     root = tmp_path_factory.mktemp("client-models")
     specs: list[str] = []
@@ -126,6 +128,9 @@ def server(tiny_dir: TinyDir, tmp_path_factory: pytest.TempPathFactory) -> Itera
         f"simulated_batch_ms = {SLOW_MS}\nmax_batch_size = 4\nprocessing_res = 64\n"
     )
     specs += ["--model", str(root / "slow.toml")]
+    marigold = tiny_dir("marigold", "depth")
+    (root / "m-depth.toml").write_text(f'id = "m-depth"\nsource = "{marigold}"\nprocessing_res = 64\n')
+    specs += ["--model", str(root / "m-depth.toml")]
     port, grpc_port = free_port(), free_port()
     env = {
         **os.environ,
@@ -282,14 +287,45 @@ def test_uncertainty_and_metadata(server: Server) -> None:
         assert normals.reduction == "median" and normals.array.shape[-1] == 3
 
         models = {m.id: m for m in client.models()}
-        assert set(models) == {"g-depth", "g-normals", "slow"}
+        assert set(models) == {"g-depth", "g-normals", "slow", "m-depth"}
         assert models["g-depth"].generative and models["slow"].backend == "simulated"
         health = client.health()
-        assert health.alive and health.ready and health.models == {"g-depth": True, "g-normals": True, "slow": True}
+        assert health.alive and health.ready
+        assert health.models == {"g-depth": True, "g-normals": True, "slow": True, "m-depth": True}
         assert client.predict(SAMPLE, "normals", model="g-normals").kind == "normals"
         with pytest.raises(TypeError, match="unknown parameter"):
             client.predict(SAMPLE, "depth", seeds=3)
     assert not Client(f"http://127.0.0.1:{free_port()}").health().alive
+
+
+def test_multi_step_parameters_and_step_uncertainty_in_the_answer(server: Server) -> None:
+    """steps, ensemble_size and uncertainty="steps" reach the server as its REST parameters: the maps equal the raw
+    answers, and the step change carried by a depth answer equals the uncertainty endpoint's method=steps."""
+    import base64
+
+    raw = raw_post(
+        server, "/v1/depth", SAMPLE.read_bytes(), model="m-depth", steps="3", seed="5", uncertainty="steps",
+        format="json", json_encoding="npy",
+    ).json()  # fmt: skip
+    with server.client() as client:
+        got = client.depth(SAMPLE, model="m-depth", steps=3, seed=5, uncertainty="steps")
+        assert isinstance(got, UncertaintyPrediction)
+        assert got.method == "steps" and got.step_window == 2 and got.steps == 3 and got.seed == 5
+        for name, array in (("prediction", got.array), ("uncertainty", got.uncertainty)):
+            assert np.array_equal(array, npy(base64.b64decode(raw["outputs"][name]["data"]))), name
+        assert float(got.uncertainty.max()) > 0.0
+        plain = client.depth(SAMPLE, model="m-depth", steps=3, seed=5)
+        # The same run; the final latent is decoded in one VAE call with the tracked x0s, so equal to float noise.
+        assert not isinstance(plain, UncertaintyPrediction) and np.abs(plain.array - got.array).max() < 1e-5
+        endpoint = client.uncertainty(SAMPLE, model="m-depth", method="steps", steps=3, seed=5)
+        assert endpoint.method == "steps" and np.array_equal(endpoint.uncertainty, got.uncertainty)
+        png = client.predict(SAMPLE, "depth", model="m-depth", steps=3, seed=5, uncertainty="steps", format="png")
+        assert isinstance(png, UncertaintyPrediction) and np.abs(png.uncertainty - got.uncertainty).max() < 1e-4
+        ensemble = client.depth(SAMPLE, model="m-depth", steps=2, ensemble_size=2)
+        assert ensemble.steps == 2 and ensemble.array.shape == got.array.shape
+        with pytest.raises(InvalidParameter) as refused:
+            client.depth(SAMPLE, model="g-depth", uncertainty="steps")
+        assert refused.value.field == "uncertainty"
 
 
 def test_typed_errors_for_each_problem(server: Server) -> None:
@@ -408,7 +444,9 @@ def test_async_client_matches_the_sync_one(server: Server) -> None:
             assert np.array_equal((await aclient.normals(SAMPLE, model="g-normals")).array, normals.array)
             got = await aclient.uncertainty(pixels, model="g-depth", seeds=2)
             assert np.array_equal(got.uncertainty, uncertainty.uncertainty)
-            assert {m.id for m in await aclient.models()} == {"g-depth", "g-normals", "slow"}
+            assert {m.id for m in await aclient.models()} == {"g-depth", "g-normals", "slow", "m-depth"}
+            steps = await aclient.depth(pixels, model="m-depth", steps=2, uncertainty="steps")
+            assert isinstance(steps, UncertaintyPrediction) and steps.method == "steps" and steps.step_window == 1
             assert (await aclient.health()).ready
             with pytest.raises(ModelNotFound):
                 await aclient.depth(pixels, model="nope")

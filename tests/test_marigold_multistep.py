@@ -156,6 +156,26 @@ def test_step_change_normals_is_in_degrees(marigold) -> None:
     assert result.uncertainty.shape == (40, 56) and 0 < float(result.uncertainty.mean()) < 180
 
 
+@pytest.mark.parametrize("name", ["normals", "lcm"])
+def test_step_uncertainty_in_an_answer_is_method_steps(marigold, name: str) -> None:
+    """`uncertainty=steps` in a plain answer (normals: degrees; LCM: its last x0 IS the final latent, so that
+    map is not decoded twice) gives the numbers of `method=steps`."""
+    from dataclasses import replace
+
+    _, model, _ = marigold[name]
+    image = random_image(40, 56, seed=7)
+    asked = replace(item(model, image, 3, 5), step_uncertainty=True)
+    (answer,) = model.predict_batch([asked])
+    ref = model.predict_uncertainty(item(model, image, 3, 5), [3], method="steps")
+    assert answer.uncertainty is not None and answer.uncertainty.shape == (40, 56)
+    np.testing.assert_allclose(answer.uncertainty, ref.uncertainty, atol=1e-5)
+    np.testing.assert_allclose(answer.array, ref.prediction.array, atol=1e-5)
+    decodes = 3 if name == "lcm" else 4  # k = 3 changes: k (LCM) or k + 1 (DDIM without set_alpha_to_one)
+    assert answer.extra == {"uncertainty_method": "steps", "step_window": 3, "uncertainty_decodes": decodes}
+    assert ref.prediction.extra["uncertainty_decodes"] == decodes
+    assert float(answer.uncertainty.mean()) > 0
+
+
 def test_uncertainty_methods_seeds_and_diffusers(marigold) -> None:
     _, model, pipe = marigold["depth"]
     image = random_image(40, 56, seed=7)

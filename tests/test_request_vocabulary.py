@@ -149,13 +149,30 @@ def test_the_cli_refuses_a_bad_parameter_with_the_same_words(tmp_path: Path, tin
     assert "Traceback" not in cli.stderr
 
 
-async def test_normals_answers_state_their_axes_on_rest_and_grpc(tiny_dir) -> None:
+async def test_normals_answers_state_their_familys_axes_on_rest_and_grpc(tiny_dir) -> None:
+    """Lotus (and E2E-FT) normals: +x image left; Marigold's: +x image right (Hypersim's frame as it is). Every
+    answer (binary header, JSON, gRPC, uncertainty) and the model list say which, per model."""
     from models.outputs import NORMALS_CONVENTION
 
+    marigold = "+x image right, +y image up, +z towards the camera"
+    expected = {"lotus-g-normals": NORMALS_CONVENTION, "marigold-normals": marigold}
+    assert NORMALS_CONVENTION == "+x image left, +y image up, +z towards the camera"
     image = png_bytes(24, 24)
-    async with running_service(tiny_dir, models=[("lotus-g", "normals")], grpc_enabled=True, grpc_port=0) as h:
-        r = await h.client.post("/v1/normals?format=npy", content=image, headers=PNG)
-        assert r.status_code == 200 and r.headers["x-normals-convention"] == NORMALS_CONVENTION
+    models = [("lotus-g", "normals"), ("marigold", "normals")]
+    async with running_service(tiny_dir, models=models, grpc_enabled=True, grpc_port=0) as h:
+        listed = {m["id"]: m for m in (await h.client.get("/v1/models")).json()["models"]}
         async with grpc.aio.insecure_channel(f"127.0.0.1:{h.app.state.grpc.port}") as channel:
-            reply = await DenseServiceStub(channel).Predict(pb.PredictRequest(encoded=image, task=pb.TASK_NORMALS))
-        assert reply.status == pb.FRAME_STATUS_OK and reply.normals_convention == NORMALS_CONVENTION
+            stub = DenseServiceStub(channel)
+            grpc_listed = {m.id: m for m in (await stub.ListModels(pb.ListModelsRequest())).models}
+            for model, words in expected.items():
+                assert listed[model]["normals_convention"] == words and grpc_listed[model].normals_convention == words
+                r = await h.client.post(f"/v1/normals?format=npy&model={model}", content=image, headers=PNG)
+                assert r.status_code == 200 and r.headers["x-normals-convention"] == words, r.text
+                r = await h.client.post(f"/v1/normals?format=json&model={model}", content=image, headers=PNG)
+                assert r.json()["normals_convention"] == words
+                u = await h.client.post(
+                    f"/v1/uncertainty?task=normals&seeds=2&format=json&model={model}", content=image, headers=PNG
+                )
+                assert u.status_code == 200 and u.json()["normals_convention"] == words, u.text
+                reply = await stub.Predict(pb.PredictRequest(encoded=image, task=pb.TASK_NORMALS, model=model))
+                assert reply.status == pb.FRAME_STATUS_OK and reply.normals_convention == words

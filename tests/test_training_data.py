@@ -201,6 +201,38 @@ def test_normals_ground_truth_uses_the_served_convention(tmp_path: Path) -> None
     np.testing.assert_allclose(got[r.valid], r.served_normals[r.valid], atol=1e-6)
 
 
+def test_marigold_axes_on_a_scene_with_known_normals(tmp_path: Path) -> None:
+    """Marigold was trained on Hypersim's camera-frame normals as they are (OpenGL: +x right), Lotus and E2E-FT
+    on their x negated. On a scene whose normals are known, a perfect Marigold answer (the OpenGL normals) and a
+    perfect Lotus answer (the served ground truth) are the same vectors once each is read in its family's axes,
+    and the evaluation, which converts a model's answer to the ground truth's axes, scores both 0 degrees."""
+    from models.outputs import FAMILY_NORMALS_AXES, OPENGL_AXES
+
+    scene, cam = _corner_room()
+    r = synthetic.render(scene, cam)
+    faces_right = r.primitive == 1  # the wall on the camera's left faces the image's right
+    marigold, lotus = FAMILY_NORMALS_AXES["marigold"], FAMILY_NORMALS_AXES["lotus-d"]
+    assert marigold == OPENGL_AXES and FAMILY_NORMALS_AXES["e2e-ft"] == lotus
+    assert marigold.words.startswith("+x image right") and lotus.words.startswith("+x image left")
+    perfect_marigold, perfect_lotus = r.normals, r.served_normals
+    np.testing.assert_allclose(
+        perfect_marigold[faces_right], np.broadcast_to((1.0, 0.0, 0.0), (int(faces_right.sum()), 3)), atol=1e-6
+    )
+    np.testing.assert_allclose(perfect_lotus[faces_right][:, 0], -1.0, atol=1e-6)
+
+    synthetic.write_rendering(tmp_path / "folder", "room", r)
+    folder_format.write_info(tmp_path / "folder", folder_format.DatasetInfo("room", (0.01, 50.0)))
+    gt = folder_format.read_sample(tmp_path / "folder", "room")
+    assert gt.normals is not None and gt.normals_valid is not None
+    for axes, answer in ((marigold, perfect_marigold), (lotus, perfect_lotus)):
+        scored = metrics.NormalsEvaluator()
+        scored.add(axes.convert(answer, folder_format.NORMALS_AXES), gt.normals, gt.normals_valid)
+        assert scored.result().mean < 0.5, axes  # the GT is quantised nowhere here: NPY
+    unconverted = metrics.NormalsEvaluator()
+    unconverted.add(perfect_marigold, gt.normals, gt.normals_valid)
+    assert unconverted.result().mean > 5.0  # scoring Marigold's raw x against Lotus axes would be wrong
+
+
 def test_scenes_cover_all_primitive_kinds_and_some_sky() -> None:
     kinds, sky = set(), False
     for seed in range(12):

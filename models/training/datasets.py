@@ -6,7 +6,8 @@ Every dataset yields the same dict, so sources can be mixed in one batch by the 
 - `depth`: float32 `[1, H, W]` planar depth in metres, 0 where invalid
 - `valid`: bool `[1, H, W]`: depth is usable (decoded validity AND mask AND inside the depth range)
 - `normals`: float32 `[3, H, W]` camera-frame unit vectors in the served convention (+x image LEFT, +y up, +z
-  towards the camera: what the released normals checkpoints output; `models.outputs.NORMALS_CONVENTION`);
+  towards the camera: what the released Lotus / E2E-FT normals checkpoints output, the training families here;
+  `models.outputs.NORMALS_CONVENTION`; Marigold's are OpenGL's, +x right, converted when scored);
   readers of data in another frame convert at load time. Zeros when the source has no normals (always present
   so that mixed batches collate)
 - `normals_valid`: bool `[1, H, W]`, all False when the source has no normals

@@ -72,7 +72,9 @@ def evaluate_dataset(
             if normals_eval is not None:
                 if sample.normals is None or sample.normals_valid is None:
                     raise ValueError(f"{root}: sample {name!r} has no normals; cannot score a normals model")
-                normals_eval.add(pred.array, sample.normals, sample.normals_valid)
+                # in the ground truth's axes: a Marigold map's x points the other way (models.outputs)
+                normals = model.normals_axes.convert(pred.array, folder_format.NORMALS_AXES)
+                normals_eval.add(normals, sample.normals, sample.normals_valid)
             else:
                 assert depth_eval is not None
                 depth_eval.add(pred.array, sample.depth, sample.valid)

@@ -17,7 +17,8 @@ evaluation, and aligned predictions are clipped to it (the evaluation protocol).
 
 Normals are camera-frame unit vectors in the SERVED convention (`models.outputs.NORMALS_CONVENTION`): +x towards
 the image's LEFT, +y up, +z towards the camera. That is what the released Lotus / E2E-FT normals checkpoints
-output (their training code negates Hypersim's x), so predictions and ground truth compare as they are. Data in
+output (their training code negates Hypersim's x), so their predictions and ground truth compare as they are;
+Marigold's (+x right, `models.outputs.OPENGL_AXES`) are converted to these axes before they are scored. Data in
 the OpenGL / Hypersim camera frame (+x right) is converted with `opengl_to_served_normals` when it is written
 or read. A normals PNG holds one unit vector per pixel quantised to 8 bits per axis (error < 0.5 degree).
 """
@@ -33,6 +34,8 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
+from models.outputs import LOTUS_AXES
+
 DepthFormat = Literal["png", "npy", "exr"]
 NormalsFormat = Literal["png", "npy"]
 
@@ -44,6 +47,8 @@ INFO_FILE = "dataset.json"
 
 
 _X_FLIP = np.array([-1.0, 1.0, 1.0])
+#: The axes of `normals/` ground truth (and of the training targets): Lotus / E2E-FT's.
+NORMALS_AXES = LOTUS_AXES
 
 
 def opengl_to_served_normals(normals: np.ndarray) -> np.ndarray:

@@ -37,6 +37,7 @@ from service.request import (
     Limits,
     PredictionRequest,
     RequestKind,
+    check_answer_format,
     invalid_parameter,
     parse_request,
 )
@@ -145,6 +146,7 @@ async def _handle(
     fmt = choose(req.format if "format" in fields else None, request.headers.get("accept"))
     if req.task == "segment" and fmt not in SEGMENT_FORMATS:
         raise InvalidParameter(f"a class map is answered as {', '.join(SEGMENT_FORMATS)}, not {fmt}", field="format")
+    check_answer_format(req, fmt)
     req = req.model_copy(update={"format": fmt})
     info = await resolve_model(ctx.broker, req.model, req.task, kind, ctx.expected_models, ctx.settings.scale_from_zero)
     key = request.headers.get("idempotency-key")

@@ -18,6 +18,7 @@ from service.request import (
     SEED_MAX,
     SEEDS_CAP,
     WHOLE,
+    AnswerUncertainty,
     Format,
     JsonEncoding,
     Limits,
@@ -106,7 +107,18 @@ def segment_parameters(limits: Limits) -> type[BaseModel]:
 def parameter_models(limits: Limits) -> tuple[type[BaseModel], type[BaseModel]]:
     """The query/form/JSON parameters of `/v1/depth`, `/v1/normals` and of `/v1/uncertainty`."""
     config = ConfigDict(extra="forbid")
-    predict = create_model("PredictParams", __config__=config, **_predict_fields(limits))
+    answer_uncertainty = (
+        AnswerUncertainty,
+        Field(
+            default="none",
+            description="steps: also the step-change uncertainty of the same run (the numbers of "
+            "/v1/uncertainty?method=steps) as output `uncertainty`; multi-step (Marigold) models, steps >= 2, "
+            "format=json; VAE decodes only, no extra UNet call",
+        ),
+    )
+    predict = create_model(
+        "PredictParams", __config__=config, **_predict_fields(limits), uncertainty=answer_uncertainty
+    )
     uncertainty = create_model(
         "UncertaintyParams", __config__=config, **_predict_fields(limits), **_uncertainty_fields(limits)
     )
@@ -182,15 +194,21 @@ class PredictionJSON(BaseModel):
     steps: int = Field(default=1, description="denoising steps that made the map")
     normals_convention: str | None = Field(
         default=None,
-        description="normals only: the camera-frame axes of the vectors (+x image left, +y up, +z to camera)",
+        description="normals only: the camera-frame axes of the vectors, the family's own (Lotus, E2E-FT: +x image "
+        "left; Marigold: +x image right; +y up, +z towards the camera)",
     )
     ensemble_size: int | None = Field(default=None, description="multi-step: members ensembled (diffusers' way)")
     uncertainty_method: str | None = Field(default=None, description="uncertainty: seeds, diffusers or steps")
     step_window: int | None = Field(default=None, description="method=steps: step changes averaged")
+    uncertainty_decodes: int | None = Field(
+        default=None, description="method=steps: the extra VAE decodes it cost (no extra UNet call)"
+    )
     processing_size: list[int]
     batch_size: int
     timings: dict[str, float] = Field(description="milliseconds per stage")
-    outputs: dict[str, Blob] = Field(description="prediction; uncertainty; members (NPY)")
+    outputs: dict[str, Blob] = Field(
+        description="prediction; uncertainty (/v1/uncertainty, or uncertainty=steps); members (NPY)"
+    )
     seeds: list[int] | None = None
     reduction: Reduction | None = None
     uncertainty_unit: str | None = None

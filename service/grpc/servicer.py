@@ -21,7 +21,7 @@ from service.frontend import make_job, resolve_model
 from service.grpc.stubs import dense_pb2 as pb
 from service.grpc.stubs import dense_pb2_grpc
 from service.queue.base import Broker
-from service.request import Format, Limits, PredictionRequest, parse_request
+from service.request import AnswerUncertainty, Format, Limits, PredictionRequest, parse_request
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +38,10 @@ FORMATS: dict[int, Format] = {
 }
 DTYPES: dict[Format, str] = {"raw16": "float16", "raw32": "float32", "color": "png"}
 TASKS: dict[int, str] = {pb.TASK_NORMALS: "normals", pb.TASK_SEGMENT: "segment"}
+UNCERTAINTY: dict[int, AnswerUncertainty] = {
+    pb.ANSWER_UNCERTAINTY_NONE: "none",
+    pb.ANSWER_UNCERTAINTY_STEPS: "steps",
+}
 
 
 def status_of(exc: ServiceError) -> grpc.StatusCode:
@@ -67,6 +71,8 @@ def request_of(req: pb.PredictRequest, limits: Limits, deadline_s: float | None 
     for name in ("processing_res", "seed", "steps", "ensemble_size"):
         if req.HasField(name):
             fields[name] = getattr(req, name)
+    if req.uncertainty:
+        fields["uncertainty"] = UNCERTAINTY.get(req.uncertainty, str(req.uncertainty))
     if req.steps_auto:
         if req.HasField("steps"):
             raise InvalidParameter("set steps or steps_auto, not both", field="steps")
@@ -139,6 +145,7 @@ class DenseServicer(dense_pb2_grpc.DenseServiceServicer):
                     default_steps=m.default_steps,
                     classes=m.classes or [],
                     base_model=m.base_model or "",
+                    normals_convention=m.normals_convention or "",
                 )
                 for m in catalog
             ]
@@ -204,6 +211,14 @@ class DenseServicer(dense_pb2_grpc.DenseServiceServicer):
             total_ms=(time.perf_counter() - started) * 1000.0,
             classes=meta.classes or [],
             class_pixels=meta.class_pixels or {},
+            uncertainty_data=reply.outputs.get("uncertainty", b""),
+            uncertainty_method=meta.uncertainty_method or "",
+            step_window=meta.step_window or 0,
+            uncertainty_decodes=meta.uncertainty_decodes or 0,
+            uncertainty_unit=meta.uncertainty_unit or "",
+            uncertainty_measure=meta.uncertainty_measure or "",
+            uncertainty_png_max=meta.uncertainty_png_max or 0.0,
+            uncertainty_max=meta.uncertainty_max or 0.0,
         )
 
     async def _image(self, req: pb.PredictRequest) -> tuple[bytes, list[int] | None]:

@@ -64,24 +64,47 @@ def uncertainty_png_max(kind: str, method: str = "seeds") -> float:
     return 180.0 if kind == "normals" and method != "diffusers" else 1.0
 
 
+def encode_uncertainty_map(
+    values: np.ndarray, kind: str, method: str, encoding: Encoding, options: EncodeOptions = EncodeOptions()
+) -> bytes:
+    """An `[H, W]` uncertainty map in the job's encoding (16-bit PNG and colour scaled by
+    `uncertainty_png_max`; raw16 / raw32: gRPC's bare little-endian floats)."""
+    scale = uncertainty_png_max(kind, method)
+    if encoding == "color":
+        return codec.encode_spectral_png(1.0 - np.clip(values / scale, 0, 1))
+    if encoding == "png":
+        return codec.encode_png16(values / scale, options.png_level)
+    if encoding == "exr":
+        return codec.encode_exr(values)
+    if encoding == "tiff":
+        return codec.encode_tiff(values, options.tiff_compression)
+    if encoding == "raw16":
+        return np.ascontiguousarray(values, "<f2").tobytes()
+    if encoding == "raw32":
+        return np.ascontiguousarray(values, "<f4").tobytes()
+    return codec.encode_npy(values)
+
+
 def encode_uncertainty(
     result: UncertaintyResult, encoding: Encoding, options: EncodeOptions = EncodeOptions()
 ) -> dict[str, bytes]:
     kind = result.prediction.kind
-    scale = uncertainty_png_max(kind, result.method)
-    outputs = {"prediction": encode_prediction(result.prediction, encoding, options)}
-    if encoding == "color":
-        outputs["uncertainty"] = codec.encode_spectral_png(1.0 - np.clip(result.uncertainty / scale, 0, 1))
-    elif encoding == "png":
-        outputs["uncertainty"] = codec.encode_png16(result.uncertainty / scale, options.png_level)
-    elif encoding == "exr":
-        outputs["uncertainty"] = codec.encode_exr(result.uncertainty)
-    elif encoding == "tiff":
-        outputs["uncertainty"] = codec.encode_tiff(result.uncertainty, options.tiff_compression)
-    else:
-        outputs["uncertainty"] = codec.encode_npy(result.uncertainty)
+    outputs = {
+        "prediction": encode_prediction(result.prediction, encoding, options),
+        "uncertainty": encode_uncertainty_map(result.uncertainty, kind, result.method, encoding, options),
+    }
     if result.members is not None:
         outputs["members"] = codec.encode_npy(result.members)
+    return outputs
+
+
+def encode_prediction_outputs(
+    pred: PredictionMap, encoding: Encoding, options: EncodeOptions = EncodeOptions()
+) -> dict[str, bytes]:
+    """A plain answer's outputs: `prediction`, and `uncertainty` when the run computed one (uncertainty=steps)."""
+    outputs = {"prediction": encode_prediction(pred, encoding, options)}
+    if pred.uncertainty is not None:
+        outputs["uncertainty"] = encode_uncertainty_map(pred.uncertainty, pred.kind, "steps", encoding, options)
     return outputs
 
 
@@ -89,22 +112,45 @@ def map_metadata(pred: PredictionMap) -> MapMetadata:
     return MapMetadata.model_validate(pred.metadata())
 
 
-def uncertainty_metadata(result: UncertaintyResult) -> MapMetadata:
-    kind = result.prediction.kind
+def prediction_metadata(pred: PredictionMap) -> MapMetadata:
+    """A plain answer's metadata; with its step-change uncertainty, that map's method, window, cost, unit and
+    measure (as `/v1/uncertainty?method=steps` states them)."""
+    meta = map_metadata(pred)
+    if pred.uncertainty is None:
+        return meta
+    unit, measure = _uncertainty_words(pred.kind, "steps", "mean")
+    return meta.model_copy(
+        update={
+            "uncertainty_unit": unit,
+            "uncertainty_measure": measure,
+            "uncertainty_png_max": uncertainty_png_max(pred.kind, "steps"),
+            "uncertainty_max": float(pred.uncertainty.max(initial=0.0)),
+        }
+    )
+
+
+def _uncertainty_words(kind: str, method: str, reduction: str) -> tuple[str, str]:
+    """(unit, measure) of an uncertainty map."""
     unit = "degrees" if kind == "normals" else "map units (aligned members)"
-    if result.method == "steps":
+    if method == "steps":
         measure = "mean change of the x0 prediction between consecutive steps, over the last steps"
         unit = "degrees" if kind == "normals" else "map units (x0 maps aligned to the last)"
-    elif result.method == "diffusers":
+    elif method == "diffusers":
         if kind == "normals":
             measure, unit = "mean angle to the mean direction (diffusers)", "fraction of pi"
         else:
-            measure = "sample standard deviation" if result.reduction == "mean" else "median absolute deviation"
+            measure = "sample standard deviation" if reduction == "mean" else "median absolute deviation"
             measure, unit = f"{measure} (diffusers)", "fraction of the ensembled map's range"
     elif kind == "normals":
-        measure = "mean angle to the mean direction" if result.reduction == "mean" else "median angle to the median"
+        measure = "mean angle to the mean direction" if reduction == "mean" else "median angle to the median"
     else:
-        measure = "population standard deviation" if result.reduction == "mean" else "median absolute deviation"
+        measure = "population standard deviation" if reduction == "mean" else "median absolute deviation"
+    return unit, measure
+
+
+def uncertainty_metadata(result: UncertaintyResult) -> MapMetadata:
+    kind = result.prediction.kind
+    unit, measure = _uncertainty_words(kind, result.method, result.reduction)
     return map_metadata(result.prediction).model_copy(
         update={
             "seeds": result.seeds,

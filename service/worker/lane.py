@@ -46,9 +46,10 @@ from service.worker.encode import (
     FORM_OF,
     EncodeOptions,
     encode_prediction,
+    encode_prediction_outputs,
     encode_segmentation,
     encode_uncertainty,
-    map_metadata,
+    prediction_metadata,
     segmentation_metadata,
     uncertainty_metadata,
 )
@@ -205,7 +206,14 @@ class Lane:
         form = FORM_OF[job.params.encoding] if job.kind == "predict" else "float32"
         steps = job.params.steps if isinstance(job.params.steps, int) else None  # auto: chosen at admission
         item = BatchItem(
-            pixels, geometry, seed, job.params.match_input_resolution, form, steps, job.params.ensemble_size
+            pixels,
+            geometry,
+            seed,
+            job.params.match_input_resolution,
+            form,
+            steps,
+            job.params.ensemble_size,
+            step_uncertainty=job.kind == "predict" and job.params.uncertainty == "steps" and self.multi_step,
         )
         key: tuple[object, ...] = (job.kind, geometry.padded_hw) if job.kind == "predict" else (job.kind, job.id)
         if job.task == "segment":  # one probe and one answer shape per batch; the UNet pass is the base model's
@@ -320,10 +328,14 @@ class Lane:
 
     def _with_steps(self, p: Prepared, now: float) -> BatchItem:
         """The job's item with `steps=auto` resolved: the most steps that fit what is left of its deadline at
-        the lane's measured time per step (single-step families: 1)."""
+        the lane's measured time per step (single-step families: 1); at least 2 when the answer carries the
+        change between steps (uncertainty=steps)."""
         if p.job.params.steps != "auto" or not self.multi_step:
             return p.item
-        steps = self.step_timer.choose(p.job.deadline - now, self.model.auto_max_steps)
+        top = self.model.auto_max_steps
+        steps = self.step_timer.choose(p.job.deadline - now, top)
+        if p.item.step_uncertainty:
+            steps = max(steps, min(2, top))
         return replace(p.item, steps=steps)
 
     async def _compute_steps(self, batch: list[Prepared]) -> AsyncIterator[Computed]:
@@ -466,12 +478,11 @@ class Lane:
 
     def _encode_prediction(self, p: Prepared, pred: PredictionMap, done: Computed) -> Reply:
         t0 = time.perf_counter()
-        data = encode_prediction(pred, p.job.params.encoding, self.options)
         return Reply(
             id=p.job.id,
             status="ok",
-            outputs={"prediction": data},
-            metadata=map_metadata(pred),
+            outputs=encode_prediction_outputs(pred, p.job.params.encoding, self.options),
+            metadata=prediction_metadata(pred),
             timings=_timings(p, done, t0),
             batch_size=done.shared or len(done.batch),
         )

@@ -46,6 +46,7 @@ def describe(spec: ModelSpec, predictor: DensePredictor, max_batch: int, max_del
         max_queue_delay_ms=spec.max_queue_delay_ms if spec.max_queue_delay_ms is not None else max_delay_ms,
         multi_step=predictor.multi_step,
         default_steps=predictor.default_steps,
+        normals_convention=predictor.normals_axes.words if predictor.output_kind == "normals" else None,
     )
 
 

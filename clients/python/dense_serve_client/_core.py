@@ -26,6 +26,12 @@ Kind = Literal["depth", "normals", "uncertainty"]
 #: Wire formats the client decodes into arrays: float32 NPY (exact, the cheapest to produce and read; the
 #: default) or PNG (16-bit depth, 8-bit normals: a tenth of the bytes, for slow links).
 WireFormat = Literal["npy", "png"]
+#: `steps`: a count, or "auto" (the most steps that fit the request's deadline; multi-step families).
+Steps = int | Literal["auto"]
+#: An uncertainty endpoint's method: the multi-seed spread, Marigold's step change, or diffusers' ensembling.
+UncertaintyMethod = Literal["seeds", "steps", "diffusers"]
+#: What a depth / normals answer carries beside its map: nothing, or its run's step-change uncertainty.
+AnswerUncertainty = Literal["none", "steps"]
 DEFAULT_TIMEOUT_S = 60.0
 
 
@@ -92,11 +98,12 @@ def prediction_call(
     http_timeout: float | None = None,
 ) -> Call:
     """`POST /v1/{depth,normals,uncertainty}` with the image as the raw body and the REST parameters in the
-    query (`None` = the server's default). Uncertainty answers come as JSON (prediction + spread + members)."""
+    query (`None` = the server's default). Uncertainty answers come as JSON (prediction + spread + members), and
+    so do depth / normals answers that carry their step-change uncertainty."""
     if wire not in ("npy", "png"):
         raise ValueError(f"format must be 'npy' or 'png', got {wire!r}")
     query = {name: _param(value) for name, value in params.items() if value is not None}
-    if kind == "uncertainty":
+    if kind == "uncertainty" or params.get("uncertainty") == "steps":  # two maps: a JSON answer
         query["format"] = "json"
         query["json_encoding"] = wire
     else:
@@ -163,7 +170,7 @@ def _int(value: str | None) -> int | None:
 
 def parse_prediction(call: Call, response: httpx.Response, attempts: int) -> Prediction:
     """A 200 answer -> `Prediction` (binary map + headers) or `UncertaintyPrediction` (JSON)."""
-    if call.kind == "uncertainty":
+    if call.kind == "uncertainty" or call.params.get("format") == "json":
         return _parse_uncertainty(call, response, attempts)
     headers = response.headers
     kind = headers.get("x-output-kind", "normals" if call.kind == "normals" else "depth")
@@ -223,6 +230,8 @@ def _parse_uncertainty(call: Call, response: httpx.Response, attempts: int) -> U
         seeds=body.get("seeds"),
         reduction=body.get("reduction"),
         uncertainty_unit=body.get("uncertainty_unit"),
+        method=body.get("uncertainty_method"),
+        step_window=body.get("step_window"),
     )
 
 

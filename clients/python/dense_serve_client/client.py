@@ -5,10 +5,14 @@ Parameters have the REST API's names and meanings (one vocabulary with the serve
 - `model`: model id (`models()` lists them); default: the first model serving the task;
 - `processing_res`: long edge the model sees, a multiple of 8; `0` = the input's native size; default: the model's;
 - `match_input_resolution`: resize the map back to the input size (server default `True`);
-- `seed`: Lotus-G noise seed (default 0); `steps`: denoising steps (single-step families always take 1);
+- `seed`: Lotus-G / Marigold noise seed (default 0); `steps`: denoising steps (single-step families always take
+  1; multi-step ones also take `"auto"`: the most steps that fit `timeout_ms`); `ensemble_size`: Marigold members
+  ensembled as diffusers does (multi-step families only);
+- `uncertainty` (depth and normals of a multi-step model): `"steps"` returns the step-change uncertainty of the
+  run with the map (an `UncertaintyPrediction`; no extra UNet call, a few VAE decodes);
 - `timeout_ms`: the server's deadline; past it the answer is `DeadlineExceeded` and the job is never computed;
 - uncertainty only: `task` (`depth` or `normals`), `seeds` (ensemble size, 2-32, default 8), `reduction`
-  (`mean` or `median`), `return_members`;
+  (`mean` or `median`), `return_members`, `method` (`seeds`, and for Marigold `steps` or `diffusers`);
 - `format`: the wire format the client decodes, `npy` (float32, exact, default) or `png` (16-bit; smaller).
 
 A value the server refuses raises `InvalidParameter` naming the field. 429 and 503 answers are retried
@@ -28,10 +32,13 @@ import httpx
 
 from dense_serve_client._core import (
     DEFAULT_TIMEOUT_S,
+    AnswerUncertainty,
     Call,
     Kind,
     RetryPolicy,
+    Steps,
     Task,
+    UncertaintyMethod,
     WireFormat,
     base_headers,
     error_of,
@@ -51,7 +58,8 @@ def _predict_params(
     processing_res: int | None,
     match_input_resolution: bool | None,
     seed: int | None,
-    steps: int | None,
+    steps: Steps | None,
+    ensemble_size: int | None,
     timeout_ms: int | None,
 ) -> dict[str, Any]:
     return {
@@ -60,14 +68,23 @@ def _predict_params(
         "match_input_resolution": match_input_resolution,
         "seed": seed,
         "steps": steps,
+        "ensemble_size": ensemble_size,
         "timeout_ms": timeout_ms,
     }
 
 
 def _uncertainty_params(
-    task: str, seeds: int | None, reduction: str | None, return_members: bool | None, common: dict[str, Any]
+    task: str,
+    seeds: int | None,
+    reduction: str | None,
+    return_members: bool | None,
+    method: UncertaintyMethod | None,
+    common: dict[str, Any],
 ) -> dict[str, Any]:
-    return {"task": task, "seeds": seeds, "reduction": reduction, "return_members": return_members, **common}
+    return {
+        "task": task, "seeds": seeds, "reduction": reduction, "return_members": return_members, "method": method,
+        **common,
+    }  # fmt: skip
 
 
 class _Base:
@@ -97,10 +114,12 @@ class _Base:
         params = dict(params)
         wire = params.pop("format", "npy")
         key = params.pop("idempotency_key", None)
-        allowed = {"model", "processing_res", "match_input_resolution", "seed", "steps", "timeout_ms"}
+        allowed = {"model", "processing_res", "match_input_resolution", "seed", "steps", "ensemble_size", "timeout_ms"}
         if task == "uncertainty":
-            allowed |= {"task", "seeds", "reduction", "return_members"}
-        elif task not in ("depth", "normals"):
+            allowed |= {"task", "seeds", "reduction", "return_members", "method"}
+        elif task in ("depth", "normals"):
+            allowed |= {"uncertainty"}
+        else:
             raise ValueError(f"task must be 'depth', 'normals' or 'uncertainty', got {task!r}")
         unknown = sorted(set(params) - allowed)
         if unknown:
@@ -148,13 +167,17 @@ class Client(_Base):
         processing_res: int | None = None,
         match_input_resolution: bool | None = None,
         seed: int | None = None,
-        steps: int | None = None,
+        steps: Steps | None = None,
+        ensemble_size: int | None = None,
+        uncertainty: AnswerUncertainty | None = None,
         timeout_ms: int | None = None,
         format: WireFormat = "npy",
         idempotency_key: str | None = None,
     ) -> Prediction:
-        """Depth (or disparity: `.kind` says which) as float32 `[H, W]`."""
-        params = _predict_params(model, processing_res, match_input_resolution, seed, steps, timeout_ms)
+        """Depth (or disparity: `.kind` says which) as float32 `[H, W]`. With `uncertainty="steps"`: an
+        `UncertaintyPrediction` carrying the run's step-change uncertainty."""
+        params = _predict_params(model, processing_res, match_input_resolution, seed, steps, ensemble_size, timeout_ms)
+        params["uncertainty"] = uncertainty
         return self._predict(self._call("depth", image, params, format, idempotency_key))
 
     def normals(
@@ -165,13 +188,17 @@ class Client(_Base):
         processing_res: int | None = None,
         match_input_resolution: bool | None = None,
         seed: int | None = None,
-        steps: int | None = None,
+        steps: Steps | None = None,
+        ensemble_size: int | None = None,
+        uncertainty: AnswerUncertainty | None = None,
         timeout_ms: int | None = None,
         format: WireFormat = "npy",
         idempotency_key: str | None = None,
     ) -> Prediction:
-        """Unit surface normals as float32 `[H, W, 3]`."""
-        params = _predict_params(model, processing_res, match_input_resolution, seed, steps, timeout_ms)
+        """Unit surface normals as float32 `[H, W, 3]`. With `uncertainty="steps"`: an
+        `UncertaintyPrediction` carrying the run's step-change uncertainty."""
+        params = _predict_params(model, processing_res, match_input_resolution, seed, steps, ensemble_size, timeout_ms)
+        params["uncertainty"] = uncertainty
         return self._predict(self._call("normals", image, params, format, idempotency_key))
 
     def uncertainty(
@@ -182,19 +209,22 @@ class Client(_Base):
         seeds: int | None = None,
         reduction: str | None = None,
         return_members: bool | None = None,
+        method: UncertaintyMethod | None = None,
         model: str | None = None,
         processing_res: int | None = None,
         match_input_resolution: bool | None = None,
         seed: int | None = None,
-        steps: int | None = None,
+        steps: Steps | None = None,
+        ensemble_size: int | None = None,
         timeout_ms: int | None = None,
         format: WireFormat = "npy",
         idempotency_key: str | None = None,
     ) -> UncertaintyPrediction:
-        """A Lotus-G ensemble of `seeds` members (seed, seed + 1, ...): its prediction and per-pixel spread."""
+        """A prediction and its per-pixel uncertainty: by default the spread of `seeds` members (seed, seed + 1,
+        ...); for a multi-seed Marigold also `method="steps"` (one run's step change) or `"diffusers"`."""
         params = _uncertainty_params(
-            task, seeds, reduction, return_members,
-            _predict_params(model, processing_res, match_input_resolution, seed, steps, timeout_ms),
+            task, seeds, reduction, return_members, method,
+            _predict_params(model, processing_res, match_input_resolution, seed, steps, ensemble_size, timeout_ms),
         )  # fmt: skip
         result = self._predict(self._call("uncertainty", image, params, format, idempotency_key))
         assert isinstance(result, UncertaintyPrediction)
@@ -349,13 +379,17 @@ class AsyncClient(_Base):
         processing_res: int | None = None,
         match_input_resolution: bool | None = None,
         seed: int | None = None,
-        steps: int | None = None,
+        steps: Steps | None = None,
+        ensemble_size: int | None = None,
+        uncertainty: AnswerUncertainty | None = None,
         timeout_ms: int | None = None,
         format: WireFormat = "npy",
         idempotency_key: str | None = None,
     ) -> Prediction:
-        """Depth (or disparity: `.kind` says which) as float32 `[H, W]`."""
-        params = _predict_params(model, processing_res, match_input_resolution, seed, steps, timeout_ms)
+        """Depth (or disparity: `.kind` says which) as float32 `[H, W]`. With `uncertainty="steps"`: an
+        `UncertaintyPrediction` carrying the run's step-change uncertainty."""
+        params = _predict_params(model, processing_res, match_input_resolution, seed, steps, ensemble_size, timeout_ms)
+        params["uncertainty"] = uncertainty
         return await self._predict(self._call("depth", image, params, format, idempotency_key))
 
     async def normals(
@@ -366,13 +400,17 @@ class AsyncClient(_Base):
         processing_res: int | None = None,
         match_input_resolution: bool | None = None,
         seed: int | None = None,
-        steps: int | None = None,
+        steps: Steps | None = None,
+        ensemble_size: int | None = None,
+        uncertainty: AnswerUncertainty | None = None,
         timeout_ms: int | None = None,
         format: WireFormat = "npy",
         idempotency_key: str | None = None,
     ) -> Prediction:
-        """Unit surface normals as float32 `[H, W, 3]`."""
-        params = _predict_params(model, processing_res, match_input_resolution, seed, steps, timeout_ms)
+        """Unit surface normals as float32 `[H, W, 3]`. With `uncertainty="steps"`: an
+        `UncertaintyPrediction` carrying the run's step-change uncertainty."""
+        params = _predict_params(model, processing_res, match_input_resolution, seed, steps, ensemble_size, timeout_ms)
+        params["uncertainty"] = uncertainty
         return await self._predict(self._call("normals", image, params, format, idempotency_key))
 
     async def uncertainty(
@@ -383,19 +421,22 @@ class AsyncClient(_Base):
         seeds: int | None = None,
         reduction: str | None = None,
         return_members: bool | None = None,
+        method: UncertaintyMethod | None = None,
         model: str | None = None,
         processing_res: int | None = None,
         match_input_resolution: bool | None = None,
         seed: int | None = None,
-        steps: int | None = None,
+        steps: Steps | None = None,
+        ensemble_size: int | None = None,
         timeout_ms: int | None = None,
         format: WireFormat = "npy",
         idempotency_key: str | None = None,
     ) -> UncertaintyPrediction:
-        """A Lotus-G ensemble of `seeds` members (seed, seed + 1, ...): its prediction and per-pixel spread."""
+        """A prediction and its per-pixel uncertainty: by default the spread of `seeds` members (seed, seed + 1,
+        ...); for a multi-seed Marigold also `method="steps"` (one run's step change) or `"diffusers"`."""
         params = _uncertainty_params(
-            task, seeds, reduction, return_members,
-            _predict_params(model, processing_res, match_input_resolution, seed, steps, timeout_ms),
+            task, seeds, reduction, return_members, method,
+            _predict_params(model, processing_res, match_input_resolution, seed, steps, ensemble_size, timeout_ms),
         )  # fmt: skip
         result = await self._predict(self._call("uncertainty", image, params, format, idempotency_key))
         assert isinstance(result, UncertaintyPrediction)

@@ -95,15 +95,20 @@ class Prediction:
 
 @dataclass(frozen=True, eq=False)
 class UncertaintyPrediction(Prediction):
-    """A multi-seed ensemble: `array` is its reduced prediction, `uncertainty` the per-pixel spread (std or MAD
-    for depth, degrees for normals: `uncertainty_unit`), `members` every member (`[K, H, W(, 3)]`) when
-    asked for with `return_members=True`."""
+    """A map and its per-pixel uncertainty: for a multi-seed ensemble `array` is its reduced prediction and
+    `uncertainty` the spread (std or MAD for depth, degrees for normals: `uncertainty_unit`), `members` every
+    member (`[K, H, W(, 3)]`) when asked for with `return_members=True`; for `method == "steps"` the mean change
+    of the map over the run's last steps."""
 
     uncertainty: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
     members: np.ndarray | None = None
     seeds: list[int] | None = None
     reduction: str | None = None
     uncertainty_unit: str | None = None
+    #: `seeds` (a multi-seed ensemble), `steps` (how much the map still changed over the run's last
+    #: `step_window` steps: Marigold, also in a depth / normals answer on request) or `diffusers`.
+    method: str | None = None
+    step_window: int | None = None
 
     def colorize_uncertainty(self) -> np.ndarray:
         """uint8 `[H, W, 3]`: the spread scaled to its maximum, Spectral with the largest spread in violet."""

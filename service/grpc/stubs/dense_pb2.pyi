@@ -25,6 +25,11 @@ class OutputEncoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     OUTPUT_ENCODING_NPY: _ClassVar[OutputEncoding]
     OUTPUT_ENCODING_COLOR: _ClassVar[OutputEncoding]
 
+class AnswerUncertainty(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ANSWER_UNCERTAINTY_NONE: _ClassVar[AnswerUncertainty]
+    ANSWER_UNCERTAINTY_STEPS: _ClassVar[AnswerUncertainty]
+
 class FrameStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     FRAME_STATUS_OK: _ClassVar[FrameStatus]
@@ -42,6 +47,8 @@ OUTPUT_ENCODING_EXR: OutputEncoding
 OUTPUT_ENCODING_TIFF: OutputEncoding
 OUTPUT_ENCODING_NPY: OutputEncoding
 OUTPUT_ENCODING_COLOR: OutputEncoding
+ANSWER_UNCERTAINTY_NONE: AnswerUncertainty
+ANSWER_UNCERTAINTY_STEPS: AnswerUncertainty
 FRAME_STATUS_OK: FrameStatus
 FRAME_STATUS_DROPPED: FrameStatus
 FRAME_STATUS_ERROR: FrameStatus
@@ -57,7 +64,7 @@ class RawImage(_message.Message):
     def __init__(self, height: _Optional[int] = ..., width: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class PredictRequest(_message.Message):
-    __slots__ = ("encoded", "raw", "task", "model", "processing_res", "seed", "encoding", "frame_id", "timestamp_ns", "timeout_ms", "native_size", "match_input_resolution", "steps", "steps_auto", "ensemble_size")
+    __slots__ = ("encoded", "raw", "task", "model", "processing_res", "seed", "encoding", "frame_id", "timestamp_ns", "timeout_ms", "native_size", "match_input_resolution", "steps", "steps_auto", "ensemble_size", "uncertainty")
     ENCODED_FIELD_NUMBER: _ClassVar[int]
     RAW_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
@@ -73,6 +80,7 @@ class PredictRequest(_message.Message):
     STEPS_FIELD_NUMBER: _ClassVar[int]
     STEPS_AUTO_FIELD_NUMBER: _ClassVar[int]
     ENSEMBLE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    UNCERTAINTY_FIELD_NUMBER: _ClassVar[int]
     encoded: bytes
     raw: RawImage
     task: Task
@@ -88,7 +96,8 @@ class PredictRequest(_message.Message):
     steps: int
     steps_auto: bool
     ensemble_size: int
-    def __init__(self, encoded: _Optional[bytes] = ..., raw: _Optional[_Union[RawImage, _Mapping]] = ..., task: _Optional[_Union[Task, str]] = ..., model: _Optional[str] = ..., processing_res: _Optional[int] = ..., seed: _Optional[int] = ..., encoding: _Optional[_Union[OutputEncoding, str]] = ..., frame_id: _Optional[int] = ..., timestamp_ns: _Optional[int] = ..., timeout_ms: _Optional[int] = ..., native_size: _Optional[bool] = ..., match_input_resolution: _Optional[bool] = ..., steps: _Optional[int] = ..., steps_auto: _Optional[bool] = ..., ensemble_size: _Optional[int] = ...) -> None: ...
+    uncertainty: AnswerUncertainty
+    def __init__(self, encoded: _Optional[bytes] = ..., raw: _Optional[_Union[RawImage, _Mapping]] = ..., task: _Optional[_Union[Task, str]] = ..., model: _Optional[str] = ..., processing_res: _Optional[int] = ..., seed: _Optional[int] = ..., encoding: _Optional[_Union[OutputEncoding, str]] = ..., frame_id: _Optional[int] = ..., timestamp_ns: _Optional[int] = ..., timeout_ms: _Optional[int] = ..., native_size: _Optional[bool] = ..., match_input_resolution: _Optional[bool] = ..., steps: _Optional[int] = ..., steps_auto: _Optional[bool] = ..., ensemble_size: _Optional[int] = ..., uncertainty: _Optional[_Union[AnswerUncertainty, str]] = ...) -> None: ...
 
 class StreamConfig(_message.Message):
     __slots__ = ("max_in_flight", "drop_stale", "steps_auto")
@@ -109,7 +118,7 @@ class StreamRequest(_message.Message):
     def __init__(self, config: _Optional[_Union[StreamConfig, _Mapping]] = ..., frame: _Optional[_Union[PredictRequest, _Mapping]] = ...) -> None: ...
 
 class PredictResponse(_message.Message):
-    __slots__ = ("frame_id", "timestamp_ns", "status", "data", "shape", "dtype", "kind", "encoding", "model", "seed", "affine_invariant", "queue_ms", "compute_ms", "total_ms", "error_code", "error_message", "steps", "error_type", "error_field", "normals_convention", "classes", "class_pixels")
+    __slots__ = ("frame_id", "timestamp_ns", "status", "data", "shape", "dtype", "kind", "encoding", "model", "seed", "affine_invariant", "queue_ms", "compute_ms", "total_ms", "error_code", "error_message", "steps", "error_type", "error_field", "normals_convention", "classes", "class_pixels", "uncertainty_data", "uncertainty_method", "step_window", "uncertainty_decodes", "uncertainty_unit", "uncertainty_measure", "uncertainty_png_max", "uncertainty_max")
     class ClassPixelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -139,6 +148,14 @@ class PredictResponse(_message.Message):
     NORMALS_CONVENTION_FIELD_NUMBER: _ClassVar[int]
     CLASSES_FIELD_NUMBER: _ClassVar[int]
     CLASS_PIXELS_FIELD_NUMBER: _ClassVar[int]
+    UNCERTAINTY_DATA_FIELD_NUMBER: _ClassVar[int]
+    UNCERTAINTY_METHOD_FIELD_NUMBER: _ClassVar[int]
+    STEP_WINDOW_FIELD_NUMBER: _ClassVar[int]
+    UNCERTAINTY_DECODES_FIELD_NUMBER: _ClassVar[int]
+    UNCERTAINTY_UNIT_FIELD_NUMBER: _ClassVar[int]
+    UNCERTAINTY_MEASURE_FIELD_NUMBER: _ClassVar[int]
+    UNCERTAINTY_PNG_MAX_FIELD_NUMBER: _ClassVar[int]
+    UNCERTAINTY_MAX_FIELD_NUMBER: _ClassVar[int]
     frame_id: int
     timestamp_ns: int
     status: FrameStatus
@@ -161,14 +178,22 @@ class PredictResponse(_message.Message):
     normals_convention: str
     classes: _containers.RepeatedScalarFieldContainer[str]
     class_pixels: _containers.ScalarMap[str, int]
-    def __init__(self, frame_id: _Optional[int] = ..., timestamp_ns: _Optional[int] = ..., status: _Optional[_Union[FrameStatus, str]] = ..., data: _Optional[bytes] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., kind: _Optional[str] = ..., encoding: _Optional[_Union[OutputEncoding, str]] = ..., model: _Optional[str] = ..., seed: _Optional[int] = ..., affine_invariant: _Optional[bool] = ..., queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., error_code: _Optional[int] = ..., error_message: _Optional[str] = ..., steps: _Optional[int] = ..., error_type: _Optional[str] = ..., error_field: _Optional[str] = ..., normals_convention: _Optional[str] = ..., classes: _Optional[_Iterable[str]] = ..., class_pixels: _Optional[_Mapping[str, int]] = ...) -> None: ...
+    uncertainty_data: bytes
+    uncertainty_method: str
+    step_window: int
+    uncertainty_decodes: int
+    uncertainty_unit: str
+    uncertainty_measure: str
+    uncertainty_png_max: float
+    uncertainty_max: float
+    def __init__(self, frame_id: _Optional[int] = ..., timestamp_ns: _Optional[int] = ..., status: _Optional[_Union[FrameStatus, str]] = ..., data: _Optional[bytes] = ..., shape: _Optional[_Iterable[int]] = ..., dtype: _Optional[str] = ..., kind: _Optional[str] = ..., encoding: _Optional[_Union[OutputEncoding, str]] = ..., model: _Optional[str] = ..., seed: _Optional[int] = ..., affine_invariant: _Optional[bool] = ..., queue_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., error_code: _Optional[int] = ..., error_message: _Optional[str] = ..., steps: _Optional[int] = ..., error_type: _Optional[str] = ..., error_field: _Optional[str] = ..., normals_convention: _Optional[str] = ..., classes: _Optional[_Iterable[str]] = ..., class_pixels: _Optional[_Mapping[str, int]] = ..., uncertainty_data: _Optional[bytes] = ..., uncertainty_method: _Optional[str] = ..., step_window: _Optional[int] = ..., uncertainty_decodes: _Optional[int] = ..., uncertainty_unit: _Optional[str] = ..., uncertainty_measure: _Optional[str] = ..., uncertainty_png_max: _Optional[float] = ..., uncertainty_max: _Optional[float] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("id", "family", "task", "output_kind", "processing_res", "backend", "device", "dtype", "max_batch_size", "generative", "multi_step", "default_steps", "classes", "base_model")
+    __slots__ = ("id", "family", "task", "output_kind", "processing_res", "backend", "device", "dtype", "max_batch_size", "generative", "multi_step", "default_steps", "classes", "base_model", "normals_convention")
     ID_FIELD_NUMBER: _ClassVar[int]
     FAMILY_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
@@ -183,6 +208,7 @@ class ModelInfo(_message.Message):
     DEFAULT_STEPS_FIELD_NUMBER: _ClassVar[int]
     CLASSES_FIELD_NUMBER: _ClassVar[int]
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
+    NORMALS_CONVENTION_FIELD_NUMBER: _ClassVar[int]
     id: str
     family: str
     task: str
@@ -197,7 +223,8 @@ class ModelInfo(_message.Message):
     default_steps: int
     classes: _containers.RepeatedScalarFieldContainer[str]
     base_model: str
-    def __init__(self, id: _Optional[str] = ..., family: _Optional[str] = ..., task: _Optional[str] = ..., output_kind: _Optional[str] = ..., processing_res: _Optional[int] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., generative: _Optional[bool] = ..., multi_step: _Optional[bool] = ..., default_steps: _Optional[int] = ..., classes: _Optional[_Iterable[str]] = ..., base_model: _Optional[str] = ...) -> None: ...
+    normals_convention: str
+    def __init__(self, id: _Optional[str] = ..., family: _Optional[str] = ..., task: _Optional[str] = ..., output_kind: _Optional[str] = ..., processing_res: _Optional[int] = ..., backend: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_batch_size: _Optional[int] = ..., generative: _Optional[bool] = ..., multi_step: _Optional[bool] = ..., default_steps: _Optional[int] = ..., classes: _Optional[_Iterable[str]] = ..., base_model: _Optional[str] = ..., normals_convention: _Optional[str] = ...) -> None: ...
 
 class ListModelsResponse(_message.Message):
     __slots__ = ("models",)
