@@ -12,7 +12,7 @@ under `<id>.<other head>` (e.g. `rooms-depth.weak`), so a request picks the head
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from models.errors import ModelLoadError
 from models.export.manifest import checkpoint_hash
-from models.inference import BatchItem, DensePredictor, _to_tensor
+from models.inference import BatchItem, DensePredictor, _batches, _to_tensor
 from models.outputs import OutputKind, PredictionMap
 from models.predictors.forms import to_form
 from models.predictors.processing import resize_back, unpad
@@ -133,6 +133,18 @@ class DepthProbe:
         out = [self._finish(it, m, head or self.head) for it, m in zip(items, maps, strict=True)]
         stages["probe"] = stages.get("probe", 0.0) + time.perf_counter() - start
         return out
+
+    def predict_items(
+        self, items: Sequence[BatchItem], *, batch_size: int = 8, on_batch: Callable[[int], None] | None = None
+    ) -> list[PredictionMap]:
+        """`DensePredictor.predict_items` for the probe: items of any sizes, batched per padded shape."""
+        results: dict[int, PredictionMap] = {}
+        for batch in _batches(list(enumerate(items)), batch_size):
+            maps = self.depth([item for _, item in batch])
+            results.update({i: m for (i, _), m in zip(batch, maps, strict=True)})
+            if on_batch:
+                on_batch(len(batch))
+        return [results[i] for i in range(len(items))]
 
     @torch.inference_mode()
     def _finish(self, item: BatchItem, pred: torch.Tensor, head: str) -> PredictionMap:
