@@ -211,3 +211,25 @@ async def test_depth_endpoint_serves_the_probe_as_its_direct_computation(depth_p
                 got = np.frombuffer(reply.data, dtype="<f4").reshape(tuple(reply.shape))
                 assert reply.model == pid and reply.kind == direct[pid].kind
                 np.testing.assert_allclose(got, want, atol=1e-5)
+
+
+def test_cli_predict_with_a_depth_probe_writes_its_maps(depth_probe, tmp_path: Path) -> None:
+    """`dense-serve predict IMAGES --model BASE --probe DIR [--probe-head weak]`: the probe's maps, as served."""
+    from models.inference import BatchItem
+    from models.loading import load_model, resolve_source
+    from models.probes.depth_probe import DepthProbe
+    from service.cli import main
+
+    folder, _ = depth_probe
+    data, rgb = _scene(40, 56, seed=9)
+    (tmp_path / "scene.png").write_bytes(data)
+    spec = load_spec_file(DEMO_SPEC)
+    base = load_model(spec)
+    heads = {p.head: p for p in DepthProbe.attach(folder, base, resolve_source(spec))}
+    args = ["predict", str(tmp_path / "scene.png"), "--model", str(DEMO_SPEC), "--probe", str(folder)]
+    for head in ("strong", "weak"):
+        out = tmp_path / head
+        assert main([*args, "--probe-head", head, "--format", "npy", "--out", str(out)]) == 0
+        want = heads[head].depth([BatchItem(rgb, base.plan(rgb, RES))])[0].array
+        np.testing.assert_allclose(np.load(out / "scene_depth.npy"), want, atol=1e-5)
+    assert main([*args, "--steps", "2", "--out", str(tmp_path / "bad")]) == 2  # one UNet pass: no steps
