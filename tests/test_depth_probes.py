@@ -233,3 +233,25 @@ def test_cli_predict_with_a_depth_probe_writes_its_maps(depth_probe, tmp_path: P
         want = heads[head].depth([BatchItem(rgb, base.plan(rgb, RES))])[0].array
         np.testing.assert_allclose(np.load(out / "scene_depth.npy"), want, atol=1e-5)
     assert main([*args, "--steps", "2", "--out", str(tmp_path / "bad")]) == 2  # one UNet pass: no steps
+
+
+@pytest.mark.anyio
+async def test_depth_probe_on_the_redis_queue_equals_the_embedded_queue(
+    depth_probe, tiny_dir, redis_url, redis_prefix
+) -> None:
+    """Both heads' jobs travel on the base model's Redis stream; the worker's heartbeat lists both ids."""
+    folder, _ = depth_probe
+    spec = load_spec_file(DEMO_SPEC)
+    data, _ = _scene(48, 64, seed=5)
+    files = {"image": ("scene.png", data, "image/png")}
+    answers = []
+    for queue in ({}, {"queue": "redis", "redis_url": redis_url, "redis_prefix": redis_prefix}):
+        async with running_service(tiny_dir, specs=[spec], probes=[str(folder)], **queue) as h:
+            models = {m["id"]: m for m in (await h.client.get("/v1/models")).json()["models"]}
+            assert models["rooms-depth-ci.weak"]["task"] == "depth"
+            for pid in ("rooms-depth-ci", "rooms-depth-ci.weak"):
+                r = await h.client.post(f"/v1/depth?model={pid}&format=npy", files=files)
+                assert r.status_code == 200, r.text
+                answers.append(read_npy(r.content))
+    np.testing.assert_array_equal(answers[0], answers[2])
+    np.testing.assert_array_equal(answers[1], answers[3])
