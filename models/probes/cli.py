@@ -252,6 +252,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     except (ModelError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if probe.manifest.task != "segment":
+        print(f"error: {args.probe} is a {probe.manifest.task} probe: the ONNX export covers segmentation probes", file=sys.stderr)
+        return 2
     res = probe.manifest.processing_res or 64
     path = export_probe_onnx(probe.core, probe.taps, probe.ensemble, args.out, (res // 8, res // 8))
     print(f"wrote {path}: inputs latent{', noise' if probe.core.generative else ''}; outputs map, features, logits")
