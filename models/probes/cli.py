@@ -253,7 +253,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if probe.manifest.task != "segment":
-        print(f"error: {args.probe} is a {probe.manifest.task} probe: the ONNX export covers segmentation probes", file=sys.stderr)
+        task = probe.manifest.task
+        print(f"error: {args.probe} is a {task} probe: the ONNX export covers segmentation probes", file=sys.stderr)
         return 2
     res = probe.manifest.processing_res or 64
     path = export_probe_onnx(probe.core, probe.taps, probe.ensemble, args.out, (res // 8, res // 8))
