@@ -73,6 +73,57 @@ def test_depth_folder_round_trip_and_clear_errors(tmp_path: Path) -> None:
         read_depth_folder(tmp_path / "set")
 
 
+def test_a_depth_probe_on_a_generative_base_with_the_weak_head_served_by_default(tiny_dir, tmp_path: Path) -> None:
+    """Tiny Lotus-G (fixed-seed noise input), two timesteps both served, decoder blocks and the output tap,
+    `serve_head: weak`: the artifacts, the ids and the averaged serving pass; bad configs fail clearly."""
+    from models.inference import BatchItem
+    from models.loading import load_model, resolve_source
+    from models.probes.artifact import ProbeManifest
+    from models.probes.data import synthetic_depth
+    from models.probes.depth_probe import DepthProbe
+    from models.probes.train import ProbeConfig, train_probe
+    from models.spec import resolve_spec
+
+    base_dir = tiny_dir("lotus-g", "depth")
+    raw = {
+        "id": "g-depth",
+        "task": "depth",
+        "base": str(base_dir),
+        "features": {"blocks": [1, 4], "timesteps": [999, 300], "stride": 4, "processing_res": 32},
+        "depth": {"weak_blocks": [3], "time_dims": 8, "serve_head": "weak"},
+        "train_data": {"type": "synthetic", "count": 3, "height": 32, "width": 32, "seed": 11},
+        "eval_data": {"type": "synthetic", "count": 2, "height": 24, "width": 32, "seed": 12},
+        "train": {"hidden": [8, 8], "epochs": 1, "pixels_per_image": 32},
+        "output_dir": str(tmp_path / "probe"),
+    }
+    report = train_probe(ProbeConfig.model_validate(raw))
+    manifest = ProbeManifest.read(tmp_path / "probe")
+    assert manifest.task == "depth" and manifest.family == "lotus-g" and manifest.classes == []
+    assert manifest.serve_timesteps == [999, 300] and manifest.weak_blocks == [3] and manifest.time_dims == 8
+    assert manifest.feature_dim == 64 + 32 + 4  # layer 1, layer 3, the 4-channel output: one timestep's taps
+    assert {"strong", "weak", "baselines", "base_prediction"} <= set(report) and report["images"] == 2
+
+    spec = resolve_spec(str(base_dir))
+    base = load_model(spec)
+    heads = DepthProbe.attach(tmp_path / "probe", base, resolve_source(spec))
+    assert [(p.id, p.head) for p in heads] == [("g-depth", "weak"), ("g-depth.strong", "strong")]
+    _, images = synthetic_depth(2, 24, 32, seed=5)
+    items = [BatchItem(img.rgb, base.plan(img.rgb, 32)) for img in images]
+    maps = heads[0].depth(items)
+    assert [m.array.shape for m in maps] == [(24, 32), (24, 32)] and maps[0].kind == "depth"
+    assert all(m.array.min() >= 0.0 and m.array.max() <= 1.0 for m in maps)
+    alone = heads[0].depth(items[:1])[0].array  # an image's map does not depend on its batch neighbours
+    np.testing.assert_allclose(alone, maps[0].array, atol=1e-5)
+
+    for change, message in (
+        ({"depth": {"serve_timesteps": [500]}}, "must be among the trained"),
+        ({"depth": {"serve_head": "weak"}}, "no weak head"),
+        ({"features": {"blocks": [5], "timesteps": [999]}}, r"layers 0\.\.3, and 4 is its output"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            train_probe(ProbeConfig.model_validate({**raw, **change}))
+
+
 @pytest.fixture(scope="module")
 def depth_probe(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     """The CI learning run: configs/probe-depth-synthetic.yaml's settings, its training scenes read back from the
