@@ -21,9 +21,11 @@ from tests.service_harness import read_npy, running_service
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_SPEC = ROOT / "models" / "demo" / "lotus-d-synthetic-demo.toml"
 RES = 64  # the demo model's own processing size
-#: The learning test's margin: the strong head's held-out AbsRel is at least this much (absolute) below the best
-#: image-independent baseline's, and its delta1 above every baseline's.
-MARGIN = 0.02
+#: The learning test's margins: the strong head's held-out AbsRel is at least MARGIN (absolute) below every
+#: image-independent baseline's, its delta1 at least DELTA1_MARGIN above. Measured: AbsRel 0.352 against 0.464
+#: (vertical ramp) and 0.465 (mean map); delta1 0.540 against 0.459 (mean map).
+MARGIN = 0.05
+DELTA1_MARGIN = 0.03
 
 
 def test_heads_read_their_blocks_and_the_time_embedding_changes_the_answer() -> None:
@@ -158,7 +160,7 @@ def test_depth_probe_beats_every_image_independent_baseline(depth_probe) -> None
     strong, weak = report["strong"], report["weak"]
     for name, base in report["baselines"].items():
         assert strong["abs_rel"] < base["abs_rel"] - MARGIN, (name, strong, base)
-        assert strong["delta1"] > base["delta1"], (name, strong, base)
+        assert strong["delta1"] > base["delta1"] + DELTA1_MARGIN, (name, strong, base)
     assert 0.0 < weak["abs_rel"] < 1.0 and 0.0 < weak["delta1"] <= 1.0  # reported beside the strong one
     assert report["images"] == 32 and report["train_images"] == 20
 
