@@ -8,8 +8,9 @@ evaluation aligns it by least squares); L1 loss.
 
 The "strong" MLP reads the configured blocks; the optional "weak" one reads its own (DAG: block 6 alone of the
 SD UNet) and is trained beside it on the same pixels. Both live in one `DepthHeads` module (one safetensors).
-Feature layout: `extract` with the union of both heads' blocks returns `[B, T * C, h, w]`, timestep-major;
-`head_channels` says which channels of one timestep's slice each head reads.
+Taps are the decoder layers of features.py plus one more, the UNet's output (`tap_channels`).
+Feature layout: `extract_depth_features` with the union of both heads' blocks returns `[B, T * C, h, w]`,
+timestep-major; `head_channels` says which channels of one timestep's slice each head reads.
 """
 
 from __future__ import annotations
@@ -139,7 +140,7 @@ class DepthHeads(nn.Module):
         return out.reshape(b, 1, h, w)
 
     def per_step(self, features: torch.Tensor, timesteps: Sequence[int]) -> list[torch.Tensor]:
-        """Split `extract`'s timestep-major `[B, T * step_dim, h, w]` into one slice per timestep."""
+        """Split `extract_depth_features`' timestep-major `[B, T * step_dim, h, w]` into one slice per timestep."""
         if features.shape[1] != len(timesteps) * self.step_dim:
             raise ValueError(f"expected {len(timesteps)} x {self.step_dim} feature channels, got {features.shape[1]}")
         return list(features.split(self.step_dim, dim=1))

@@ -167,14 +167,15 @@ def evaluate(
     kind = probe.kind
     probe_eval = {h: DepthEvaluator(kind, depth_range) for h in heads}
     space = "disparity" if base.output_kind == "disparity" else "depth"
-    base_eval = DepthEvaluator(space, depth_range)
+    base_eval = DepthEvaluator(space, depth_range) if base.output_kind != "normals" else None
     for chunk in chunks(images, BATCH):
         items = [BatchItem(img.rgb, base.plan(img.rgb, res)) for img in chunk]
         for h in heads:
             for img, m in zip(chunk, probe.depth(items, head=h), strict=True):
                 probe_eval[h].add(m.array, img.depth, img.valid)
-        for img, m in zip(chunk, base.predict_batch(items), strict=True):
-            base_eval.add(m.float_array(), img.depth, img.valid)
+        if base_eval is not None:  # a depth model's own answer, for reference (a normals base has none)
+            for img, m in zip(chunk, base.predict_batch(items), strict=True):
+                base_eval.add(m.float_array(), img.depth, img.valid)
     mean = mean_map_from(kind, ((img.depth, img.valid) for img in train_images))
     makers = {
         "mean map": lambda hw: mean.map(hw),
@@ -188,11 +189,12 @@ def evaluate(
             ev.add(makers[name](img.depth.shape), img.depth, img.valid)
         baselines[name] = scores(ev)
     best = min(baselines, key=lambda n: baselines[n]["abs_rel"])
+    own = scores(base_eval) if base_eval is not None else {}
     return {
         **{h: scores(probe_eval[h]) for h in heads},
         "baselines": baselines,
         "best_baseline": best,
-        "base_prediction": {"model": base.model_id, "kind": base.output_kind, **scores(base_eval)},
+        "base_prediction": {"model": base.model_id, "kind": base.output_kind, **own},
         "images": len(images),
         "depth_range": list(depth_range),
     }

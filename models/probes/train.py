@@ -46,7 +46,7 @@ class SyntheticSource(_Strict):
 
 class FolderSource(_Strict):
     type: Literal["folder"]
-    path: str = Field(description="a folder with classes.json, rgb/ and labels/ (see models/probes/data.py)")
+    path: str = Field(description="classes.json, rgb/, labels/ (depth probes: rgb/, depth/); models/probes/data.py")
     limit: int | None = Field(default=None, ge=1, description="use only the first N images (sorted by name)")
 
 
@@ -62,7 +62,7 @@ class FeatureConfig(_Strict):
 
 
 class TrainSettings(_Strict):
-    members: int = Field(default=10, ge=1, le=64, description="MLPs in the majority-vote ensemble")
+    members: int = Field(default=10, ge=1, le=64, description="MLPs in the majority-vote ensemble (segment only)")
     hidden: tuple[int, int] = Field(default=(256, 32), description="hidden widths of each MLP")
     epochs: int = Field(default=4, ge=1)
     batch_size: int = Field(default=1024, ge=1, description="pixels per step")
