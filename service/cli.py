@@ -29,6 +29,7 @@ from service.request import (
 
 if TYPE_CHECKING:
     from models.inference import DensePredictor
+    from models.probes.depth_probe import DepthProbe
     from models.spec import ModelSpec
     from service.config import Settings
 
@@ -133,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+", type=Path, help="input image files")
     p.add_argument("--model", required=True, help="spec .toml, local diffusers folder, shipped spec id or hub id")
     p.add_argument("--task", choices=TASKS, help="override the detected task")
+    p.add_argument(
+        "--probe", type=Path, help="a depth probe folder: its map (as /v1/depth?model=PROBE) on --model, its base"
+    )
+    p.add_argument("--probe-head", choices=("strong", "weak"), help="the depth probe's head (default: its serve_head)")
     p.add_argument(
         "--processing-res", type=int, help="long edge the model sees, a multiple of 8; 0 = native (default: model's)"
     )
@@ -478,14 +483,21 @@ def cmd_predict(args: argparse.Namespace) -> int:
         _predict_request(args, args.task or "depth")  # flags checked before minutes of model loading
         model = _load(args.model, args.device, args.dtype, args.task, args.backend)
         request = _predict_request(args, model.output_kind if model.output_kind == "normals" else "depth")
-        check_for_model(request, model.model_id, model.family, model.multi_step, model.default_steps)
-    except (ModelError, InvalidParameter) as exc:
+        probe = _depth_probe(args, model) if args.probe else None
+        if probe is not None:  # a depth probe on the base model: one step, its own default processing size
+            check_for_model(request, probe.id, model.family, False, 1)
+            if request.processing_res is None:
+                request = request.model_copy(update={"processing_res": probe.manifest.processing_res})
+        else:
+            check_for_model(request, model.model_id, model.family, model.multi_step, model.default_steps)
+    except (ModelError, InvalidParameter, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     stems = _unique_stems(args.images)
     # One format: the map leaves the device in that format's form (uint16 for png, ...); several: float32.
     form = FORM_OF[args.format[0]] if len(args.format) == 1 else "float32"
+    runner: DensePredictor | DepthProbe = probe or model
     chunk = args.batch_size * 8  # decode lazily: memory stays bounded for long file lists
     failed = 0
     start = time.perf_counter()
@@ -531,7 +543,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
                 else:
                     items.append(result)
                     names.append(stem)
-            preds = model.predict_items(items, batch_size=args.batch_size, on_batch=bar.update) if items else []
+            preds = runner.predict_items(items, batch_size=args.batch_size, on_batch=bar.update) if items else []
             for done in writing:
                 done.result()  # the previous chunk is on disk before a third one is held in memory
             writing = [pool.submit(write, stem, pred) for stem, pred in zip(names, preds, strict=True)]
@@ -539,11 +551,26 @@ def cmd_predict(args: argparse.Namespace) -> int:
             done.result()
     done_count = len(args.images) - failed
     elapsed = time.perf_counter() - start
-    print(
-        f"{done_count} of {len(args.images)} images -> {args.out} ({model.model_id}: {model.family} "
-        f"{model.output_kind}, {elapsed:.2f} s)"
-    )
+    what = f"{model.model_id}: {model.family} {model.output_kind}"
+    if probe is not None:
+        what = f"{probe.id}: {probe.kind} probe on {model.model_id}"
+    print(f"{done_count} of {len(args.images)} images -> {args.out} ({what}, {elapsed:.2f} s)")
     return 1 if failed else 0
+
+
+def _depth_probe(args: argparse.Namespace, model: DensePredictor) -> DepthProbe:
+    """The depth probe in `--probe` on the loaded base (hash-checked), serving `--probe-head`."""
+    from models.loading import resolve_source
+    from models.probes.depth_probe import DepthProbe
+    from models.spec import resolve_spec
+
+    heads = DepthProbe.attach(args.probe, model, resolve_source(resolve_spec(args.model, task=args.task)))
+    if args.probe_head is None:
+        return heads[0]
+    chosen = [p for p in heads if p.head == args.probe_head]
+    if not chosen:
+        raise ValueError(f"probe {args.probe} has no {args.probe_head} head")
+    return chosen[0]
 
 
 def _unique_stems(paths: Sequence[Path]) -> list[str]:

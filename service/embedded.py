@@ -19,7 +19,7 @@ from models.source import resolve_source
 from models.spec import ModelSpec, resolve_spec
 from service.api.app import create_app
 from service.config import Settings
-from service.frontend import declare_models, declared_info, declared_probe_info
+from service.frontend import declare_models, declared_info, declared_probe_infos
 from service.jobs import ModelInfo
 from service.queue.base import Broker
 from service.queue.memory import MemoryBroker
@@ -210,7 +210,7 @@ def frontend_probes(folders: list[str], specs: list[ModelSpec]) -> list[ProbeDec
 def frontend_probe_ids(settings: Settings, specs: list[ModelSpec]) -> list[str]:
     """Probe ids readiness waits for beside the models: only when the front-end names its models (with no
     list, it is ready once any worker serves, and takes jobs for any known model and probe)."""
-    return [p.id for p in frontend_probes(settings.probes, specs)] if specs else []
+    return [i for p in frontend_probes(settings.probes, specs) for i in p.served_ids()] if specs else []
 
 
 def declared_infos(specs: list[ModelSpec], settings: Settings) -> list[ModelInfo]:
@@ -218,9 +218,11 @@ def declared_infos(specs: list[ModelSpec], settings: Settings) -> list[ModelInfo
     limits = (settings.max_batch_size, settings.max_queue_delay_ms)
     models = {s.id: declared_info(s, *limits) for s in specs}
     probes = [
-        declared_probe_info(p, models.get(p.base_model), *limits) for p in frontend_probes(settings.probes, specs)
+        info
+        for p in frontend_probes(settings.probes, specs)
+        for info in declared_probe_infos(p, models.get(p.base_model), *limits)
     ]
-    return [i for i in [*models.values(), *probes] if i is not None]
+    return [*models.values(), *probes]
 
 
 async def run_grpc(settings: Settings, specs: list[ModelSpec]) -> int:

@@ -35,7 +35,8 @@ class JobParams(BaseModel):
     reduction: Reduction = "mean"
     return_members: bool = False
     method: UncertaintyMethod = "seeds"
-    # segment only: the probe (the job runs on its base model's queue) and the combined depth answer
+    # probes: the probe (the job runs on its base model's queue; segment or depth) and, segment only, the
+    # combined depth answer
     probe: str | None = None
     with_depth: bool = False
 

@@ -27,7 +27,7 @@ class ProbeManifest(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     id: str = Field(min_length=1, pattern=r"^[\w.-]+$", description="the id /v1/models lists and requests name")
-    task: str = Field(default="segment", pattern="^segment$")
+    task: str = Field(default="segment", pattern="^(segment|depth)$", description="segment: classes; depth: a map")
     base_model: str = Field(description="id of the served model whose UNet the features come from")
     base_source: str = Field(description="the base checkpoint's folder when trained (informative)")
     base_spec: str = Field(default="", description="the `base` the config named (a spec .toml, folder or id)")
@@ -38,10 +38,16 @@ class ProbeManifest(BaseModel):
     stride: int
     noise_seed: int = 0
     processing_res: int = Field(description="the processing resolution the probe was trained at (its default)")
-    classes: list[str]
+    classes: list[str] = Field(default_factory=list, description="segment: the class names; depth: none")
     feature_dim: int
     members: int
     hidden: list[int]
+    # depth only (DAG's probe, models/probes/depth.py): one MLP for every timestep through a time embedding
+    output_kind: str = Field(default="depth", pattern="^(depth|disparity)$", description="depth: what it regresses")
+    time_dims: int = Field(default=0, ge=0, description="depth: sinusoidal time-embedding dims fed to the MLP")
+    serve_timesteps: list[int] = Field(default_factory=list, description="depth: timesteps averaged at serving")
+    weak_blocks: list[int] = Field(default_factory=list, description="depth: the weak MLP's blocks (none: no weak)")
+    serve_head: str = Field(default="strong", pattern="^(strong|weak)$", description="depth: the head the id serves")
 
     @property
     def taps(self) -> TapConfig:
@@ -77,6 +83,8 @@ def load_probe(folder: Path, device: torch.device | str = "cpu") -> tuple[ProbeM
     from safetensors.torch import load_file
 
     manifest = ProbeManifest.read(folder)
+    if manifest.task != "segment":
+        raise ModelLoadError(f"{folder}: a {manifest.task} probe, not a segmentation probe (see depth_probe.py)")
     ensemble = PixelEnsemble(manifest.feature_dim, len(manifest.classes), manifest.members, tuple(manifest.hidden))  # type: ignore[arg-type]
     try:
         ensemble.load_state_dict(load_file(str(folder / WEIGHTS)))

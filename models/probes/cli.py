@@ -23,7 +23,7 @@ def _counts(value: str) -> list[int]:
 
 
 def add_probe_parser(sub: Any) -> None:
-    p = sub.add_parser("probe", help="pixel probes on a served model's UNet features (segmentation)")
+    p = sub.add_parser("probe", help="pixel probes on a served model's UNet features (segmentation, depth)")
     psub = p.add_subparsers(dest="probe_command", required=True)
 
     t = psub.add_parser("train", help="train a probe from a YAML config (configs/probe-seg-synthetic.yaml)")
@@ -31,7 +31,7 @@ def add_probe_parser(sub: Any) -> None:
     t.add_argument("--out", type=Path, help="output folder (default: the config's output_dir)")
     t.set_defaults(func=cmd_train)
 
-    c = psub.add_parser("curve", help="held-out mIoU against the number of labelled training images")
+    c = psub.add_parser("curve", help="held-out mIoU (depth: AbsRel) against labelled images")
     c.add_argument("config", type=Path)
     c.add_argument("--counts", type=_counts, default=[5, 10, 20, 40], help="comma list (default 5,10,20,40)")
     c.add_argument("--strides", type=_counts, help="comma list of feature strides to compare (default: the config's)")
@@ -71,12 +71,31 @@ def add_probe_parser(sub: Any) -> None:
     x.set_defaults(func=cmd_export)
 
 
+def depth_bench(probe: Any, items: list[Any], base_ms: tuple[float, float], timed: Any, args: Any, res: int) -> int:
+    """`probe bench` for a depth probe: the base model's map against each head's, per batch."""
+    m = probe.manifest
+    rows = [(f"base prediction ({probe.base.output_kind})", base_ms)]
+    for head in ("strong", "weak") if m.weak_blocks else ("strong",):
+        rows.append((f"depth probe, {head} head", timed(lambda head=head: probe.depth(items, head=head))))
+    print(
+        f"{m.id} on {m.base_model}, {res} px, batch {args.batch_size}, {args.threads} thread(s), serving timesteps "
+        f"{probe.taps.timesteps}, median of {args.repeats}:"
+    )
+    print("| answer | wall ms | CPU ms | CPU vs base prediction |")
+    print("|---|---:|---:|---:|")
+    for name, (w, c) in rows:
+        print(f"| {name} | {w:.1f} | {c:.1f} | {c / base_ms[1]:.2f}x |")
+    return 0
+
+
 def cmd_make_synthetic(args: argparse.Namespace) -> int:
-    from models.probes.data import synthetic, write_folder
+    from models.probes.data import synthetic, synthetic_depth, write_depth_folder, write_folder
 
     classes, images = synthetic(args.count, args.size, args.size, args.seed)
     write_folder(args.out, classes, images)
-    print(f"wrote {len(images)} labelled scenes ({', '.join(classes)}) to {args.out}")
+    depth_range, depths = synthetic_depth(args.count, args.size, args.size, args.seed)
+    write_depth_folder(args.out, depths, depth_range)  # the same scenes: depth/ for depth probes
+    print(f"wrote {len(images)} labelled scenes ({', '.join(classes)}; depth/) to {args.out}")
     return 0
 
 
@@ -101,6 +120,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     out = args.out or cfg.output_dir
+    if cfg.task == "depth":
+        print(depth_summary(cfg.id, str(out), report))
+        return 0
     base = report["majority_baseline"]
     print(
         f"probe {cfg.id} -> {out}: held-out mIoU {report['miou']:.3f}, pixel accuracy {report['pixel_accuracy']:.3f} "
@@ -110,12 +132,43 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def depth_summary(probe_id: str, out: str, report: dict[str, Any]) -> str:
+    """One line of a depth probe's eval.json: both heads and the best image-independent baseline."""
+    best = report["best_baseline"]
+    base = report["baselines"][best]
+    weak = report.get("weak")
+    weak_text = f", weak {weak['abs_rel']:.3f} / {weak['delta1']:.3f}" if weak else ""
+    return (
+        f"depth probe {probe_id} -> {out}: held-out AbsRel / delta1 strong {report['strong']['abs_rel']:.3f} / "
+        f"{report['strong']['delta1']:.3f}{weak_text} (best baseline, {best}: {base['abs_rel']:.3f} / "
+        f"{base['delta1']:.3f}) in {report['seconds']['total']:.0f} s"
+    )
+
+
+def depth_curve_table(rows: list[dict[str, Any]]) -> str:
+    """AbsRel / delta1 against labelled images: strong, weak, the three baselines (markdown)."""
+    from models.training.baselines import BASELINES
+
+    head = "| labelled images | strong | weak | " + " | ".join(BASELINES) + " | train s |"
+    lines = [head, "|---:|" + "---:|" * (3 + len(BASELINES))]
+
+    def cell(m: dict[str, float] | None) -> str:
+        return f"{m['abs_rel']:.3f} / {m['delta1']:.3f}" if m else "-"
+
+    for r in rows:
+        cells = [cell(r["strong"]), cell(r.get("weak"))] + [cell(r["baselines"][b]) for b in BASELINES]
+        lines.append(f"| {r['labelled_images']} | " + " | ".join(cells) + f" | {r['seconds']:.0f} |")
+    return "\n".join(lines)
+
+
 def cmd_curve(args: argparse.Namespace) -> int:
     """The same config with the first N training images, for each N: one probe and one evaluation each."""
     from models.probes.train import FolderSource, load_config, train_probe
 
     _logging()
     cfg = load_config(args.config)
+    if cfg.task == "depth":
+        return depth_curve(cfg, args)
     rows = []
     for stride in args.strides or [cfg.features.stride]:
         for n in args.counts:
@@ -152,6 +205,34 @@ def cmd_curve(args: argparse.Namespace) -> int:
     return 0
 
 
+def depth_curve(cfg: Any, args: argparse.Namespace) -> int:
+    """`probe curve` for a depth config: AbsRel / delta1 of both heads and of the baselines per N."""
+    from models.probes.train import FolderSource, train_probe
+
+    rows = []
+    for n in args.counts:
+        source = cfg.train_data
+        update = {"limit": n} if isinstance(source, FolderSource) else {"count": n}
+        report = train_probe(
+            cfg.model_copy(update={"train_data": source.model_copy(update=update)}), args.out / f"n{n}"
+        )
+        rows.append(
+            {
+                "labelled_images": n,
+                "strong": report["strong"],
+                "weak": report.get("weak"),
+                "baselines": report["baselines"],
+                "base_prediction": report["base_prediction"],
+                "seconds": report["seconds"]["total"],
+            }
+        )
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "curve.json").write_text(json.dumps(rows, indent=2) + "\n")
+    print("held-out AbsRel / delta1 (aligned by least squares per image), mean map from the N training images:")
+    print(depth_curve_table(rows))
+    return 0
+
+
 def _attached(folder: Path, model: str | None, backend: str = "torch", cache: Path | None = None) -> Any:
     from models.loading import load_model, resolve_source
     from models.probes.artifact import ProbeManifest
@@ -165,6 +246,10 @@ def _attached(folder: Path, model: str | None, backend: str = "torch", cache: Pa
     )
     spec = spec.model_copy(update={"id": manifest.base_model})
     base = load_model(spec)
+    if manifest.task == "depth":
+        from models.probes.depth_probe import DepthProbe
+
+        return DepthProbe.attach(folder, base, resolve_source(spec))[0]
     return Probe.attach(folder, base, resolve_source(spec), cache)
 
 
@@ -177,6 +262,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         probe = _attached(args.probe, args.model)
     except (ModelError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if probe.manifest.task != "segment":
+        task = probe.manifest.task
+        print(f"error: {args.probe} is a {task} probe: the ONNX export covers segmentation probes", file=sys.stderr)
         return 2
     path = write_graph(probe.core, probe.taps, probe.ensemble, args.out, probe_key(args.probe))
     print(
@@ -214,6 +303,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     torch.set_num_threads(args.threads)
     base_ms = timed(lambda: base.predict_batch(items))
+    if manifest.task == "depth":
+        return depth_bench(probe, items, base_ms, timed, args, res)
     probe_ms = timed(lambda: probe.segment(items))
     both_ms = timed(lambda: probe.segment(items, with_depth=True))
     two = (probe_ms[0] + base_ms[0], probe_ms[1] + base_ms[1])

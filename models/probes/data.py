@@ -93,3 +93,80 @@ def synthetic(count: int, height: int, width: int, seed: int) -> tuple[list[str]
         rgb = np.clip(np.rint(r.rgb * 255.0), 0, 255).astype(np.uint8)
         images.append(LabelledImage(f"{i:06d}", rgb, semantic_labels(r)))
     return list(SEMANTIC_CLASSES), images
+
+
+# --- depth probes ---------------------------------------------------------------------------------
+#
+# A depth probe's folder is the same `rgb/` plus `depth/` (no classes.json, no labels/ needed; a folder may hold
+# both and train both kinds of probe)::
+#
+#     ROOT/
+#       rgb/NAME.png          8-bit RGB (.jpg/.jpeg also read)
+#       depth/NAME.png        16-bit grayscale, millimetres, 0 = invalid          } one of these per image
+#       depth/NAME.npy        float32 [H, W] metres (or any unit: the probe learns relative depth); 0, negative
+#                             or non-finite = invalid                               }
+#       dataset.json          optional {"name": ..., "depth_range": [min, max]}: the evaluation's valid range
+#                             and clipping range (default DEFAULT_DEPTH_RANGE)
+#
+# Only relative depth matters: each image's depth is normalised on its own before training (depth_train.py).
+
+#: The evaluation's depth range when a folder has no dataset.json: every positive depth counts.
+DEFAULT_DEPTH_RANGE = (1e-3, 1e6)
+
+
+@dataclass(frozen=True)
+class DepthImage:
+    name: str
+    rgb: np.ndarray  # uint8 [H, W, 3]
+    depth: np.ndarray  # float32 [H, W], 0 where invalid
+    valid: np.ndarray  # bool [H, W]
+
+
+def synthetic_depth(count: int, height: int, width: int, seed: int) -> tuple[tuple[float, float], list[DepthImage]]:
+    """Procedural rooms with their rendered depth (the same scenes as `synthetic`); and their depth range."""
+    from models.training.synthetic import DEPTH_RANGE, generate
+
+    images = []
+    for i in range(count):
+        r = generate((seed, i), height, width)
+        rgb = np.clip(np.rint(r.rgb * 255.0), 0, 255).astype(np.uint8)
+        images.append(DepthImage(f"{i:06d}", rgb, r.depth.astype(np.float32), r.valid.astype(bool)))
+    return DEPTH_RANGE, images
+
+
+def read_depth_folder(root: str | Path, limit: int | None = None) -> tuple[tuple[float, float], list[DepthImage]]:
+    """Images with depth from `root` (layout above) and the depth range of its dataset.json (or the default)."""
+    root = Path(root)
+    names = folder_format.list_names(root)[:limit]
+    if not names:
+        raise ValueError(f"{root}/rgb holds no images")
+    info = root / folder_format.INFO_FILE
+    depth_range = folder_format.read_info(root).depth_range if info.is_file() else DEFAULT_DEPTH_RANGE
+    if depth_range[0] <= 0:
+        depth_range = (DEFAULT_DEPTH_RANGE[0], depth_range[1])
+    images = []
+    for name in names:
+        path = folder_format.find_file(root / "depth", name, (".png", ".npy"))
+        if path is None:
+            raise FileNotFoundError(f"{root / 'depth' / name}.png or .npy is missing: every image needs its depth")
+        depth, valid = folder_format.read_depth(path)
+        rgb_path = folder_format.find_file(root / "rgb", name, folder_format.RGB_SUFFIXES)
+        assert rgb_path is not None
+        with Image.open(rgb_path) as im:
+            rgb = np.asarray(im.convert("RGB"), dtype=np.uint8)
+        if depth.shape != rgb.shape[:2]:
+            raise ValueError(f"{path}: {depth.shape[::-1]} depth for a {rgb.shape[1::-1]} image")
+        if valid.sum() < 2:
+            raise ValueError(f"{path}: fewer than two valid depth pixels")
+        images.append(DepthImage(name, rgb, depth, valid))
+    return depth_range, images
+
+
+def write_depth_folder(root: str | Path, images: list[DepthImage], depth_range: tuple[float, float]) -> None:
+    """`depth/NAME.npy` (float32 metres) beside `rgb/` and a dataset.json with the depth range."""
+    root = Path(root)
+    (root / "rgb").mkdir(parents=True, exist_ok=True)
+    for img in images:
+        Image.fromarray(img.rgb, mode="RGB").save(root / "rgb" / f"{img.name}.png")
+        folder_format.write_depth(root / "depth" / f"{img.name}.npy", img.depth, img.valid)
+    folder_format.write_info(root, folder_format.DatasetInfo(name=root.name or "probe-depth", depth_range=depth_range))

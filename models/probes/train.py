@@ -46,7 +46,7 @@ class SyntheticSource(_Strict):
 
 class FolderSource(_Strict):
     type: Literal["folder"]
-    path: str = Field(description="a folder with classes.json, rgb/ and labels/ (see models/probes/data.py)")
+    path: str = Field(description="classes.json, rgb/, labels/ (depth probes: rgb/, depth/); models/probes/data.py")
     limit: int | None = Field(default=None, ge=1, description="use only the first N images (sorted by name)")
 
 
@@ -62,7 +62,7 @@ class FeatureConfig(_Strict):
 
 
 class TrainSettings(_Strict):
-    members: int = Field(default=10, ge=1, le=64, description="MLPs in the majority-vote ensemble")
+    members: int = Field(default=10, ge=1, le=64, description="MLPs in the majority-vote ensemble (segment only)")
     hidden: tuple[int, int] = Field(default=(256, 32), description="hidden widths of each MLP")
     epochs: int = Field(default=4, ge=1)
     batch_size: int = Field(default=1024, ge=1, description="pixels per step")
@@ -74,13 +74,28 @@ class TrainSettings(_Strict):
     threads: int | None = Field(default=None, ge=1, description="torch CPU threads (default: torch's)")
 
 
+class DepthSettings(_Strict):
+    """Depth probes only (DAG): the time embedding, the serving timesteps and the optional weak head."""
+
+    space: Literal["depth", "disparity"] = Field(
+        default="depth", description="what the MLP regresses (normalised per image): depth (DAG) or 1 / depth"
+    )
+    time_dims: int = Field(default=32, ge=0, le=1024, description="sinusoidal embedding of t fed to the MLP")
+    serve_timesteps: list[int] | None = Field(default=None, description="averaged at serving (default: all)")
+    weak_blocks: list[int] = Field(default=[], description="the weak MLP's blocks (DAG: 6 alone); [] = none")
+    serve_head: Literal["strong", "weak"] = Field(default="strong", description="the head the probe's id serves")
+    weight_decay: float = Field(default=0.0, ge=0, description="AdamW weight decay of both heads")
+
+
 class ProbeConfig(_Strict):
     id: str = Field(pattern=r"^[\w.-]+$", description="the probe's model id in /v1/models")
+    task: Literal["segment", "depth"] = Field(default="segment", description="class map or depth map")
     base: str = Field(description="the base model: spec .toml, diffusers folder or shipped id (as --model)")
     features: FeatureConfig
     train_data: Source
     eval_data: Source
     train: TrainSettings = TrainSettings()
+    depth: DepthSettings = DepthSettings()
     output_dir: str = Field(description="where probe.toml, probe.safetensors and eval.json go (--out overrides)")
 
 
@@ -221,6 +236,10 @@ def evaluate(probe: Probe, images: list[probe_data.LabelledImage], majority: int
 
 def train_probe(cfg: ProbeConfig, out: Path | None = None) -> dict[str, object]:
     """The whole job; returns eval.json's content."""
+    if cfg.task == "depth":
+        from models.probes.depth_train import train_depth_probe
+
+        return train_depth_probe(cfg, out)
     from models.loading import load_model, resolve_source
     from models.spec import resolve_spec
 

@@ -28,7 +28,8 @@ from functools import partial
 from models.inference import BatchItem, UncertaintyResult
 from models.multistep import MultiStepPredictor, StepBatch
 from models.outputs import PredictionMap
-from models.probes.segmenter import Segmentation
+from models.probes.depth_probe import DepthProbe
+from models.probes.segmenter import Probe, Segmentation
 from service import codec, logs, metrics, tracing
 from service.config import Settings
 from service.errors import (
@@ -128,7 +129,7 @@ class Lane:
         replier = asyncio.create_task(self._reply_all(computed), name=f"lane-reply-{self.model_id}")
         try:
             while (batch := await self._next_batch(stop, reader)) is not None:
-                if self.multi_step and batch[0].job.kind == "predict" and batch[0].job.task != "segment":
+                if self.multi_step and batch[0].job.kind == "predict" and batch[0].job.params.probe is None:
                     async for done in self._compute_steps(batch):
                         await computed.put(done)
                     continue
@@ -187,7 +188,7 @@ class Lane:
         start = time.perf_counter()
         job = delivery.job
         res = job.params.processing_res
-        if job.task == "segment" and res is None and job.params.probe in self.served.probes:
+        if job.params.probe is not None and res is None and job.params.probe in self.served.probes:
             res = self.served.probes[job.params.probe].manifest.processing_res  # what the probe was trained at
         try:
             if job.raw_shape:
@@ -216,10 +217,10 @@ class Lane:
             step_uncertainty=job.kind == "predict" and job.params.uncertainty == "steps" and self.multi_step,
         )
         key: tuple[object, ...] = (job.kind, geometry.padded_hw) if job.kind == "predict" else (job.kind, job.id)
-        if job.task == "segment":  # one probe and one answer shape per batch; the UNet pass is the base model's
-            if job.params.probe not in self.served.probes:
+        if job.task == "segment" or job.params.probe is not None:  # one probe and one answer shape per batch;
+            if job.params.probe not in self.served.probes:  # the UNet pass is the base model's
                 raise InvalidParameter(f"probe '{job.params.probe}' is not attached to {self.model_id}", field="model")
-            key = ("segment", job.params.probe, job.params.with_depth, geometry.padded_hw)
+            key = (job.task, job.params.probe, job.params.with_depth, geometry.padded_hw)
         return Prepared(delivery, item, key, (time.perf_counter() - start) * 1000.0)
 
     # ------------------------------------------------------------------ stage 2: batch and compute
@@ -284,9 +285,13 @@ class Lane:
         )
         self.busy = True
         try:
-            if batch[0].job.task == "segment":
+            probe = self.served.probes.get(batch[0].job.params.probe or "")
+            if isinstance(probe, DepthProbe):  # a depth probe: its maps answer like the base model's
+                done.maps = await loop.run_in_executor(self.compute_pool, probe.depth, [p.item for p in batch], stages)
+                self.stats.record_forward(self.model_id, len(batch), stages, idle_s)
+            elif batch[0].job.task == "segment":
                 params = batch[0].job.params
-                probe = self.served.probes[params.probe or ""]
+                assert isinstance(probe, Probe)
                 done.segments, depth = await loop.run_in_executor(
                     self.compute_pool, probe.segment, [p.item for p in batch], params.with_depth, stages
                 )

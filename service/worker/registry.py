@@ -13,6 +13,7 @@ from models.errors import ModelLoadError
 from models.inference import BatchItem, DensePredictor
 from models.loading import DEFAULT_ENGINE_CACHE, load_model, resolve_source
 from models.probes.artifact import ProbeManifest
+from models.probes.depth_probe import DepthProbe
 from models.probes.segmenter import Probe
 from models.spec import ModelSpec
 from service.jobs import ModelInfo
@@ -27,7 +28,7 @@ class ServedModel:
     info: ModelInfo
     load_s: float
     warmup_s: float = 0.0
-    probes: dict[str, Probe] = field(default_factory=dict)
+    probes: dict[str, Probe | DepthProbe] = field(default_factory=dict)  # by model id (a depth probe: per head)
 
 
 def describe(spec: ModelSpec, predictor: DensePredictor, max_batch: int, max_delay_ms: float) -> ModelInfo:
@@ -79,6 +80,9 @@ def attach_probes(served: dict[str, ServedModel], folders: list[str]) -> list[Mo
             )
         if manifest.id in served or any(manifest.id in s.probes for s in served.values()):
             raise ModelLoadError(f"probe '{manifest.id}' ({folder}): another model or probe has that id")
+        if manifest.task == "depth":
+            infos += attach_depth_probe(served, base, Path(folder))
+            continue
         cache = Path(base.spec.engine_cache or DEFAULT_ENGINE_CACHE)  # an ONNX Runtime base's probe graphs
         probe = Probe.attach(Path(folder), base.predictor, resolve_source(base.spec), cache)
         base.probes[probe.id] = probe
@@ -96,4 +100,30 @@ def attach_probes(served: dict[str, ServedModel], folders: list[str]) -> list[Mo
             )
         )
         log.info("probe %s (%d classes) attached to %s", probe.id, len(probe.classes), base.info.id)
+    return infos
+
+
+def attach_depth_probe(served: dict[str, ServedModel], base: ServedModel, folder: Path) -> list[ModelInfo]:
+    """A depth probe's heads (its id, and `<id>.weak` when it has one) as depth models on their base's queue."""
+    heads = DepthProbe.attach(folder, base.predictor, resolve_source(base.spec))
+    infos = []
+    for probe in heads:
+        if probe.id in served or any(probe.id in s.probes for s in served.values()):
+            raise ModelLoadError(f"probe '{probe.id}' ({folder}): another model or probe has that id")
+        base.probes[probe.id] = probe
+        infos.append(
+            base.info.model_copy(
+                update={
+                    "id": probe.id,
+                    "task": "depth",
+                    "output_kind": probe.kind,
+                    "generative": False,
+                    "multi_step": False,
+                    "default_steps": 1,
+                    "processing_res": probe.manifest.processing_res,
+                    "base_model": base.info.id,
+                }
+            )
+        )
+        log.info("depth probe %s (%s head) attached to %s", probe.id, probe.head, base.info.id)
     return infos
