@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from models.errors import ModelLoadError
+from models.inference import BatchItem
 from models.spec import load_spec_file
 from tests.service_harness import read_npy, running_service
 
@@ -347,3 +348,49 @@ async def test_a_front_end_declares_both_heads_and_their_jobs_wait_for_a_later_w
             assert reply.headers["x-model"] == "rooms-depth-ci.weak"
             direct = await worker.client.post(url, files=files)
             np.testing.assert_array_equal(read_npy(reply.content), read_npy(direct.content))
+
+
+@pytest.mark.anyio
+async def test_a_depth_probe_on_a_marigold_base_is_trained_and_served(tiny_dir, tmp_path: Path) -> None:
+    """A Marigold base gives its features from the image latent noised to t (models/probes/marigold_features.py):
+    a depth probe trains on them and `/v1/depth?model=ID` answers the probe's direct computation, in one pass
+    (no steps); the Marigold base itself still answers with its own multi-step run."""
+    from models.probes.train import load_config, train_probe
+
+    shipped = load_config(ROOT / "configs" / "probe-depth-synthetic.yaml")
+    cfg = type(shipped).model_validate(
+        {
+            **shipped.model_dump(),
+            "id": "marigold-depth-probe",
+            "base": str(tiny_dir("marigold", "depth")),
+            "features": {"blocks": [2, 4], "timesteps": [999, 250], "stride": 4, "processing_res": 64},
+            "depth": {**shipped.model_dump()["depth"], "serve_timesteps": [250], "weak_blocks": [2]},
+            "train_data": {"type": "synthetic", "count": 4, "height": 48, "width": 64, "seed": 11},
+            "eval_data": {"type": "synthetic", "count": 2, "height": 48, "width": 64, "seed": 12},
+            "train": {**shipped.model_dump()["train"], "epochs": 1},
+            "output_dir": str(tmp_path / "marigold-depth-probe"),
+        }
+    )
+    report = train_probe(cfg)
+    assert set(report["baselines"]) == {"mean map", "vertical ramp", "constant"} and report["weak"] is not None
+    data, rgb = _scene(40, 56, seed=21)
+    files = {"image": ("scene.png", data, "image/png")}
+    async with running_service(tiny_dir, models=[("marigold", "depth")], probes=[cfg.output_dir]) as h:
+        models = {m["id"]: m for m in (await h.client.get("/v1/models")).json()["models"]}
+        info = models["marigold-depth-probe"]
+        assert (info["task"], info["base_model"], info["family"], info["multi_step"]) == (
+            "depth", "marigold-depth", "marigold", False,
+        )  # fmt: skip
+        r = await h.client.post("/v1/depth?model=marigold-depth-probe&format=npy", files=files)
+        assert r.status_code == 200, r.text
+        served = read_npy(r.content)
+        refused = await h.client.post("/v1/depth?model=marigold-depth-probe&steps=3", files=files)
+        assert refused.status_code == 422, refused.text
+        probe = h.worker.served["marigold-depth"].probes["marigold-depth-probe"]
+        base = h.worker.served["marigold-depth"].predictor
+        pixels = rgb.astype(np.float32) / 255.0
+        direct = probe.depth([BatchItem(pixels, base.plan(pixels), None, True, "float32")])[0].array
+        assert served.shape == (40, 56) and np.isfinite(served).all()
+        np.testing.assert_allclose(served, direct, atol=1e-5)
+        own = await h.client.post("/v1/depth?model=marigold-depth&format=npy&steps=2", files=files)
+        assert own.status_code == 200 and own.headers["x-steps"] == "2"
