@@ -426,3 +426,55 @@ async def test_a_cancelled_request_is_never_computed_on_redis(tiny_dir, redis_ur
         assert small not in slow_shapes and batch == 1, calls.calls
         assert calls.images(small) == 1, f"the cancelled job reached the model: {calls.calls}"  # only the last one
         assert (await broker.queue_stats("lotus-g-depth")).pending == 0  # acknowledged, not left behind
+
+
+async def test_a_keyed_client_leaving_while_its_xadd_is_on_the_wire_is_computed_once(
+    tiny_dir, redis_url, redis_prefix
+) -> None:
+    """Redis may have added the job when the client's cancellation lands (the XADD's reply still in transit):
+    that job keeps its Idempotency-Key, so the retry gets its stored answer instead of computing it again
+    (found by CI: test_disconnect's retry[redis] computed twice when the drop raced the XADD)."""
+    async with on_redis(tiny_dir, redis_url, redis_prefix, models=[("lotus-g", "depth")]) as h:
+        submitter = h.app.state.broker.submitter
+        real_xadd = submitter.r.xadd
+        added = asyncio.Event()
+
+        async def reply_in_transit(*args, **kwargs):
+            entry = await real_xadd(*args, **kwargs)  # Redis has the job ...
+            added.set()
+            await asyncio.sleep(1.0)  # ... and its reply has not reached the API yet
+            return entry
+
+        image = png_bytes(32, 40, seed=12)
+        url = "/v1/depth?format=npy&model=lotus-g-depth"
+        with model_calls(h, "lotus-g-depth") as calls:
+            submitter.r.xadd = reply_in_transit
+            try:
+                client = asyncio.create_task(post(h, url, image, **{"idempotency-key": "on-the-wire-1"}))
+                await asyncio.wait_for(added.wait(), timeout=10)
+                client.cancel()  # the connection drops now
+                with pytest.raises(asyncio.CancelledError):
+                    await client
+            finally:
+                del submitter.r.xadd
+            retry = await post(h, url, image, **{"idempotency-key": "on-the-wire-1"})
+            assert retry.status_code == 200, retry.text
+            assert calls.images() == 1, calls.calls  # computed once, for both attempts
+            _, *small = calls.calls[0]
+            slow = await start_slow(h)  # the lane is busy: the next job waits in the stream
+            added.clear()
+            submitter.r.xadd = reply_in_transit
+            try:
+                plain = asyncio.create_task(post(h, url, png_bytes(32, 40, seed=13)))
+                await asyncio.wait_for(added.wait(), timeout=10)
+                plain.cancel()  # without a key: the job in the stream is marked cancelled, never computed
+                with pytest.raises(asyncio.CancelledError):
+                    await plain
+            finally:
+                del submitter.r.xadd
+            assert (await slow).status_code == 200
+            end = time.monotonic() + 10
+            while h.worker.stats.outcomes[("lotus-g-depth", "dropped")] < 1:
+                assert time.monotonic() < end, f"the abandoned job was not dropped: {dict(h.worker.stats.outcomes)}"
+                await asyncio.sleep(0.02)
+            assert calls.images(tuple(small)) == 1, calls.calls  # the keyed job only: the abandoned one never ran

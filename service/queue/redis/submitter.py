@@ -93,6 +93,7 @@ class Submitter:
             self._loop = asyncio.create_task(self._reply_loop(), name="dense-replies")
         stream = self.keys.jobs(job.model)
         claimed: bytes | None = None
+        add: asyncio.Task[Any] | None = None
         try:
             if idempotency_key is not None:
                 existing, claimed = await self._claim_key(idempotency_key, job)
@@ -102,13 +103,20 @@ class Submitter:
             future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
             self._waiting[job.id] = future
             await self.groups.ensure(stream)
-            await self.r.xadd(stream, job_fields(job, attempt=1), maxlen=self.stream_maxlen, approximate=True)
+            # Shielded: a client leaving while the XADD is on the wire must not leave us unsure whether the job
+            # exists (Redis may have added it); the task's outcome says, and the except branch acts on it.
+            add = asyncio.create_task(
+                self.r.xadd(stream, job_fields(job, attempt=1), maxlen=self.stream_maxlen, approximate=True)
+            )
+            await asyncio.shield(add)
         except BaseException as exc:
             # Not enqueued (refused, Redis lost, or the client left first): a claimed key must not make a retry
-            # wait for a job that will never exist.
+            # wait for a job that will never exist. If the client left during the XADD, wait for it: a job
+            # that made it into the stream keeps its key (the retry gets its stored answer) or, without a key,
+            # is marked cancelled so no worker computes it for nobody.
             self._waiting.pop(job.id, None)
-            if claimed is not None and idempotency_key is not None:
-                self._in_background(self._release_key(idempotency_key, claimed), f"dense-release-{job.id}")
+            if add is not None or (claimed is not None and idempotency_key is not None):
+                self._in_background(self._settle_unqueued(job, add, idempotency_key, claimed), f"dense-settle-{job.id}")
             if isinstance(exc, RedisError | OSError):
                 if is_oom(exc):
                     self.stats.rejected_out_of_memory += 1
@@ -137,6 +145,22 @@ class Submitter:
         task = asyncio.create_task(write, name=name)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    async def _settle_unqueued(
+        self, job: Job, add: asyncio.Task[Any] | None, key: str | None, claimed: bytes | None
+    ) -> None:
+        """After a failed or abandoned submit: release the claimed key unless the job did reach the stream; a
+        job that reached it without a key is marked cancelled (its client is gone)."""
+        queued = False
+        if add is not None:
+            with contextlib.suppress(BaseException):
+                await add
+            queued = add.done() and not add.cancelled() and add.exception() is None
+        if not queued:
+            if key is not None and claimed is not None:
+                await self._release_key(key, claimed)
+        elif not job.keep_result:
+            await self._set_cancel_marker(job.id, max(1, int(job.deadline - time.time()) + 1))
 
     async def _release_key(self, key: str, value: bytes) -> None:
         with contextlib.suppress(RedisError, OSError):  # best effort: without it the key expires with its TTL
