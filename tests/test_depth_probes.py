@@ -394,3 +394,95 @@ async def test_a_depth_probe_on_a_marigold_base_is_trained_and_served(tiny_dir, 
         np.testing.assert_allclose(served, direct, atol=1e-5)
         own = await h.client.post("/v1/depth?model=marigold-depth&format=npy&steps=2", files=files)
         assert own.status_code == 200 and own.headers["x-steps"] == "2"
+
+
+def _random_heads(channels: list[int], blocks: list[int], weak: list[int]) -> torch.nn.Module:
+    """Depth heads with random weights and batch-norm statistics (an untrained probe has unit ones)."""
+    from models.probes.depth import DepthHeads
+
+    torch.manual_seed(0)
+    heads = DepthHeads(channels, blocks, weak, (16, 8), 8)
+    for m in heads.modules():
+        if isinstance(m, torch.nn.BatchNorm1d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    return heads.eval()
+
+
+def test_onnx_export_of_a_depth_probe_matches_its_eager_pass(tiny_model, tmp_path: Path) -> None:
+    """`DepthHeadGraph` traced: the base map, the taps at the serving timesteps and both heads' grids averaged
+    over them, equal to the eager pass at sizes other than the trace size (tiny Lotus-G: the graph takes noise)."""
+    import onnxruntime as ort
+
+    from models.probes.depth import extract_depth_features, tap_channels
+    from models.probes.export import DepthHeadGraph, depth_outputs, export_depth_onnx
+    from models.probes.features import TapConfig
+
+    core = tiny_model("lotus-g", "depth").runtime.core
+    heads = _random_heads(tap_channels(core.unet), [1, 4], [3])
+    taps = TapConfig(heads.taps, (999, 300), stride=4)
+    names = depth_outputs(heads)
+    assert names == ("map", "features", "depth_strong", "depth_weak")
+    path = export_depth_onnx(core, taps, heads, tmp_path / "probe_head.onnx", latent_hw=(13, 11))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["latent", "noise"]
+    gen = torch.Generator().manual_seed(1)
+    for batch, lh, lw in ((2, 8, 12), (1, 5, 7), (3, 16, 16)):
+        latent, noise = torch.randn((batch, 4, lh, lw), generator=gen), torch.randn((batch, 4, lh, lw), generator=gen)
+        feed = {"latent": latent.numpy(), "noise": noise.numpy()}
+        got = dict(zip(names, session.run(list(names), feed), strict=True))
+        with torch.inference_mode():
+            want = dict(zip(names, DepthHeadGraph(core, taps, heads)(latent, noise), strict=True))
+            feats = extract_depth_features(core, latent, taps, noise)  # DepthProbe's own calls
+            direct = {f"depth_{h}": heads.averaged(feats, taps.timesteps, h) for h in ("strong", "weak")}
+            base_map = core.head(latent, noise)
+        for name in names:
+            assert got[name].shape == tuple(want[name].shape), name
+            assert np.abs(got[name] - want[name].numpy()).max() < 1e-4, (name, batch, lh, lw)
+        for name, grid in direct.items():
+            assert np.abs(got[name] - grid.numpy()).max() < 1e-4, name
+        assert np.abs(got["map"] - base_map.numpy()).max() < 1e-4
+        assert got["features"].shape == (batch, 2 * (64 + 32 + 4), lh * 2, lw * 2)
+        assert got["depth_strong"].shape == (batch, 1, lh * 2, lw * 2)
+        assert not np.allclose(got["depth_strong"], got["depth_weak"])
+
+
+def test_probe_export_writes_a_depth_graph_equal_to_the_served_probe(depth_probe, tmp_path: Path) -> None:
+    """`dense-serve probe export` on the CI depth probe (demo model): the graph and its depth-only twin, fed by
+    the base's encoder, give DepthProbe's maps (both heads) at several processing sizes and batches."""
+    import onnxruntime as ort
+    import torch.nn.functional as F
+
+    from models.inference import _to_tensor
+    from models.loading import load_model, resolve_source
+    from models.probes.depth_probe import DepthProbe
+    from service.cli import main
+
+    folder, _ = depth_probe
+    out = tmp_path / "graphs" / "probe_head.onnx"
+    assert main(["probe", "export", str(folder), "--out", str(out)]) == 0
+    assert {p.name for p in out.parent.iterdir()} == {"probe_head.onnx", "probe_depth.onnx", "probe_head.onnx.json"}
+    assert json.loads(out.with_name("probe_head.onnx.json").read_text())["task"] == "depth"
+    spec = load_spec_file(DEMO_SPEC)
+    base = load_model(spec)
+    probes = {p.head: p for p in DepthProbe.attach(folder, base, resolve_source(spec))}
+    full = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    twin = ort.InferenceSession(str(out.with_name("probe_depth.onnx")), providers=["CPUExecutionProvider"])
+    assert [o.name for o in full.get_outputs()] == ["map", "features", "depth_strong", "depth_weak"]
+    assert [o.name for o in twin.get_outputs()] == ["depth_strong", "depth_weak"]
+    worst = 0.0
+    for (h, w), res, batch in (((72, 96), RES, 1), ((40, 56), RES, 3), ((90, 120), 128, 2)):
+        rgbs = [_scene(h, w, seed=s)[1] for s in range(batch)]
+        items = [BatchItem(rgb, base.plan(rgb, res)) for rgb in rgbs]
+        core = probes["strong"].core
+        with torch.inference_mode():
+            latent = core.encode(torch.stack([_to_tensor(it, core.device) for it in items]))
+        got = twin.run(None, {"latent": latent.numpy()})
+        mapped = full.run(["map"], {"latent": latent.numpy()})[0]
+        np.testing.assert_allclose(mapped, base.predict_raw(items).numpy(), atol=1e-3)
+        for head, grid in zip(("strong", "weak"), got, strict=True):
+            up = F.interpolate(torch.from_numpy(grid), size=items[0].geometry.padded_hw, mode="bilinear")
+            err = float((up - probes[head].raw(items)).abs().max())
+            assert err < 1e-4, (head, h, w, res)
+            worst = max(worst, err)
+    print(f"depth probe ONNX parity: max abs error {worst:.2e}")
