@@ -486,3 +486,86 @@ def test_probe_export_writes_a_depth_graph_equal_to_the_served_probe(depth_probe
             assert err < 1e-4, (head, h, w, res)
             worst = max(worst, err)
     print(f"depth probe ONNX parity: max abs error {worst:.2e}")
+
+
+@pytest.mark.anyio
+async def test_a_depth_probe_on_an_onnxruntime_base_answers_as_on_torch(depth_probe, tiny_dir, tmp_path: Path) -> None:
+    """The demo base served on ONNX Runtime (CPU): the depth probe runs from its own graph, exported into the
+    engine cache at attach time, and both heads' `/v1/depth` answers equal the torch backend's within 1e-4
+    (two graphs of float math; measured: 1.2e-6 at most)."""
+    torch_spec = load_spec_file(DEMO_SPEC)
+    ort_spec = torch_spec.model_copy(update={"backend": "onnxruntime", "engine_cache": str(tmp_path / "engines")})
+    folder, _ = depth_probe
+    scenes = [_scene(h, w, seed=60 + i)[0] for i, (h, w) in enumerate([(48, 64), (72, 96), (48, 64)])]
+    answers: dict[str, list[np.ndarray]] = {}
+    for name, spec in (("torch", torch_spec), ("onnxruntime", ort_spec)):
+        async with running_service(tiny_dir, specs=[spec], probes=[str(folder)]) as h:
+            models = {m["id"]: m for m in (await h.client.get("/v1/models")).json()["models"]}
+            assert models["rooms-depth-ci"]["backend"] == models["rooms-depth-ci.weak"]["backend"] == name
+            answers[name] = []
+            for pid in ("rooms-depth-ci", "rooms-depth-ci.weak"):
+                for data in scenes:
+                    r = await h.client.post(f"/v1/depth?model={pid}&format=npy", files={"image": ("s.png", data)})
+                    assert r.status_code == 200, r.text
+                    answers[name].append(read_npy(r.content))
+            if name == "onnxruntime":
+                probe = h.worker.served[spec.id].probes["rooms-depth-ci.weak"]
+                graph = probe.runner.graph
+                assert graph.parent.parent == tmp_path / "engines" / "probes" and probe.core is None
+                assert {p.name for p in graph.parent.iterdir()} == {
+                    "probe_head.onnx",
+                    "probe_depth.onnx",
+                    "probe_head.onnx.json",
+                }
+    worst = 0.0
+    for t, o in zip(answers["torch"], answers["onnxruntime"], strict=True):
+        assert t.shape == o.shape
+        worst = max(worst, float(np.abs(t - o).max()))
+    assert worst < 1e-4, worst
+    print(f"depth probe, onnxruntime vs torch: max abs difference {worst:.2e}")
+
+
+def test_a_lotus_g_depth_probe_on_onnxruntime_uses_the_folders_graph_and_its_fixed_noise(
+    tiny_dir, tmp_path: Path
+) -> None:
+    """`probe export DIR --out DIR/probe_head.onnx` on a Lotus-G depth probe (noise input, two serving timesteps):
+    an ONNX Runtime base then serves the folder's graph as is (nothing traced into the cache), fed the probe's
+    fixed-seed noise, and answers as the torch backend (both heads, a batch of two)."""
+    from models.loading import load_model, resolve_source
+    from models.probes.depth_probe import DepthProbe
+    from models.probes.train import ProbeConfig, train_probe
+    from models.spec import resolve_spec
+    from service.cli import main
+
+    source = str(tiny_dir("lotus-g", "depth"))
+    folder = tmp_path / "g-depth"
+    train_probe(
+        ProbeConfig.model_validate(
+            {
+                "id": "g-depth",
+                "task": "depth",
+                "base": source,
+                "features": {"blocks": [1, 4], "timesteps": [999, 300], "stride": 4, "noise_seed": 5},
+                "depth": {"weak_blocks": [3], "time_dims": 8},
+                "train_data": {"type": "synthetic", "count": 2, "height": 32, "width": 32, "seed": 11},
+                "eval_data": {"type": "synthetic", "count": 1, "height": 32, "width": 32, "seed": 12},
+                "train": {"hidden": [8, 8], "epochs": 1, "pixels_per_image": 32},
+                "output_dir": str(folder),
+            }
+        )
+    )
+    assert main(["probe", "export", str(folder), "--out", str(folder / "probe_head.onnx")]) == 0
+    rgb = _scene(40, 56, seed=8)[1]
+    maps = {}
+    for backend in ("torch", "onnxruntime"):
+        spec = resolve_spec(source, backend=backend, engine_cache=str(tmp_path / "engines"), device="cpu")
+        base = load_model(spec)
+        probes = DepthProbe.attach(folder, base, resolve_source(spec), tmp_path / "engines")
+        assert [p.id for p in probes] == ["g-depth", "g-depth.weak"]
+        if backend == "onnxruntime":
+            assert probes[0].runner is probes[1].runner and probes[0].runner.graph == folder / "probe_head.onnx"
+            assert probes[0].runner.seeded and not (tmp_path / "engines" / "probes").exists()
+        items = [BatchItem(rgb, base.plan(rgb, 64))] * 2
+        maps[backend] = [m.array for p in probes for m in p.depth(items)]
+    for t, o in zip(maps["torch"], maps["onnxruntime"], strict=True):
+        assert t.shape == (40, 56) and np.abs(t - o).max() < 1e-4

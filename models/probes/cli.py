@@ -249,7 +249,7 @@ def _attached(folder: Path, model: str | None, backend: str = "torch", cache: Pa
     if manifest.task == "depth":
         from models.probes.depth_probe import DepthProbe
 
-        return DepthProbe.attach(folder, base, resolve_source(spec))[0]
+        return DepthProbe.attach(folder, base, resolve_source(spec), cache)[0]
     return Probe.attach(folder, base, resolve_source(spec), cache)
 
 
