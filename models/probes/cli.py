@@ -78,7 +78,8 @@ def depth_bench(probe: Any, items: list[Any], base_ms: tuple[float, float], time
     for head in ("strong", "weak") if m.weak_blocks else ("strong",):
         rows.append((f"depth probe, {head} head", timed(lambda head=head: probe.depth(items, head=head))))
     print(
-        f"{m.id} on {m.base_model}, {res} px, batch {args.batch_size}, {args.threads} thread(s), serving timesteps "
+        f"{m.id} on {m.base_model} ({probe.base.runtime.name}), {res} px, batch {args.batch_size}, "
+        f"{args.threads} thread(s), serving timesteps "
         f"{probe.taps.timesteps}, median of {args.repeats}:"
     )
     print("| answer | wall ms | CPU ms | CPU vs base prediction |")
