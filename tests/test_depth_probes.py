@@ -373,6 +373,11 @@ async def test_a_depth_probe_on_a_marigold_base_is_trained_and_served(tiny_dir, 
     )
     report = train_probe(cfg)
     assert set(report["baselines"]) == {"mean map", "vertical ramp", "constant"} and report["weak"] is not None
+    from service.cli import main
+
+    # No one-pass ONNX export of a multi-step base: the probe export says so (its probes serve on torch).
+    assert main(["probe", "export", str(cfg.output_dir), "--out", str(tmp_path / "g" / "probe_head.onnx")]) == 2
+    assert not (tmp_path / "g").exists()
     data, rgb = _scene(40, 56, seed=21)
     files = {"image": ("scene.png", data, "image/png")}
     async with running_service(tiny_dir, models=[("marigold", "depth")], probes=[cfg.output_dir]) as h:
