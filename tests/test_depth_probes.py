@@ -373,6 +373,11 @@ async def test_a_depth_probe_on_a_marigold_base_is_trained_and_served(tiny_dir, 
     )
     report = train_probe(cfg)
     assert set(report["baselines"]) == {"mean map", "vertical ramp", "constant"} and report["weak"] is not None
+    from service.cli import main
+
+    # No one-pass ONNX export of a multi-step base: the probe export says so (its probes serve on torch).
+    assert main(["probe", "export", str(cfg.output_dir), "--out", str(tmp_path / "g" / "probe_head.onnx")]) == 2
+    assert not (tmp_path / "g").exists()
     data, rgb = _scene(40, 56, seed=21)
     files = {"image": ("scene.png", data, "image/png")}
     async with running_service(tiny_dir, models=[("marigold", "depth")], probes=[cfg.output_dir]) as h:
@@ -394,3 +399,178 @@ async def test_a_depth_probe_on_a_marigold_base_is_trained_and_served(tiny_dir, 
         np.testing.assert_allclose(served, direct, atol=1e-5)
         own = await h.client.post("/v1/depth?model=marigold-depth&format=npy&steps=2", files=files)
         assert own.status_code == 200 and own.headers["x-steps"] == "2"
+
+
+def _random_heads(channels: list[int], blocks: list[int], weak: list[int]) -> torch.nn.Module:
+    """Depth heads with random weights and batch-norm statistics (an untrained probe has unit ones)."""
+    from models.probes.depth import DepthHeads
+
+    torch.manual_seed(0)
+    heads = DepthHeads(channels, blocks, weak, (16, 8), 8)
+    for m in heads.modules():
+        if isinstance(m, torch.nn.BatchNorm1d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+    return heads.eval()
+
+
+def test_onnx_export_of_a_depth_probe_matches_its_eager_pass(tiny_model, tmp_path: Path) -> None:
+    """`DepthHeadGraph` traced: the base map, the taps at the serving timesteps and both heads' grids averaged
+    over them, equal to the eager pass at sizes other than the trace size (tiny Lotus-G: the graph takes noise)."""
+    import onnxruntime as ort
+
+    from models.probes.depth import extract_depth_features, tap_channels
+    from models.probes.export import DepthHeadGraph, depth_outputs, export_depth_onnx
+    from models.probes.features import TapConfig
+
+    core = tiny_model("lotus-g", "depth").runtime.core
+    heads = _random_heads(tap_channels(core.unet), [1, 4], [3])
+    taps = TapConfig(heads.taps, (999, 300), stride=4)
+    names = depth_outputs(heads)
+    assert names == ("map", "features", "depth_strong", "depth_weak")
+    path = export_depth_onnx(core, taps, heads, tmp_path / "probe_head.onnx", latent_hw=(13, 11))
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["latent", "noise"]
+    gen = torch.Generator().manual_seed(1)
+    for batch, lh, lw in ((2, 8, 12), (1, 5, 7), (3, 16, 16)):
+        latent, noise = torch.randn((batch, 4, lh, lw), generator=gen), torch.randn((batch, 4, lh, lw), generator=gen)
+        feed = {"latent": latent.numpy(), "noise": noise.numpy()}
+        got = dict(zip(names, session.run(list(names), feed), strict=True))
+        with torch.inference_mode():
+            want = dict(zip(names, DepthHeadGraph(core, taps, heads)(latent, noise), strict=True))
+            feats = extract_depth_features(core, latent, taps, noise)  # DepthProbe's own calls
+            direct = {f"depth_{h}": heads.averaged(feats, taps.timesteps, h) for h in ("strong", "weak")}
+            base_map = core.head(latent, noise)
+        for name in names:
+            assert got[name].shape == tuple(want[name].shape), name
+            assert np.abs(got[name] - want[name].numpy()).max() < 1e-4, (name, batch, lh, lw)
+        for name, grid in direct.items():
+            assert np.abs(got[name] - grid.numpy()).max() < 1e-4, name
+        assert np.abs(got["map"] - base_map.numpy()).max() < 1e-4
+        assert got["features"].shape == (batch, 2 * (64 + 32 + 4), lh * 2, lw * 2)
+        assert got["depth_strong"].shape == (batch, 1, lh * 2, lw * 2)
+        assert not np.allclose(got["depth_strong"], got["depth_weak"])
+
+
+def test_probe_export_writes_a_depth_graph_equal_to_the_served_probe(depth_probe, tmp_path: Path) -> None:
+    """`dense-serve probe export` on the CI depth probe (demo model): the graph and its depth-only twin, fed by
+    the base's encoder, give DepthProbe's maps (both heads) at several processing sizes and batches."""
+    import onnxruntime as ort
+    import torch.nn.functional as F
+
+    from models.inference import _to_tensor
+    from models.loading import load_model, resolve_source
+    from models.probes.depth_probe import DepthProbe
+    from service.cli import main
+
+    folder, _ = depth_probe
+    out = tmp_path / "graphs" / "probe_head.onnx"
+    assert main(["probe", "export", str(folder), "--out", str(out)]) == 0
+    assert {p.name for p in out.parent.iterdir()} == {"probe_head.onnx", "probe_depth.onnx", "probe_head.onnx.json"}
+    assert json.loads(out.with_name("probe_head.onnx.json").read_text())["task"] == "depth"
+    spec = load_spec_file(DEMO_SPEC)
+    base = load_model(spec)
+    probes = {p.head: p for p in DepthProbe.attach(folder, base, resolve_source(spec))}
+    full = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    twin = ort.InferenceSession(str(out.with_name("probe_depth.onnx")), providers=["CPUExecutionProvider"])
+    assert [o.name for o in full.get_outputs()] == ["map", "features", "depth_strong", "depth_weak"]
+    assert [o.name for o in twin.get_outputs()] == ["depth_strong", "depth_weak"]
+    worst = 0.0
+    for (h, w), res, batch in (((72, 96), RES, 1), ((40, 56), RES, 3), ((90, 120), 128, 2)):
+        rgbs = [_scene(h, w, seed=s)[1] for s in range(batch)]
+        items = [BatchItem(rgb, base.plan(rgb, res)) for rgb in rgbs]
+        core = probes["strong"].core
+        with torch.inference_mode():
+            latent = core.encode(torch.stack([_to_tensor(it, core.device) for it in items]))
+        got = twin.run(None, {"latent": latent.numpy()})
+        mapped = full.run(["map"], {"latent": latent.numpy()})[0]
+        np.testing.assert_allclose(mapped, base.predict_raw(items).numpy(), atol=1e-3)
+        for head, grid in zip(("strong", "weak"), got, strict=True):
+            up = F.interpolate(torch.from_numpy(grid), size=items[0].geometry.padded_hw, mode="bilinear")
+            err = float((up - probes[head].raw(items)).abs().max())
+            assert err < 1e-4, (head, h, w, res)
+            worst = max(worst, err)
+    print(f"depth probe ONNX parity: max abs error {worst:.2e}")
+
+
+@pytest.mark.anyio
+async def test_a_depth_probe_on_an_onnxruntime_base_answers_as_on_torch(depth_probe, tiny_dir, tmp_path: Path) -> None:
+    """The demo base served on ONNX Runtime (CPU): the depth probe runs from its own graph, exported into the
+    engine cache at attach time, and both heads' `/v1/depth` answers equal the torch backend's within 1e-4
+    (two graphs of float math; measured: 1.2e-6 at most)."""
+    torch_spec = load_spec_file(DEMO_SPEC)
+    ort_spec = torch_spec.model_copy(update={"backend": "onnxruntime", "engine_cache": str(tmp_path / "engines")})
+    folder, _ = depth_probe
+    scenes = [_scene(h, w, seed=60 + i)[0] for i, (h, w) in enumerate([(48, 64), (72, 96), (48, 64)])]
+    answers: dict[str, list[np.ndarray]] = {}
+    for name, spec in (("torch", torch_spec), ("onnxruntime", ort_spec)):
+        async with running_service(tiny_dir, specs=[spec], probes=[str(folder)]) as h:
+            models = {m["id"]: m for m in (await h.client.get("/v1/models")).json()["models"]}
+            assert models["rooms-depth-ci"]["backend"] == models["rooms-depth-ci.weak"]["backend"] == name
+            answers[name] = []
+            for pid in ("rooms-depth-ci", "rooms-depth-ci.weak"):
+                for data in scenes:
+                    r = await h.client.post(f"/v1/depth?model={pid}&format=npy", files={"image": ("s.png", data)})
+                    assert r.status_code == 200, r.text
+                    answers[name].append(read_npy(r.content))
+            if name == "onnxruntime":
+                probe = h.worker.served[spec.id].probes["rooms-depth-ci.weak"]
+                graph = probe.runner.graph
+                assert graph.parent.parent == tmp_path / "engines" / "probes" and probe.core is None
+                assert {p.name for p in graph.parent.iterdir()} == {
+                    "probe_head.onnx",
+                    "probe_depth.onnx",
+                    "probe_head.onnx.json",
+                }
+    worst = 0.0
+    for t, o in zip(answers["torch"], answers["onnxruntime"], strict=True):
+        assert t.shape == o.shape
+        worst = max(worst, float(np.abs(t - o).max()))
+    assert worst < 1e-4, worst
+    print(f"depth probe, onnxruntime vs torch: max abs difference {worst:.2e}")
+
+
+def test_a_lotus_g_depth_probe_on_onnxruntime_uses_the_folders_graph_and_its_fixed_noise(
+    tiny_dir, tmp_path: Path
+) -> None:
+    """`probe export DIR --out DIR/probe_head.onnx` on a Lotus-G depth probe (noise input, two serving timesteps):
+    an ONNX Runtime base then serves the folder's graph as is (nothing traced into the cache), fed the probe's
+    fixed-seed noise, and answers as the torch backend (both heads, a batch of two)."""
+    from models.loading import load_model, resolve_source
+    from models.probes.depth_probe import DepthProbe
+    from models.probes.train import ProbeConfig, train_probe
+    from models.spec import resolve_spec
+    from service.cli import main
+
+    source = str(tiny_dir("lotus-g", "depth"))
+    folder = tmp_path / "g-depth"
+    train_probe(
+        ProbeConfig.model_validate(
+            {
+                "id": "g-depth",
+                "task": "depth",
+                "base": source,
+                "features": {"blocks": [1, 4], "timesteps": [999, 300], "stride": 4, "noise_seed": 5},
+                "depth": {"weak_blocks": [3], "time_dims": 8},
+                "train_data": {"type": "synthetic", "count": 2, "height": 32, "width": 32, "seed": 11},
+                "eval_data": {"type": "synthetic", "count": 1, "height": 32, "width": 32, "seed": 12},
+                "train": {"hidden": [8, 8], "epochs": 1, "pixels_per_image": 32},
+                "output_dir": str(folder),
+            }
+        )
+    )
+    assert main(["probe", "export", str(folder), "--out", str(folder / "probe_head.onnx")]) == 0
+    rgb = _scene(40, 56, seed=8)[1]
+    maps = {}
+    for backend in ("torch", "onnxruntime"):
+        spec = resolve_spec(source, backend=backend, engine_cache=str(tmp_path / "engines"), device="cpu")
+        base = load_model(spec)
+        probes = DepthProbe.attach(folder, base, resolve_source(spec), tmp_path / "engines")
+        assert [p.id for p in probes] == ["g-depth", "g-depth.weak"]
+        if backend == "onnxruntime":
+            assert probes[0].runner is probes[1].runner and probes[0].runner.graph == folder / "probe_head.onnx"
+            assert probes[0].runner.seeded and not (tmp_path / "engines" / "probes").exists()
+        items = [BatchItem(rgb, base.plan(rgb, 64))] * 2
+        maps[backend] = [m.array for p in probes for m in p.depth(items)]
+    for t, o in zip(maps["torch"], maps["onnxruntime"], strict=True):
+        assert t.shape == (40, 56) and np.abs(t - o).max() < 1e-4

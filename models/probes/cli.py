@@ -78,7 +78,8 @@ def depth_bench(probe: Any, items: list[Any], base_ms: tuple[float, float], time
     for head in ("strong", "weak") if m.weak_blocks else ("strong",):
         rows.append((f"depth probe, {head} head", timed(lambda head=head: probe.depth(items, head=head))))
     print(
-        f"{m.id} on {m.base_model}, {res} px, batch {args.batch_size}, {args.threads} thread(s), serving timesteps "
+        f"{m.id} on {m.base_model} ({probe.base.runtime.name}), {res} px, batch {args.batch_size}, "
+        f"{args.threads} thread(s), serving timesteps "
         f"{probe.taps.timesteps}, median of {args.repeats}:"
     )
     print("| answer | wall ms | CPU ms | CPU vs base prediction |")
@@ -249,13 +250,21 @@ def _attached(folder: Path, model: str | None, backend: str = "torch", cache: Pa
     if manifest.task == "depth":
         from models.probes.depth_probe import DepthProbe
 
-        return DepthProbe.attach(folder, base, resolve_source(spec))[0]
+        return DepthProbe.attach(folder, base, resolve_source(spec), cache)[0]
     return Probe.attach(folder, base, resolve_source(spec), cache)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from models.errors import ModelError
-    from models.probes.onnx_graph import logits_graph, probe_key, sidecar, write_graph
+    from models.probes.onnx_graph import (
+        DEPTH_LAYOUT,
+        logits_graph,
+        probe_key,
+        pruned_graph,
+        sidecar,
+        write_depth_graph,
+        write_graph,
+    )
 
     _logging()
     try:
@@ -263,14 +272,28 @@ def cmd_export(args: argparse.Namespace) -> int:
     except (ModelError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if probe.manifest.task != "segment":
-        task = probe.manifest.task
-        print(f"error: {args.probe} is a {task} probe: the ONNX export covers segmentation probes", file=sys.stderr)
+    if probe.base.multi_step:
+        print(
+            f"error: {args.probe} runs on a multi-step base ({probe.base.family}), which has no one-pass ONNX export; "
+            "its probes are served on the torch backend",
+            file=sys.stderr,
+        )
         return 2
+    inputs = f"latent{', noise' if probe.core.generative else ''}"
+    if probe.manifest.task == "depth":
+        key = probe_key(args.probe, DEPTH_LAYOUT)
+        path = write_depth_graph(probe.core, probe.taps, probe.heads, args.out, key)
+        heads = "depth_strong, depth_weak" if probe.manifest.weak_blocks else "depth_strong"
+        print(
+            f"wrote {path} (and {pruned_graph(path, 'depth').name}, the depth grids alone; {sidecar(path).name}, "
+            f"the probe's key): inputs {inputs}; outputs map, features, {heads} (serving timesteps "
+            f"{list(probe.taps.timesteps)})"
+        )
+        return 0
     path = write_graph(probe.core, probe.taps, probe.ensemble, args.out, probe_key(args.probe))
     print(
         f"wrote {path} (and {logits_graph(path).name}, the logits alone; {sidecar(path).name}, the probe's key): "
-        f"inputs latent{', noise' if probe.core.generative else ''}; outputs map, features, logits"
+        f"inputs {inputs}; outputs map, features, logits"
     )
     return 0
 

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from models.predictors.base import SingleStepPredictor
+from models.predictors.base import TIMESTEP, SingleStepPredictor
 from models.probes.features import TapConfig, assemble, decoder_layers, layer_channels, tapped
 
 
@@ -42,15 +42,26 @@ def extract_depth_features(
     core: SingleStepPredictor, latent: torch.Tensor, taps: TapConfig, noise: torch.Tensor | None
 ) -> torch.Tensor:
     """`features.extract` with the output tap: `[B, T * sum(channels), h, w]`, timestep-major, bilinear."""
+    return depth_taps(core, latent, taps, noise)[0]
+
+
+def depth_taps(
+    core: SingleStepPredictor, latent: torch.Tensor, taps: TapConfig, noise: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The features, and the UNet output of the t = 999 pass (None when 999 is not among the timesteps): the
+    predicted latent the base model's own map decodes (the ONNX export answers both from one pass)."""
     check_taps(core.unet, taps.blocks)
     n = len(decoder_layers(core.unet))
     layers = [b for b in taps.blocks if b < n]
     per_t: list[dict[int, torch.Tensor]] = []
+    x0: torch.Tensor | None = None
     for t in taps.timesteps:
         with tapped(core.unet, layers) as captured:
             out = core.predict_latent(latent, noise, timestep=t)
         per_t.append({**captured, n: out})
-    return assemble(per_t, taps, (latent.shape[-2] * 8, latent.shape[-1] * 8))
+        if t == TIMESTEP:
+            x0 = out
+    return assemble(per_t, taps, (latent.shape[-2] * 8, latent.shape[-1] * 8)), x0
 
 
 def timestep_embedding(t: torch.Tensor, dims: int) -> torch.Tensor:
@@ -84,6 +95,15 @@ class DepthMLP(nn.Module):
         x = self.norm(rows)
         if self.time_dims:
             x = torch.cat([x, timestep_embedding(t, self.time_dims).to(x.dtype)], dim=1)
+        return self.body(x)[:, 0]
+
+    def at(self, rows: torch.Tensor, t: int) -> torch.Tensor:
+        """`forward` with every row at one timestep: its embedding is computed once and broadcast (the same
+        numbers; in a traced graph it is a constant, the time embedding baked in)."""
+        x = self.norm(rows)
+        if self.time_dims:
+            emb = timestep_embedding(torch.tensor([t], device=rows.device), self.time_dims).to(x.dtype)
+            x = torch.cat([x, emb.expand(x.shape[0], -1)], dim=1)
         return self.body(x)[:, 0]
 
 
@@ -134,8 +154,16 @@ class DepthHeads(nn.Module):
         mlp, index = self.head(head)
         b, _, h, w = features.shape
         rows = features.index_select(1, index).permute(0, 2, 3, 1).reshape(b * h * w, -1)
-        out = mlp(rows, torch.full((rows.shape[0],), t, device=rows.device))
-        return out.reshape(b, 1, h, w)
+        return mlp.at(rows, t).reshape(b, 1, h, w)
+
+    def averaged(self, features: torch.Tensor, timesteps: Sequence[int], head: str = "strong") -> torch.Tensor:
+        """`[B, 1, h, w]`: the head's mean over `timesteps` of `extract_depth_features`' output (serving)."""
+        grids = [self(f, t, head) for f, t in zip(self.per_step(features, timesteps), timesteps, strict=True)]
+        total = grids[0]
+        for grid in grids[1:]:
+            total = total + grid
+        # No `/ 1` for one timestep: an ONNX optimizer drops such a no-op and with it a graph output's name.
+        return total / len(grids) if len(grids) > 1 else total
 
     def per_step(self, features: torch.Tensor, timesteps: Sequence[int]) -> list[torch.Tensor]:
         """Split `extract_depth_features`' timestep-major `[B, T * step_dim, h, w]` into one slice per timestep."""

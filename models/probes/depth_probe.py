@@ -19,16 +19,17 @@ import torch
 import torch.nn.functional as F
 
 from models.errors import ModelLoadError
-from models.export.manifest import checkpoint_hash
 from models.inference import BatchItem, DensePredictor, _batches, _to_tensor
 from models.outputs import OutputKind, PredictionMap
+from models.predictors.base import SingleStepPredictor
 from models.predictors.forms import to_form
 from models.predictors.processing import resize_back, unpad
 from models.probes.artifact import WEIGHTS, ProbeManifest, check_base
 from models.probes.declaration import ProbeDeclaration
-from models.probes.depth import DepthHeads, check_taps, extract_depth_features, tap_channels
-from models.probes.features import TapConfig, unet_input_noise
-from models.probes.segmenter import torch_core
+from models.probes.depth import DepthHeads, check_taps, tap_blocks, tap_channels
+from models.probes.depth_runners import DepthRunner, OnnxDepthRunner, TorchDepthRunner
+from models.probes.features import TapConfig
+from models.probes.segmenter import base_hash, reference_checkpoint, refuse_graph_only, torch_core
 
 
 def heads_for(manifest: ProbeManifest, channels: Sequence[int]) -> DepthHeads:
@@ -58,6 +59,25 @@ def load_depth_probe(folder: Path, channels: Sequence[int]) -> tuple[ProbeManife
     return manifest, heads.eval()
 
 
+def onnx_runner(
+    folder: Path, manifest: ProbeManifest, base: DensePredictor, base_path: Path | None, cache: Path | None
+) -> OnnxDepthRunner:
+    """The probe's graph for an ONNX Runtime base: the folder's own when its key matches, else the engine
+    cache's, traced there from the base checkpoint on first use."""
+    from models.loading import DEFAULT_ENGINE_CACHE
+    from models.probes.onnx_graph import cached, write_depth_graph
+
+    taps = serving_taps(manifest)
+
+    def write(core: SingleStepPredictor, out: Path, key: str) -> Path:
+        _, heads = load_depth_probe(folder, tap_channels(core.unet))
+        return write_depth_graph(core, taps, heads, out, key)
+
+    checkpoint = reference_checkpoint(base, base_path)
+    graph = cached(folder, manifest.id, cache or DEFAULT_ENGINE_CACHE, checkpoint, "depth", write)
+    return OnnxDepthRunner(base.runtime, graph, taps)
+
+
 def head_ids(manifest: ProbeManifest) -> dict[str, str]:
     """Model id -> head: the id serves `serve_head`; the other head (when trained) is `<id>.<head>` (one rule
     with the front-ends' declaration, `ProbeDeclaration.served_ids`)."""
@@ -65,24 +85,44 @@ def head_ids(manifest: ProbeManifest) -> dict[str, str]:
     return {model_id: head for model_id, head in declared.items() if head is not None}
 
 
+def serving_taps(manifest: ProbeManifest) -> TapConfig:
+    """What the served pass taps: both heads' blocks at the serving timesteps."""
+    steps = tuple(manifest.serve_timesteps or manifest.timesteps)
+    return TapConfig(tap_blocks(manifest.blocks, manifest.weak_blocks), steps, manifest.stride, manifest.noise_seed)
+
+
 class DepthProbe:
-    """A trained depth probe on a loaded base model, serving one head; `depth` runs the shared pass."""
+    """A trained depth probe on a loaded base model, serving one head; `depth` runs the shared pass through its
+    `DepthRunner` (hooks on the eager UNet, or the probe's ONNX graph on an ONNX Runtime base)."""
 
     task = "depth"
 
     def __init__(
-        self, manifest: ProbeManifest, heads: DepthHeads, base: DensePredictor, head: str = "", model_id: str = ""
+        self,
+        manifest: ProbeManifest,
+        heads: DepthHeads | None,
+        base: DensePredictor,
+        head: str = "",
+        model_id: str = "",
+        runner: DepthRunner | None = None,
     ) -> None:
         self.manifest = manifest
         self.base = base
-        self.core = torch_core(base)
-        check_taps(self.core.unet, heads.taps)
-        self.heads = heads.to(self.core.device).eval()
         self.head = head or manifest.serve_head
-        self.heads.head(self.head)  # refuses a weak head the probe does not have
+        if self.head == "weak" and not manifest.weak_blocks:
+            raise ValueError("this depth probe was trained without a weak head")
         self.model_id = model_id or manifest.id
-        steps = tuple(manifest.serve_timesteps or manifest.timesteps)
-        self.taps = TapConfig(heads.taps, steps, manifest.stride, manifest.noise_seed)
+        self.taps = serving_taps(manifest)
+        if runner is None:
+            if heads is None:
+                raise ValueError("a depth probe on the torch backend needs its heads")
+            core = torch_core(base)
+            check_taps(core.unet, heads.taps)
+            runner = TorchDepthRunner(core, heads, self.taps)
+        self.runner = runner
+        #: The eager core and heads on the torch backend (`probe export` traces them); None on ONNX Runtime.
+        self.core = runner.core if isinstance(runner, TorchDepthRunner) else None
+        self.heads = runner.heads if isinstance(runner, TorchDepthRunner) else None
 
     @property
     def id(self) -> str:
@@ -94,15 +134,26 @@ class DepthProbe:
         return "disparity" if self.manifest.output_kind == "disparity" else "depth"
 
     @classmethod
-    def attach(cls, folder: Path, base: DensePredictor, base_path: Path | None) -> list[DepthProbe]:
-        """Every served head of the probe in `folder` on `base` (hash-checked), one per model id."""
-        core = torch_core(base)
+    def attach(
+        cls, folder: Path, base: DensePredictor, base_path: Path | None, cache: Path | None = None
+    ) -> list[DepthProbe]:
+        """Every served head of the probe in `folder` on `base` (hash-checked), one per model id, sharing one
+        runner. `cache`: where an ONNX Runtime base's probe graph is exported when the folder has none that
+        matches (`models/probes/onnx_graph.py`)."""
         manifest = ProbeManifest.read(folder)
-        if base_path is None:
-            raise ModelLoadError(f"probe '{manifest.id}': model '{base.model_id}' has no checkpoint folder to check")
-        check_base(manifest, base.model_id, checkpoint_hash(base_path))
+        if manifest.task != "depth":
+            raise ModelLoadError(f"{folder}: a {manifest.task} probe, not a depth probe")
+        check_base(manifest, base.model_id, base_hash(base, base_path))
+        ids = head_ids(manifest)
+        if base.runtime.name == "onnxruntime":
+            runner = onnx_runner(folder, manifest, base, base_path, cache)
+            return [cls(manifest, None, base, head, model_id, runner) for model_id, head in ids.items()]
+        refuse_graph_only(manifest, base)
+        core = torch_core(base)
         manifest, heads = load_depth_probe(folder, tap_channels(core.unet))
-        return [cls(manifest, heads, base, head, model_id) for model_id, head in head_ids(manifest).items()]
+        check_taps(core.unet, heads.taps)
+        shared = TorchDepthRunner(core, heads, serving_taps(manifest))
+        return [cls(manifest, heads, base, head, model_id, shared) for model_id, head in ids.items()]
 
     @torch.inference_mode()
     def raw(self, items: Sequence[BatchItem], head: str | None = None) -> torch.Tensor:
@@ -110,15 +161,8 @@ class DepthProbe:
         shapes = {it.geometry.padded_hw for it in items}
         if len(shapes) != 1:
             raise ValueError(f"a batch must share one processing shape, got {sorted(shapes)}")
-        core = self.core
-        x = torch.stack([_to_tensor(it, core.device) for it in items]).to(core.dtype)
-        latent = core.encode(x)
-        feats = extract_depth_features(core, latent, self.taps, unet_input_noise(core, latent, self.taps.noise_seed))
-        steps = self.taps.timesteps
-        grid = sum(
-            self.heads(f, t, head or self.head) for f, t in zip(self.heads.per_step(feats, steps), steps, strict=True)
-        )
-        grid = grid / len(steps)  # type: ignore[operator]
+        x = torch.stack([_to_tensor(it, self.runner.device) for it in items])
+        grid = self.runner.grid(x, head or self.head)
         return F.interpolate(grid, size=items[0].geometry.padded_hw, mode="bilinear", align_corners=False)
 
     def depth(

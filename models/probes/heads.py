@@ -90,9 +90,8 @@ class OnnxProbeHead(ProbeHead):
     def __init__(
         self, runtime: object, graph: Path, taps: TapConfig, members: int, classes: int, threads: int | None = None
     ) -> None:
-        import onnxruntime as ort
-
         from models.export.graphs import ENCODER
+        from models.probes.onnx_graph import logits_graph
 
         self.runtime = runtime
         self.encoder = runtime.sessions[ENCODER]  # type: ignore[attr-defined]
@@ -100,18 +99,8 @@ class OnnxProbeHead(ProbeHead):
         self.seeded = bool(runtime.generative)  # type: ignore[attr-defined]
         self.out_channels: int = runtime.out_channels  # type: ignore[attr-defined]
         self.taps, self.members, self.classes = taps, members, classes
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            options.intra_op_num_threads = threads
-        options.log_severity_level = 3
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        base_providers = self.encoder.get_providers()
-        providers = [p for p in base_providers if p != "TensorrtExecutionProvider"] or ["CPUExecutionProvider"]
-        from models.probes.onnx_graph import logits_graph
-
-        self.session = ort.InferenceSession(str(graph), options, providers=providers)
-        self.logits_session = ort.InferenceSession(str(logits_graph(graph)), options, providers=providers)
+        self.session = probe_session(graph, self.encoder, threads)
+        self.logits_session = probe_session(logits_graph(graph), self.encoder, threads)
         self.graph = graph
 
     def run(self, images: torch.Tensor, with_depth: bool, stages: dict[str, float]) -> HeadOutput:
@@ -133,6 +122,22 @@ class OnnxProbeHead(ProbeHead):
         out = run_bound(session, self.device, inputs, wanted)
         _add(stages, "probe", mid)
         return HeadOutput(out["logits"], out.get("map"))
+
+
+def probe_session(graph: Path, encoder: object, threads: int | None = None) -> object:
+    """An ONNX Runtime session for a probe graph on the base encoder session's providers minus TensorRT (no
+    shape profiles for these graphs: CUDA or CPU); idle threads do not spin (they would steal torch's cores)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+    options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    base_providers = encoder.get_providers()  # type: ignore[attr-defined]
+    providers = [p for p in base_providers if p != "TensorrtExecutionProvider"] or ["CPUExecutionProvider"]
+    return ort.InferenceSession(str(graph), options, providers=providers)
 
 
 def run_bound(

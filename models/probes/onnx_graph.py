@@ -11,6 +11,9 @@ from, so they come with a sidecar `probe_head.onnx.json` holding the probe's key
    from the base checkpoint (on the CPU, fp32; written to a temporary folder and renamed, so workers starting
    together never read half a graph). A base served from an export folder without its checkpoint cannot be
    traced: the error says to run `dense-serve probe export`.
+
+A depth probe follows the same rules with its own graph (`DepthHeadGraph`: outputs map, features, depth_strong
+and depth_weak when trained), its depth-only twin `probe_depth.onnx` and its own layout in the key.
 """
 
 from __future__ import annotations
@@ -20,12 +23,14 @@ import json
 import logging
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from models.errors import ModelLoadError
 from models.export.graphs import TRACE_LATENT_HW
 from models.predictors.base import SingleStepPredictor
 from models.probes.artifact import MANIFEST, WEIGHTS
+from models.probes.depth import DepthHeads
 from models.probes.features import TapConfig
 from models.probes.mlp import PixelEnsemble
 from models.spec import ModelSpec
@@ -38,8 +43,14 @@ LOGITS_GRAPH = "probe_logits.onnx"
 LAYOUT = "probe-head-v2"
 
 
-def probe_key(folder: Path) -> str:
-    digest = hashlib.sha256(LAYOUT.encode())
+#: The pruned twin of each task's graph: its own outputs alone (no VAE decoder for the unused `map`).
+PRUNED = {"segment": LOGITS_GRAPH, "depth": "probe_depth.onnx"}
+#: A depth probe's graph layout (models/probes/export.py, `DepthHeadGraph`).
+DEPTH_LAYOUT = "probe-depth-v1"
+
+
+def probe_key(folder: Path, layout: str = LAYOUT) -> str:
+    digest = hashlib.sha256(layout.encode())
     for name in (MANIFEST, WEIGHTS):
         digest.update(name.encode())
         digest.update((folder / name).read_bytes())
@@ -50,11 +61,11 @@ def sidecar(graph: Path) -> Path:
     return graph.with_name(graph.name + ".json")
 
 
-def matches(graph: Path, key: str) -> bool:
+def matches(graph: Path, key: str, task: str = "segment") -> bool:
     try:
         return (
             graph.is_file()
-            and logits_graph(graph).is_file()
+            and pruned_graph(graph, task).is_file()
             and json.loads(sidecar(graph).read_text()).get("probe_key") == key
         )
     except (OSError, ValueError):
@@ -64,25 +75,43 @@ def matches(graph: Path, key: str) -> bool:
 def logits_graph(graph: Path) -> Path:
     """The same graph pruned to its `logits` output: ONNX Runtime runs every node of a session, bound or not,
     so a segment-only batch would pay for the VAE decoder of the unused `map` (measured: 27 ms vs 19 ms)."""
-    return graph.with_name(LOGITS_GRAPH)
+    return pruned_graph(graph, "segment")
+
+
+def pruned_graph(graph: Path, task: str) -> Path:
+    """The graph pruned to the probe's own outputs (`logits`; a depth probe's `depth_*`): `logits_graph`'s why."""
+    return graph.with_name(PRUNED[task])
 
 
 def write_graph(core: SingleStepPredictor, taps: TapConfig, ensemble: PixelEnsemble, out: Path, key: str) -> Path:
     """Trace the probe head at the base export's odd trace size (valid for every latent size), fuse its
     attention as the base heads are, write it and its logits-only twin, and the key last."""
+    from models.probes.export import export_probe_onnx
+
+    return _write(lambda path: export_probe_onnx(core, taps, ensemble, path, TRACE_LATENT_HW), out, key, "segment")
+
+
+def write_depth_graph(core: SingleStepPredictor, taps: TapConfig, heads: DepthHeads, out: Path, key: str) -> Path:
+    """`write_graph` for a depth probe (`taps`: its serving taps); the twin `probe_depth.onnx` has no `map`."""
+    from models.probes.export import export_depth_onnx
+
+    return _write(lambda path: export_depth_onnx(core, taps, heads, path, TRACE_LATENT_HW), out, key, "depth")
+
+
+def _write(export: Callable[[Path], Path], out: Path, key: str, task: str) -> Path:
     import onnx
 
     from models.export.onnx_export import fuse_attention, save
-    from models.probes.export import export_probe_onnx
 
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="dense-probe-") as tmp:
-        raw = export_probe_onnx(core, taps, ensemble, Path(tmp) / GRAPH, TRACE_LATENT_HW)
-        model = fuse_attention(raw)
+        model = fuse_attention(export(Path(tmp) / GRAPH))
     save(model, out)
     names = [i.name for i in model.graph.input]
-    save(onnx.utils.Extractor(model).extract_model(names, ["logits"]), logits_graph(out))
-    sidecar(out).write_text(json.dumps({"probe_key": key, "layout": LAYOUT}) + "\n")
+    own = [o.name for o in model.graph.output if o.name not in ("map", "features")]
+    save(onnx.utils.Extractor(model).extract_model(names, own), pruned_graph(out, task))
+    layout = DEPTH_LAYOUT if task == "depth" else LAYOUT
+    sidecar(out).write_text(json.dumps({"probe_key": key, "layout": layout, "task": task}) + "\n")
     return out
 
 
@@ -91,12 +120,28 @@ def cached_graph(
 ) -> Path:
     """The probe's graph: the folder's own when it matches, else the cache's, exported now if missing.
     `checkpoint`: the base checkpoint (its folder as source, its family and output kind), None when absent."""
-    key = probe_key(folder)
+
+    def write(core: SingleStepPredictor, out: Path, key: str) -> Path:
+        return write_graph(core, taps, ensemble, out, key)
+
+    return cached(folder, probe_id, cache, checkpoint, "segment", write)
+
+
+def cached(
+    folder: Path,
+    probe_id: str,
+    cache: Path,
+    checkpoint: ModelSpec | None,
+    task: str,
+    write: Callable[[SingleStepPredictor, Path, str], Path],
+) -> Path:
+    """`cached_graph` for either task: `write(core, path, key)` traces the graph from the eager base core."""
+    key = probe_key(folder, DEPTH_LAYOUT if task == "depth" else LAYOUT)
     own = folder / GRAPH
-    if matches(own, key):
+    if matches(own, key, task):
         return own
     target = cache / "probes" / f"{probe_id}-{key[:16]}" / GRAPH
-    if matches(target, key):
+    if matches(target, key, task):
         return target
     if checkpoint is None:
         raise ModelLoadError(
@@ -109,8 +154,8 @@ def cached_graph(
     with tempfile.TemporaryDirectory(prefix=".probe-", dir=target.parent.parent) as tmp:
         stage = Path(tmp) / "graph"  # a folder: a large graph keeps its weights in files beside it
         stage.mkdir()
-        write_graph(core, taps, ensemble, stage / GRAPH, key)
-        if matches(target, key):  # another worker finished first: keep its graph
+        write(core, stage / GRAPH, key)
+        if matches(target, key, task):  # another worker finished first: keep its graph
             return target
         if target.parent.exists():
             shutil.rmtree(target.parent)

@@ -11,6 +11,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -26,6 +27,9 @@ from models.probes.artifact import ProbeManifest, check_base, load_probe
 from models.probes.features import check_blocks
 from models.probes.heads import OnnxProbeHead, ProbeHead, TorchProbeHead
 from models.probes.mlp import PixelEnsemble, vote, vote_scores
+
+if TYPE_CHECKING:
+    from models.spec import ModelSpec
 
 
 @dataclass(frozen=True)
@@ -83,30 +87,37 @@ def head_for(
     ONNX Runtime (`models/probes/onnx_graph.py` says where the graph comes from); other backends refuse."""
     name = base.runtime.name
     if name == "onnxruntime":
-        from models.export.manifest import is_export
         from models.probes.onnx_graph import cached_graph
 
-        checkpoint = base_path if base_path is not None and not is_export(base_path) else None
-        source = Path(base.runtime.manifest.source)  # type: ignore[attr-defined]
-        if checkpoint is None and (source / "model_index.json").is_file():
-            checkpoint = source  # an export folder whose checkpoint is still at hand
-        reference = None
-        if checkpoint is not None:
-            from models.spec import ModelSpec
-
-            reference = ModelSpec(
-                id=base.model_id, source=str(checkpoint), family=base.family, output_kind=base.output_kind
-            )
-        graph = cached_graph(folder, manifest.id, cache, manifest.taps, ensemble, reference)
+        graph = cached_graph(folder, manifest.id, cache, manifest.taps, ensemble, reference_checkpoint(base, base_path))
         return OnnxProbeHead(base.runtime, graph, manifest.taps, manifest.members, len(manifest.classes))
+    refuse_graph_only(manifest, base)
+    core = torch_core(base)
+    check_blocks(core.unet, manifest.blocks)
+    return TorchProbeHead(core, manifest.taps, ensemble, shares_depth=not base.multi_step)
+
+
+def refuse_graph_only(manifest: ProbeManifest, base: DensePredictor) -> None:
+    name = base.runtime.name
     if name in ("tensorrt", "triton"):
         raise ModelLoadError(
             f"probe '{manifest.id}': model '{base.model_id}' runs on {name}, which serves only the base model's "
             "graphs; serve the base with backend torch or onnxruntime to attach probes"
         )
-    core = torch_core(base)
-    check_blocks(core.unet, manifest.blocks)
-    return TorchProbeHead(core, manifest.taps, ensemble, shares_depth=not base.multi_step)
+
+
+def reference_checkpoint(base: DensePredictor, base_path: Path | None) -> ModelSpec | None:
+    """The checkpoint an ONNX Runtime base was exported from (a probe graph is traced from it), None when gone."""
+    from models.export.manifest import is_export
+    from models.spec import ModelSpec
+
+    checkpoint = base_path if base_path is not None and not is_export(base_path) else None
+    source = Path(base.runtime.manifest.source)  # type: ignore[attr-defined]
+    if checkpoint is None and (source / "model_index.json").is_file():
+        checkpoint = source  # an export folder whose checkpoint is still at hand
+    if checkpoint is None:
+        return None
+    return ModelSpec(id=base.model_id, source=str(checkpoint), family=base.family, output_kind=base.output_kind)
 
 
 class Probe:

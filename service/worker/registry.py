@@ -105,7 +105,8 @@ def attach_probes(served: dict[str, ServedModel], folders: list[str]) -> list[Mo
 
 def attach_depth_probe(served: dict[str, ServedModel], base: ServedModel, folder: Path) -> list[ModelInfo]:
     """A depth probe's heads (its id, and `<id>.weak` when it has one) as depth models on their base's queue."""
-    heads = DepthProbe.attach(folder, base.predictor, resolve_source(base.spec))
+    cache = Path(base.spec.engine_cache or DEFAULT_ENGINE_CACHE)  # an ONNX Runtime base's probe graph
+    heads = DepthProbe.attach(folder, base.predictor, resolve_source(base.spec), cache)
     infos = []
     for probe in heads:
         if probe.id in served or any(probe.id in s.probes for s in served.values()):
