@@ -465,6 +465,29 @@ def test_async_client_matches_the_sync_one(server: Server) -> None:
 # ------------------------------------------------------------------------------------------------ gRPC
 
 
+def test_stream_client_steps_auto_and_step_uncertainty(server: Server) -> None:
+    """A robot's stream on a multi-step model: `steps="auto"` with a loose deadline runs the model's default
+    steps (a tight one is tested server-side with a pinned step time), and each frame carries its step-change
+    uncertainty, equal to the REST answer's for the same frame and seed."""
+    frames = [photo(48, 64, i) for i in range(3)]
+    with StreamClient(server.grpc, api_key=KEY) as streams:
+        got = list(
+            streams.stream(
+                frames, model="m-depth", steps="auto", uncertainty="steps", seed=1, timeout_ms=60000, encoding="raw32"
+            )
+        )
+        fixed = list(streams.stream(frames[:1], model="m-depth", steps=2, ensemble_size=2, encoding="raw32"))
+        with pytest.raises(ValueError, match="steps"):
+            streams.stream(frames, model="m-depth", steps="many")  # type: ignore[arg-type]
+    with server.client() as client:
+        rest = client.depth(frames[1], model="m-depth", steps=got[1].steps, seed=1, uncertainty="steps")
+    assert [g.steps for g in got] == [4, 4, 4]  # the tiny Marigold's default
+    assert all(g.uncertainty is not None and g.uncertainty.shape == (48, 64) for g in got)
+    np.testing.assert_allclose(got[1].array, rest.array, atol=1e-5)
+    np.testing.assert_allclose(got[1].uncertainty, rest.uncertainty, atol=1e-5)
+    assert fixed[0].steps == 2 and fixed[0].uncertainty is None and fixed[0].array.shape == (48, 64)
+
+
 def test_stream_client_in_order_with_ids_and_drop_stale(server: Server) -> None:
     frames = [photo(48, 64, i) for i in range(6)]
     with StreamClient(server.grpc, api_key=KEY) as streams:

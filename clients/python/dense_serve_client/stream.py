@@ -65,6 +65,10 @@ class StreamFrame:
     queue_ms: float = 0.0
     compute_ms: float = 0.0
     total_ms: float = 0.0
+    #: Denoising steps the frame ran (multi-step models; with `steps="auto"` what its deadline allowed).
+    steps: int = 1
+    #: With `uncertainty="steps"`: float32 `[H, W]`, how much the map still changed over the run's last steps.
+    uncertainty: np.ndarray | None = field(default=None, repr=False)
     error: APIError | None = field(default=None, repr=False)
 
     def __iter__(self) -> Iterator[Any]:
@@ -107,7 +111,9 @@ class StreamClient:
         processing_res: int | None = None,
         match_input_resolution: bool | None = None,
         seed: int | None = None,
-        steps: int | None = None,
+        steps: int | Literal["auto"] | None = None,
+        ensemble_size: int | None = None,
+        uncertainty: Literal["none", "steps"] | None = None,
         timeout_ms: int | None = None,
         encoding: StreamEncoding = "raw16",
         drop_stale: bool = False,
@@ -119,8 +125,12 @@ class StreamClient:
         """Send `frames` (uint8 `[H, W, 3]` arrays or PIL images go raw, without encoding; bytes or paths go
         as encoded files; a `(frame_id, image)` pair sets the id, else ids count from 0) and iterate the answers
         in frame order. Parameters are the REST API's; `encoding` is the wire format (`raw16`, half the bytes,
-        or `raw32`), both returned as float32. Dropped frames are skipped unless `dropped="yield"`; a frame the
-        server refuses raises its typed error unless `errors="yield"`. `timeout` bounds the whole call."""
+        or `raw32`), both returned as float32. `steps="auto"` (multi-step models) lets each frame run the most
+        steps that fit its `timeout_ms` at the server's measured step time, so under load the stream loses
+        quality instead of frames (`StreamFrame.steps` says how many ran); `uncertainty="steps"` adds each
+        frame's step-change uncertainty (`StreamFrame.uncertainty`). Dropped frames are skipped unless
+        `dropped="yield"`; a frame the server refuses raises its typed error unless `errors="yield"`.
+        `timeout` bounds the whole call."""
         if task not in _TASKS:
             raise ValueError(f"task must be 'depth' or 'normals', got {task!r}")
         if encoding not in _ENCODINGS:
@@ -128,11 +138,20 @@ class StreamClient:
         if max_in_flight is not None and max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")
         template = pb.PredictRequest(task=_TASKS[task], model=model or "", encoding=_ENCODINGS[encoding])
+        if steps == "auto":
+            template.steps_auto = True
+        elif isinstance(steps, str):
+            raise ValueError(f"steps must be a count or 'auto', got {steps!r}")
+        if uncertainty not in (None, "none", "steps"):
+            raise ValueError(f"uncertainty must be 'none' or 'steps', got {uncertainty!r}")
+        if uncertainty == "steps":
+            template.uncertainty = pb.ANSWER_UNCERTAINTY_STEPS
         for name, value in (
             ("processing_res", processing_res),
             ("match_input_resolution", match_input_resolution),
             ("seed", seed),
-            ("steps", steps),
+            ("steps", None if steps == "auto" else steps),
+            ("ensemble_size", ensemble_size),
             ("timeout_ms", timeout_ms),
         ):
             if value is not None:
@@ -264,8 +283,12 @@ def _frame(resp: Any) -> StreamFrame:
         return StreamFrame(array=None, status="error", error=error, **common)
     if resp.dtype not in ("float16", "float32"):
         raise APIError(f"unexpected stream answer dtype {resp.dtype!r}")
-    array = np.frombuffer(resp.data, dtype=np.dtype(resp.dtype).newbyteorder("<")).reshape(tuple(resp.shape))
-    return StreamFrame(array=array.astype(np.float32), **common)
+    dtype = np.dtype(resp.dtype).newbyteorder("<")
+    array = np.frombuffer(resp.data, dtype=dtype).reshape(tuple(resp.shape))
+    spread = None
+    if resp.uncertainty_data:  # bare floats in the frame's encoding, [H, W]
+        spread = np.frombuffer(resp.uncertainty_data, dtype=dtype).reshape(tuple(resp.shape[:2])).astype(np.float32)
+    return StreamFrame(array=array.astype(np.float32), steps=resp.steps or 1, uncertainty=spread, **common)
 
 
 def rpc_error(exc: grpc.RpcError) -> APIError | TransportError:
