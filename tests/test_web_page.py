@@ -93,17 +93,21 @@ def test_page_in_headless_chromium(
     chromium: str, tiny_dir: Callable[[Family, Task], Path], tmp_path: Path, record_property
 ) -> None:
     """Upload the sample image, wait for depth, normals and uncertainty, check the pictures, then a bad
-    parameter's problem shown in every panel. The screenshot stays in the test's tmp dir."""
+    parameter's problem shown in every panel, then a Marigold run with steps and the step-change uncertainty.
+    The screenshot stays in the test's tmp dir."""
     specs = []
     for task in ("depth", "normals"):
         spec = tmp_path / f"g-{task}.toml"
         spec.write_text(f'id = "g-{task}"\nsource = "{tiny_dir("lotus-g", task)}"\nprocessing_res = 64\n')
         specs += ["--model", str(spec)]
+    marigold = tmp_path / "m-depth.toml"
+    marigold.write_text(f'id = "m-depth"\nsource = "{tiny_dir("marigold", "depth")}"\nprocessing_res = 64\n')
+    specs += ["--model", str(marigold)]
     screenshot = tmp_path / "web-page.png"
     with serving([*specs, "--api-key", API_KEY]) as base:
         run = drive(
             base, screenshot, SAMPLE, api_key=API_KEY, chromium=chromium, try_bad_parameter=True,
-            download_to=tmp_path,
+            download_to=tmp_path, multi_step_model="m-depth",
         )  # fmt: skip
     record_property("screenshot", str(screenshot))
     print(f"screenshot: {screenshot}")
@@ -127,6 +131,12 @@ def test_page_in_headless_chromium(
     assert np.array_equal(np.asarray(Image.open(png16)), np.round(depth * 65535).astype(np.uint16))
     for task, error in run.invalid_errors.items():
         assert error.startswith("Invalid parameter: processing_res"), (task, error)
+    # a multi-step model: steps and the step-change method reach it (single-step models are sent neither)
+    assert run.multi_step["depth"].startswith("m-depth (depth)") and "; 3 steps" in run.multi_step["depth"]
+    assert run.multi_step["uncertainty"].startswith("m-depth") and "; 3 steps" in run.multi_step["uncertainty"]
+    assert run.multi_step["uncertainty"].endswith("; method steps")
+    assert run.panels["uncertainty"]["meta"].endswith("; method seeds")
+    assert "steps" not in run.panels["depth"]["meta"]
     assert run.csp_violations == [] and run.console_errors == []
     shot = Image.open(screenshot)
     assert shot.size[0] == 1400 and shot.size[1] >= 600

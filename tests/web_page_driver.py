@@ -106,6 +106,7 @@ class PageRun:
     panels: dict[str, dict] = field(default_factory=dict)  # task -> meta text + IMAGE_FACTS
     input_natural: tuple[int, int] = (0, 0)
     invalid_errors: dict[str, str] = field(default_factory=dict)  # task -> error text after a bad parameter
+    multi_step: dict[str, str] = field(default_factory=dict)  # task -> meta text of a multi-step model's run
     downloads: dict[str, Path] = field(default_factory=dict)  # "depth.npy" -> the file the page saved
     csp_violations: list[str] = field(default_factory=list)
     console_errors: list[str] = field(default_factory=list)
@@ -120,10 +121,12 @@ def drive(
     try_bad_parameter: bool = False,
     download_to: Path | None = None,
     timeout_ms: float = 120_000,
+    multi_step_model: str | None = None,
 ) -> PageRun:
     """Open the page, (enter the key,) upload `image`, wait for the three maps, screenshot the page; optionally
     download the depth map as PNG16 and NPY into `download_to`, then run with `processing_res = 7` and collect
-    the errors the panels show."""
+    the errors the panels show; with `multi_step_model`, last, run depth and uncertainty on that model with
+    `steps = 3` and the step-change method and collect the panels' meta text."""
     from playwright.sync_api import sync_playwright
 
     run = PageRun()
@@ -167,6 +170,16 @@ def drive(
                     page.wait_for_selector(f"#panel-{task}[data-state=error]")
                     run.invalid_errors[task] = page.inner_text(f"#panel-{task} .error")
                 run.console_errors = [e for e in run.console_errors if "422" not in e]  # expected refusals
+            if multi_step_model is not None:
+                page.fill("#processing-res", "")
+                page.select_option("#model-depth", multi_step_model)
+                page.select_option("#model-uncertainty", multi_step_model)
+                page.fill("#steps", "3")
+                page.select_option("#uncertainty-method", "steps")
+                page.click("#run")
+                for task in ("depth", "uncertainty"):
+                    page.wait_for_selector(f"#panel-{task}[data-state=done]")
+                    run.multi_step[task] = page.inner_text(f"#panel-{task} .meta")
             run.csp_violations = page.evaluate("window.__cspViolations")
         finally:
             browser.close()

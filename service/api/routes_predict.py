@@ -225,6 +225,8 @@ def _respond(request: Request, reply: Reply, req: PredictionRequest, main: str, 
     headers["X-Steps"] = str(meta.steps)
     if meta.normals_convention:
         headers["X-Normals-Convention"] = meta.normals_convention
+    if meta.uncertainty_method:  # a binary uncertainty map says which measure it is
+        headers["X-Uncertainty-Method"] = meta.uncertainty_method
     if reply.worker:
         headers["X-Worker"] = reply.worker
     if req.format != "json":

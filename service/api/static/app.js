@@ -91,6 +91,11 @@ function params(task) {
   const query = new URLSearchParams();
   const model = $(`model-${task}`).value;
   if (model) query.set("model", model);
+  // steps and the uncertainty method only mean something to a multi-step model (single-step ones refuse them)
+  const multiStep = state.models.some((m) => m.id === model && m.multi_step);
+  const steps = $("steps").value.trim();
+  if (multiStep && steps !== "") query.set("steps", steps);
+  if (multiStep && task === "uncertainty") query.set("method", $("uncertainty-method").value);
   const res = $("processing-res").value.trim();
   if (res !== "") query.set("processing_res", res);
   const seed = $("seed").value.trim();
@@ -167,7 +172,9 @@ async function runPanel(task, run) {
   const fmt = (v) => (v === undefined ? "-" : `${v.toFixed(0)} ms`);
   const meta =
     `${h.get("X-Model")} (${h.get("X-Output-Kind")}), ${img.naturalWidth}x${img.naturalHeight}; ` +
-    `total ${fmt(t.total)}, compute ${fmt(t.compute)}, queue ${fmt(t.queue)}; batch of ${h.get("X-Batch-Size")}`;
+    `total ${fmt(t.total)}, compute ${fmt(t.compute)}, queue ${fmt(t.queue)}; batch of ${h.get("X-Batch-Size")}` +
+    (Number(h.get("X-Steps")) > 1 ? `; ${h.get("X-Steps")} steps` : "") +
+    (h.get("X-Uncertainty-Method") ? `; method ${h.get("X-Uncertainty-Method")}` : "");
   setPanel(panel, "done", { meta });
 }
 
