@@ -28,12 +28,20 @@ import torch.nn.functional as F
 from models.inference import BatchItem, DensePredictor, _to_tensor
 from models.outputs import OutputKind
 from models.probes import data as probe_data
-from models.probes.artifact import EVAL, ProbeManifest
+from models.probes.artifact import EVAL
 from models.probes.depth import DepthHeads, DepthMLP, check_taps, extract_depth_features, tap_channels
 from models.probes.depth_probe import DepthProbe, save_depth_probe
 from models.probes.features import TapConfig, unet_input_noise
 from models.probes.segmenter import torch_core
-from models.probes.train import BATCH, FolderSource, ProbeConfig, SyntheticSource, TrainSettings
+from models.probes.train import (
+    BATCH,
+    FolderSource,
+    ProbeBase,
+    ProbeConfig,
+    SyntheticSource,
+    TrainSettings,
+    same_size_chunks,
+)
 from models.training.baselines import BASELINES, constant, mean_map_from, normalized_target, ramp
 from models.training.metrics import DepthEvaluator
 
@@ -46,17 +54,6 @@ def read_depth_source(source: SyntheticSource | FolderSource) -> DepthSet:
     if isinstance(source, SyntheticSource):
         return probe_data.synthetic_depth(source.count, source.height, source.width, source.seed)
     return probe_data.read_depth_folder(source.path, source.limit)
-
-
-def chunks(images: list[probe_data.DepthImage], size: int) -> list[list[probe_data.DepthImage]]:
-    """Consecutive images of one size, at most `size` at a time (a forward pass takes one shape)."""
-    out: list[list[probe_data.DepthImage]] = []
-    for img in images:
-        if out and len(out[-1]) < size and out[-1][0].rgb.shape == img.rgb.shape:
-            out[-1].append(img)
-        else:
-            out.append([img])
-    return out
 
 
 def grid_targets(
@@ -87,7 +84,7 @@ def pixel_rows(
     core = torch_core(base)
     xs, ts, ys = [], [], []
     steps = taps.timesteps
-    for chunk in chunks(images, BATCH):
+    for chunk in same_size_chunks(images, BATCH):
         items = [BatchItem(img.rgb, base.plan(img.rgb, processing_res)) for img in chunk]
         g = items[0].geometry
         x = torch.stack([_to_tensor(it, core.device) for it in items]).to(core.dtype)
@@ -168,7 +165,7 @@ def evaluate(
     probe_eval = {h: DepthEvaluator(kind, depth_range) for h in heads}
     space = "disparity" if base.output_kind == "disparity" else "depth"
     base_eval = DepthEvaluator(space, depth_range) if base.output_kind != "normals" else None
-    for chunk in chunks(images, BATCH):
+    for chunk in same_size_chunks(images, BATCH):
         items = [BatchItem(img.rgb, base.plan(img.rgb, res)) for img in chunk]
         for h in heads:
             for img, m in zip(chunk, probe.depth(items, head=h), strict=True):
@@ -202,18 +199,10 @@ def evaluate(
 
 def train_depth_probe(cfg: ProbeConfig, out: Path | None = None) -> dict[str, object]:
     """The whole depth job; returns eval.json's content."""
-    from models.export.manifest import checkpoint_hash
-    from models.loading import load_model, resolve_source
-    from models.spec import resolve_spec
-
     started = time.perf_counter()
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
     out = Path(out or cfg.output_dir)
-    spec = resolve_spec(cfg.base, backend="torch", device="cpu", dtype="fp32")
-    base_path = resolve_source(spec)
-    base = load_model(spec)
-    core = torch_core(base)
+    loaded = ProbeBase.load(cfg)
+    base, core, res = loaded.predictor, loaded.core, loaded.processing_res
     f, d = cfg.features, cfg.depth
     serve = d.serve_timesteps or f.timesteps
     if not set(serve) <= set(f.timesteps):
@@ -225,7 +214,6 @@ def train_depth_probe(cfg: ProbeConfig, out: Path | None = None) -> dict[str, ob
     torch.manual_seed(cfg.train.seed)  # the heads' initialisation
     heads = DepthHeads(channels, f.blocks, d.weak_blocks, cfg.train.hidden, d.time_dims)
     taps = TapConfig(heads.taps, tuple(f.timesteps), f.stride, f.noise_seed)
-    res = base.processing_res if f.processing_res is None else f.processing_res
     _, train_images = read_depth_source(cfg.train_data)
     depth_range, eval_images = read_depth_source(cfg.eval_data)
     x, t, y = pixel_rows(base, taps, train_images, res, cfg.train.pixels_per_image, d.space, cfg.train.seed)
@@ -233,22 +221,11 @@ def train_depth_probe(cfg: ProbeConfig, out: Path | None = None) -> dict[str, ob
     log.info("features: %d rows x %d dims from %d images", len(y), x.shape[1], len(train_images))
     fit(heads, x, t, y, cfg.train, d.weight_decay)
     t_fit = time.perf_counter() - started - t_feat
-    manifest = ProbeManifest(
-        id=cfg.id,
+    manifest = loaded.manifest(
+        cfg,
         task="depth",
-        base_model=spec.id,
-        base_source=str(base_path),
-        base_spec=cfg.base,
-        base_hash=checkpoint_hash(base_path),
-        family=base.family,
-        blocks=list(f.blocks),
-        timesteps=list(f.timesteps),
-        stride=f.stride,
-        noise_seed=f.noise_seed,
-        processing_res=res,
         feature_dim=heads.step_dim,
         members=1,
-        hidden=list(cfg.train.hidden),
         time_dims=d.time_dims,
         serve_timesteps=list(serve),
         weak_blocks=list(d.weak_blocks),
@@ -260,7 +237,7 @@ def train_depth_probe(cfg: ProbeConfig, out: Path | None = None) -> dict[str, ob
     report: dict[str, object] = {
         "task": "depth",
         "probe": cfg.id,
-        "base_model": spec.id,
+        "base_model": loaded.spec.id,
         "output_kind": probe.kind,
         "target": f"{probe.kind} per image between its 2 % and 98 % quantiles -> [0, 1]; aligned by least squares",
         **evaluate(probe, ["strong", "weak"] if d.weak_blocks else ["strong"], eval_images, depth_range, train_images),

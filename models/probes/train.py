@@ -12,8 +12,9 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -22,12 +23,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from models.inference import BatchItem, DensePredictor, _to_tensor
-from models.predictors.base import TIMESTEP
+from models.predictors.base import TIMESTEP, SingleStepPredictor
 from models.probes import data as probe_data
 from models.probes.artifact import EVAL, ProbeManifest, save_probe
 from models.probes.features import TapConfig, extract, feature_dim, unet_input_noise
 from models.probes.mlp import PixelEnsemble
 from models.probes.segmenter import Probe, torch_core
+from models.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -118,9 +120,18 @@ def read_source(source: SyntheticSource | FolderSource) -> tuple[list[str], list
 BATCH = 8  # images per forward pass in training and evaluation
 
 
-def same_size_chunks(images: list[probe_data.LabelledImage], size: int) -> list[list[probe_data.LabelledImage]]:
-    """Consecutive images of one size, at most `size` at a time (a forward pass takes one shape)."""
-    chunks: list[list[probe_data.LabelledImage]] = []
+class _Image(Protocol):
+    @property
+    def rgb(self) -> np.ndarray: ...
+
+
+ImageT = TypeVar("ImageT", bound=_Image)
+
+
+def same_size_chunks(images: list[ImageT], size: int) -> list[list[ImageT]]:
+    """Consecutive images of one size, at most `size` at a time (a forward pass takes one shape); labelled and
+    depth images alike."""
+    chunks: list[list[ImageT]] = []
     for img in images:
         if chunks and len(chunks[-1]) < size and chunks[-1][0].rgb.shape == img.rgb.shape:
             chunks[-1].append(img)
@@ -234,26 +245,64 @@ def evaluate(probe: Probe, images: list[probe_data.LabelledImage], majority: int
     }
 
 
+@dataclass(frozen=True)
+class ProbeBase:
+    """The frozen base model a probe job trains on (segmentation and depth alike): loaded once on the CPU in
+    fp32, and described the same way in every manifest (its id, checkpoint folder and hash, family)."""
+
+    spec: ModelSpec
+    path: Path
+    predictor: DensePredictor
+    core: SingleStepPredictor
+    processing_res: int
+
+    @classmethod
+    def load(cls, cfg: ProbeConfig) -> ProbeBase:
+        from models.loading import load_model, resolve_source
+        from models.spec import resolve_spec
+
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        spec = resolve_spec(cfg.base, backend="torch", device="cpu", dtype="fp32")
+        path = resolve_source(spec)
+        predictor = load_model(spec)
+        res = cfg.features.processing_res
+        return cls(spec, path, predictor, torch_core(predictor), predictor.processing_res if res is None else res)
+
+    def manifest(self, cfg: ProbeConfig, **task_fields: Any) -> ProbeManifest:
+        """The probe's manifest: the base and taps as this job trained them, plus the task's own fields."""
+        from models.export.manifest import checkpoint_hash
+
+        f = cfg.features
+        return ProbeManifest(
+            id=cfg.id,
+            base_model=self.spec.id,
+            base_source=str(self.path),
+            base_spec=cfg.base,
+            base_hash=checkpoint_hash(self.path),
+            family=self.predictor.family,
+            blocks=list(f.blocks),
+            timesteps=list(f.timesteps),
+            stride=f.stride,
+            noise_seed=f.noise_seed,
+            processing_res=self.processing_res,
+            hidden=list(cfg.train.hidden),
+            **task_fields,
+        )
+
+
 def train_probe(cfg: ProbeConfig, out: Path | None = None) -> dict[str, object]:
     """The whole job; returns eval.json's content."""
     if cfg.task == "depth":
         from models.probes.depth_train import train_depth_probe
 
         return train_depth_probe(cfg, out)
-    from models.loading import load_model, resolve_source
-    from models.spec import resolve_spec
-
     started = time.perf_counter()
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
     out = Path(out or cfg.output_dir)
-    spec = resolve_spec(cfg.base, backend="torch", device="cpu", dtype="fp32")
-    base_path = resolve_source(spec)
-    base = load_model(spec)
-    core = torch_core(base)
+    loaded = ProbeBase.load(cfg)
+    base, res = loaded.predictor, loaded.processing_res
     f = cfg.features
     taps = TapConfig(tuple(f.blocks), tuple(f.timesteps), f.stride, f.noise_seed)
-    res = base.processing_res if f.processing_res is None else f.processing_res
     classes, train_images = read_source(cfg.train_data)
     eval_classes, eval_images = read_source(cfg.eval_data)
     if eval_classes != classes:
@@ -263,24 +312,8 @@ def train_probe(cfg: ProbeConfig, out: Path | None = None) -> dict[str, object]:
     log.info("features: %d labelled pixels x %d dims from %d images", len(y), x.shape[1], len(train_images))
     ensemble = fit(x, y, len(classes), cfg.train)
     t_fit = time.perf_counter() - started - t_feat
-    from models.export.manifest import checkpoint_hash
-
-    manifest = ProbeManifest(
-        id=cfg.id,
-        base_model=spec.id,
-        base_source=str(base_path),
-        base_spec=cfg.base,
-        base_hash=checkpoint_hash(base_path),
-        family=base.family,
-        blocks=list(taps.blocks),
-        timesteps=list(taps.timesteps),
-        stride=taps.stride,
-        noise_seed=taps.noise_seed,
-        processing_res=res,
-        classes=classes,
-        feature_dim=feature_dim(core.unet, taps),
-        members=cfg.train.members,
-        hidden=list(cfg.train.hidden),
+    manifest = loaded.manifest(
+        cfg, classes=classes, feature_dim=feature_dim(loaded.core.unet, taps), members=cfg.train.members
     )
     save_probe(out, manifest, ensemble)
     probe = Probe(manifest, ensemble, base)
@@ -288,7 +321,7 @@ def train_probe(cfg: ProbeConfig, out: Path | None = None) -> dict[str, object]:
     report = {
         **evaluate(probe, eval_images, int(counts.argmax())),
         "probe": cfg.id,
-        "base_model": spec.id,
+        "base_model": loaded.spec.id,
         "train_images": len(train_images),
         "train_pixels": len(y),
         "feature_dim": int(x.shape[1]),
