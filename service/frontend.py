@@ -57,37 +57,25 @@ def declared_probe_infos(
     probe: ProbeDeclaration, base: ModelInfo | None, max_batch_size: int, max_queue_delay_ms: float
 ) -> list[ModelInfo]:
     """A probe's catalog entries from its `probe.toml` alone (what a worker announces once it attached it),
-    with the base model's runtime fields when the base is declared too: a segmentation probe is one entry; a
-    depth probe one per served head (`ID`, and `ID.weak` or `ID.strong` when it has both)."""
-    multi_step = probe.family in MULTI_STEP_FAMILIES
-    common = {
-        "family": probe.family,
-        "generative": False,
-        "processing_res": probe.processing_res,
-        "backend": base.backend if base is not None else "torch",
-        "device": "(no worker yet)",
-        "dtype": base.dtype if base is not None else "auto",
-        "max_batch_size": base.max_batch_size if base is not None else max_batch_size,
-        "max_queue_delay_ms": base.max_queue_delay_ms if base is not None else max_queue_delay_ms,
-        "base_model": probe.base_model,
-    }
-    if probe.task == "segment":
-        return [
-            ModelInfo(
-                id=probe.id,
-                task="segment",
-                output_kind="segmentation",
-                multi_step=multi_step,  # steps reach a Marigold base's with_depth run
-                default_steps=base.default_steps if base is not None else (0 if multi_step else 1),
-                classes=probe.classes,
-                **common,
-            )
-        ]
-    # a depth probe answers from one feature pass: no steps, whatever its base
-    return [
-        ModelInfo(id=model_id, task="depth", output_kind=probe.output_kind, multi_step=False, default_steps=1, **common)
-        for model_id in probe.served_ids()
-    ]
+    on the base model's declared entry, or on one made from the probe's own fields when the base is not
+    declared (its family, the server's batching defaults)."""
+    if base is None:
+        multi_step = probe.family in MULTI_STEP_FAMILIES
+        base = ModelInfo(
+            id=probe.base_model,
+            family=probe.family,
+            task="depth",
+            output_kind="depth",
+            generative=False,
+            processing_res=probe.processing_res,
+            device="(no worker yet)",
+            dtype="auto",
+            max_batch_size=max_batch_size,
+            max_queue_delay_ms=max_queue_delay_ms,
+            multi_step=multi_step,
+            default_steps=0 if multi_step else 1,
+        )
+    return base.probe_entries(probe)
 
 
 async def waiting_models(broker: Broker, expected: Sequence[str] = ()) -> list[ModelInfo]:

@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, Field
 
 from models.outputs import ServedKind, ServedTask
+from models.probes.declaration import ProbeDeclaration
 from service.errors import ErrorInfo
 from service.request import AnswerUncertainty, PredictionRequest, Reduction, RequestKind, UncertaintyMethod
 
@@ -151,3 +152,20 @@ class ModelInfo(BaseModel):
     normals_convention: str | None = Field(
         default=None, description="normals models: the camera-frame axes of their vectors (their family's)"
     )
+
+    def probe_entries(self, probe: ProbeDeclaration) -> list[ModelInfo]:
+        """The catalog entries of a probe on this base model (its runtime, batching and queue are the base's):
+        a segmentation probe is one entry; a depth probe one per served head (`ID`, and `ID.weak` or
+        `ID.strong`). One rule for the worker that attached the probe and the front-end that declares it."""
+        common = {
+            "generative": False,
+            "processing_res": probe.processing_res,
+            "base_model": self.id,
+            "normals_convention": None,
+        }
+        if probe.task == "segment":  # steps stay the base's: they reach a Marigold base's with_depth run
+            update = {**common, "id": probe.id, "task": "segment", "output_kind": "segmentation"}
+            return [self.model_copy(update={**update, "classes": probe.classes})]
+        # a depth probe answers from one feature pass: no steps, whatever its base
+        depth = {**common, "task": "depth", "output_kind": probe.output_kind, "multi_step": False, "default_steps": 1}
+        return [self.model_copy(update={**depth, "id": model_id}) for model_id in probe.served_ids()]

@@ -13,6 +13,7 @@ from models.errors import ModelLoadError
 from models.inference import BatchItem, DensePredictor
 from models.loading import DEFAULT_ENGINE_CACHE, load_model, resolve_source
 from models.probes.artifact import ProbeManifest
+from models.probes.declaration import ProbeDeclaration
 from models.probes.depth_probe import DepthProbe
 from models.probes.segmenter import Probe
 from models.spec import ModelSpec
@@ -78,53 +79,20 @@ def attach_probes(served: dict[str, ServedModel], folders: list[str]) -> list[Mo
                 f"probe '{manifest.id}' ({folder}) runs on model '{manifest.base_model}', which is not served here; "
                 f"serve it too (served: {', '.join(served) or 'none'})"
             )
-        if manifest.id in served or any(manifest.id in s.probes for s in served.values()):
-            raise ModelLoadError(f"probe '{manifest.id}' ({folder}): another model or probe has that id")
-        if manifest.task == "depth":
-            infos += attach_depth_probe(served, base, Path(folder))
-            continue
+        entries = base.info.probe_entries(ProbeDeclaration.model_validate(manifest.model_dump()))
+        for entry in entries:
+            if entry.id in served or any(entry.id in s.probes for s in served.values()):
+                raise ModelLoadError(f"probe '{entry.id}' ({folder}): another model or probe has that id")
         cache = Path(base.spec.engine_cache or DEFAULT_ENGINE_CACHE)  # an ONNX Runtime base's probe graphs
-        probe = Probe.attach(Path(folder), base.predictor, resolve_source(base.spec), cache)
-        base.probes[probe.id] = probe
-        infos.append(
-            base.info.model_copy(
-                update={
-                    "id": probe.id,
-                    "task": "segment",
-                    "output_kind": "segmentation",
-                    "generative": False,
-                    "processing_res": manifest.processing_res,
-                    "classes": manifest.classes,
-                    "base_model": base.info.id,
-                }
-            )
+        source = resolve_source(base.spec)
+        probes: list[Probe | DepthProbe] = (
+            list(DepthProbe.attach(Path(folder), base.predictor, source, cache))
+            if manifest.task == "depth"
+            else [Probe.attach(Path(folder), base.predictor, source, cache)]
         )
-        log.info("probe %s (%d classes) attached to %s", probe.id, len(probe.classes), base.info.id)
-    return infos
-
-
-def attach_depth_probe(served: dict[str, ServedModel], base: ServedModel, folder: Path) -> list[ModelInfo]:
-    """A depth probe's heads (its id, and `<id>.weak` when it has one) as depth models on their base's queue."""
-    cache = Path(base.spec.engine_cache or DEFAULT_ENGINE_CACHE)  # an ONNX Runtime base's probe graph
-    heads = DepthProbe.attach(folder, base.predictor, resolve_source(base.spec), cache)
-    infos = []
-    for probe in heads:
-        if probe.id in served or any(probe.id in s.probes for s in served.values()):
-            raise ModelLoadError(f"probe '{probe.id}' ({folder}): another model or probe has that id")
-        base.probes[probe.id] = probe
-        infos.append(
-            base.info.model_copy(
-                update={
-                    "id": probe.id,
-                    "task": "depth",
-                    "output_kind": probe.kind,
-                    "generative": False,
-                    "multi_step": False,
-                    "default_steps": 1,
-                    "processing_res": probe.manifest.processing_res,
-                    "base_model": base.info.id,
-                }
-            )
-        )
-        log.info("depth probe %s (%s head) attached to %s", probe.id, probe.head, base.info.id)
+        for probe, entry in zip(probes, entries, strict=True):
+            assert probe.id == entry.id  # both follow ProbeDeclaration.served_ids
+            base.probes[probe.id] = probe
+            infos.append(entry)
+            log.info("%s probe %s attached to %s", manifest.task, probe.id, base.info.id)
     return infos
