@@ -86,25 +86,17 @@ def _models(p: argparse.ArgumentParser, metavar: str, text: str) -> None:
     p.add_argument("--model", action="append", dest="models", metavar=metavar, help=text)
 
 
-def _probes(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--probe",
-        action="append",
-        dest="probes",
-        metavar="DIR",
-        help="a trained probe folder (dense-serve probe train), served at /v1/segment beside its base model",
-    )
+#: `--probe` on processes that load probes (serve, worker) and on front-ends that only declare them (api, grpc).
+PROBE_HELP = {
+    "load": "a trained probe folder (dense-serve probe train), served beside its base model: /v1/segment, or "
+    "/v1/depth?model=ID for a depth probe",
+    "declare": "a probe folder whose probe.toml this front-end declares (no torch): with scale_from_zero its "
+    "jobs queue before any worker announced it; workers attach the probe with worker --probe",
+}
 
 
-def _declared_probes(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--probe",
-        action="append",
-        dest="probes",
-        metavar="DIR",
-        help="a probe folder whose probe.toml this front-end declares (no torch): with scale_from_zero its "
-        "/v1/segment jobs queue before any worker announced it; workers attach the probe with worker --probe",
-    )
+def _probes(p: argparse.ArgumentParser, role: str = "load") -> None:
+    p.add_argument("--probe", action="append", dest="probes", metavar="DIR", help=PROBE_HELP[role])
 
 
 def _backend(p: argparse.ArgumentParser) -> None:
@@ -187,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     a = sub.add_parser("api", help="run only the REST API (and gRPC); workers join through Redis")
     _config_and_queue(a, embedded=False)
     _models(a, "ID", "model ids readiness waits for (default: ready once any worker serves a model)")
-    _declared_probes(a)
+    _probes(a, "declare")
     _bind(a, "host", "port", 8000)
     _api_keys(a)
     a.set_defaults(func=cmd_serve, role="api")
@@ -195,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("grpc", help="run only the gRPC front-end; workers join through Redis")
     _config_and_queue(g, embedded=False)
     _models(g, "ID", "model ids readiness waits for")
-    _declared_probes(g)
+    _probes(g, "declare")
     _bind(g, "grpc_host", "grpc_port", 50051)
     _api_keys(g)
     g.add_argument("--metrics-port", type=int, help="serve /metrics, /healthz and /readyz on this port")

@@ -129,12 +129,9 @@ def probe_session(graph: Path, encoder: object, threads: int | None = None) -> o
     shape profiles for these graphs: CUDA or CPU); idle threads do not spin (they would steal torch's cores)."""
     import onnxruntime as ort
 
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if threads:
-        options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    from models.runtime.onnxruntime_runtime import session_options
+
+    options = session_options(threads)
     base_providers = encoder.get_providers()  # type: ignore[attr-defined]
     providers = [p for p in base_providers if p != "TensorrtExecutionProvider"] or ["CPUExecutionProvider"]
     return ort.InferenceSession(str(graph), options, providers=providers)
