@@ -39,9 +39,10 @@ class MarigoldFeatureCore(SingleStepPredictor):
 
     def noised(self, image_latent: torch.Tensor, noise: torch.Tensor, timestep: int) -> torch.Tensor:
         """x_t of the image latent under the checkpoint's own noise schedule."""
-        t = torch.full((image_latent.shape[0],), timestep, dtype=torch.long)
-        x_t = self.scheduler.add_noise(image_latent.float().cpu(), noise.float().cpu(), t)
-        return x_t.to(image_latent.device, image_latent.dtype)
+        t = torch.full((image_latent.shape[0],), timestep, dtype=torch.long, device=image_latent.device)
+        # fp32 on the latent's own device: the scheduler moves its schedule there once (no host round trip)
+        x_t = self.scheduler.add_noise(image_latent.float(), noise.float(), t)
+        return x_t.to(image_latent.dtype)
 
     def predict_latent(
         self, image_latent: torch.Tensor, noise: torch.Tensor | None = None, timestep: int = TIMESTEP
