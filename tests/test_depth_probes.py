@@ -574,3 +574,23 @@ def test_a_lotus_g_depth_probe_on_onnxruntime_uses_the_folders_graph_and_its_fix
         maps[backend] = [m.array for p in probes for m in p.depth(items)]
     for t, o in zip(maps["torch"], maps["onnxruntime"], strict=True):
         assert t.shape == (40, 56) and np.abs(t - o).max() < 1e-4
+
+
+@pytest.mark.anyio
+async def test_a_depth_probe_answers_a_1080p_photo_at_its_size_with_default_settings(depth_probe, tiny_dir) -> None:
+    """Real size, default settings: a 1920x1080 JPEG through `/v1/depth?model=ID` comes back as a 1080p 16-bit
+    PNG and NPY map (processed at the probe's resolution, resized back on the device), equal to each other."""
+    folder, _ = depth_probe
+    _, rgb = _scene(64, 64, seed=17)
+    big = io.BytesIO()
+    Image.fromarray(rgb).resize((1920, 1080), Image.BILINEAR).save(big, format="JPEG", quality=90)
+    files = {"image": ("room.jpg", big.getvalue(), "image/jpeg")}
+    async with running_service(tiny_dir, specs=[load_spec_file(DEMO_SPEC)], probes=[str(folder)]) as h:
+        npy = await h.client.post("/v1/depth?model=rooms-depth-ci&format=npy", files=files)
+        png = await h.client.post("/v1/depth?model=rooms-depth-ci", files=files)  # the default format
+    assert npy.status_code == 200 and png.status_code == 200, (npy.text, png.text)
+    values = read_npy(npy.content)
+    assert values.shape == (1080, 1920) and np.isfinite(values).all() and values.std() > 0
+    pixels = np.asarray(Image.open(io.BytesIO(png.content)))
+    assert pixels.dtype == np.uint16 and pixels.shape == (1080, 1920)
+    np.testing.assert_array_equal(pixels, np.round(np.clip(values, 0, 1) * 65535).astype(np.uint16))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import io
 from dataclasses import replace
 from pathlib import Path
 
@@ -370,3 +371,26 @@ async def test_steps_and_step_uncertainty_travel_over_redis(svc, tiny_dir, redis
     for got, want in zip(json_maps(r), json_maps(embedded), strict=True):
         assert got is not None and want is not None
         np.testing.assert_array_equal(got, want)
+
+
+async def test_a_1080p_answer_carries_its_step_uncertainty_at_its_size(svc) -> None:
+    """Real size, default settings otherwise: a 1920x1080 photo's JSON answer holds the map and its step-change
+    uncertainty, both at 1080p, both 16-bit PNGs by default; a binary format is refused naming the field."""
+    from PIL import Image
+
+    small = np.asarray(Image.open(io.BytesIO(png_bytes(54, 96, seed=8))).convert("RGB"))
+    big = io.BytesIO()
+    Image.fromarray(small).resize((1920, 1080), Image.BILINEAR).save(big, format="JPEG", quality=90)
+    files = {"image": ("photo.jpg", big.getvalue(), "image/jpeg")}
+    r = await svc.client.post("/v1/depth?model=marigold-depth&steps=3&uncertainty=steps&format=json", files=files)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["steps"] == 3 and body["uncertainty_method"] == "steps" and body["step_window"] == 2
+    for name in ("prediction", "uncertainty"):
+        out = body["outputs"][name]
+        assert out["media_type"] == "image/png", name
+        pixels = np.asarray(Image.open(io.BytesIO(base64.b64decode(out["data"]))))
+        assert pixels.shape == (1080, 1920) and pixels.dtype == np.uint16, name
+    refused = await svc.client.post("/v1/depth?model=marigold-depth&uncertainty=steps&format=png", files=files)
+    assert refused.status_code == 422
+    assert_field(refused.json(), "uncertainty")
