@@ -21,10 +21,12 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from load_tests.cluster import start_worker, stop
 from load_tests.kill_worker import held_by
 from models.outputs import Family, Task
+from service.queue.redis.connection import ConnectionOptions
 from tests.conftest import REPO
 from tests.redis_server import RedisServer, TlsFiles, free_port, server_binary
 from tests.service_harness import png_bytes, running_service, until_ready
@@ -202,6 +204,31 @@ async def test_redis_over_tls_with_a_password(tiny_dir: TinyDir, redis_prefix: s
         assert untrusted.returncode != 0  # without the CA the server's certificate is not trusted
     finally:
         server.close()
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make certificates")
+async def test_tls_refuses_a_trusted_certificate_made_out_to_another_host(tmp_path: Path) -> None:
+    """The host name is checked, not only the CA: a certificate that our CA signed for another name is refused."""
+    options: dict[str, tuple[RedisServer, ConnectionOptions]] = {}
+    for name, names in (("right", "IP:127.0.0.1,DNS:localhost"), ("wrong", "DNS:redis.other.invalid")):
+        (tmp_path / name).mkdir()
+        tls = TlsFiles.make(tmp_path / name, names=names)
+        try:
+            server = RedisServer(tls=tls).start()
+        except RuntimeError as exc:  # pragma: no cover - a redis-server built without TLS
+            pytest.skip(f"{server_binary()} has no TLS support: {exc}")
+        options[name] = (server, ConnectionOptions(server.url, tls_ca_file=tls.ca, op_timeout_s=5))
+    try:
+        good = options["right"][1].client()
+        assert await good.ping()
+        await good.aclose()
+        bad = options["wrong"][1].client()
+        with pytest.raises(RedisConnectionError, match=r"(?i)hostname|certificate|IP address mismatch"):
+            await bad.ping()
+        await bad.aclose()
+    finally:
+        for server, _ in options.values():
+            server.close()
 
 
 async def test_a_hung_worker_loses_its_jobs_to_another_and_its_late_answers_are_dropped(

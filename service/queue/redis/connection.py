@@ -31,6 +31,11 @@ class ConnectionOptions:
         }
         if self.password is not None:
             kwargs["password"] = self.password
+        if self.url.startswith("rediss://"):
+            # Say it rather than trust a client default (redis-py before 6 did not check the name): a certificate
+            # signed by the trusted CA for another host is refused.
+            kwargs["ssl_check_hostname"] = True
+            kwargs["ssl_cert_reqs"] = "required"
         if self.tls_ca_file is not None:
             kwargs["ssl_ca_certs"] = str(self.tls_ca_file)
         return Redis.from_url(self.url, **kwargs)
