@@ -24,6 +24,9 @@ MARIGOLD_PIPELINES = (*MARIGOLD_TASKS, "MarigoldPipeline")
 #: The schedulers diffusers' Marigold pipelines run (DDIM with eta 0, or LCM, which draws noise per step).
 MARIGOLD_SCHEDULERS = ("DDIMScheduler", "LCMScheduler")
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+#: model_index.json key of a checkpoint whose weights were never trained (models.tiny.make_tiny writes it): its
+#: maps are noise. diffusers ignores keys that start with "_", so the folder still loads as any other.
+RANDOM_WEIGHTS_KEY = "_dense_serve_random_weights"
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,11 @@ class CheckpointConfig:
         return self.scheduler.get("_class_name") == "LCMScheduler" or (self.default_steps or 1) > 1
 
     @property
+    def random_weights(self) -> bool:
+        """Untrained weights (`RANDOM_WEIGHTS_KEY` in model_index.json): served, but their maps are noise."""
+        return self.model_index.get(RANDOM_WEIGHTS_KEY) is True
+
+    @property
     def is_lotus_unet(self) -> bool:
         return (
             self.unet.get("class_embed_type") == "projection"
@@ -86,6 +94,16 @@ class ModelIdentity:
 
 def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
+
+
+def has_random_weights(folder: Path) -> bool:
+    """Whether the folder's model_index.json marks untrained weights; False without a readable one (an export
+    folder, a foreign layout): only the marker makes a model random-weight, never its id."""
+    try:
+        index = _read_json(folder / "model_index.json")
+    except (OSError, ValueError):
+        return False
+    return isinstance(index, dict) and index.get(RANDOM_WEIGHTS_KEY) is True
 
 
 def detect_family(cfg: CheckpointConfig) -> Family | None:

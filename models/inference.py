@@ -53,6 +53,9 @@ class UncertaintyResult:
 class DensePredictor:
     """A loaded model: its runtime plus the metadata and options it is served with."""
 
+    #: Untrained weights (set by models.loading from the checkpoint's marker): its maps are noise.
+    random_weights: bool = False
+
     def __init__(
         self,
         runtime: Runtime,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from models.detect import CheckpointConfig, ModelIdentity, identify
+from models.detect import CheckpointConfig, ModelIdentity, has_random_weights, identify
 from models.errors import ModelLoadError
 from models.export.manifest import Manifest, checkpoint_hash, is_export
 from models.inference import DensePredictor
@@ -84,11 +84,19 @@ def load_model(
     """A servable model on the backend the spec (or the caller) asks for.
 
     A checkpoint served on an exported backend is exported into the engine cache first (once per checkpoint
-    hash, format and dtype); an export folder is served as is, without its checkpoint.
+    hash, format and dtype); an export folder is served as is, without its checkpoint. `random_weights` says
+    whether the checkpoint (an export's: its source's) is marked untrained (models.tiny.make_tiny).
     """
     path = resolve_source(spec)
-    chosen = backend or spec.backend
-    device = device or spec.device
+    predictor = _load_from(spec, path, backend or spec.backend, device or spec.device, dtype)
+    folders = [path]
+    if is_export(path):
+        folders.append(Path(Manifest.read(path).source))
+    predictor.random_weights = any(has_random_weights(folder) for folder in folders)
+    return predictor
+
+
+def _load_from(spec: ModelSpec, path: Path, chosen: str, device: str, dtype: str | None) -> DensePredictor:
     if is_export(path):
         return _load_export(spec, path, Manifest.read(path), chosen, device)
     cfg = CheckpointConfig.read(path)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from models.detect import RANDOM_WEIGHTS_KEY
 from models.outputs import Family, Task
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
@@ -182,7 +183,8 @@ def make_tiny(
     for name, module in (("text_encoder", text_encoder), ("vae", vae), ("unet", unet)):
         module.save_pretrained(out / name, safe_serialization=True)
     sched.save_pretrained(out / "scheduler")
-    write_model_index(out, family, task, steps=TINY_MARIGOLD_STEPS[scheduler] if family == "marigold" else 1)
+    steps = TINY_MARIGOLD_STEPS[scheduler] if family == "marigold" else 1
+    write_model_index(out, family, task, steps=steps, random_weights=True)
     return out
 
 
@@ -198,9 +200,17 @@ def _condition_like_trained(vae: torch.nn.Module, task: Task) -> None:
 
 
 def write_model_index(
-    out: Path, family: Family, task: Task, processing_res: int = TINY_PROCESSING_RES, steps: int = 1
+    out: Path,
+    family: Family,
+    task: Task,
+    processing_res: int = TINY_PROCESSING_RES,
+    steps: int = 1,
+    random_weights: bool = False,
 ) -> None:
-    """The pipeline class and keys the hub checkpoints of this family carry, so detection works on ours too."""
+    """The pipeline class and keys the hub checkpoints of this family carry, so detection works on ours too.
+
+    `random_weights` (make_tiny's checkpoints) writes `RANDOM_WEIGHTS_KEY`, so whoever serves the folder, by
+    any id, can say its maps are noise; a fine-tuned export rewrites the index without it."""
     import diffusers
 
     scheduler_file = out / "scheduler" / "scheduler_config.json"
@@ -224,4 +234,6 @@ def write_model_index(
             "default_processing_resolution": processing_res,
         }
         index |= {"use_full_z_range": True} if task == "normals" else {"scale_invariant": True, "shift_invariant": True}
+    if random_weights:
+        index[RANDOM_WEIGHTS_KEY] = True
     (out / "model_index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")

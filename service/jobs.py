@@ -152,6 +152,11 @@ class ModelInfo(BaseModel):
     normals_convention: str | None = Field(
         default=None, description="normals models: the camera-frame axes of their vectors (their family's)"
     )
+    random_weights: bool | None = Field(
+        default=None,
+        description="true: the checkpoint's weights were never trained (marked by `dense-serve make-tiny`), so "
+        "its maps are noise; false: trained weights; null: no worker has loaded it yet",
+    )
 
     def probe_entries(self, probe: ProbeDeclaration) -> list[ModelInfo]:
         """The catalog entries of a probe on this base model (its runtime, batching and queue are the base's):
@@ -162,6 +167,7 @@ class ModelInfo(BaseModel):
             "processing_res": probe.processing_res,
             "base_model": self.id,
             "normals_convention": None,
+            "random_weights": False if self.random_weights is not None else None,  # a probe's head is trained
         }
         if probe.task == "segment":  # steps stay the base's: they reach a Marigold base's with_depth run
             update = {**common, "id": probe.id, "task": "segment", "output_kind": "segmentation"}

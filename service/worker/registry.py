@@ -49,6 +49,7 @@ def describe(spec: ModelSpec, predictor: DensePredictor, max_batch: int, max_del
         multi_step=predictor.multi_step,
         default_steps=predictor.default_steps,
         normals_convention=predictor.normals_axes.words if predictor.output_kind == "normals" else None,
+        random_weights=predictor.random_weights,
     )
 
 
