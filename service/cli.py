@@ -32,6 +32,7 @@ if TYPE_CHECKING:
     from models.probes.depth_probe import DepthProbe
     from models.spec import ModelSpec
     from service.config import Settings
+    from service.defaults import DefaultModel
 
 #: The answer formats a file can hold (`json`, `raw16` and `raw32` are wire-only); one spelling, as in REST and gRPC.
 FILE_FORMATS: tuple[Format, ...] = ("png", "npy", "color", "exr", "tiff")
@@ -110,7 +111,15 @@ def _backend(p: argparse.ArgumentParser) -> None:
 
 def _bind(p: argparse.ArgumentParser, host_dest: str, port_dest: str, default_port: int) -> None:
     p.add_argument("--host", dest=host_dest, help="bind address (default 127.0.0.1)")
-    p.add_argument("--port", type=int, dest=port_dest, help=f"port (default {default_port})")
+    p.add_argument("--port", type=int, dest=port_dest, help=f"port (default {default_port}; 0: any free port)")
+    if port_dest == "grpc_port":  # `dense-serve grpc`: --grpc-port is --port, the spelling serve and api use
+        p.add_argument("--grpc-port", type=int, dest=port_dest, help=argparse.SUPPRESS)
+    else:
+        p.add_argument(
+            "--grpc-port",
+            type=int,
+            help="gRPC port beside REST (default 50051; 0: any free port; a taken one is refused)",
+        )
 
 
 def _api_keys(p: argparse.ArgumentParser) -> None:
@@ -285,77 +294,134 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _serving_setup(args: argparse.Namespace) -> tuple[Settings, list[ModelSpec], bool]:
-    """Settings from file/env/flags, the specs to serve (tiny ones when none), checked before starting."""
+SERVING_KEYS = (
+    "host",
+    "port",
+    "grpc_port",
+    "models",
+    "probes",
+    "api_keys",
+    "queue",
+    "redis_url",
+    "worker_name",
+    "backend",
+    "metrics_port",
+)
+
+
+def _settings(args: argparse.Namespace, keys: Sequence[str] = SERVING_KEYS) -> Settings:
+    """Settings from file < env < the flags among `keys` (cheap: no model library is imported)."""
     from service.config import load_settings
+
+    return load_settings(args.config, **{k: getattr(args, k, None) for k in keys})
+
+
+def _serving_setup(
+    args: argparse.Namespace, settings: Settings | None = None
+) -> tuple[Settings, list[ModelSpec], list[DefaultModel]]:
+    """Settings from file/env/flags, the specs to serve (the defaults when none), checked before starting."""
     from service.embedded import preflight, preflight_probes, preflight_queue, serving_specs
     from service.worker.encode import EncodeOptions
 
-    keys = (
-        "host",
-        "port",
-        "models",
-        "probes",
-        "api_keys",
-        "queue",
-        "redis_url",
-        "worker_name",
-        "backend",
-        "metrics_port",
-    )
-    settings = load_settings(args.config, **{k: getattr(args, k, None) for k in keys})
+    settings = settings or _settings(args)
     EncodeOptions(settings.png_compression, settings.tiff_compression).check()
-    specs, tiny = serving_specs(settings)
+    specs, defaults = serving_specs(settings)
     preflight(specs)
     preflight_probes(settings.probes, specs)
     preflight_queue(settings)
-    return settings, specs, tiny
+    return settings, specs, defaults
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    if args.role != "api":  # the API process imports no model library
-        _quiet_hub_libraries()
-    import uvicorn
     from pydantic import ValidationError
 
-    from service.embedded import build_app, default_banner, frontend_probes, frontend_specs, preflight_queue
+    from service.ports import PortTaken, check_free
 
     api_only = args.role == "api"
     try:
-        if api_only:
-            from service.config import load_settings
+        keys = ("host", "port", "grpc_port", "api_keys", "queue", "redis_url", "probes") if api_only else SERVING_KEYS
+        settings = _settings(args, keys)
+        # A taken port is refused in a second, before minutes of imports and checks; bound for real below.
+        check_free("HTTP", settings.host, settings.port, "--port")
+        if settings.grpc_enabled:
+            check_free("gRPC", settings.grpc_host or settings.host, settings.grpc_port, "--grpc-port")
+    except (ValidationError, FileNotFoundError, ValueError, PortTaken) as exc:
+        return _error(exc)
+    if not api_only:  # the API process imports no model library
+        _quiet_hub_libraries()
+    from service.embedded import default_banner, frontend_probes, frontend_specs, preflight_queue
 
-            keys = ("host", "port", "api_keys", "queue", "redis_url", "probes")
-            settings = load_settings(args.config, **{k: getattr(args, k, None) for k in keys})
+    try:
+        if api_only:
             # The API reads no checkpoint: ids to wait for, and specs to accept jobs by before workers come.
-            specs, tiny = frontend_specs(args.models or settings.models), False
+            specs, defaults = frontend_specs(args.models or settings.models), []
             frontend_probes(settings.probes, specs)
             preflight_queue(settings)
         else:
-            settings, specs, tiny = _serving_setup(args)
+            settings, specs, defaults = _serving_setup(args, settings)
     except (ModelError, ValidationError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if tiny:
-        print(default_banner(specs, settings.tiny_dir), file=sys.stderr)
+        return _error(exc)
     logs.configure(settings.log_level, settings.log_format, role=("api" if api_only else "serve"))
     tracing.setup(settings.otel_enabled, ("api" if api_only else "serve"), settings.otel_endpoint)
-    app = build_app(settings, specs, with_worker=not api_only)
-    what = "API" if api_only else "API + worker"
-    print(
-        f"dense-serve {what} on {settings.queue} queue: http://{settings.host}:{settings.port} (docs at /docs)"
-        f"{', models: ' + ', '.join(s.id for s in specs) if specs else ''}",
-        file=sys.stderr,
-    )
-    uvicorn.run(
+    banner = default_banner(defaults, settings.tiny_dir) if defaults else ""
+    return _run_http(settings, specs, not api_only, banner)
+
+
+def _run_http(settings: Settings, specs: list[ModelSpec], with_worker: bool, banner: str) -> int:
+    """Bind HTTP, then gRPC, and only then say where the server listens and what it serves; a taken port is
+    one `error:` line and exit status 2, before any model loads."""
+    import asyncio
+
+    import uvicorn
+
+    from service.embedded import build_app
+    from service.grpc.server import GrpcFrontend
+    from service.ports import PortTaken, listen_http
+
+    try:
+        sock = listen_http(settings.host, settings.port)
+    except PortTaken as exc:
+        return _error(exc)
+    grpc = GrpcFrontend(settings) if settings.grpc_enabled else None
+    app = build_app(settings, specs, with_worker=with_worker, grpc=grpc)
+    config = uvicorn.Config(
         app,
-        host=settings.host,
-        port=settings.port,
         log_level=settings.log_level,
         log_config=None,  # keep our handlers (text or JSON, with request ids)
         timeout_graceful_shutdown=int(settings.shutdown_grace_s) or None,
     )
-    return 0
+    server = uvicorn.Server(config)
+
+    async def serve() -> None:
+        if grpc is not None:
+            grpc.bind()  # in this loop, the one gRPC serves from
+        host, port = sock.getsockname()[:2]
+        where = f"http://{host if ':' not in host else f'[{host}]'}:{port}"
+        also = f" and gRPC {grpc.bound_address}" if grpc is not None else ""
+        what = "" if with_worker else f" ({settings.queue} queue, API only)"
+        models = ", ".join(s.id for s in specs) or "any model a worker serves"
+        print(f"dense-serve listening on {where}{also}{what}, serving {models}", file=sys.stderr)
+        print(f"  demo page {where}/, API docs {where}/docs", file=sys.stderr)
+        if banner:
+            print(banner, file=sys.stderr)
+        await server.serve(sockets=[sock])
+
+    try:
+        with asyncio.Runner(loop_factory=config.get_loop_factory()) as runner:
+            runner.run(serve())
+    except PortTaken as exc:
+        return _error(exc)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        sock.close()
+    return 0 if server.started else 3
+
+
+def _error(exc: BaseException | str) -> int:
+    """The one spelling of a refusal: `error: what went wrong`, on stderr, exit status 2."""
+    print(f"error: {exc}", file=sys.stderr)
+    return 2
 
 
 def cmd_grpc(args: argparse.Namespace) -> int:
@@ -373,15 +439,22 @@ def cmd_grpc(args: argparse.Namespace) -> int:
         frontend_probes(settings.probes, specs)
         preflight_queue(settings)
     except (ModelError, ValidationError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return _error(exc)
     logs.configure(settings.log_level, settings.log_format, role="grpc")
     tracing.setup(settings.otel_enabled, "grpc", settings.otel_endpoint)
-    print(
-        f"dense-serve gRPC on {settings.grpc_host or settings.host}:{settings.grpc_port}, queue {settings.redis_url}",
-        file=sys.stderr,
-    )
-    return asyncio.run(run_grpc(settings, specs))
+
+    def announce(address: str) -> None:
+        models = ", ".join(s.id for s in specs) or "any model a worker serves"
+        print(
+            f"dense-serve listening on gRPC {address} (queue {settings.redis_url}), serving {models}", file=sys.stderr
+        )
+
+    from service.ports import PortTaken
+
+    try:
+        return asyncio.run(run_grpc(settings, specs, announce))
+    except PortTaken as exc:
+        return _error(exc)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -393,12 +466,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from service.embedded import default_banner, run_worker
 
     try:
-        settings, specs, tiny = _serving_setup(args)
+        settings, specs, defaults = _serving_setup(args)
     except (ModelError, ValidationError, FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if tiny:
-        print(default_banner(specs, settings.tiny_dir), file=sys.stderr)
+        return _error(exc)
+    if defaults:
+        print(default_banner(defaults, settings.tiny_dir), file=sys.stderr)
     logs.configure(settings.log_level, settings.log_format, role="worker")
     tracing.setup(settings.otel_enabled, "worker", settings.otel_endpoint)
     print(

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -19,6 +20,7 @@ from models.source import resolve_source
 from models.spec import ModelSpec, resolve_spec
 from service.api.app import create_app
 from service.config import Settings
+from service.defaults import DefaultModel, build_tiny, default_models, describe
 from service.frontend import declare_models, declared_info, declared_probe_infos
 from service.jobs import ModelInfo
 from service.queue.base import Broker
@@ -27,56 +29,42 @@ from service.queue.redis.connection import ConnectionOptions
 from service.readiness import Liveness, Readiness, readiness
 
 if TYPE_CHECKING:
+    from service.grpc.server import GrpcFrontend
     from service.worker.worker import Worker
 
 log = logging.getLogger(__name__)
-TINY_MODELS = (("lotus-g", "depth"), ("lotus-g", "normals"))
-#: The model `make run` serves first: a small Lotus-D trained on synthetic scenes by `dense-serve finetune`
-#: (models/demo/README.md), so a newcomer's first depth request returns a real, if coarse, map.
-DEMO_SPEC = Path(__file__).resolve().parent.parent / "models" / "demo" / "lotus-d-synthetic-demo.toml"
-TINY_BANNER = (
-    "\n  *** No model configured. Serving the DEMO model lotus-d-synthetic-demo (a small Lotus-D trained on\n"
-    "  *** synthetic scenes: real but coarse depth, the default of /v1/depth) and TINY RANDOM-WEIGHT\n"
-    "  *** checkpoints for normals and uncertainty ({ids}; built in {path}): their maps are noise.\n"
-    "  *** Configure a real model with --model (hub id, diffusers folder, spec .toml) or DENSE_MODELS.\n"
-)
 
 
-def default_banner(specs: list[ModelSpec], tiny_dir: Path) -> str:
-    return TINY_BANNER.format(ids=", ".join(s.id for s in specs if s.id.startswith("tiny-")), path=tiny_dir)
+def default_banner(defaults: list[DefaultModel], tiny_dir: Path) -> str:
+    """What a server started without models says about them, right after where it listens: which are
+    trained and which are random weights (their maps are noise)."""
+    random = [m.spec.id for m in defaults if not m.trained]
+    lines = ["No model configured: serving the shipped defaults (dense-serve models lists them):"]
+    lines += [f"  {row}" for row in describe(defaults).splitlines()]
+    if random:
+        lines.append(f"  {', '.join(random)}: TINY RANDOM-WEIGHT checkpoints built in {tiny_dir}")
+    lines.append("Serve a real model with --model (shipped id, hub id, diffusers folder, spec .toml) or DENSE_MODELS.")
+    return "\n".join(lines)
 
 
-def tiny_specs(tiny_dir: Path) -> list[ModelSpec]:
-    """What is served when nothing is configured: the trained demo model first (when shipped), then the
-    random-weight tiny checkpoints, built once, for the tasks the demo does not cover."""
-    from models.spec import load_spec_file
-    from models.tiny import make_tiny
-
-    specs = [load_spec_file(DEMO_SPEC)] if DEMO_SPEC.is_file() else []
-    for family, task in TINY_MODELS:
-        path = tiny_dir / f"{family}-{task}"
-        if not (path / "model_index.json").is_file():
-            make_tiny(path, family, task)
-        specs.append(
-            ModelSpec(
-                id=f"tiny-{family}-{task}", source=str(path.resolve()), family=family, task=task, processing_res=128
-            )
-        )
-    return specs
+def tiny_specs(tiny_dir: Path) -> tuple[list[ModelSpec], list[DefaultModel]]:
+    """What is served when nothing is configured (service/defaults.py), random-weight checkpoints built once."""
+    defaults = default_models(tiny_dir)
+    return [build_tiny(m) for m in defaults], defaults
 
 
-def serving_specs(settings: Settings) -> tuple[list[ModelSpec], bool]:
-    """The configured specs with the global device/dtype applied, or the tiny ones; True if tiny."""
+def serving_specs(settings: Settings) -> tuple[list[ModelSpec], list[DefaultModel]]:
+    """The configured specs with the global device/dtype applied, or the default ones; the defaults' list
+    (empty when models are configured) says which are trained and which random."""
     runtime = {"backend": settings.backend, "engine_cache": str(settings.engine_cache)}
     if not settings.models:
-        return [
-            s.model_copy(update={k: v for k, v in runtime.items() if v}) for s in tiny_specs(settings.tiny_dir)
-        ], True
+        specs, defaults = tiny_specs(settings.tiny_dir)
+        return [s.model_copy(update={k: v for k, v in runtime.items() if v}) for s in specs], defaults
     specs = [resolve_spec(arg, device=settings.device, dtype=settings.dtype, **runtime) for arg in settings.models]
     ids = [s.id for s in specs]
     if len(set(ids)) != len(ids):
         raise SpecError(f"two served models share an id: {ids}; give each spec a distinct id")
-    return specs, False
+    return specs, []
 
 
 def preflight_probes(folders: list[str], specs: list[ModelSpec]) -> None:
@@ -153,14 +141,18 @@ def new_worker(broker: Broker, specs: list[ModelSpec], settings: Settings) -> Wo
     return Worker(broker, specs, settings)
 
 
-def build_app(settings: Settings, specs: list[ModelSpec], with_worker: bool = True) -> FastAPI:
+def build_app(
+    settings: Settings, specs: list[ModelSpec], with_worker: bool = True, grpc: GrpcFrontend | None = None
+) -> FastAPI:
     """The API; with `with_worker` the worker runs in the same process (`serve`), else only the API (`api`).
-    `specs` are the models readiness waits for. gRPC runs beside REST when `grpc_enabled`."""
+    `specs` are the models readiness waits for. gRPC runs beside REST when `grpc_enabled`: `grpc` when given
+    (the CLI binds its port before saying where it listens), else one made here."""
     from service.grpc.server import GrpcFrontend
 
     broker = make_broker(settings)
     worker = new_worker(broker, specs, settings) if with_worker else None
-    grpc = GrpcFrontend(settings) if settings.grpc_enabled else None
+    if grpc is None and settings.grpc_enabled:
+        grpc = GrpcFrontend(settings)
     expected = [s.id for s in specs]
     declared: list[ModelInfo] = []
     if not with_worker:
@@ -225,12 +217,16 @@ def declared_infos(specs: list[ModelSpec], settings: Settings) -> list[ModelInfo
     return [*models.values(), *probes]
 
 
-async def run_grpc(settings: Settings, specs: list[ModelSpec]) -> int:
-    """`dense-serve grpc`: the gRPC front-end alone, on the Redis queue, until SIGTERM/SIGINT."""
+async def run_grpc(settings: Settings, specs: list[ModelSpec], announce: Callable[[str], None] | None = None) -> int:
+    """`dense-serve grpc`: the gRPC front-end alone, on the Redis queue, until SIGTERM/SIGINT. Its port is
+    bound first (PortTaken if held), then `announce` is told the bound address."""
     from service.grpc.server import GrpcFrontend
 
-    broker = make_broker(settings)
     frontend = GrpcFrontend(settings)
+    frontend.bind()
+    if announce is not None:
+        announce(frontend.bound_address)
+    broker = make_broker(settings)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -15,8 +15,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from service.config import Settings
+from service.grpc.descriptors import reflection_pool
 from service.grpc.servicer import DenseServicer
 from service.grpc.stubs import dense_pb2, dense_pb2_grpc
+from service.ports import PortTaken, check_free
 from service.queue.base import Broker
 from service.readiness import readiness
 
@@ -82,9 +84,17 @@ class GrpcFrontend:
         self.health = health.aio.HealthServicer()
         self._watch: asyncio.Task[None] | None = None
 
-    async def start(self, broker: Broker, worker: Worker | None, expected: Sequence[str]) -> None:
+    def bind(self) -> int:
+        """Create the server and bind its port, in the running event loop, before anything says where it
+        listens; idempotent. A port another process holds is refused (PortTaken, one line for the CLI): the
+        port is checked first and bound without SO_REUSEPORT, so two servers never share it and split calls."""
+        if self.server is not None:
+            return self.port
         s = self.settings
+        host, _, port = self.address.rpartition(":")
+        check_free("gRPC", host, int(port), "--grpc-port")
         options = [
+            ("grpc.so_reuseport", 0),
             ("grpc.max_receive_message_length", s.max_upload_bytes + 1024 * 1024),
             ("grpc.max_send_message_length", 512 * 1024 * 1024),
             ("grpc.keepalive_time_ms", 30_000),
@@ -93,17 +103,33 @@ class GrpcFrontend:
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ]
         keys = [k.get_secret_value() for k in s.api_keys]
-        self.server = grpc.aio.server(interceptors=[ApiKeyInterceptor(keys)] if keys else [], options=options)
-        dense_pb2_grpc.add_DenseServiceServicer_to_server(DenseServicer(broker, s, expected), self.server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection([SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME], self.server)
-        self.port = self.server.add_insecure_port(self.address)
+        server = grpc.aio.server(interceptors=[ApiKeyInterceptor(keys)] if keys else [], options=options)
+        try:
+            self.port = server.add_insecure_port(self.address)
+        except RuntimeError:  # grpcio >= 1.5x raises where older ones returned 0
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"cannot bind the gRPC port {self.address}")
+            raise PortTaken(f"gRPC port {port} on {host} cannot be bound (in use?); choose another with --grpc-port")
+        self.server = server
+        return self.port
+
+    @property
+    def bound_address(self) -> str:
+        """host:port as bound (the port chosen by the system when 0 was asked)."""
+        return f"{self.address.rpartition(':')[0]}:{self.port}"
+
+    async def start(self, broker: Broker, worker: Worker | None, expected: Sequence[str]) -> None:
+        self.bind()
+        assert self.server is not None
+        dense_pb2_grpc.add_DenseServiceServicer_to_server(DenseServicer(broker, self.settings, expected), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        # The pool serves dense.proto with its comments (source info), which the runtime's own pool drops.
+        names = [SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME]
+        reflection.enable_server_reflection(names, self.server, pool=reflection_pool())
         await self.server.start()
         await self._set(False)
         self._watch = asyncio.create_task(self._follow_readiness(broker, worker, expected))
-        log.info("gRPC on %s", self.address.rsplit(":", 1)[0] + f":{self.port}")
+        log.info("gRPC on %s", self.bound_address)
 
     async def _set(self, ready: bool) -> None:
         status = health_pb2.HealthCheckResponse.SERVING if ready else health_pb2.HealthCheckResponse.NOT_SERVING
