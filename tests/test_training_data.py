@@ -100,9 +100,10 @@ def _world_points(r: Rendering) -> np.ndarray:
     return cam.backproject(r.depth.astype(np.float64)) @ cam.rotation.T + cam.position
 
 
+@pytest.mark.parametrize("variety", synthetic.VARIETIES)
 @pytest.mark.parametrize("seed", range(6))
-def test_random_scene_geometry_is_exact(seed: int) -> None:
-    r = synthetic.generate(seed, 40, 56)
+def test_random_scene_geometry_is_exact(seed: int, variety: synthetic.Variety) -> None:
+    r = synthetic.generate(seed, 40, 56, variety)
     points = _world_points(r)
     rays = r.camera.rays()
     normals = r.normals.astype(np.float64)
@@ -241,6 +242,36 @@ def test_scenes_cover_all_primitive_kinds_and_some_sky() -> None:
         sky |= bool((~r.valid).any())
         assert r.rgb.min() >= 0.0 and r.rgb.max() <= 1.0
     assert kinds == {"Plane", "Box", "Sphere"} and sky
+
+
+def test_varied_scenes_widen_the_distribution_and_keep_base_scenes() -> None:
+    """The "varied" scenes (the 128 px demos' data) use every texture kind, fog, fill lights, stacked objects and
+    a wider camera; the default stays the "base" distribution the 64 px demo was trained on."""
+    from models.training.synthetic import Box, Sphere
+
+    kinds, fog, fill, stacked, fovs, heights = set(), 0, 0, 0, [], []
+    for seed in range(24):
+        r = synthetic.generate((5, seed), 24, 32, "varied")
+        np.testing.assert_array_equal(r.rgb, synthetic.generate((5, seed), 24, 32, "varied").rgb)
+        assert r.rgb.min() >= 0.0 and r.rgb.max() <= 1.0 and r.valid.any()
+        kinds |= {p.texture.kind for p in r.scene.primitives}
+        fog += r.scene.fog_density > 0
+        fill += r.scene.fill is not None
+        objects = [p for p in r.scene.primitives if isinstance(p, Box | Sphere)]
+        tops = [p.center[1] + p.half_extents[1] for p in objects if isinstance(p, Box)]
+        bottoms = [p.center[1] - (p.radius if isinstance(p, Sphere) else p.half_extents[1]) for p in objects]
+        stacked += any(abs(b - t) < 1e-9 for b in bottoms for t in tops)  # resting on a box's top face
+        fovs.append(2 * np.degrees(np.arctan(16 / r.camera.fx)))
+        heights.append(r.camera.position[1])
+    assert kinds == {"checker", "stripes", "noise", "solid", "waves"}
+    assert 3 <= fog <= 18 and 5 <= fill <= 20 and stacked >= 1
+    assert max(fovs) - min(fovs) > 30 and min(heights) < 0.8
+    base = synthetic.generate((5, 0), 24, 32)
+    np.testing.assert_array_equal(base.rgb, synthetic.generate((5, 0), 24, 32, "base").rgb)
+    assert {p.texture.kind for p in base.scene.primitives} <= {"checker", "stripes", "noise"}
+    assert base.scene.fog_density == 0 and base.scene.fill is None
+    with pytest.raises(ValueError, match="variety"):
+        synthetic.generate(0, 24, 32, "cartoon")  # type: ignore[arg-type]
 
 
 def test_write_scenes_is_deterministic(tmp_path: Path) -> None:

@@ -332,6 +332,28 @@ def test_exact_resume_is_bit_identical(tmp_path: Path) -> None:
         finetune(cfg, resume="never", progress=False)
 
 
+def test_warm_start_refits_a_copy_of_the_source_vae(tiny_dir: Any, tmp_path: Path) -> None:
+    """A Lotus-D disparity checkpoint starts a Lotus-G normals run: its VAE is refitted on a copy in OUTPUT/base
+    (the source folder stays as it was), and the UNet gets Lotus-G's 8 input channels."""
+    source = tiny_dir("lotus-d", "depth")
+    before = {p: p.read_bytes() for p in sorted(source.rglob("*")) if p.is_file()}
+    cfg = _config(
+        tmp_path / "run",
+        model={"scratch": None, "source": str(source), "family": "lotus-g", "output_kind": "normals"},
+        vae_fit={"steps": 3, "lr": 1e-3, "batch_size": 2},
+        train={"steps": 1, "checkpoint_every": 1},
+    )
+    result = finetune(cfg, progress=False)
+    assert {p: p.read_bytes() for p in sorted(source.rglob("*")) if p.is_file()} == before
+    base_vae = load_file(tmp_path / "run" / "base" / "vae" / "diffusion_pytorch_model.safetensors")
+    source_vae = load_file(source / "vae" / "diffusion_pytorch_model.safetensors")
+    assert base_vae.keys() == source_vae.keys()
+    assert any(not torch.equal(base_vae[k], source_vae[k]) for k in base_vae)
+    _check_export(result, "lotus-g", "normals")
+    unet = load_file(result.model_dir / "unet" / "diffusion_pytorch_model.safetensors")
+    assert unet["conv_in.weight"].shape[1] == 8
+
+
 def _learning_run(out: Path, family: str, kind: str, steps: int = 400) -> Any:
     """From random weights at 32 px: a 300-step VAE fit (at 100 steps the VAE alone cannot reconstruct the targets
     better than the baselines: a normals round trip scores 45 degrees), then `steps` UNet steps."""
@@ -515,6 +537,13 @@ def test_config_rules_and_shipped_configs() -> None:
     assert e2e.data.batch_size * e2e.optim.grad_accum == 32 and e2e.optim.max_grad_norm == 1.0
     assert e2e.optim.weight_decay == 1e-2 and e2e.objective.e2eft_depth_loss == "upstream"
     assert [s.ratio for s in e2e.data.sources] == [9.0, 1.0]
+    for name in ("lotus-d-normals-synthetic-demo", "lotus-g-depth-synthetic-demo"):
+        demo = load_config(REPO / "configs" / f"{name}.yaml")
+        assert demo.export.model_id == name and demo.export.processing_res >= 128
+        assert demo.model.source == "models/demo/model" and demo.vae_fit.steps > 0  # warm start, VAE refitted
+        assert all(s.type == "synthetic" and s.variety == "varied" and s.height >= 128 for s in demo.data.sources)
+        assert demo.validation.synthetic is not None and demo.validation.synthetic.variety == "varied"
+        assert demo.train.threads == 1
     with pytest.raises(ValueError, match="exactly one"):
         _config(Path("x"), model={"source": "a/b"})
     with pytest.raises(ValueError, match="disparity"):
@@ -531,7 +560,7 @@ def test_demo_model_serves_meaningful_depth(tmp_path: Path) -> None:
     from models.training.evaluate import evaluate_dataset, load_results
 
     spec = next(DEMO.glob("*.toml"))
-    size = sum(p.stat().st_size for p in DEMO.rglob("*.safetensors"))
+    size = sum(p.stat().st_size for p in (DEMO / "model").rglob("*.safetensors"))
     assert size < 8 * 2**20
     assert load_config(DEMO / "config.yaml") == load_config(REPO / "configs" / "lotus-d-depth-synthetic-demo.yaml")
     model = load_model(resolve_spec(str(spec)))

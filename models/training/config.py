@@ -66,11 +66,13 @@ class ModelConfig(_Strict):
 
 
 class VaeFitConfig(_Strict):
-    """Autoencoder pre-training of the VAE before the main run, for random-weight (scratch) checkpoints only.
+    """Autoencoder pre-training of the VAE before the main run, for scratch checkpoints and small self-trained ones.
 
-    Real checkpoints keep Stable Diffusion's VAE frozen (both recipes). A random VAE cannot reconstruct, so a
-    Lotus target latent would decode to noise: this stage teaches it to reconstruct the training images and
-    target maps first (L1 + kl_weight * KL). It is deterministic, so an interrupted fit is simply redone.
+    Real checkpoints keep Stable Diffusion's VAE frozen (both recipes): leave `steps` at 0 for them. A random VAE
+    cannot reconstruct, so a Lotus target latent would decode to noise: this stage teaches it to reconstruct the
+    training images and target maps first (L1 + kl_weight * KL). A warm start from a tiny model fitted on other
+    data (the 64 px disparity demo, started for normals at 128 px) refits its VAE the same way, on a copy in
+    OUTPUT/base. It is deterministic, so an interrupted fit is simply redone.
     """
 
     steps: int = Field(default=0, ge=0, description="optimizer steps of the VAE fit (0 = keep the VAE as it is)")
@@ -129,6 +131,11 @@ class SyntheticScenes(_Strict):
     height: int = Field(default=64, ge=8, description="render height in pixels")
     width: int = Field(default=64, ge=8, description="render width in pixels")
     seed: int = Field(default=0, ge=0, description="scene seed; use another one for held-out scenes")
+    variety: Literal["base", "varied"] = Field(
+        default="base",
+        description="scene distribution: base (the 64 px demo's rooms) or varied (more shapes, palettes, textures, "
+        "lights, fog and camera poses)",
+    )
 
 
 class SyntheticSource(_Source, SyntheticScenes):
@@ -252,8 +259,6 @@ class TrainConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:
-        if self.vae_fit.steps and self.model.scratch is None:
-            raise ValueError("vae_fit is for scratch checkpoints; a pretrained VAE stays frozen")
         if self.export.processing_res % 8:
             raise ValueError("export.processing_res must be 0 or a multiple of 8")
         return self

@@ -36,7 +36,11 @@ DEPTH_RANGE = (0.01, MAX_DEPTH)  # written to dataset.json: every valid syntheti
 _EPS = 1e-9
 WORLD_UP = np.array([0.0, 1.0, 0.0])
 
-TextureKind = Literal["checker", "stripes", "noise"]
+TextureKind = Literal["checker", "stripes", "noise", "solid", "waves"]
+#: Scene distributions: "base" (the shipped 64 px demo's rooms, kept bit for bit) or "varied" (more shapes,
+#: palettes, textures, lights, fog and camera poses; `_varied_scene_and_camera`).
+Variety = Literal["base", "varied"]
+VARIETIES: tuple[str, ...] = ("base", "varied")
 
 
 @dataclass(frozen=True)
@@ -57,6 +61,10 @@ class Texture:
             w = ((np.floor(u) + np.floor(v)) % 2.0)[:, None]
         elif self.kind == "stripes":
             w = (np.floor(u * math.cos(self.angle) + v * math.sin(self.angle)) % 2.0)[:, None]
+        elif self.kind == "solid":
+            w = np.zeros((len(u), 1))
+        elif self.kind == "waves":  # smooth sinusoidal bands, like the wall of assets/sample.png
+            w = (0.5 + 0.5 * np.sin(math.pi * (u * math.cos(self.angle) + v * math.sin(self.angle))))[:, None]
         else:
             w = _value_noise(self.lattice, u, v)[:, None]
         return self.color_a * (1.0 - w) + self.color_b * w
@@ -210,6 +218,9 @@ class Scene:
     light: Light
     sky_top: np.ndarray = field(default_factory=lambda: np.array([0.35, 0.55, 0.9]))
     sky_horizon: np.ndarray = field(default_factory=lambda: np.array([0.85, 0.9, 0.95]))
+    fill: Light | None = None  # a second directional light ("varied" scenes)
+    fog_density: float = 0.0  # per metre: rgb -> mix(shaded, fog_color, 1 - exp(-density * distance))
+    fog_color: np.ndarray = field(default_factory=lambda: np.array([0.7, 0.7, 0.7]))
 
 
 @dataclass(frozen=True)
@@ -265,6 +276,13 @@ def render(scene: Scene, camera: Camera) -> Rendering:
     light = scene.light
     lambert = np.clip(normals_world @ light.direction, 0.0, None)
     shaded = albedo * (light.ambient + (1.0 - light.ambient) * lambert[:, None]) * light.color
+    if scene.fill is not None:
+        fill = np.clip(normals_world @ scene.fill.direction, 0.0, None)
+        shaded = shaded + albedo * fill[:, None] * scene.fill.color
+    if scene.fog_density > 0.0:
+        dist = np.where(hit, t_best, 0.0) * np.linalg.norm(rays_world, axis=1)
+        keep = np.exp(-scene.fog_density * dist)[:, None]
+        shaded = shaded * keep + scene.fog_color * (1.0 - keep)
     elevation = np.clip(rays_world[:, 1] / np.linalg.norm(rays_world, axis=1), 0.0, 1.0)[:, None]
     sky = scene.sky_horizon * (1.0 - elevation) + scene.sky_top * elevation
     rgb = np.where(hit[:, None], shaded, sky)
@@ -335,6 +353,13 @@ def _plane(point: tuple[float, float, float], normal: tuple[float, float, float]
     helper = np.array([1.0, 0.0, 0.0]) if abs(n[0]) < 0.9 else np.array([0.0, 0.0, 1.0])
     axis_u = np.cross(n, helper)
     return Plane(np.asarray(point, dtype=np.float64), n, axis_u / np.linalg.norm(axis_u), random_texture(rng))
+
+
+def _plane_with(point: tuple[float, float, float], normal: tuple[float, float, float], texture: Texture) -> Plane:
+    n = np.asarray(normal, dtype=np.float64)
+    helper = np.array([1.0, 0.0, 0.0]) if abs(n[0]) < 0.9 else np.array([0.0, 0.0, 1.0])
+    axis_u = np.cross(n, helper)
+    return Plane(np.asarray(point, dtype=np.float64), n, axis_u / np.linalg.norm(axis_u), texture)
 
 
 def _clear_of(position: np.ndarray, prim: Primitive, margin: float) -> bool:
@@ -426,13 +451,173 @@ def random_scene_and_camera(rng: np.random.Generator, height: int, width: int) -
     return Scene(prims, light), camera
 
 
-def generate(seed: int | tuple[int, ...], height: int, width: int) -> Rendering:
-    """One random scene rendered at `height` x `width`; the same seed gives the same arrays, bit for bit."""
+def _hsv(h: float, s: float, v: float) -> np.ndarray:
+    """One HSV colour (all in [0, 1]) as RGB: palettes drawn by hue reach saturated and dark colours too."""
+    i = int(h * 6.0) % 6
+    f = h * 6.0 - math.floor(h * 6.0)
+    p, q, t = v * (1 - s), v * (1 - f * s), v * (1 - (1 - f) * s)
+    return np.array([(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)][i])
+
+
+def varied_texture(rng: np.random.Generator) -> Texture:
+    """A texture of the "varied" scenes: five kinds, hue-sampled colours, contrast from faint to strong."""
+    kind: TextureKind = ("checker", "stripes", "noise", "solid", "waves")[int(rng.integers(5))]
+    base = _hsv(float(rng.random()), float(rng.uniform(0.0, 0.9)), float(rng.uniform(0.2, 1.0)))
+    if rng.random() < 0.5:  # a darker shade of the same colour
+        other = base * rng.uniform(0.2, 0.8)
+    else:  # another hue
+        other = _hsv(float(rng.random()), float(rng.uniform(0.0, 0.9)), float(rng.uniform(0.1, 1.0)))
+    return Texture(
+        kind=kind,
+        color_a=np.clip(base, 0.02, 1.0),
+        color_b=np.clip(other, 0.02, 1.0),
+        period=float(np.exp(rng.uniform(math.log(0.05), math.log(1.5)))),
+        angle=float(rng.uniform(0.0, math.pi)),
+        lattice=rng.random((16, 16)) if kind == "noise" else None,
+    )
+
+
+def _varied_object(
+    rng: np.random.Generator, base: np.ndarray, half_x: float, half_z: float, below: Primitive | None
+) -> Primitive:
+    """One box or sphere near `base` (x, z on the floor); on top of `below` when given (stacked)."""
+    floor_y = 0.0
+    if below is not None:
+        floor_y = (below.center[1] + below.half_extents[1]) if isinstance(below, Box) else 0.0
+        base = np.array([below.center[0], 0.0, below.center[2]]) + np.array([rng.uniform(-0.1, 0.1), 0, 0])
+    shape = rng.random()
+    if shape < 0.55:
+        half = rng.uniform(0.08, 0.9, size=3)
+        if rng.random() < 0.25:  # pillars and slabs (tables, shelves, posts)
+            half[int(rng.integers(3))] *= rng.uniform(2.0, 3.5)
+        half = np.minimum(half, [half_x * 0.6, 1.6, half_z * 0.6])
+        if below is not None or rng.random() < 0.75:  # resting, turned about the vertical
+            rotation = _rotation_y(float(rng.uniform(0.0, math.pi))) if rng.random() < 0.7 else np.eye(3)
+            center = np.array([base[0], floor_y + half[1], base[2]])
+        else:  # floating, any orientation
+            rotation = _random_rotation(rng)
+            center = np.array([base[0], rng.uniform(0.6, 2.2), base[2]])
+        return Box(center, half, rotation, varied_texture(rng))
+    radius = rng.uniform(0.1, 0.9)
+    resting = below is not None or rng.random() < 0.65
+    lift = floor_y + radius if resting else rng.uniform(radius + 0.2, radius + 1.5)
+    return Sphere(np.array([base[0], lift, base[2]]), float(radius), varied_texture(rng))
+
+
+def _varied_scene_and_camera(rng: np.random.Generator, height: int, width: int) -> tuple[Scene, Camera]:
+    """The "varied" distribution: rooms of any proportion (or open floors), 2-11 objects of wider sizes with
+    pillars, slabs and stacks, five texture kinds in hue-sampled palettes, a tinted key light plus an optional
+    fill light, optional fog, and cameras from floor to ceiling height with wider yaw, pitch, roll and field of
+    view (sometimes close to an object)."""
+    half_x, half_z = rng.uniform(1.5, 8.0), rng.uniform(1.5, 8.0)
+    open_air = rng.random() < 0.25
+    room_h = rng.uniform(2.2, 5.0)
+    prims: list[Primitive] = [_plane_with((0.0, 0.0, 0.0), (0.0, 1.0, 0.0), varied_texture(rng))]
+    if open_air:
+        if rng.random() < 0.7:
+            prims.append(_plane_with((0.0, 0.0, -half_z), (0.0, 0.0, 1.0), varied_texture(rng)))
+    else:
+        prims.append(_plane_with((0.0, room_h, 0.0), (0.0, -1.0, 0.0), varied_texture(rng)))
+        same_walls = rng.random() < 0.5  # one wallpaper for the whole room, or one per wall
+        wall_tex = varied_texture(rng)
+        for point, normal in (
+            ((-half_x, 0.0, 0.0), (1.0, 0.0, 0.0)),
+            ((half_x, 0.0, 0.0), (-1.0, 0.0, 0.0)),
+            ((0.0, 0.0, -half_z), (0.0, 0.0, 1.0)),
+            ((0.0, 0.0, half_z), (0.0, 0.0, -1.0)),
+        ):
+            prims.append(_plane_with(point, normal, wall_tex if same_walls else varied_texture(rng)))
+
+    ceiling = room_h if not open_air else 4.0
+    cam_pos = np.array(
+        [rng.uniform(-0.6, 0.6) * half_x, rng.uniform(0.3, min(2.8, ceiling - 0.3)), rng.uniform(0.0, 0.85) * half_z],
+        dtype=np.float64,
+    )
+    yaw = rng.uniform(-1.2, 1.2)
+    look = np.array([math.sin(yaw), 0.0, -math.cos(yaw)])
+
+    n_objects = int(rng.integers(2, 12))
+    close_up = rng.random() < 0.2
+    tries = 0
+    placed: list[Primitive] = []
+    while n_objects > 0 and tries < 300:
+        tries += 1
+        near = 0.7 if close_up and not placed else 1.0
+        dist = rng.uniform(near, max(near + 0.5, 1.8 * half_z)) if not (close_up and not placed) else near + 0.5
+        side = rng.uniform(-0.8, 0.8) * dist
+        base = cam_pos + look * dist + np.array([look[2], 0.0, -look[0]]) * side
+        if abs(base[0]) > half_x - 0.3 or abs(base[2]) > half_z - 0.3:
+            continue
+        below = None
+        boxes = [q for q in placed if isinstance(q, Box) and np.allclose(q.rotation[1], [0.0, 1.0, 0.0])]
+        if boxes and rng.random() < 0.2:
+            below = boxes[int(rng.integers(len(boxes)))]
+        prim = _varied_object(rng, base, half_x, half_z, below)
+        if _clear_of(cam_pos, prim, margin=0.3):
+            placed.append(prim)
+            n_objects -= 1
+    prims.extend(placed)
+
+    if close_up and placed:
+        target = placed[0].center + rng.uniform(-0.2, 0.2, size=3)
+        if np.linalg.norm(np.cross(target - cam_pos, WORLD_UP)) < 1e-3:
+            target = cam_pos + look * 3.0
+    else:
+        target = cam_pos + look * 3.0 + np.array([0.0, rng.uniform(-2.5, 1.0), 0.0])
+    rotation = look_at(cam_pos, target, roll=float(rng.uniform(-0.2, 0.2)))
+    fov_x = rng.uniform(math.radians(35.0), math.radians(90.0))
+    fx = (width / 2.0) / math.tan(fov_x / 2.0)
+    camera = Camera(
+        height=height,
+        width=width,
+        fx=fx,
+        fy=fx * rng.uniform(0.97, 1.03),
+        cx=(width - 1) / 2.0 + rng.uniform(-0.05, 0.05) * width,
+        cy=(height - 1) / 2.0 + rng.uniform(-0.05, 0.05) * height,
+        rotation=rotation,
+        position=cam_pos,
+    )
+
+    def direction(lo_deg: float, hi_deg: float) -> np.ndarray:
+        elevation = rng.uniform(math.radians(lo_deg), math.radians(hi_deg))
+        azimuth = rng.uniform(0.0, 2.0 * math.pi)
+        c = math.cos(elevation)
+        return np.array([c * math.cos(azimuth), math.sin(elevation), c * math.sin(azimuth)])
+
+    warmth = rng.uniform(-0.25, 0.25)  # warm (orange) to cold (blue) key light
+    key_color = np.clip(np.array([1.0 + warmth, 1.0, 1.0 - warmth]) * rng.uniform(0.7, 1.2), 0.0, None)
+    light = Light(direction=direction(15.0, 88.0), color=key_color, ambient=float(rng.uniform(0.1, 0.55)))
+    fill = None
+    if rng.random() < 0.5:
+        fill = Light(direction=direction(-30.0, 60.0), color=rng.uniform(0.05, 0.35, size=3), ambient=0.0)
+    fog = float(rng.uniform(0.01, 0.12)) if rng.random() < 0.35 else 0.0
+    sky_top = _hsv(float(rng.uniform(0.5, 0.7)), float(rng.uniform(0.2, 0.7)), float(rng.uniform(0.5, 1.0)))
+    sky_horizon = np.clip(sky_top + rng.uniform(0.1, 0.4), 0.0, 1.0)
+    return (
+        Scene(
+            prims,
+            light,
+            sky_top=sky_top,
+            sky_horizon=sky_horizon,
+            fill=fill,
+            fog_density=fog,
+            fog_color=np.full(3, rng.uniform(0.5, 0.9)),
+        ),
+        camera,
+    )
+
+
+def generate(seed: int | tuple[int, ...], height: int, width: int, variety: Variety = "base") -> Rendering:
+    """One random scene rendered at `height` x `width`; the same seed (and variety) gives the same arrays, bit for
+    bit. `variety` picks the scene distribution ("base" or "varied")."""
     if height < 2 or width < 2:
         raise ValueError(f"image too small: {width} x {height}")
+    if variety not in VARIETIES:
+        raise ValueError(f"unknown scene variety {variety!r} (one of {', '.join(VARIETIES)})")
     seq = list(seed) if isinstance(seed, tuple) else [seed]
     rng = np.random.default_rng(seq)
-    scene, camera = random_scene_and_camera(rng, height, width)
+    make = random_scene_and_camera if variety == "base" else _varied_scene_and_camera
+    scene, camera = make(rng, height, width)
     return render(scene, camera)
 
 
@@ -444,6 +629,7 @@ def write_scenes(
     seed: int,
     depth_format: folder_format.DepthFormat = "npy",
     normals_format: folder_format.NormalsFormat = "npy",
+    variety: Variety = "base",
 ) -> list[str]:
     """Render `n` scenes into the generic folder format (with masks, normals and dataset.json); returns names.
     Normals are written in the served convention (+x image left), as the folder format says.
@@ -454,7 +640,7 @@ def write_scenes(
     names = []
     for i in range(n):
         name = f"{i:06d}"
-        write_rendering(root, name, generate((seed, i), height, width), depth_format, normals_format)
+        write_rendering(root, name, generate((seed, i), height, width, variety), depth_format, normals_format)
         names.append(name)
     folder_format.write_info(root, folder_format.DatasetInfo(name="synthetic", depth_range=DEPTH_RANGE))
     return names
@@ -507,8 +693,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--height", type=int, default=64, help="render height (default 64)")
     p.add_argument("--width", type=int, default=64, help="render width (default 64)")
     p.add_argument("--seed", type=int, default=0, help="scene seed: scene i uses (seed, i)")
+    p.add_argument("--variety", choices=VARIETIES, default="base", help="scene distribution (default base)")
     args = p.parse_args(argv)
-    write_scenes(args.out, args.count, args.height, args.width, args.seed)
+    write_scenes(args.out, args.count, args.height, args.width, args.seed, variety=args.variety)
     print(f"wrote {args.count} scenes to {args.out}")
     return 0
 

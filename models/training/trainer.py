@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+import shutil
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
@@ -83,9 +84,11 @@ class SyntheticDataset(DenseDataset):
         scene_seed: int,
         augmentation: Augmentation | None = None,
         seed: int = 0,
+        variety: synthetic.Variety = "base",
     ) -> None:
         super().__init__(synthetic.DEPTH_RANGE, augmentation, seed)
         self.count, self.height, self.width, self.scene_seed = count, height, width, scene_seed
+        self.variety = variety
         self._cache: dict[int, RawSample] = {}
 
     def __len__(self) -> int:
@@ -96,7 +99,7 @@ class SyntheticDataset(DenseDataset):
 
     def load(self, index: int) -> RawSample:
         if index not in self._cache:
-            r = synthetic.generate((self.scene_seed, index), self.height, self.width)
+            r = synthetic.generate((self.scene_seed, index), self.height, self.width, self.variety)
             self._cache[index] = RawSample(r.rgb, r.depth, r.valid, r.served_normals, r.valid.copy())
         return self._cache[index]
 
@@ -117,7 +120,7 @@ def build_dataset(data: DataConfig, seed: int) -> Dataset[Sample]:
         elif src.type == "vkitti2":
             sources.append(VirtualKitti2Dataset(src.root, src.scenes, src.variations, augmentation=aug, seed=seed))
         else:
-            sources.append(SyntheticDataset(src.count, src.height, src.width, src.seed, aug, seed))
+            sources.append(SyntheticDataset(src.count, src.height, src.width, src.seed, aug, seed, src.variety))
     for src_cfg, ds in zip(data.sources, sources, strict=True):
         if len(ds) == 0:
             raise ValueError(f"training source {src_cfg.type} ({getattr(src_cfg, 'root', '')}) has no samples")
@@ -237,21 +240,29 @@ def resolve_precision(requested: str, device: str) -> str:
 
 
 def prepare_base(cfg: TrainConfig, accelerator: Any, progress: bool) -> Path:
-    """The starting diffusers folder: a local/hub checkpoint as is, or a scratch one made (and its VAE fitted)
-    once in OUTPUT/base by the main process."""
+    """The starting diffusers folder: a local/hub checkpoint as is; a scratch one made, or a source copied when its
+    VAE is to be refitted, (and its VAE fitted) once in OUTPUT/base by the main process."""
+    source: Path | None = None
     if cfg.model.source is not None:
         from models.source import resolve_source
         from models.spec import ModelSpec
 
-        return resolve_source(ModelSpec(id="base", source=cfg.model.source, revision=cfg.model.revision))
+        source = resolve_source(ModelSpec(id="base", source=cfg.model.source, revision=cfg.model.revision))
+        if not cfg.vae_fit.steps:
+            return source
     base = cfg.run.output_dir / "base"
     if accelerator.is_main_process and not (base / "model_index.json").is_file():
         from models.tiny import make_tiny
 
-        scratch = cfg.model.scratch
-        assert scratch is not None
         staged = cfg.run.output_dir / ".tmp-base"
-        make_tiny(staged, cfg.model.family, cfg.model.task, seed=scratch.seed, arch=scratch.arch)
+        if staged.exists():
+            shutil.rmtree(staged)
+        if source is not None:
+            shutil.copytree(source, staged)
+        else:
+            scratch = cfg.model.scratch
+            assert scratch is not None
+            make_tiny(staged, cfg.model.family, cfg.model.task, seed=scratch.seed, arch=scratch.arch)
         if cfg.vae_fit.steps:
             fit_vae(staged, cfg, accelerator.device, progress)
         staged.rename(base)
@@ -369,7 +380,7 @@ def training_mean_map(dataset: Dataset[Sample], kind: OutputKind, limit: int = 5
 
 def write_synthetic(root: Path, syn: SyntheticScenes) -> Path:
     staged = root.with_name(f".tmp-{root.name}")
-    synthetic.write_scenes(staged, syn.count, syn.height, syn.width, syn.seed)
+    synthetic.write_scenes(staged, syn.count, syn.height, syn.width, syn.seed, variety=syn.variety)
     staged.rename(root)
     return root
 
