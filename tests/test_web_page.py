@@ -3,14 +3,18 @@ working in a real headless Chromium against a running `dense-serve serve` (with 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
-from collections.abc import Callable
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
+import uvicorn
 from PIL import Image
 
 from models.outputs import Family, Task
@@ -19,7 +23,7 @@ from service.api.routes_page import CSP, load_page
 from service.config import Settings
 from service.queue.memory import MemoryBroker
 from tests.conftest import SAMPLE
-from tests.web_page_driver import TASKS, drive, find_chromium, serving
+from tests.web_page_driver import TASKS, drive, find_chromium, free_port, open_docs, serving
 
 API_KEY = "page-test-key"
 
@@ -140,3 +144,41 @@ def test_page_in_headless_chromium(
     assert run.csp_violations == [] and run.console_errors == []
     shot = Image.open(screenshot)
     assert shot.size[0] == 1400 and shot.size[1] >= 600
+
+
+@contextlib.contextmanager
+def docs_server() -> Iterator[str]:
+    """The REST app (no models: the docs need none) on a real uvicorn server on loopback; its base URL."""
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(Settings(), MemoryBroker()), host="127.0.0.1", port=free_port(), log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        while not server.started:
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{server.config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+@pytest.mark.parametrize(
+    ("path", "operation_selector"),
+    [("/docs", ".opblock-summary"), ("/redoc", "[data-section-id^='operation/']")],
+)
+def test_docs_work_offline(chromium: str, path: str, operation_selector: str) -> None:
+    """Swagger UI and ReDoc load their assets from this server and render every operation, with every request
+    beyond the server's own host aborted, as on a network without internet access."""
+    with docs_server() as base:
+        spec = httpx.get(f"{base}/openapi.json").json()
+        run = open_docs(base, path, operation_selector, chromium)
+    assert run.blocked == [] and all(url.startswith(base) for url in run.requests), run.requests
+    assert any("/docs-assets/" in url for url in run.requests) and f"{base}/openapi.json" in run.requests
+    summaries = [op["summary"] for item in spec["paths"].values() for op in item.values()]
+    assert len(run.operations) == len(summaries), run.operations
+    for summary in summaries:
+        assert any(summary in shown for shown in run.operations), (summary, run.operations)
+    # ReDoc's sidebar asks for its logo from its CDN: the pages' CSP stops that in the browser (no request)
+    blocked_by_csp = [e for e in run.console_errors if "violates the following Content Security Policy" in e]
+    assert run.console_errors == blocked_by_csp and (path == "/redoc" or not blocked_by_csp), run.console_errors

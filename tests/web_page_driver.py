@@ -186,6 +186,53 @@ def drive(
     return run
 
 
+@dataclass
+class DocsRun:
+    """What a docs page (Swagger UI, ReDoc) showed, and every URL it asked for."""
+
+    requests: list[str] = field(default_factory=list)
+    blocked: list[str] = field(default_factory=list)  # requests to anywhere but the server: aborted
+    operations: list[str] = field(default_factory=list)  # the texts of `operation_selector`'s elements
+    console_errors: list[str] = field(default_factory=list)
+
+
+def open_docs(
+    base: str, path: str, operation_selector: str, chromium: str | None = None, timeout_ms: float = 60_000
+) -> DocsRun:
+    """Open `base + path` with every request outside `base`'s host aborted (as on a network without internet
+    access), wait until the page shows `operation_selector`, and collect its elements' texts."""
+    from urllib.parse import urlsplit
+
+    from playwright.sync_api import Route, sync_playwright
+
+    host = urlsplit(base).hostname
+    run = DocsRun()
+
+    def gate(route: Route) -> None:
+        url = route.request.url
+        run.requests.append(url)
+        if urlsplit(url).hostname == host or url.startswith(("data:", "blob:")):
+            route.continue_()
+        else:
+            run.blocked.append(url)
+            route.abort()
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium or find_chromium(), args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.set_default_timeout(timeout_ms)
+            page.on("console", lambda m: run.console_errors.append(m.text) if m.type == "error" else None)
+            page.route("**/*", gate)
+            page.goto(f"{base}{path}")
+            page.wait_for_selector(operation_selector)
+            page.wait_for_load_state("networkidle")
+            run.operations = [" ".join(t.split()) for t in page.locator(operation_selector).all_inner_texts()]
+        finally:
+            browser.close()
+    return run
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "web-page.png")

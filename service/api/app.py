@@ -12,6 +12,7 @@ from fastapi import Depends, FastAPI
 from service.api import problems
 from service.api.auth import check_api_key
 from service.api.middleware import BodyLimitMiddleware, MetricsMiddleware, RequestIdMiddleware, add_compression
+from service.api.routes_docs import docs_router
 from service.api.routes_meta import health_router, models_router
 from service.api.routes_page import page_router
 from service.api.routes_predict import predict_router
@@ -62,7 +63,9 @@ def create_app(
                 await worker.stop()
             await broker.close()
 
-    app = FastAPI(title="dense-serve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan)
+    app = FastAPI(  # /docs and /redoc come from routes_docs: their assets served here, not from a CDN
+        title="dense-serve", version="0.1.0", description=DESCRIPTION, lifespan=lifespan, docs_url=None, redoc_url=None
+    )
     app.state.settings = settings
     app.state.broker = broker
     app.state.worker = worker
@@ -74,6 +77,7 @@ def create_app(
     app.include_router(predict_router(app.state.limits), dependencies=auth)
     app.include_router(models_router, dependencies=auth)
     app.include_router(health_router, dependencies=[] if settings.auth_exempt_health else auth)
+    app.include_router(docs_router(app))  # open, like FastAPI's own /docs and /openapi.json
     if settings.web_page:  # static files that ask for a key themselves: open like /docs unless configured not to
         app.include_router(page_router(), dependencies=[] if settings.auth_exempt_web_page else auth)
     app.add_middleware(BodyLimitMiddleware, max_image_bytes=settings.max_upload_bytes)
