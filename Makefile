@@ -30,11 +30,9 @@ run: $(STAMP)
 	$(BIN)/dense-serve serve $(SERVE_ARGS)
 
 demo: $(STAMP)
-	@echo "== dense-serve predict on random-weight tiny checkpoints; configure a real model for real maps =="
-	test -f $(TINY)/lotus-g-depth/model_index.json || $(BIN)/dense-serve make-tiny $(TINY)/lotus-g-depth --family lotus-g --task depth
-	test -f $(TINY)/lotus-g-normals/model_index.json || $(BIN)/dense-serve make-tiny $(TINY)/lotus-g-normals --family lotus-g --task normals
-	$(BIN)/dense-serve predict assets/sample.png --model $(TINY)/lotus-g-depth --processing-res 128 --format png,npy,color --out $(OUT)
-	$(BIN)/dense-serve predict assets/sample.png --model $(TINY)/lotus-g-normals --processing-res 128 --format png,npy,color --out $(OUT)
+	@echo "== dense-serve predict on the sample with the models make run serves by default (dense-serve models) =="
+	$(BIN)/dense-serve predict assets/sample.png --format png,npy,color --out $(OUT)
+	$(BIN)/dense-serve predict assets/sample.png --task normals --format png,npy,color --out $(OUT)
 
 bench-http: $(STAMP)
 	$(BIN)/python load_tests/bench_http.py $(ARGS)

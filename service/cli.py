@@ -131,10 +131,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("predict", help="predict depth or normals for image files")
+    p = sub.add_parser(
+        "predict",
+        help="write depth or normals maps of image files (no server needed)",
+        description="Write the depth (or normals) map of each image file into --out. Without --model: the model "
+        "`serve` answers /v1/depth (or /v1/normals with --task normals) with when none is configured.",
+    )
     p.add_argument("images", nargs="+", type=Path, help="input image files")
-    p.add_argument("--model", required=True, help="spec .toml, local diffusers folder, shipped spec id or hub id")
-    p.add_argument("--task", choices=TASKS, help="override the detected task")
+    p.add_argument(
+        "--model",
+        help="a model id from `dense-serve models` (the demo's: lotus-d-synthetic-demo), a spec .toml, a diffusers "
+        "folder or a hub id (default: the task's default model, as `serve` serves it)",
+    )
+    p.add_argument("--task", choices=TASKS, help="depth or normals (default: the model's; depth without --model)")
     p.add_argument(
         "--probe", type=Path, help="a depth probe folder: its map (as /v1/depth?model=PROBE) on --model, its base"
     )
@@ -163,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--format", type=_formats, default=["png"], help=f"comma list of {','.join(FILE_FORMATS)} (default png)"
     )
-    p.add_argument("--out", type=Path, required=True, help="output directory")
+    p.add_argument("--out", type=Path, default=Path("out"), help="output directory (default ./out)")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N (default: the spec's, auto)")
     p.add_argument("--dtype", choices=("auto", "fp16", "fp32"), help="default: fp16 on CUDA, fp32 on CPU")
     p.add_argument("--max-pixels", type=int, default=None, help="refuse larger images (default 40 MP)")
@@ -236,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--triton-instance-kind", choices=("gpu", "cpu"), default="gpu", help="Triton instance group")
     x.set_defaults(func=cmd_export)
 
-    m = sub.add_parser("models", help="list the shipped model specs (documented hub checkpoints)")
+    m = sub.add_parser("models", help="list the models served by default and the shipped model specs")
     m.set_defaults(func=cmd_models)
 
     add_finetune_parser(sub)
@@ -267,13 +276,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _model_spec(model: str | None, task: str | None = None) -> ModelSpec:
+    """`--model` as the server knows it: none is the task's default model (depth unless `task`), an id of a
+    default model (`dense-serve models`) is that model, built on first use if it is a random tiny one; an
+    existing path, a shipped id or a hub id resolve as everywhere else."""
+    from models.errors import SpecError
+    from models.spec import resolve_spec
+    from service.defaults import build_tiny, default_for, default_models
+
+    if model is not None and Path(model).exists():
+        return resolve_spec(model, task=task)
+    defaults = default_models(_settings_or_defaults().tiny_dir)
+    if model is None:
+        chosen = default_for(defaults, task or "depth")  # type: ignore[arg-type]
+        if chosen is None:
+            raise SpecError(f"no default model predicts {task}; give --model (dense-serve models lists them)")
+        return build_tiny(chosen)
+    chosen = next((m for m in defaults if m.spec.id == model), None)
+    if chosen is None:
+        return resolve_spec(model, task=task)
+    spec = build_tiny(chosen)
+    if task is not None and task != chosen.task:
+        raise SpecError(f"model '{model}' predicts {chosen.task}, not {task}")
+    return spec
+
+
+def _settings_or_defaults() -> Settings:
+    """The environment's settings (DENSE_TINY_DIR, ...) for commands that take no --config."""
+    from service.config import load_settings
+
+    return load_settings()
+
+
 def _load(
-    model: str, device: str | None, dtype: str | None, task: str | None = None, backend: str | None = None
+    model: str | None, device: str | None, dtype: str | None, task: str | None = None, backend: str | None = None
 ) -> DensePredictor:
     from models.loading import load_model
-    from models.spec import resolve_spec
 
-    return load_model(resolve_spec(model, task=task), device=device, dtype=dtype, backend=backend)
+    return load_model(_model_spec(model, task), device=device, dtype=dtype, backend=backend)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -481,10 +521,16 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
+    """The models `serve` serves when none is configured (and `predict` uses without --model), then the
+    shipped specs of the published checkpoints."""
     from models.spec import shipped_specs
+    from service.defaults import default_models, describe
 
+    print("Served by default (serve, and predict without --model):")
+    print("\n".join(f"  {row}" for row in describe(default_models(_settings_or_defaults().tiny_dir)).splitlines()))
+    print("Shipped specs of published checkpoints (serve --model ID; fetched from the hub on first use):")
     for spec in shipped_specs().values():
-        print(f"{spec.id:34} {spec.family:8} {spec.output_kind:10} {spec.source}")
+        print(f"  {spec.id:34} {spec.family:8} {spec.output_kind:10} {spec.source}")
     return 0
 
 
@@ -513,7 +559,7 @@ def output_files(pred: PredictionMap, stem: str, formats: Sequence[str], png_lev
 def _predict_request(args: argparse.Namespace, task: str) -> PredictionRequest:
     """The flags as the same request REST and gRPC build, validated by the same rules."""
     fields = {
-        "model": str(args.model),
+        "model": args.model,
         "task": task,
         "processing_res": args.processing_res,
         "match_input_resolution": args.match_input_resolution,
@@ -529,7 +575,11 @@ def _predict_request(args: argparse.Namespace, task: str) -> PredictionRequest:
 def cmd_predict(args: argparse.Namespace) -> int:
     """Decode the next chunk and encode the last one on a thread pool while the model runs this one."""
     if args.batch_size < 1:
-        print("error: --batch-size must be >= 1", file=sys.stderr)
+        return _error("--batch-size must be >= 1")
+    unreadable = {p: why for p in args.images if (why := _unreadable(p))}
+    if len(unreadable) == len(args.images):  # nothing to predict: say so before seconds of model loading
+        for path, why in unreadable.items():
+            print(f"error: {path}: {why}", file=sys.stderr)
         return 2
     _quiet_hub_libraries()
     import os
@@ -619,16 +669,35 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if probe is not None:
         what = f"{probe.id}: {probe.kind} probe on {model.model_id}"
     print(f"{done_count} of {len(args.images)} images -> {args.out} ({what}, {elapsed:.2f} s)")
+    if _random_weights(model.model_id):
+        print(
+            f"note: {model.model_id} has RANDOM WEIGHTS (a tiny test checkpoint): its maps are noise", file=sys.stderr
+        )
     return 1 if failed else 0
+
+
+def _random_weights(model_id: str) -> bool:
+    """Whether `model_id` is one of the default list's random-weight tiny checkpoints."""
+    from service.defaults import default_models
+
+    return any(m.spec.id == model_id and not m.trained for m in default_models(_settings_or_defaults().tiny_dir))
+
+
+def _unreadable(path: Path) -> str | None:
+    """Why `path` cannot be read (the reason decoding would give), or None."""
+    try:
+        with open(path, "rb"):
+            return None
+    except OSError as exc:
+        return f"cannot read file: {exc.strerror or exc}"
 
 
 def _depth_probe(args: argparse.Namespace, model: DensePredictor) -> DepthProbe:
     """The depth probe in `--probe` on the loaded base (hash-checked), serving `--probe-head`."""
     from models.loading import resolve_source
     from models.probes.depth_probe import DepthProbe
-    from models.spec import resolve_spec
 
-    heads = DepthProbe.attach(args.probe, model, resolve_source(resolve_spec(args.model, task=args.task)))
+    heads = DepthProbe.attach(args.probe, model, resolve_source(_model_spec(args.model, args.task)))
     if args.probe_head is None:
         return heads[0]
     chosen = [p for p in heads if p.head == args.probe_head]
