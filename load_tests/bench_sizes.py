@@ -93,6 +93,11 @@ def encoded(arr: np.ndarray, kind: str) -> bytes:
     return buf.getvalue()
 
 
+class ServerStartError(RuntimeError):
+    """`dense-serve serve` exited or did not become ready. An error, not SystemExit: a caller that runs several
+    measurements (the GPU check) records it and goes on; this module's own CLI turns it into its exit message."""
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -106,11 +111,14 @@ def serving(
     env_extra: dict[str, str] | None = None,
     extra_args: list[str] | None = None,
     ready_timeout_s: float = 180.0,
+    log: Path | None = None,
 ) -> Iterator[str]:
     """`dense-serve serve` from `checkout` (this repo, or a worktree of an older commit) on a free port.
 
     `checkout` goes first on PYTHONPATH, ahead of (not instead of) the caller's: packages installed with
-    `pip --target` (the GPU check's wheelhouse, for one) stay importable by the server.
+    `pip --target` (the GPU check's wheelhouse, for one) stay importable by the server. With `log`, the server's
+    stdout and stderr go to that file (else its stdout is dropped and its stderr is this process's). Raises
+    ServerStartError when the server exits or is not ready in `ready_timeout_s`.
     """
     port = _free_port()
     env = {
@@ -122,23 +130,37 @@ def serving(
         **(env_extra or {}),
     }
     cmd = [sys.executable, "-m", "service.cli", "serve", "--model", model, "--port", str(port), *(extra_args or [])]
-    proc = subprocess.Popen(cmd, cwd=checkout, env=env, stdout=subprocess.DEVNULL)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        end = time.monotonic() + ready_timeout_s
-        while time.monotonic() < end:
-            if proc.poll() is not None:
-                raise SystemExit(f"server exited with {proc.returncode}: {' '.join(cmd)}")
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            time.sleep(0.2)
-        else:
-            raise SystemExit("server did not become ready")
-        yield base
-    finally:
-        proc.terminate()
-        proc.wait(timeout=60)
+    with contextlib.ExitStack() as stack:
+        out = stack.enter_context(log.open("w")) if log is not None else None
+        proc = subprocess.Popen(
+            cmd, cwd=checkout, env=env, stdout=out or subprocess.DEVNULL, stderr=subprocess.STDOUT if out else None
+        )
+        base = f"http://127.0.0.1:{port}"
+        try:
+            end = time.monotonic() + ready_timeout_s
+            while time.monotonic() < end:
+                if proc.poll() is not None:
+                    raise ServerStartError(f"server exited with {proc.returncode}{_log_end(log)}: {' '.join(cmd)}")
+                with contextlib.suppress(httpx.TransportError):
+                    if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                        break
+                time.sleep(0.2)
+            else:
+                raise ServerStartError(f"server did not become ready in {ready_timeout_s:.0f} s{_log_end(log)}")
+            yield base
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:  # a server that ignores SIGTERM must not outlive the measurement
+                proc.kill()
+                proc.wait()
+
+
+def _log_end(log: Path | None, count: int = 3) -> str:
+    """The last lines of the server's log, for an error message (empty without a log)."""
+    lines = [ln.strip() for ln in log.read_text(errors="replace").splitlines() if ln.strip()] if log else []
+    return f" (its log ends: {' / '.join(lines[-count:])[-400:]})" if lines else ""
 
 
 def _ctype(kind: str) -> str:
@@ -413,4 +435,8 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    try:
+        code = main()
+    except ServerStartError as exc:  # the CLI's answer to a server that does not start: its message, exit status 1
+        raise SystemExit(str(exc)) from None
+    raise SystemExit(code)

@@ -27,6 +27,14 @@ throughput steps after every configuration), so a run cut short still leaves its
 `eager` dynamo backend, since inductor's C++ build alone takes minutes on two cores; ONNX Runtime's CPU
 provider stands in for CUDA; CUDA graphs are replaced by a check for the operations graph capture refuses), so
 the script is proven before a lease. docs/benchmarks.md says how to run it with the device tool.
+
+The command is a watchdog over a second process that runs the steps. There, a step that raises anything
+(SystemExit too) is `failed` with its reason and the next step runs, and a step whose estimated cost does not fit
+what is left of the budget is `skipped` with both figures. At `--budget-s` (500 s on the GPU, sized to the lease)
+the watchdog stops the steps' process and every process under it, marks the step it was in `timed_out` and the
+steps it never reached `skipped`, and writes the report. The logs of the processes the steps start (pytest, the
+server, the compile and export children) and the steps' own output go to DIR/logs/, named in the report.
+Only this process and the steps' process import torch; the watchdog itself does not, so it starts at once.
 """
 
 from __future__ import annotations
@@ -40,27 +48,32 @@ import importlib
 import json
 import os
 import platform
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from functools import partial
 from pathlib import Path
-
-import torch
+from typing import IO, TYPE_CHECKING
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from load_tests.bench_sizes import SIZES, Sample, cn, direct_loop, encoded, photo, serving  # noqa: E402
-from models.inference import DensePredictor  # noqa: E402
-from models.runtime import Runtime, TorchRuntime  # noqa: E402
+
+if TYPE_CHECKING:  # torch is imported where it is used: the watchdog process never needs it
+    import torch
+
+    from models.inference import DensePredictor
+    from models.runtime import Runtime
 
 #: The suite's GPU tests live in these files (marked `gpu`); tests/test_gpu_check.py keeps the list true.
 GPU_TEST_FILES = ("tests/test_data_path.py", "tests/test_export.py", "tests/test_spec_loading.py")
@@ -76,6 +89,11 @@ VARIANT_LABELS = {
     "tensorrt": "TensorRT",
 }
 NOT_ON_IMAGE = "not on the device image (the worker Docker image installs onnxruntime-gpu and tensorrt)"
+#: The steps' own output (this script's prints and tracebacks), beside the logs of the processes they start.
+STEPS_LOG = "gpu-check.log"
+#: The most of one log copied into the output folder (its head and tail beyond that): the device tool brings back
+#: at most 8 files of 16 MiB each, and a full run leaves the report, the table and 6 logs.
+LOG_CAP = 4 * 2**20
 
 
 @dataclass(frozen=True)
@@ -91,6 +109,12 @@ class Profile:
     budget_s: float
     #: The most seconds each bounded step may take (it also never runs past the whole budget).
     caps: dict[str, float]
+    #: The seconds each step needs to give a result (its first compile, export or server start included): a step
+    #: is skipped, with both figures, when less than this is left of the budget. Guesses on the GPU until a lease
+    #: has run; the steps table shows each step's seconds beside its estimate.
+    estimates: dict[str, float]
+    #: What the steps leave of `budget_s` for the watchdog's margin: shutdowns, kills and the last write.
+    reserve_s: float
     compile_backend: str
     served_res: int
     c1_requests: int
@@ -112,8 +136,23 @@ GPU = Profile(
     arch="sd2",
     sizes=(512, 768),
     batches=(1, 4, 8, 16),
-    budget_s=450.0,
+    # The lease: 15 minutes of device time with the machine's start (1-2 minutes); the documented command has
+    # timeout_s 560 with about 20 s of install before this script, so its watchdog fires at 500 s and the steps
+    # plan for 470 s.
+    budget_s=500.0,
     caps={"cuda-tests": 100.0, "throughput": 110.0, "served": 100.0, "compile": 150.0, "exported": 150.0},
+    estimates={
+        "environment": 20.0,
+        "cuda-tests": 30.0,
+        "checkpoint": 20.0,
+        "throughput": 40.0,
+        "fp16-vs-fp32": 15.0,
+        "served": 40.0,
+        "compile": 60.0,
+        "onnxruntime": 60.0,
+        "tensorrt": 120.0,
+    },
+    reserve_s=30.0,
     compile_backend="inductor",
     served_res=768,
     c1_requests=16,
@@ -135,6 +174,18 @@ SMOKE = Profile(
     batches=(1, 4),
     budget_s=220.0,
     caps={"cuda-tests": 60.0, "throughput": 30.0, "served": 45.0, "compile": 60.0, "exported": 45.0},
+    estimates={
+        "environment": 2.0,
+        "cuda-tests": 8.0,
+        "checkpoint": 1.0,
+        "throughput": 2.0,
+        "fp16-vs-fp32": 1.0,
+        "served": 8.0,
+        "compile": 10.0,
+        "onnxruntime": 8.0,
+        "tensorrt": 8.0,
+    },
+    reserve_s=15.0,
     compile_backend="eager",
     served_res=64,
     c1_requests=4,
@@ -147,7 +198,7 @@ SMOKE = Profile(
     target_s=0.1,
     warmup=1,
 )
-DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
+DTYPE_NAMES = {"fp16": "float16", "fp32": "float32"}
 
 
 # ----------------------------------------------------------------------------------------------- results
@@ -156,9 +207,15 @@ DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 @dataclass
 class Step:
     name: str
-    status: str = "pending"  # pending | running | ok | partial | skipped | failed
+    status: str = "pending"  # pending | running | ok | partial | skipped | failed | timed_out
     seconds: float = 0.0
     note: str = ""
+    #: The profile's estimate of what the step needs: it is skipped when less is left of the budget.
+    estimate_s: float = 0.0
+    #: Seconds after the run's start when the step began (the watchdog times a step it stops from it).
+    began_s: float | None = None
+    #: The logs of the processes it started, relative to the output folder.
+    logs: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -233,6 +290,29 @@ class Report:
     bench: list[BenchRow] = field(default_factory=list)
     precision: list[PrecisionRow] = field(default_factory=list)
     served: list[ServedRow] = field(default_factory=list)
+    #: The steps' own output, relative to the output folder.
+    log: str = ""
+    #: What the watchdog did, when it did anything: stopped the run (at the budget, on a signal, or after the
+    #: steps' process died) or killed processes the steps left running.
+    watchdog: str = ""
+
+    @classmethod
+    def read(cls, out: Path) -> Report | None:
+        """The report as `write` last left it in `out` (the watchdog completes it), or None when there is none."""
+        try:
+            data = json.loads((out / "gpu-check.json").read_text())
+        except (OSError, ValueError):
+            return None
+        known = {f.name for f in fields(cls)}
+        report = cls(**{k: v for k, v in data.items() if k in known})
+        report.flops_per_img = {int(k): v for k, v in data.get("flops_per_img", {}).items()}
+        report.steps = [Step(**s) for s in data.get("steps", [])]
+        report.tests = [GpuTestOutcome(**t) for t in data.get("tests", [])]
+        report.bench = [BenchRow(**r) for r in data.get("bench", [])]
+        report.precision = [PrecisionRow(**p) for p in data.get("precision", [])]
+        served = [{k: v for k, v in s.items() if k != "ratio_to_direct"} for s in data.get("served", [])]
+        report.served = [ServedRow(**s) for s in served]
+        return report
 
     def step(self, name: str) -> Step:
         for s in self.steps:
@@ -265,10 +345,14 @@ def _atomic_write(path: Path, text: str) -> None:
 
 
 class Budget:
-    """The whole run's deadline, and each bounded step's share of what is left."""
+    """The steps' deadline, and each bounded step's share of what is left.
 
-    def __init__(self, seconds: float) -> None:
-        self.end = time.monotonic() + seconds
+    `end` is a `time.monotonic()` reading taken in the watchdog's process: on Linux that clock is the machine's,
+    the same in every process, so the steps' process keeps the watchdog's deadline, its own start-up included.
+    """
+
+    def __init__(self, seconds: float, end: float | None = None) -> None:
+        self.end = time.monotonic() + seconds if end is None else end
 
     def left(self) -> float:
         return self.end - time.monotonic()
@@ -282,6 +366,8 @@ class Budget:
 
 
 def sync(device: torch.device) -> None:
+    import torch
+
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -300,6 +386,8 @@ def measure(
 
     The first call is timed on its own: it includes kernel selection, and compilation for compiled runtimes.
     """
+    import torch
+
     start = time.perf_counter()
     out = fn()
     sync(device)
@@ -325,12 +413,16 @@ def measure(
 
 def inputs(res: int, batch: int) -> torch.Tensor:
     """Random images in [-1, 1], the same for every process and variant (never zeros: they flatter kernels)."""
+    import torch
+
     gen = torch.Generator("cpu").manual_seed(res * 1000 + batch)
     return torch.rand((batch, 3, res, res), generator=gen) * 2 - 1
 
 
 def matmul_peak(device: torch.device, n: int, dtype: torch.dtype) -> float:
     """TFLOP/s of an n^3 matmul on random data: the ceiling the FLOP fractions are taken against."""
+    import torch
+
     a = torch.randn((n, n), device=device, dtype=dtype)
     b = torch.randn((n, n), device=device, dtype=dtype)
     timing, _ = measure(lambda: a @ b, device, warmup=3, target_s=0.5, deadline=time.monotonic() + 10)
@@ -339,6 +431,7 @@ def matmul_peak(device: torch.device, n: int, dtype: torch.dtype) -> float:
 
 def count_flops(core: torch.nn.Module, res: int) -> float:
     """FLOPs of one image through encoder, UNet and decoder (torch's counter: what docs/performance.md used)."""
+    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
     x = inputs(res, 1).to(core.device, core.dtype)
@@ -358,6 +451,7 @@ CAPTURE_HAZARDS = frozenset(
 
 def capture_hazards(fn: Callable[[], torch.Tensor]) -> list[str]:
     """The hazardous operations one call of `fn` dispatches: what can be proven about graph capture on a CPU."""
+    import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
     seen: list[str] = []
@@ -381,6 +475,8 @@ def graphed(
     run: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor], x: torch.Tensor, noise: torch.Tensor | None
 ) -> Callable[[], torch.Tensor]:
     """`run` captured once as a CUDA graph on static inputs; returns a callable that replays it."""
+    import torch
+
     static_x = x.clone()
     static_noise = noise.clone() if noise is not None else None
     stream = torch.cuda.Stream()
@@ -444,6 +540,8 @@ def unmet_requirements() -> list[str]:
 
 
 def step_environment(profile: Profile, report: Report) -> Outcome:
+    import torch
+
     env = report.env
     env["python"] = platform.python_version()
     env["torch"] = torch.__version__
@@ -471,34 +569,29 @@ def step_environment(profile: Profile, report: Report) -> Outcome:
         env["gpu"] = "none (CPU smoke)"
     env |= optional_imports()
     env["dense-serve unmet requirements"] = "; ".join(unmet_requirements()) or "none"
-    report.peak_tflops = matmul_peak(device, profile.matmul_n, DTYPES[profile.matmul_dtype])
+    report.peak_tflops = matmul_peak(device, profile.matmul_n, getattr(torch, DTYPE_NAMES[profile.matmul_dtype]))
     peak = f"{report.peak_tflops:.3g}"
     env["matmul peak measured (TFLOP/s)"] = f"{peak} ({profile.matmul_dtype} {profile.matmul_n}^3, random data)"
     return Outcome("ok", f"{env['gpu']}; matmul peak {peak} TFLOP/s")
 
 
-def step_cuda_tests(profile: Profile, report: Report, budget: Budget, work: Path) -> Outcome:
-    """The suite's GPU tests, run here with pytest; outcomes from its JUnit XML."""
-    junit = work / "pytest-gpu.xml"
+def step_cuda_tests(ctx: Context) -> Outcome:
+    """The suite's GPU tests, run here with pytest; outcomes from its JUnit XML, its output in logs/cuda-tests.log."""
+    profile, report = ctx.profile, ctx.report
+    junit = ctx.work / "pytest-gpu.xml"
     junit.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "-o", "addopts=-ra"]
     cmd += ["--junitxml", str(junit), *GPU_TEST_FILES]
-    timeout = budget.share(profile.caps["cuda-tests"])
-    try:
-        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-        tail, timed_out = proc.stdout[-1500:], False
-    except subprocess.TimeoutExpired as exc:
-        partial_out = exc.stdout or b""
-        text = partial_out.decode(errors="replace") if isinstance(partial_out, bytes) else partial_out
-        tail, timed_out = text[-1500:], True
+    timeout = ctx.budget.share(profile.caps["cuda-tests"])
+    log = ctx.log("cuda-tests")
+    code = run_logged(cmd, log, timeout)
     report.tests = parse_junit(junit) if junit.is_file() else []
     counts = {o: sum(t.outcome == o for t in report.tests) for o in ("passed", "failed", "error", "skipped")}
     summary = ", ".join(f"{n} {o}" for o, n in counts.items() if n) or "no tests ran"
-    if timed_out:
+    if code is None:
         return Outcome("partial", f"stopped at its {timeout:.0f} s share; {summary}")
     if counts["failed"] or counts["error"] or not report.tests:
-        print(tail, file=sys.stderr)
-        return Outcome("failed", summary)
+        return Outcome("failed", f"{summary}; pytest exited with {code}: {last_line(log)}")
     return Outcome("ok", summary)
 
 
@@ -554,6 +647,8 @@ def bench_variant(
 ) -> None:
     """Time `runtime.run` at every configuration of the profile. `reference` holds the eager outputs: filled in
     by the eager variant, compared against by the others (same inputs, same noise)."""
+    import torch
+
     device = runtime.device
     for res, batch in configs(profile):
         if time.monotonic() > deadline:
@@ -613,8 +708,24 @@ class Context:
     budget: Budget
     out: Path
     work: Path
+    #: The watchdog's `time.monotonic()` at the run's start (steps record when they began against it).
+    t0: float = field(default_factory=time.monotonic)
     ckpt: Path | None = None
     model: DensePredictor | None = None
+    #: The step running now: the one a log is named for.
+    current: str = ""
+
+    def log(self, name: str) -> Path:
+        """The log file for a process the current step starts (work/logs/NAME.log). It is named in the report at
+        once, so a run the watchdog stops still says whose log is whose, and copied to the output folder after the
+        step (and by the watchdog)."""
+        path = self.work / "logs" / f"{name}.log"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        step = self.report.step(self.current)
+        if f"logs/{path.name}" not in step.logs:
+            step.logs.append(f"logs/{path.name}")
+            self.report.write(self.out)
+        return path
 
     def keep(self, row: BenchRow) -> None:
         """Record a measured row and write the results at once: a run cut short keeps it."""
@@ -632,6 +743,10 @@ def step_checkpoint(ctx: Context) -> Outcome:
 
 def step_throughput(ctx: Context) -> Outcome:
     """Eager, CUDA graphs and channels_last in this process; the eager model stays loaded for later steps."""
+    import torch
+
+    from models.runtime import TorchRuntime
+
     assert ctx.ckpt is not None
     profile, report = ctx.profile, ctx.report
     ctx.model = load_torch(ctx.ckpt, profile)
@@ -661,6 +776,8 @@ def step_throughput(ctx: Context) -> Outcome:
 
 def step_precision(ctx: Context) -> Outcome:
     """fp16 maps against fp32 maps (TF32 off: a true fp32 reference) on the same inputs and noise."""
+    import torch
+
     assert ctx.ckpt is not None and ctx.model is not None
     profile = ctx.profile
     fp32 = load_torch(ctx.ckpt, profile, dtype="fp32")
@@ -698,7 +815,8 @@ def step_served(ctx: Context) -> Outcome:
     deadline = time.monotonic() + ctx.budget.share(profile.caps["served"])
     res = profile.served_res
     runs = [(fmt, c, n) for fmt in ("png", "npy") for c, n in ((1, profile.c1_requests), (16, profile.cn_requests))]
-    with serving(REPO, str(spec), ready_timeout_s=max(30.0, deadline - time.monotonic())) as base:
+    ready_s = max(30.0, deadline - time.monotonic())
+    with serving(REPO, str(spec), ready_timeout_s=ready_s, log=ctx.log("served")) as base:
         for fmt, c, n in runs:
             if time.monotonic() > deadline:
                 break
@@ -752,46 +870,94 @@ def step_child(ctx: Context, variant: str, cap: float) -> Outcome:
     assert ctx.ckpt is not None
     profile = ctx.profile
     share = ctx.budget.share(cap)
-    rows_file = ctx.work / f"rows-{variant}.jsonl"
+    rows_file = rows_path(ctx.work, variant)
     rows_file.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "load_tests.gpu_check", "--child", variant, "--ckpt", str(ctx.ckpt)]
     cmd += ["--rows", str(rows_file), "--work", str(ctx.work), "--deadline-s", str(share)]
     cmd += ["--cpu-smoke"] if profile.name == SMOKE.name else []
     cmd += ["--sizes", ",".join(map(str, profile.sizes)), "--batches", ",".join(map(str, profile.batches))]
-    log = ctx.work / f"child-{variant}.log"
+    log = ctx.log(variant)
     started = time.monotonic()
-    with log.open("w") as log_file:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            proc.wait(timeout=share)
-            killed = False
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)  # its own session: inductor's compile workers go too
-            proc.wait()
-            killed = True
+    code = run_logged(cmd, log, share)  # its own session: inductor's compile workers go with it
     seconds = time.monotonic() - started
-    lines = rows_file.read_text().splitlines() if rows_file.is_file() else []
-    done = [BenchRow(**json.loads(line)) for line in lines]
-    if killed:
+    if code is None:
         status, why = "not reached", f"the child was stopped at its {share:.0f} s share"
-    elif proc.returncode:
+    elif code:
         status, why = "failed", "the child failed: " + last_line(log)
     else:
         status, why = "not reached", "the child ended before it"
-    seen = {(r.res, r.batch) for r in done}
-    missing = [BenchRow(variant, r, b, status, note=why) for r, b in configs(profile) if (r, b) not in seen]
+    done, missing = child_rows(profile, variant, rows_file, status, why)
     for row in done + missing:
         ctx.keep(row)
     return rows_outcome(done + missing, f" in {seconds:.0f} s" + (f" ({why})" if missing else ""))
 
 
+def rows_path(work: Path, variant: str) -> Path:
+    return work / f"rows-{variant}.jsonl"
+
+
+def child_rows(
+    profile: Profile, variant: str, rows_file: Path, status: str, why: str
+) -> tuple[list[BenchRow], list[BenchRow]]:
+    """The rows a child wrote, and a row with `status` and `why` for each configuration it did not write."""
+    done = []
+    for line in rows_file.read_text().splitlines() if rows_file.is_file() else []:
+        with contextlib.suppress(ValueError, TypeError):  # a line cut off by a kill is a configuration not reached
+            done.append(BenchRow(**json.loads(line)))
+    seen = {(r.res, r.batch) for r in done}
+    return done, [BenchRow(variant, r, b, status, note=why) for r, b in configs(profile) if (r, b) not in seen]
+
+
 def last_line(log: Path) -> str:
-    lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()]
+    lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.strip()] if log.is_file() else []
     return lines[-1][:200] if lines else "(no output)"
+
+
+# ------------------------------------------------------------------------------------ processes and logs
+
+
+def run_logged(cmd: list[str], log: Path, timeout: float | None) -> int | None:
+    """Run `cmd` in a session of its own with its output in `log`: its exit status, or None when it ran past
+    `timeout`. Whatever it started and left behind is killed with it (its whole process group), also when this
+    process is interrupted while it waits."""
+    with log.open("w") as log_file:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return None
+        finally:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def copy_logs(work: Path, out: Path) -> list[str]:
+    """Copy every log in work/logs into out/logs (the head and tail of one over LOG_CAP); their names there."""
+    src, dest = work / "logs", out / "logs"
+    copied = []
+    for log in sorted(src.glob("*.log")) if src.is_dir() else []:
+        dest.mkdir(parents=True, exist_ok=True)
+        size = log.stat().st_size
+        if size <= LOG_CAP:
+            shutil.copyfile(log, dest / log.name)
+        else:
+            with log.open("rb") as f:
+                head = f.read(LOG_CAP // 4)
+                f.seek(size - LOG_CAP // 2)
+                tail = f.read(LOG_CAP // 2)
+            cut = f"\n[... {size - len(head) - len(tail)} bytes left out: the whole log is {size} bytes ...]\n"
+            (dest / log.name).write_bytes(head + cut.encode() + tail)
+        copied.append(f"logs/{log.name}")
+    return copied
 
 
 def child_main(args: argparse.Namespace) -> int:
     """The child side of `step_child`: build the variant's runtime, then time every configuration."""
+    import torch
+
+    from models.runtime import TorchRuntime
+
     profile = profile_from(args)
     if profile.device == "cpu" and "OMP_NUM_THREADS" in os.environ:
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
@@ -867,13 +1033,19 @@ def render(report: Report) -> str:
     lines = [
         f"### GPU check ({report.mode}): {env.get('gpu', '?')}, {report.started}",
         "",
+        *([f"**Watchdog**: {report.watchdog}", ""] if report.watchdog else []),
         "| | |",
         "|---|---|",
         *(f"| {k} | {v} |" for k, v in env.items()),
         "",
-        "| step | status | seconds | note |",
-        "|---|---|---:|---|",
-        *(f"| {s.name} | {s.status} | {s.seconds:.0f} | {s.note} |" for s in report.steps),
+        f"Budget {report.budget_s:.0f} s; the steps' own output: {report.log or '-'}.",
+        "",
+        "| step | status | seconds | estimate (s) | note | logs |",
+        "|---|---|---:|---:|---|---|",
+        *(
+            f"| {s.name} | {s.status} | {s.seconds:.0f} | {s.estimate_s:.0f} | {s.note} | {', '.join(s.logs) or '-'} |"
+            for s in report.steps
+        ),
     ]
     if report.tests:
         lines += ["", "| GPU test | outcome | seconds | reason |", "|---|---|---:|---|"]
@@ -925,19 +1097,31 @@ def render(report: Report) -> str:
 
 
 def run_step(ctx: Context, name: str, fn: Callable[[], Outcome]) -> bool:
-    """Run one step, record its status, time and note, and write the results; a failure never stops the run."""
+    """Run one step, record its status, time and note, copy its logs and write the results.
+
+    Whatever the step raises is its failure, with the exception as the note, and the run goes on: SystemExit too
+    (library code that calls sys.exit must not end the check). A KeyboardInterrupt is recorded the same way and
+    then raised again, so Ctrl-C still stops a run of the steps by hand.
+    """
     step = ctx.report.step(name)
-    step.status = "running"
+    step.status, step.began_s, ctx.current = "running", time.monotonic() - ctx.t0, name
     ctx.report.write(ctx.out)
     started = time.monotonic()
+    interrupted: KeyboardInterrupt | None = None
     try:
         outcome = fn()
-    except Exception as exc:  # report it and go on: one broken step must not hide the others
+    except KeyboardInterrupt as exc:
+        outcome, interrupted = Outcome("failed", "interrupted (KeyboardInterrupt)"), exc
+    except BaseException as exc:  # one broken step must not hide the others, whatever it raised
         traceback.print_exc()
         outcome = Outcome("failed", f"{type(exc).__name__}: {str(exc)[:300]}")
     step.status, step.note, step.seconds = outcome.status, outcome.note, time.monotonic() - started
+    with contextlib.suppress(OSError):
+        copy_logs(ctx.work, ctx.out)
     print(f"== {name}: {step.status} ({step.seconds:.0f} s) {step.note}", flush=True)
     ctx.report.write(ctx.out)
+    if interrupted is not None:
+        raise interrupted
     return outcome.status != "failed"
 
 
@@ -949,6 +1133,15 @@ def skip_step(ctx: Context, name: str, why: str, rows_of: str | None = None) -> 
     ctx.report.write(ctx.out)
 
 
+def _per_step(items: list[str] | None, defaults: dict[str, float]) -> dict[str, float]:
+    """STEP=SECONDS options over a profile's table."""
+    table = dict(defaults)
+    for item in items or []:
+        key, _, value = item.partition("=")
+        table[key] = float(value)
+    return table
+
+
 def profile_from(args: argparse.Namespace) -> Profile:
     profile = SMOKE if args.cpu_smoke else GPU
     if args.sizes:
@@ -957,61 +1150,74 @@ def profile_from(args: argparse.Namespace) -> Profile:
         profile = replace(profile, batches=tuple(int(b) for b in args.batches.split(",")))
     if args.budget_s:
         profile = replace(profile, budget_s=args.budget_s)
-    if args.cap:
-        caps = dict(profile.caps)
-        for item in args.cap:
-            key, _, value = item.partition("=")
-            caps[key] = float(value)
-        profile = replace(profile, caps=caps)
-    return profile
+    return replace(
+        profile,
+        caps=_per_step(getattr(args, "cap", None), profile.caps),
+        estimates=_per_step(getattr(args, "estimate", None), profile.estimates),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", type=Path, help="where gpu-check.json and gpu-table.md go ($OUT on the device)")
+    ap.add_argument("--out", type=Path, help="where gpu-check.json, gpu-table.md and logs/ go ($OUT on the device)")
     ap.add_argument("--cpu-smoke", action="store_true", help="the same steps on the CPU, tiny model, one size")
     ap.add_argument("--work", type=Path, help="checkpoints, exports, logs (default: a temporary folder)")
-    ap.add_argument("--budget-s", type=float, help="the whole run's seconds (gpu 450, cpu-smoke 220)")
+    ap.add_argument(
+        "--budget-s", type=float,
+        help="the watchdog: at this many seconds the report is written with what finished, the step still running "
+        "is marked timed_out and every process is stopped (gpu 500, cpu-smoke 220)",
+    )  # fmt: skip
     ap.add_argument("--sizes", help="comma-separated square sizes (gpu 512,768; cpu-smoke 64)")
     ap.add_argument("--batches", help="comma-separated batch sizes (gpu 1,4,8,16; cpu-smoke 1,4)")
     ap.add_argument("--cap", action="append", help="STEP=SECONDS: the most a bounded step may take")
+    ap.add_argument("--estimate", action="append", help="STEP=SECONDS: what a step needs; skipped if less is left")
     ap.add_argument("--skip", default="", help=f"comma-separated steps to leave out: {', '.join(STEPS)}")
+    ap.add_argument("--drill", help=argparse.SUPPRESS)  # tests: steps that exercise the run machinery (DRILLS)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--ckpt", help=argparse.SUPPRESS)
     ap.add_argument("--rows", help=argparse.SUPPRESS)
     ap.add_argument("--deadline-s", type=float, help=argparse.SUPPRESS)
+    ap.add_argument("--run-steps", action="store_true", help=argparse.SUPPRESS)  # the steps' process
+    ap.add_argument("--t0", type=float, help=argparse.SUPPRESS)
+    ap.add_argument("--steps-end", type=float, help=argparse.SUPPRESS)
+    ap.add_argument("--started", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         return child_main(args)
     if args.out is None:
         ap.error("--out is required")
-    profile = profile_from(args)
-    if profile.device == "cpu":
-        # One thread per process (this one, the server, the children inherit it): the smoke shares its cores with
-        # CI's other test worker, and OpenMP threads that spin while a sibling is descheduled stall each other.
-        os.environ.setdefault("OMP_NUM_THREADS", "1")
-        torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    names = [s for s in (args.drill or "").split(",") if s] or list(STEPS)
+    if unknown := set(names) - (set(DRILLS) if args.drill else set(STEPS)):
+        ap.error(f"unknown steps in --drill: {', '.join(sorted(unknown))}")
     skip = {s for s in args.skip.split(",") if s}
-    if skip - set(STEPS):
-        ap.error(f"unknown steps in --skip: {', '.join(sorted(skip - set(STEPS)))}")
-    report = Report(profile.name, datetime.datetime.now().isoformat(timespec="seconds"), profile.budget_s)
-    with contextlib.ExitStack() as stack:
-        work = args.work or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="gpu-check-")))
-        work.mkdir(parents=True, exist_ok=True)
-        ctx = Context(profile, report, Budget(profile.budget_s), args.out, work)
-        run_all(ctx, skip)
-    return finish(report, args.out)
+    if skip - set(names):
+        ap.error(f"unknown steps in --skip: {', '.join(sorted(skip - set(names)))}")
+    if args.run_steps:
+        return steps_main(args, skip)
+    return watch(args, argv)
 
 
 STEPS = ("environment", "cuda-tests", "checkpoint", "throughput", "fp16-vs-fp32", "served", "compile")
 STEPS += ("onnxruntime", "tensorrt")
+#: Steps for the tests of the run machinery itself (`--drill NAME,...`): small and real, each doing what a step of
+#: the check can do: raise SystemExit, run a child with a log, hang in a child (that started a process in a session
+#: of its own) until the watchdog, or just finish.
+DRILLS = ("system-exit", "child-log", "hang", "ok")
+HANG = (
+    "import os, subprocess, sys, time\n"
+    "grandchild = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(3600)'], start_new_session=True)\n"
+    "print('pids', os.getpid(), grandchild.pid, flush=True)\n"
+    "time.sleep(3600)\n"
+)
+StepList = list[tuple[str, Callable[[], Outcome], str | None]]
 
 
-def run_all(ctx: Context, skip: set[str]) -> None:
-    """The steps in order; a step that needs an earlier one's result is skipped, with why, when it failed."""
-    steps: list[tuple[str, Callable[[], Outcome], str | None]] = [
+def plan(ctx: Context) -> StepList:
+    """The check's steps in order, each with the step whose result it needs."""
+    steps: StepList = [
         ("environment", lambda: step_environment(ctx.profile, ctx.report), None),
-        ("cuda-tests", lambda: step_cuda_tests(ctx.profile, ctx.report, ctx.budget, ctx.work), None),
+        ("cuda-tests", lambda: step_cuda_tests(ctx), None),
         ("checkpoint", lambda: step_checkpoint(ctx), None),
         ("throughput", lambda: step_throughput(ctx), "checkpoint"),
         ("fp16-vs-fp32", lambda: step_precision(ctx), "throughput"),
@@ -1020,19 +1226,56 @@ def run_all(ctx: Context, skip: set[str]) -> None:
     ]
     for name in ("onnxruntime", "tensorrt"):
         steps.append((name, lambda n=name: step_child(ctx, n, ctx.profile.caps["exported"]), "checkpoint"))
-    failed: set[str] = set()
+    return steps
+
+
+def drill(ctx: Context, names: list[str]) -> StepList:
+    """The DRILLS steps named, in that order."""
+
+    def system_exit() -> Outcome:
+        sys.exit(3)  # what library code that calls sys.exit (bench_sizes.serving once did) does to its caller
+
+    def child_log() -> Outcome:
+        code = run_logged([sys.executable, "-c", "print('the child ran')"], ctx.log("child-log"), 60.0)
+        return Outcome("ok" if code == 0 else "failed", f"the child exited with {code}")
+
+    def hang() -> Outcome:
+        run_logged([sys.executable, "-c", HANG], ctx.log("hang"), None)
+        return Outcome("failed", "the child that hangs ended")
+
+    steps: dict[str, Callable[[], Outcome]] = {
+        "system-exit": system_exit, "child-log": child_log, "hang": hang, "ok": lambda: Outcome("ok", "ran"),
+    }  # fmt: skip
+    return [(name, steps[name], None) for name in names]
+
+
+def run_all(ctx: Context, skip: set[str], steps: StepList) -> None:
+    """The steps in order. A step is skipped, with why, when it was left out, when a step whose result it needs
+    failed or was skipped, when it cannot run on this machine, and when less is left of the budget than its
+    estimate."""
+    for name, _, _ in steps:  # every step listed from the start: a run stopped early shows what it never reached
+        ctx.report.step(name).estimate_s = ctx.profile.estimates.get(name, 0.0)
+    ctx.report.write(ctx.out)
+    missing: set[str] = set()
     for name, fn, needs in steps:
         variant = name if name in VARIANT_LABELS else None
+        estimate, left = ctx.profile.estimates.get(name, 0.0), ctx.budget.left()
         if name in skip:
             skip_step(ctx, name, "left out (--skip)", variant)
-        elif needs and (needs in failed or needs in skip):
+            missing.add(name)
+        elif needs and needs in missing:
             skip_step(ctx, name, f"needs the {needs} step", variant)
-            failed.add(name)
+            missing.add(name)
         elif variant in ("onnxruntime", "tensorrt") and (why := exported_available(name, ctx.profile)):
             skip_step(ctx, name, why, variant)
+        elif left <= 0 or left < estimate:
+            skip_step(ctx, name, f"needs about {estimate:.0f} s, {max(0.0, left):.0f} s of the budget left", variant)
+            missing.add(name)
         elif not run_step(ctx, name, fn):
-            failed.add(name)
+            missing.add(name)
         if name == "served" and ctx.model is not None:  # the children need the device to themselves
+            import torch
+
             ctx.model = None
             gc.collect()
             if ctx.profile.device == "cuda":
@@ -1042,10 +1285,227 @@ def run_all(ctx: Context, skip: set[str]) -> None:
 def finish(report: Report, out: Path) -> int:
     report.write(out)
     print(render(report), flush=True)
-    failed = [s.name for s in report.steps if s.status == "failed"]
+    failed = [s.name for s in report.steps if s.status in ("failed", "timed_out")]
     if failed:
         print(f"failed steps: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0
+
+
+def steps_main(args: argparse.Namespace, skip: set[str]) -> int:
+    """The steps' process, started by `watch`: every step in order, the report written as it goes."""
+    profile = profile_from(args)
+    if profile.device == "cpu" and not args.drill:
+        import torch
+
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    started = args.started or datetime.datetime.now().isoformat(timespec="seconds")
+    report = Report(profile.name, started, profile.budget_s, log=f"logs/{STEPS_LOG}")
+    budget = Budget(profile.budget_s) if args.steps_end is None else Budget(0.0, end=args.steps_end)
+    work = args.work or Path(tempfile.mkdtemp(prefix="gpu-check-"))
+    ctx = Context(profile, report, budget, args.out, work, t0=args.t0 or time.monotonic())
+    run_all(ctx, skip, drill(ctx, args.drill.split(",")) if args.drill else plan(ctx))
+    return finish(report, args.out)
+
+
+# --------------------------------------------------------------------------------------------- watchdog
+
+
+class Stop(Exception):
+    """A signal (SIGTERM) that asks the watchdog to stop the run now."""
+
+
+def _raise_stop(signum: int, _frame: object) -> None:
+    raise Stop(signal.Signals(signum).name)
+
+
+def watch(args: argparse.Namespace, argv: list[str]) -> int:
+    """Run the steps in a process of their own, and stop it with every process under it at the budget (or on
+    SIGTERM or Ctrl-C); then complete the report it left, copy the logs, and write the report once more.
+
+    The steps plan for the budget less the profile's reserve, so a run that goes to plan ends before the
+    watchdog; the watchdog is for the step that does not (a hung server, a compile that ignores its share).
+    """
+    profile = profile_from(args)
+    t0 = time.monotonic()
+    deadline = t0 + profile.budget_s
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in (out / "gpu-check.json", out / "gpu-table.md", *(out / "logs").glob("*.log")):
+        stale.unlink(missing_ok=True)  # a report or a log of an earlier run must not pass for this one's
+    become_subreaper()
+    started = datetime.datetime.now().isoformat(timespec="seconds")
+    with contextlib.ExitStack() as stack:
+        work = (args.work or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="gpu-check-")))).resolve()
+        logs = work / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        for stale in logs.glob("*.log"):
+            stale.unlink()
+        steps_end = deadline - min(profile.reserve_s, profile.budget_s / 4)
+        cmd = [sys.executable, "-m", "load_tests.gpu_check", *argv, "--run-steps", "--out", str(out)]
+        cmd += ["--work", str(work), "--t0", repr(t0), "--steps-end", repr(steps_end), "--started", started]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if profile.device == "cpu":
+            # One thread per process (the steps', the server, the children inherit it): the smoke shares its cores
+            # with CI's other test worker, and OpenMP threads that spin while a sibling is descheduled stall each
+            # other.
+            env.setdefault("OMP_NUM_THREADS", "1")
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        assert proc.stdout is not None
+        tee = threading.Thread(target=_tee, args=(proc.stdout, logs / STEPS_LOG), daemon=True)
+        tee.start()
+        stopped, status = "", "failed"
+        previous = signal.signal(signal.SIGTERM, _raise_stop)
+        try:
+            proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            stopped, status = f"the run reached its {profile.budget_s:.0f} s budget", "timed_out"
+        except KeyboardInterrupt:
+            stopped = "the run was interrupted (Ctrl-C)"
+        except Stop as exc:
+            stopped = f"the run was stopped by {exc}"
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        killed = kill_below(proc)
+        proc.wait()
+        reap()
+        tee.join(timeout=10)
+        report = Report.read(out) or Report(profile.name, started, profile.budget_s)
+        unfinished = any(s.status in ("running", "pending") for s in report.steps) or not report.steps
+        if unfinished and not stopped:
+            stopped = f"the steps' process ended ({exit_text(proc.returncode)}) before its steps did"
+        if not report.steps:
+            report.steps = [Step("start", "failed", note=f"{stopped}: {last_line(logs / STEPS_LOG)}")]
+        complete(report, profile, work, t0, stopped, status)
+        done = [stopped] if stopped else []
+        done += [f"killed {len(killed)} processes: {', '.join(killed)}"] if killed else []
+        report.watchdog = "; ".join(done)
+        report.log = f"logs/{STEPS_LOG}"
+        if report.watchdog:
+            with (logs / STEPS_LOG).open("a") as log:
+                log.write(f"== watchdog: {report.watchdog}\n")
+        for name in copy_logs(work, out):
+            owner = next((s for s in report.steps if f"logs/{s.name}.log" == name), None)
+            if owner is not None and name not in owner.logs:
+                owner.logs.append(name)
+        report.write(out)
+    if report.watchdog:
+        print(render(report), flush=True)
+        print(f"watchdog: {report.watchdog}", file=sys.stderr)
+    if "Ctrl-C" in stopped:
+        return 130
+    return 1 if any(s.status in ("failed", "timed_out") for s in report.steps) else 0
+
+
+def complete(report: Report, profile: Profile, work: Path, t0: float, stopped: str, status: str) -> None:
+    """Finish what the steps' process left: the step it was in gets `status` (timed_out at the budget, failed
+    otherwise) and the rows its child had written; the steps it never began are skipped, with why."""
+    now = time.monotonic() - t0
+    for step in report.steps:
+        rows_missing = step.name in VARIANT_LABELS and not any(r.variant == step.name for r in report.bench)
+        if step.status == "running":
+            step.status, step.seconds = status, now - (step.began_s or 0.0)
+            step.note = f"{stopped}, {step.seconds:.0f} s into this step"
+            if rows_missing:
+                rows = child_rows(profile, step.name, rows_path(work, step.name), "not reached", stopped)
+                report.add_rows([*rows[0], *rows[1]])
+        elif step.status == "pending":
+            step.status, step.note = "skipped", f"not started: {stopped}"
+            if rows_missing:
+                report.add_rows([BenchRow(step.name, r, b, "skipped", note=step.note) for r, b in configs(profile)])
+
+
+def become_subreaper() -> None:
+    """Adopt the orphans of the processes this one starts (Linux), so the watchdog still finds them to stop."""
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+
+
+def processes_below(root: int) -> dict[int, str]:
+    """Every live process under `root`, through the parent links in /proc (Linux; none elsewhere), by name."""
+    children: dict[int, list[int]] = {}
+    names: dict[int, str] = {}
+    entries: list[str] = []
+    with contextlib.suppress(OSError):
+        entries = os.listdir("/proc")
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path("/proc", entry, "stat").read_text()
+        except OSError:
+            continue  # it ended while the others were read
+        name, _, rest = stat.partition(" (")[2].rpartition(")")
+        state, ppid = rest.split()[:2]
+        if state not in ("Z", "X"):  # a zombie is already dead
+            children.setdefault(int(ppid), []).append(int(entry))
+            names[int(entry)] = name
+    found: dict[int, str] = {}
+    todo = [root]
+    while todo:
+        for pid in children.get(todo.pop(), []):
+            if pid not in found:
+                found[pid] = names[pid]
+                todo.append(pid)
+    return found
+
+
+def kill_below(proc: subprocess.Popen[bytes]) -> list[str]:
+    """Stop, then kill, every process under this one: the steps' process, and the servers, pytest runs and
+    children under it, those in sessions of their own and orphans this process adopted too. All are stopped
+    first, so none can start another or leave the tree while the rest are found. Returns the others than the
+    steps' process, as "name (pid)"."""
+    stopped: dict[int, str] = {}
+    for _ in range(50):
+        found = {pid: name for pid, name in processes_below(os.getpid()).items() if pid not in stopped}
+        if not found:
+            break
+        for pid, name in found.items():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+            stopped[pid] = name
+    for pid in stopped:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    if proc.poll() is None:  # where there is no /proc to walk: the steps' process and its group at least
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    return [f"{name} ({pid})" for pid, name in stopped.items() if pid != proc.pid]
+
+
+def reap(timeout_s: float = 5.0) -> None:
+    """Collect the processes this one adopted once they die, so that none is left behind as a zombie."""
+    end = time.monotonic() + timeout_s
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return  # no children left
+        if pid == 0:
+            if time.monotonic() > end:
+                return
+            time.sleep(0.02)
+
+
+def _tee(stream: IO[bytes], log: Path) -> None:
+    """The steps' output, line by line, to this process's stdout and to their log."""
+    with log.open("ab") as f:
+        for line in iter(stream.readline, b""):
+            f.write(line)
+            f.flush()
+            with contextlib.suppress(OSError, ValueError):
+                sys.stdout.buffer.write(line)
+                sys.stdout.buffer.flush()
+
+
+def exit_text(code: int | None) -> str:
+    if code is not None and code < 0:
+        with contextlib.suppress(ValueError):
+            return f"signal {signal.Signals(-code).name}"
+    return f"exit status {code}"
 
 
 if __name__ == "__main__":
