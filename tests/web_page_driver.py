@@ -10,7 +10,9 @@ shipped demo depth model and the tiny Lotus-G checkpoints):
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
+import io
 import os
 import shutil
 import subprocess
@@ -21,6 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+import numpy as np
+from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "assets" / "sample.png"
@@ -50,6 +54,33 @@ IMAGE_FACTS = """
           opaque: opaque / (px.length / 4), range: [min, max]};
 }
 """
+#: The pixels an image element holds, at its natural size, as a PNG data URL (read back through a canvas).
+DRAWN_PIXELS = """
+(el) => {
+  const canvas = document.createElement("canvas");
+  canvas.width = el.naturalWidth || el.width;
+  canvas.height = el.naturalHeight || el.height;
+  canvas.getContext("2d").drawImage(el, 0, 0);
+  return canvas.toDataURL("image/png");
+}
+"""
+#: Points the depth panel at the uploaded photo, the failure the pixel comparison must catch.
+PHOTO_IN_DEPTH_PANEL = """
+() => new Promise((resolve) => {
+  const img = document.querySelector("#panel-depth img");
+  img.onload = resolve;
+  img.src = document.querySelector("#panel-input img").src;
+})
+"""
+
+
+def rgb(png: bytes) -> np.ndarray:
+    """`[H, W, 3]` uint8 of a PNG (screenshots and canvas read-backs are RGBA)."""
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+
+
+def data_url_rgb(url: str) -> np.ndarray:
+    return rgb(base64.b64decode(url.split(",", 1)[1]))
 
 
 def find_chromium() -> str | None:
@@ -103,7 +134,11 @@ class PageRun:
     """What the page showed."""
 
     models_error: str | None = None
-    panels: dict[str, dict] = field(default_factory=dict)  # task -> meta text + IMAGE_FACTS
+    panels: dict[str, dict] = field(default_factory=dict)  # task -> meta, model and notice texts + IMAGE_FACTS
+    drawn: dict[str, np.ndarray] = field(default_factory=dict)  # task -> the map's pixels the page holds
+    shown: dict[str, np.ndarray] = field(default_factory=dict)  # task -> a screenshot of the map as shown
+    legends: dict[str, np.ndarray] = field(default_factory=dict)  # near-far, low-high bars; normals sphere
+    photo_swapped: dict[str, np.ndarray] = field(default_factory=dict)  # drawn/shown after PHOTO_IN_DEPTH_PANEL
     input_natural: tuple[int, int] = (0, 0)
     invalid_errors: dict[str, str] = field(default_factory=dict)  # task -> error text after a bad parameter
     multi_step: dict[str, str] = field(default_factory=dict)  # task -> meta text of a multi-step model's run
@@ -122,11 +157,13 @@ def drive(
     download_to: Path | None = None,
     timeout_ms: float = 120_000,
     multi_step_model: str | None = None,
+    photo_in_depth_panel: bool = False,
 ) -> PageRun:
     """Open the page, (enter the key,) upload `image`, wait for the three maps, screenshot the page; optionally
     download the depth map as PNG16 and NPY into `download_to`, then run with `processing_res = 7` and collect
     the errors the panels show; with `multi_step_model`, last, run depth and uncertainty on that model with
-    `steps = 3` and the step-change method and collect the panels' meta text."""
+    `steps = 3` and the step-change method and collect the panels' meta text; with `photo_in_depth_panel`,
+    last, show the uploaded photo in the depth panel and read its pixels again (what a broken page would do)."""
     from playwright.sync_api import sync_playwright
 
     run = PageRun()
@@ -150,7 +187,18 @@ def drive(
             for task in TASKS:
                 page.wait_for_selector(f"#panel-{task}[data-state=done]")
                 facts = page.eval_on_selector(f"#panel-{task} img", IMAGE_FACTS)
-                run.panels[task] = {"meta": page.inner_text(f"#panel-{task} .meta"), **facts}
+                notice = page.locator(f"#panel-{task} .random-weights")
+                run.panels[task] = {
+                    "meta": page.inner_text(f"#panel-{task} .meta"),
+                    "model": page.inner_text(f"#panel-{task} .model"),
+                    "notice": notice.inner_text() if notice.is_visible() else None,
+                    **facts,
+                }
+                run.drawn[task] = data_url_rgb(page.eval_on_selector(f"#panel-{task} img", DRAWN_PIXELS))
+                run.shown[task] = rgb(page.locator(f"#panel-{task} img").screenshot())
+            for bar in ("near-far", "low-high"):
+                run.legends[bar] = rgb(page.locator(f".bar.{bar}").first.screenshot())
+            run.legends["sphere"] = data_url_rgb(page.eval_on_selector("#panel-normals .sphere", DRAWN_PIXELS))
             page.wait_for_selector("#panel-input[data-state=done]")
             natural = page.eval_on_selector("#panel-input img", "(i) => [i.naturalWidth, i.naturalHeight]")
             run.input_natural = (natural[0], natural[1])
@@ -180,6 +228,10 @@ def drive(
                 for task in ("depth", "uncertainty"):
                     page.wait_for_selector(f"#panel-{task}[data-state=done]")
                     run.multi_step[task] = page.inner_text(f"#panel-{task} .meta")
+            if photo_in_depth_panel:
+                page.evaluate(PHOTO_IN_DEPTH_PANEL)
+                run.photo_swapped["drawn"] = data_url_rgb(page.eval_on_selector("#panel-depth img", DRAWN_PIXELS))
+                run.photo_swapped["shown"] = rgb(page.locator("#panel-depth img").screenshot())
             run.csp_violations = page.evaluate("window.__cspViolations")
         finally:
             browser.close()

@@ -76,11 +76,96 @@ function fillModels() {
     const select = $(`model-${task}`);
     const previous = select.value;
     select.replaceChildren();
-    for (const m of models) option(select, m.id, `${m.id} (${m.family}, ${m.output_kind})`);
+    for (const m of models) {
+      option(select, m.id, `${m.id} (${m.family}, ${m.output_kind})${m.random_weights ? ", random weights" : ""}`);
+    }
     if (!models.length) option(select, "", "none served");
     if (models.some((m) => m.id === previous)) select.value = previous;
     select.disabled = !models.length;
   }
+  describePanels();
+}
+
+// The camera-frame axes of a normals model ("+x image left, +y image up, +z towards the camera") as the sign
+// of each against OpenGL's (+x right, +y up, +z towards the camera); OpenGL's when the server does not say.
+function normalsAxes(words) {
+  const w = words || "";
+  return {
+    x: w.includes("+x image left") ? -1 : 1,
+    y: w.includes("+y image down") ? -1 : 1,
+    z: w.includes("+z away from") ? -1 : 1,
+    words: w,
+  };
+}
+
+// A sphere facing the camera, each point coloured as the server colours a surface facing that way:
+// round((n + 1) / 2 * 255) of its normal n in the model's axes (service/codec quantize_normals).
+function drawNormalsSphere(canvas, axes) {
+  const ctx = canvas.getContext("2d");
+  const size = canvas.width;
+  const img = ctx.createImageData(size, size);
+  const r = size / 2;
+  for (let j = 0; j < size; j++) {
+    for (let i = 0; i < size; i++) {
+      const u = (i + 0.5) / r - 1; // image right
+      const v = 1 - (j + 0.5) / r; // image up
+      const d = u * u + v * v;
+      if (d > 1) continue; // transparent outside the sphere
+      const n = [axes.x * u, axes.y * v, axes.z * Math.sqrt(1 - d)];
+      const at = (j * size + i) * 4;
+      for (let c = 0; c < 3; c++) img.data[at + c] = Math.round(((n[c] + 1) / 2) * 255);
+      img.data[at + 3] = 255;
+    }
+  }
+  ctx.putImageData(img, 0, 0);
+}
+
+function selectedModel(task) {
+  const id = $(`model-${task}`).value;
+  return state.models.find((m) => m.id === id);
+}
+
+// Above each map: which model makes it, at which processing_res, whether its weights are trained; a
+// random-weight model's panel says plainly that its map is noise. Below it: how to read the colours.
+function describePanel(task) {
+  const panel = panels[task];
+  const m = selectedModel(task);
+  const notice = panel.querySelector(".random-weights");
+  notice.hidden = !(m && m.random_weights);
+  notice.textContent = m && m.random_weights
+    ? `Random weights: ${m.id} is an untrained test checkpoint, so this map is noise, not a prediction.`
+    : "";
+  if (!m) {
+    panel.querySelector(".model").textContent = "";
+    return;
+  }
+  const override = $("processing-res").value.trim();
+  const res = override === "" ? m.processing_res : Number(override);
+  const resText = res === 0 ? "native size" : `processing_res ${res}`;
+  const weights = m.random_weights === true ? "random weights" : m.random_weights === false ? "trained" : "";
+  panel.querySelector(".model").textContent =
+    `${m.id}: ${m.family} ${m.output_kind}, ${resText}${override === "" ? "" : " (set above)"}` +
+    (weights ? `; ${weights}` : "");
+  if (task === "normals") {
+    const axes = normalsAxes(m.normals_convention);
+    drawNormalsSphere(panel.querySelector(".sphere"), axes);
+    const side = (sign, plus, minus) => (sign > 0 ? plus : minus);
+    panel.querySelector(".axes .x").textContent = `red: x, high = facing image ${side(axes.x, "right", "left")}`;
+    panel.querySelector(".axes .y").textContent = `green: y, high = facing image ${side(axes.y, "up", "down")}`;
+    panel.querySelector(".axes .z").textContent =
+      `blue: z, high = facing ${side(axes.z, "the camera", "away from the camera")}`;
+  }
+  if (task === "uncertainty") {
+    const normals = $("uncertainty-task").value === "normals";
+    panel.querySelector(".legend .low").textContent = normals ? "low: 0°" : "low: 0";
+    panel.querySelector(".legend .high").textContent = normals
+      ? "high: 180°"
+      : "high: ≥ 1 (the depth range)";
+  }
+}
+
+function describePanels() {
+  for (const task of Object.keys(panels)) describePanel(task);
 }
 
 function updateRunButton() {
@@ -242,6 +327,8 @@ function init() {
     choose(e.dataTransfer.files[0]);
   });
   $("uncertainty-task").addEventListener("change", fillModels);
+  for (const task of Object.keys(panels)) $(`model-${task}`).addEventListener("change", () => describePanel(task));
+  $("processing-res").addEventListener("input", describePanels);
   $("run").addEventListener("click", run);
   for (const [task, panel] of Object.entries(panels)) {
     for (const button of panel.querySelectorAll(".downloads button")) {
