@@ -1,0 +1,121 @@
+"""The CLI and the server agree on the default models: one list (service/defaults.py) for `serve`, `predict`
+without --model, `predict --model ID` with the ids /v1/models shows, and `dense-serve models`."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from service.cli import main
+from service.defaults import DEMO_DIR, default_for, default_models, demo_spec_files
+from tests.conftest import REPO, SAMPLE
+
+DEMO_SPEC = DEMO_DIR / "lotus-d-synthetic-demo.toml"
+
+
+def _spec(folder: Path, name: str, source: Path, res: int, **fields: str) -> Path:
+    """A demo spec as `dense-serve finetune` writes one: an id, a checkpoint folder, a processing size."""
+    extra = "".join(f'{k} = "{v}"\n' for k, v in fields.items())
+    path = folder / f"{name}.toml"
+    path.write_text(f'id = "{name}"\nsource = "{source}"\nprocessing_res = {res}\n{extra}')
+    return path
+
+
+def test_shipped_defaults_put_the_trained_demo_first_and_random_only_where_needed(tmp_path: Path) -> None:
+    models = default_models(tmp_path / "tiny")
+    trained = [m for m in models if m.trained]
+    assert {m.spec.id for m in trained} >= {"lotus-d-synthetic-demo"}
+    assert len(trained) == len(demo_spec_files()), "every shipped demo spec is served"
+    assert models[: len(trained)] == trained, "trained models come before random ones"
+    assert default_for(models, "depth").trained  # type: ignore[union-attr]
+    for task in ("depth", "normals"):
+        assert default_for(models, task) is not None, task
+    assert any(m.task == "depth" and m.generative for m in models), "/v1/uncertainty needs a multi-seed model"
+    for m in models:
+        if not m.trained:  # a random one only for what no trained demo covers
+            covered = [t for t in trained if t.task == m.task and (t.generative or not m.generative)]
+            assert not covered, (m.spec.id, [t.spec.id for t in covered])
+    assert not (tmp_path / "tiny").exists(), "listing the defaults builds nothing"
+
+
+def test_a_demo_dir_with_trained_models_for_every_task_needs_no_random_one(tiny_dir, tmp_path: Path, caplog) -> None:
+    demo = tmp_path / "demo"
+    (demo / "g-depth").mkdir(parents=True)
+    _spec(demo, "d-depth-64", tiny_dir("lotus-d", "depth"), 64)
+    _spec(demo / "g-depth", "g-depth-128", tiny_dir("lotus-g", "depth"), 128)
+    _spec(demo, "d-normals", tiny_dir("lotus-d", "normals"), 64)
+    (demo / "broken.toml").write_text('id = "broken"\nsource = "no-such-folder"\n')
+    with caplog.at_level(logging.WARNING):
+        models = default_models(tmp_path / "tiny", demo)
+    assert [m.spec.id for m in models] == ["g-depth-128", "d-depth-64", "d-normals"]
+    assert all(m.trained for m in models)
+    assert default_for(models, "depth").spec.id == "g-depth-128"  # type: ignore[union-attr]  # the larger one
+    assert "broken" in caplog.text, "an unreadable demo spec is left out, with a warning"
+
+    # Only a deterministic depth model trained: a random Lotus-G depth model for uncertainty, after it.
+    only_d = tmp_path / "only-d"
+    only_d.mkdir()
+    _spec(only_d, "d-depth", tiny_dir("lotus-d", "depth"), 64)
+    ids = [(m.spec.id, m.trained) for m in default_models(tmp_path / "tiny", only_d)]
+    assert ids == [("d-depth", True), ("tiny-lotus-g-depth", False), ("tiny-lotus-g-normals", False)]
+
+
+def test_predict_without_model_is_the_default_and_the_demo_id_is_the_demo_spec(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:
+    monkeypatch.setenv("DENSE_TINY_DIR", str(tmp_path / "tiny"))
+    default = default_for(default_models(tmp_path / "tiny"), "depth")
+    assert default is not None
+    args = ["predict", str(SAMPLE), "--format", "npy", "--processing-res", "64"]
+    assert main([*args, "--out", str(tmp_path / "default")]) == 0
+    assert f"({default.spec.id}: " in capsys.readouterr().out
+    assert main([*args, "--out", str(tmp_path / "by-id"), "--model", "lotus-d-synthetic-demo"]) == 0
+    assert "(lotus-d-synthetic-demo: lotus-d disparity" in capsys.readouterr().out
+    assert main([*args, "--out", str(tmp_path / "by-file"), "--model", str(DEMO_SPEC)]) == 0
+    by_id = np.load(tmp_path / "by-id" / "sample_disparity.npy")
+    np.testing.assert_array_equal(by_id, np.load(tmp_path / "by-file" / "sample_disparity.npy"))
+    (written,) = (tmp_path / "default").iterdir()
+    if default.spec.id == "lotus-d-synthetic-demo":  # the default while no larger trained depth demo is shipped
+        np.testing.assert_array_equal(np.load(written), by_id)
+
+
+def test_predict_a_missing_file_fails_before_any_model_library_loads(tmp_path: Path) -> None:
+    code = (
+        "import sys; from service.cli import main; rc = main(sys.argv[1:]); "
+        "print('loaded:', sorted({'torch', 'diffusers'} & set(sys.modules))); sys.exit(rc)"
+    )
+    start = time.perf_counter()
+    result = subprocess.run(
+        [sys.executable, "-c", code, "predict", "nonexistent.jpg", "--out", str(tmp_path / "out")],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    elapsed = time.perf_counter() - start
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == ["error: nonexistent.jpg: cannot read file: No such file or directory"]
+    assert "loaded: []" in result.stdout, "neither torch nor diffusers was imported: no model was loaded"
+    assert not (tmp_path / "out").exists()
+    assert elapsed < 30, elapsed  # seconds on a loaded 2-core machine; a model load imports torch first
+
+
+def test_predict_refuses_a_default_model_for_another_task(capsys) -> None:
+    assert main(["predict", str(SAMPLE), "--model", "lotus-d-synthetic-demo", "--task", "normals"]) == 2
+    assert capsys.readouterr().err.splitlines() == ["error: model 'lotus-d-synthetic-demo' predicts depth, not normals"]
+
+
+def test_models_lists_the_default_models_then_the_shipped_specs(capsys) -> None:
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    demo = next(line for line in out.splitlines() if "lotus-d-synthetic-demo" in line)
+    assert "trained demo" in demo and "default of /v1/depth" in demo
+    for line in out.splitlines():
+        if line.strip().startswith("tiny-"):
+            assert "RANDOM WEIGHTS" in line, line
+    assert out.index("lotus-d-synthetic-demo") < out.index("GonzaloMG/marigold-e2e-ft-depth")
