@@ -5,7 +5,7 @@ import warnings
 
 from dense_serve_client._proto import dense_pb2 as dense_dot_v1_dot_dense__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.85.4'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -26,7 +26,9 @@ if _version_not_supported:
 
 
 class DenseServiceStub:
-    """Missing associated documentation comment in .proto file."""
+    """Depth, normals and segmentation maps of images: one at a time (Predict) or a camera stream (StreamPredict).
+    Errors are status codes with REST's problem text; API keys go in metadata (`authorization: Bearer KEY`).
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -52,7 +54,9 @@ class DenseServiceStub:
 
 
 class DenseServiceServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Depth, normals and segmentation maps of images: one at a time (Predict) or a camera stream (StreamPredict).
+    Errors are status codes with REST's problem text; API keys go in metadata (`authorization: Bearer KEY`).
+    """
 
     def Predict(self, request, context):
         """One image, one map.
@@ -102,7 +106,9 @@ def add_DenseServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class DenseService:
-    """Missing associated documentation comment in .proto file."""
+    """Depth, normals and segmentation maps of images: one at a time (Predict) or a camera stream (StreamPredict).
+    Errors are status codes with REST's problem text; API keys go in metadata (`authorization: Bearer KEY`).
+    """
 
     @staticmethod
     def Predict(request,
