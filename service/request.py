@@ -8,6 +8,7 @@ it receives. No torch: every front-end imports this.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
@@ -15,6 +16,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    TypeAdapter,
     ValidationError,
     ValidationInfo,
     ValidatorFunctionWrapHandler,
@@ -22,6 +24,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from models.outputs import ServedTask
 from service.errors import InvalidParameter
@@ -102,7 +105,7 @@ class PredictionRequest(BaseModel):
     )
     task: ServedTask = Field(default="depth", description="depth, normals or segment (REST: the path says it)")
     kind: RequestKind = Field(default="predict", description="predict, or uncertainty (a multi-seed ensemble)")
-    processing_res: Annotated[int, Field(ge=0, le=PROCESSING_RES_CAP), WHOLE] | None = Field(
+    processing_res: Annotated[int, WHOLE] | None = Field(  # its range: _processing_res, with the server's limit
         default=None,
         description="long edge the model sees, a multiple of 8; 0 = the input's native size; default: the model's",
     )
@@ -171,9 +174,13 @@ class PredictionRequest(BaseModel):
     def _processing_res(cls, value: int | None, info: ValidationInfo) -> int | None:
         if value is None:
             return value
-        limit = _limits(info).max_processing_res
-        if value % 8 or value > limit:
-            raise ValueError(f"must be 0 or a multiple of 8 up to {limit}, got {value}")
+        limit = min(_limits(info).max_processing_res, PROCESSING_RES_CAP)
+        try:
+            _processing_res_range(limit).validate_python(value)
+        except ValidationError as exc:
+            # pydantic's own error, raised as itself: no "Value error, " prefix on the message.
+            first = exc.errors()[0]
+            raise PydanticCustomError(first["type"], first["msg"]) from None
         return value
 
     @field_validator("timeout_ms")
@@ -260,6 +267,14 @@ def check_answer_format(request: PredictionRequest, fmt: Format) -> None:
             "format=json (outputs `prediction` and `uncertainty`), or gRPC (PredictResponse.uncertainty_data)",
             field="uncertainty",
         )
+
+
+@lru_cache(maxsize=8)
+def _processing_res_range(limit: int) -> TypeAdapter[int]:
+    """The constraint REST's parameter model puts on processing_res (0 or a multiple of 8 up to the server's
+    limit), so that gRPC, the CLI and REST's JSON/form fields refuse a value in the same words as the query
+    string: "Input should be less than or equal to 2048" names the configured limit, not the hard cap."""
+    return TypeAdapter(Annotated[int, Field(ge=0, le=limit, multiple_of=8)])
 
 
 def _limits(info: ValidationInfo) -> Limits:
