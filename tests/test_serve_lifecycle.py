@@ -18,6 +18,7 @@ import pytest
 
 import service.worker.registry as registry
 from models.spec import ModelSpec
+from service.defaults import default_for, default_models
 from tests.conftest import SAMPLE
 from tests.service_harness import png_bytes, running_service, until_ready
 
@@ -124,7 +125,10 @@ def test_serve_process_tiny_default_then_sigterm_drains(tmp_path: Path) -> None:
             time.sleep(0.2)
         r = httpx.post(f"{base}/v1/depth", files={"image": ("sample.png", SAMPLE.read_bytes(), "image/png")})
         assert r.status_code == 200 and r.headers["content-type"] == "image/png"
-        assert r.headers["x-model"] == "lotus-d-synthetic-demo"  # the trained demo serves depth first
+        defaults = default_models(tmp_path / "tiny")
+        depth = default_for(defaults, "depth")
+        assert depth is not None and depth.trained  # a trained demo serves depth first
+        assert r.headers["x-model"] == depth.spec.id
 
         result: dict[str, httpx.Response] = {}
 
@@ -152,7 +156,12 @@ def test_serve_process_tiny_default_then_sigterm_drains(tmp_path: Path) -> None:
         if proc.poll() is None:
             proc.kill()
         _, err = proc.communicate(timeout=30)
-    assert "TINY RANDOM-WEIGHT" in err
+    # The first line: where it listens and what it serves; then which defaults are random weights.
+    assert err.startswith(f"dense-serve listening on http://127.0.0.1:{port} and gRPC 127.0.0.1:"), err[:300]
+    assert f"serving {', '.join(m.spec.id for m in defaults)}\n" in err
+    for m in defaults:
+        row = next(line for line in err.splitlines() if line.strip().startswith(m.spec.id))
+        assert ("RANDOM WEIGHTS" in row) != m.trained, row
     assert "Application shutdown complete" in err and "did not drain" not in err
 
 
