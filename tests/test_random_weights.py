@@ -1,5 +1,5 @@
 """Random weights are a fact of the checkpoint, not of its id: `make_tiny` marks the folder it writes, loading
-reads the mark, and `/v1/models` says `random_weights` for whatever id serves the folder."""
+reads the mark, and `/v1/models` (and gRPC ListModels) say `random_weights` for whatever id serves the folder."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import grpc
 import pytest
 
 from models.detect import RANDOM_WEIGHTS_KEY, CheckpointConfig, has_random_weights
@@ -15,6 +16,8 @@ from models.loading import load_model
 from models.outputs import Family, Task
 from models.spec import ModelSpec
 from models.tiny import write_model_index
+from service.grpc.stubs import dense_pb2 as pb
+from service.grpc.stubs.dense_pb2_grpc import DenseServiceStub
 from tests.service_harness import running_service
 
 
@@ -56,7 +59,10 @@ async def test_models_endpoint_says_random_weights_by_checkpoint_not_id(
         ModelSpec(id="looks-trained", source=str(tiny_dir("lotus-g", "depth")), processing_res=64),
         ModelSpec(id="tiny-looking", source=str(trained), task="depth", processing_res=64),
     ]
-    async with running_service(tiny_dir, specs=specs) as svc:
+    async with running_service(tiny_dir, specs=specs, grpc_enabled=True, grpc_port=0) as svc:
         listed = (await svc.client.get("/v1/models")).json()["models"]
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{svc.app.state.grpc.port}") as channel:
+            over_grpc = (await DenseServiceStub(channel).ListModels(pb.ListModelsRequest())).models
     flags = {m["id"]: m["random_weights"] for m in listed}
     assert flags == {"looks-trained": True, "tiny-looking": False}
+    assert {m.id: m.random_weights for m in over_grpc if m.HasField("random_weights")} == flags

@@ -146,6 +146,7 @@ class DenseServicer(dense_pb2_grpc.DenseServiceServicer):
                     classes=m.classes or [],
                     base_model=m.base_model or "",
                     normals_convention=m.normals_convention or "",
+                    random_weights=m.random_weights,  # None: unset (no worker has loaded it yet)
                 )
                 for m in catalog
             ]
