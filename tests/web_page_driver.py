@@ -296,7 +296,9 @@ def main() -> int:
     with serving([]) as base:
         result = drive(base, args.out, args.image)
     for task, panel in result.panels.items():
-        print(f"{task}: {panel['meta']}")
+        print(f"{task}: {panel['model']}; {panel['meta']}")
+        if panel["notice"]:
+            print(f"  {panel['notice']}")
     print(f"wrote {args.out}")
     return 0
 
