@@ -8,7 +8,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, get_args
+from typing import TYPE_CHECKING, NoReturn, get_args
 
 from models.errors import ModelError
 from models.outputs import FAMILIES, TASKS, PredictionMap
@@ -75,12 +75,18 @@ def _int_list(value: str) -> list[int]:
 
 
 def _config_and_queue(p: argparse.ArgumentParser, embedded: bool) -> None:
-    p.add_argument("--config", type=Path, help="settings file (.toml or .yaml); env DENSE_* overrides it")
+    p.add_argument(
+        "--config", type=Path, metavar="FILE", help="settings file (.toml or .yaml); DENSE_* variables override it"
+    )
     if embedded:
-        p.add_argument("--queue", choices=("memory", "redis"), help="embedded queue (default) or Redis Streams")
+        p.add_argument(
+            "--queue",
+            choices=("memory", "redis"),
+            help="memory: jobs stay in this process (default); redis: Redis Streams",
+        )
     else:
         p.add_argument("--queue", choices=("redis",), default="redis", help="the queue (Redis Streams)")
-    p.add_argument("--redis-url", help="Redis URL (default redis://127.0.0.1:6379/0)")
+    p.add_argument("--redis-url", metavar="URL", help="Redis URL (default redis://127.0.0.1:6379/0)")
 
 
 def _models(p: argparse.ArgumentParser, metavar: str, text: str) -> None:
@@ -91,8 +97,8 @@ def _models(p: argparse.ArgumentParser, metavar: str, text: str) -> None:
 PROBE_HELP = {
     "load": "a trained probe folder (dense-serve probe train), served beside its base model: /v1/segment, or "
     "/v1/depth?model=ID for a depth probe",
-    "declare": "a probe folder whose probe.toml this front-end declares (no torch): with scale_from_zero its "
-    "jobs queue before any worker announced it; workers attach the probe with worker --probe",
+    "declare": "a trained probe folder whose requests this front-end accepts (workers serve it with worker "
+    "--probe); with scale_from_zero they wait for a worker to start",
 }
 
 
@@ -104,21 +110,27 @@ def _backend(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--backend",
         choices=BACKEND_CHOICES,
-        help="runtime for every model (default: the spec's; auto = torch for checkpoints); exported backends "
-        "export a checkpoint into the engine cache on first start",
+        help="runtime for every model (default: the spec's; auto = PyTorch for checkpoints); onnxruntime and "
+        "tensorrt export each checkpoint on first start (kept in .cache/engines)",
     )
 
 
 def _bind(p: argparse.ArgumentParser, host_dest: str, port_dest: str, default_port: int) -> None:
-    p.add_argument("--host", dest=host_dest, help="bind address (default 127.0.0.1)")
-    p.add_argument("--port", type=int, dest=port_dest, help=f"port (default {default_port}; 0: any free port)")
+    p.add_argument("--host", dest=host_dest, metavar="ADDR", help="address to listen on (default 127.0.0.1)")
+    p.add_argument(
+        "--port",
+        type=int,
+        dest=port_dest,
+        help=f"port (default {default_port}; 0: any free one; a taken one is refused)",
+    )
     if port_dest == "grpc_port":  # `dense-serve grpc`: --grpc-port is --port, the spelling serve and api use
         p.add_argument("--grpc-port", type=int, dest=port_dest, help=argparse.SUPPRESS)
     else:
         p.add_argument(
             "--grpc-port",
             type=int,
-            help="gRPC port beside REST (default 50051; 0: any free port; a taken one is refused)",
+            metavar="PORT",
+            help="gRPC port (default 50051; 0: any free one; a taken one is refused)",
         )
 
 
@@ -126,8 +138,22 @@ def _api_keys(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", action="append", dest="api_keys", metavar="KEY", help="require this key (repeatable)")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with the CLI's one spelling of a refusal: the usage, then `error: ...`, exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dense-serve", description=__doc__)
+    parser = Parser(
+        prog="dense-serve",
+        description="Depth, normals and their uncertainty from diffusion models (Lotus, E2E-FT, Marigold): serve "
+        "them over REST and gRPC, or write maps of image files.",
+        epilog="First steps: `dense-serve serve` (then open http://127.0.0.1:8000/), `dense-serve predict "
+        "photo.jpg` (maps into ./out), `dense-serve models`. `dense-serve COMMAND --help` for each command.",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -137,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write the depth (or normals) map of each image file into --out. Without --model: the model "
         "`serve` answers /v1/depth (or /v1/normals with --task normals) with when none is configured.",
     )
-    p.add_argument("images", nargs="+", type=Path, help="input image files")
+    p.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files (PNG, JPEG, WebP, ...)")
     p.add_argument(
         "--model",
         help="a model id from `dense-serve models` (the demo's: lotus-d-synthetic-demo), a spec .toml, a diffusers "
@@ -145,11 +171,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--task", choices=TASKS, help="depth or normals (default: the model's; depth without --model)")
     p.add_argument(
-        "--probe", type=Path, help="a depth probe folder: its map (as /v1/depth?model=PROBE) on --model, its base"
+        "--probe",
+        type=Path,
+        metavar="DIR",
+        help="a trained depth probe folder: write its depth map (as /v1/depth?model=PROBE does), computed on "
+        "--model, the model it was trained on",
     )
     p.add_argument("--probe-head", choices=("strong", "weak"), help="the depth probe's head (default: its serve_head)")
     p.add_argument(
-        "--processing-res", type=int, help="long edge the model sees, a multiple of 8; 0 = native (default: model's)"
+        "--processing-res",
+        metavar="PX",
+        type=int,
+        help="long edge the model sees, a multiple of 8; 0 = native (default: model's)",
     )
     p.add_argument(
         "--match-input-resolution",
@@ -157,82 +190,148 @@ def build_parser() -> argparse.ArgumentParser:
         default=True,
         help="resize maps back to the input size (default); --no-match-input-resolution keeps the processing size",
     )
-    p.add_argument("--seed", type=int, help="Lotus-G / Marigold noise seed (default: the spec's, 0)")
+    p.add_argument("--seed", metavar="N", type=int, help="Lotus-G / Marigold noise seed (default: the spec's, 0)")
     p.add_argument(
-        "--steps", type=int, help="denoising steps (default: the model's; single-step families refuse other than 1)"
+        "--steps",
+        metavar="N",
+        type=int,
+        help="denoising steps (default: the model's; single-step families refuse other than 1)",
     )
-    p.add_argument("--ensemble-size", type=int, help="Marigold: members ensembled as diffusers does (default 1)")
+    p.add_argument(
+        "--ensemble-size", metavar="N", type=int, help="Marigold: members ensembled as diffusers does (default 1)"
+    )
     p.add_argument(
         "--uncertainty",
         choices=get_args(AnswerUncertainty),
         help="steps: also write the step-change uncertainty of each run (Marigold, steps >= 2) as "
         "STEM_KIND_uncertainty.EXT in each format (default none)",
     )
-    p.add_argument("--batch-size", type=int, default=4, help="images per forward pass (default 4)")
+    p.add_argument("--batch-size", metavar="N", type=int, default=4, help="images per forward pass (default 4)")
     p.add_argument(
-        "--format", type=_formats, default=["png"], help=f"comma list of {','.join(FILE_FORMATS)} (default png)"
+        "--format",
+        metavar="LIST",
+        type=_formats,
+        default=["png"],
+        help=f"comma list of {','.join(FILE_FORMATS)} (default png)",
     )
-    p.add_argument("--out", type=Path, default=Path("out"), help="output directory (default ./out)")
-    p.add_argument("--device", help="auto, cpu, cuda, cuda:N (default: the spec's, auto)")
+    p.add_argument("--out", metavar="DIR", type=Path, default=Path("out"), help="output directory (default ./out)")
+    p.add_argument("--device", metavar="DEVICE", help="auto, cpu, cuda, cuda:N (default: the spec's, auto)")
     p.add_argument("--dtype", choices=("auto", "fp16", "fp32"), help="default: fp16 on CUDA, fp32 on CPU")
-    p.add_argument("--max-pixels", type=int, default=None, help="refuse larger images (default 40 MP)")
+    p.add_argument("--max-pixels", metavar="N", type=int, default=None, help="refuse larger images (default 40 MP)")
     p.add_argument(
         "--native-size", dest="match_input_resolution", action="store_false", help=argparse.SUPPRESS
     )  # the old spelling of --no-match-input-resolution
     p.add_argument("--backend", choices=BACKEND_CHOICES, help="runtime (default: the spec's; auto = torch)")
-    p.add_argument("--io-threads", type=int, help="threads that decode and encode beside the model (default: cores)")
-    p.add_argument("--png-compression", type=int, choices=range(10), default=1, metavar="0-9", help="default 1")
+    p.add_argument(
+        "--io-threads",
+        type=int,
+        metavar="N",
+        help="threads that read and write files while the model runs (default: cores)",
+    )
+    p.add_argument(
+        "--png-compression",
+        type=int,
+        choices=range(10),
+        default=1,
+        metavar="0-9",
+        help="PNG level: 0-3 fast, 4-9 smaller files (default 1)",
+    )
     p.add_argument("--no-jpeg-draft", dest="jpeg_draft", action="store_false", help="always decode JPEGs at full size")
     p.set_defaults(func=cmd_predict)
 
-    s = sub.add_parser("serve", help="run the REST API (and gRPC) with the worker in one process")
+    s = sub.add_parser(
+        "serve",
+        help="serve the REST API, the demo page and gRPC, computing in this process",
+        description="Serve the REST API (http://127.0.0.1:8000, demo page at /, API docs at /docs) and gRPC "
+        "(127.0.0.1:50051), computing the maps in this process. Without --model: the models `dense-serve models` "
+        "lists as served by default (a small trained demo; random-weight stand-ins where no demo exists).",
+    )
     _config_and_queue(s, embedded=True)
-    _models(s, "SPEC", "model to serve (repeatable): spec .toml, diffusers folder, shipped id or hub id")
+    _models(
+        s,
+        "MODEL",
+        "model to serve (repeatable): a shipped id, a hub id, a diffusers folder or a spec .toml (default: "
+        "the default models)",
+    )
     _probes(s)
     _backend(s)
     _bind(s, "host", "port", 8000)
     _api_keys(s)
     s.set_defaults(func=cmd_serve, role="serve")
 
-    a = sub.add_parser("api", help="run only the REST API (and gRPC); workers join through Redis")
+    a = sub.add_parser(
+        "api",
+        help="serve the REST API and gRPC only; `worker` processes compute, through Redis",
+        description="Serve the REST API, the demo page and gRPC without computing: jobs go to Redis, where "
+        "`dense-serve worker` processes (any number, on any machine) take them.",
+    )
     _config_and_queue(a, embedded=False)
-    _models(a, "ID", "model ids readiness waits for (default: ready once any worker serves a model)")
+    _models(
+        a,
+        "ID",
+        "a model id the workers serve (repeatable): /readyz waits for each (default: ready once any "
+        "worker serves a model)",
+    )
     _probes(a, "declare")
     _bind(a, "host", "port", 8000)
     _api_keys(a)
     a.set_defaults(func=cmd_serve, role="api")
 
-    g = sub.add_parser("grpc", help="run only the gRPC front-end; workers join through Redis")
+    g = sub.add_parser(
+        "grpc",
+        help="serve gRPC only; `worker` processes compute, through Redis",
+        description="Serve only the gRPC API (Predict, StreamPredict, ListModels; port 50051): jobs go to Redis, "
+        "where `dense-serve worker` processes take them.",
+    )
     _config_and_queue(g, embedded=False)
-    _models(g, "ID", "model ids readiness waits for")
+    _models(g, "ID", "a model id the workers serve (repeatable): the health service waits for each")
     _probes(g, "declare")
     _bind(g, "grpc_host", "grpc_port", 50051)
     _api_keys(g)
-    g.add_argument("--metrics-port", type=int, help="serve /metrics, /healthz and /readyz on this port")
+    g.add_argument("--metrics-port", type=int, metavar="PORT", help="serve /metrics, /healthz and /readyz on this port")
     g.set_defaults(func=cmd_grpc)
 
-    w = sub.add_parser("worker", help="run only a GPU/CPU worker that serves models from Redis")
+    w = sub.add_parser(
+        "worker",
+        help="compute for `api` and `grpc` front-ends: take jobs from Redis",
+        description="Load the models and compute the jobs that `api` and `grpc` front-ends put in Redis. Without "
+        "--model: the default models (dense-serve models).",
+    )
     _config_and_queue(w, embedded=False)
-    _models(w, "SPEC", "model to serve (repeatable)")
+    _models(w, "MODEL", "model to serve (repeatable): a shipped id, a hub id, a diffusers folder or a spec .toml")
     _probes(w)
     _backend(w)
-    w.add_argument("--name", dest="worker_name", help="consumer name; keep it stable across restarts")
-    w.add_argument("--metrics-port", type=int, help="serve /metrics, /healthz and /readyz on this port")
-    w.add_argument("--host", help="bind address of the metrics port (default 127.0.0.1)")
+    w.add_argument(
+        "--name", dest="worker_name", help="this worker's name in Redis (default host-pid); keep it across restarts"
+    )
+    w.add_argument("--metrics-port", type=int, metavar="PORT", help="serve /metrics, /healthz and /readyz on this port")
+    w.add_argument("--host", metavar="ADDR", help="address of the metrics port (default 127.0.0.1)")
     w.set_defaults(func=cmd_worker)
 
-    b = sub.add_parser("bench", help="time the predictor at fixed resolutions and batch sizes")
-    b.add_argument("--model", required=True, help="spec .toml, local diffusers folder, shipped spec id or hub id")
+    b = sub.add_parser(
+        "bench",
+        help="time a model at fixed resolutions and batch sizes",
+        description="Time a model on random images at each resolution and batch size: a Markdown table of "
+        "ms per image and the speed-up over batch 1.",
+    )
+    b.add_argument(
+        "--model", required=True, help="a model id (dense-serve models), a spec .toml, a diffusers folder or a hub id"
+    )
     b.add_argument("--resolutions", type=_int_list, default=[64, 128], help="comma list (default 64,128)")
     b.add_argument("--batch-sizes", type=_int_list, default=[1, 8], help="comma list (default 1,8)")
     b.add_argument("--images", type=int, default=16, help="images per measurement (default 16)")
     b.add_argument("--device", help="auto, cpu, cuda, cuda:N")
-    b.add_argument("--dtype", choices=("auto", "fp16", "fp32"))
+    b.add_argument("--dtype", choices=("auto", "fp16", "fp32"), help="default: fp16 on CUDA, fp32 on CPU")
     b.add_argument("--backend", choices=BACKEND_CHOICES, help="runtime (default: the spec's)")
     b.add_argument("--task", choices=TASKS, help="override the detected task")
     b.set_defaults(func=cmd_bench)
 
-    x = sub.add_parser("export", help="export a model to ONNX, TensorRT engines or a Triton repository")
+    x = sub.add_parser(
+        "export",
+        help="export a model to ONNX, TensorRT engines or a Triton repository",
+        description="Export a model's graphs to a folder that `serve --model FOLDER` serves with ONNX Runtime, "
+        "TensorRT or Triton, and report its largest difference from PyTorch's maps.",
+    )
     x.add_argument("--model", required=True, help="spec .toml, local diffusers folder, shipped spec id or hub id")
     x.add_argument("--task", choices=TASKS, help="override the detected task")
     x.add_argument("--format", choices=("onnx", "tensorrt", "triton"), default="onnx")
@@ -245,7 +344,13 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--triton-instance-kind", choices=("gpu", "cpu"), default="gpu", help="Triton instance group")
     x.set_defaults(func=cmd_export)
 
-    m = sub.add_parser("models", help="list the models served by default and the shipped model specs")
+    m = sub.add_parser(
+        "models",
+        help="list the models served by default and the shipped model specs",
+        description="List the models `serve` serves and `predict` uses when no model is given (which are trained, "
+        "which are random weights, which endpoint each is the default of), then the shipped specs of published "
+        "checkpoints (serve --model ID).",
+    )
     m.set_defaults(func=cmd_models)
 
     add_finetune_parser(sub)
@@ -264,7 +369,12 @@ def build_parser() -> argparse.ArgumentParser:
     sg.add_argument("--out", type=Path, required=True, help="output directory")
     sg.set_defaults(func=cmd_segment)
 
-    t = sub.add_parser("make-tiny", help="write a tiny random-weight checkpoint for tests and trials")
+    t = sub.add_parser(
+        "make-tiny",
+        help="write a tiny random-weight checkpoint for tests and trials",
+        description="Write a tiny checkpoint with random weights (a few MB): it runs like a real model of its "
+        "family, but its maps are noise.",
+    )
     t.add_argument("out", type=Path)
     t.add_argument("--family", choices=FAMILIES, required=True)
     t.add_argument("--task", choices=TASKS, required=True)
