@@ -50,7 +50,7 @@ def _protoc(args: list[str]) -> None:
         raise RuntimeError(f"protoc failed: {' '.join(args)}")
 
 
-def build_file(
+def build_descriptor_set(
     proto: Path = PROTO, proto_root: Path = PROTO_ROOT, source_info: bool = False
 ) -> descriptor_pb2.FileDescriptorSet:
     """protoc's FileDescriptorSet of `proto` (with its comments when `source_info`)."""
@@ -85,17 +85,18 @@ def generate(
         out.mkdir(parents=True, exist_ok=True)
         written = []
         for src in sorted((Path(tmp) / "dense" / "v1").iterdir()):
-            text = src.read_text()
+            text = src.read_text(encoding="utf-8")
             # protoc writes absolute imports from the proto root; make them package-relative to this repo.
             text = re.sub(r"^from dense\.v1 import", f"from {package} import", text, flags=re.M)
             target = out / src.name
-            target.write_text(text)
+            target.write_text(text, encoding="utf-8", newline="\n")  # the same bytes on every OS and locale
             written.append(target)
         note = '"""Generated from proto/dense/v1/dense.proto by service/grpc/codegen.py; do not edit."""\n'
-        (out / "__init__.py").write_text(note)
+        (out / "__init__.py").write_text(note, encoding="utf-8", newline="\n")
     if descriptor_set:
         target = out / DESCRIPTOR_SET_MODULE
-        target.write_text(descriptor_set_module(build_file(proto, proto_root, source_info=True).SerializeToString()))
+        serialized = build_descriptor_set(proto, proto_root, source_info=True).SerializeToString()
+        target.write_text(descriptor_set_module(serialized), encoding="utf-8", newline="\n")
         written.append(target)
     return written
 
@@ -110,7 +111,8 @@ def generator_version() -> str:
 
 def banner_version(out: Path = STUBS) -> str:
     """The grpcio-tools that wrote the committed stubs (their GRPC_GENERATED_VERSION)."""
-    found = re.search(r"^GRPC_GENERATED_VERSION = '([^']+)'", (out / "dense_pb2_grpc.py").read_text(), flags=re.M)
+    text = (out / "dense_pb2_grpc.py").read_text(encoding="utf-8")
+    found = re.search(r"^GRPC_GENERATED_VERSION = '([^']+)'", text, flags=re.M)
     if found is None:
         raise ValueError(f"{out / 'dense_pb2_grpc.py'} names no GRPC_GENERATED_VERSION")
     return found.group(1)
@@ -262,7 +264,7 @@ def _grpc_calls(tree: ast.Module) -> set[tuple[str, ...]]:
 
 def _serialized_set(path: Path) -> bytes:
     """The SERIALIZED bytes of a generated descriptor set module, read from its source (not imported)."""
-    for node in ast.parse(path.read_text()).body:
+    for node in ast.parse(path.read_text(encoding="utf-8")).body:
         if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "SERIALIZED" for t in node.targets):
             return ast.literal_eval(node.value)
     raise ValueError(f"{path}: no SERIALIZED")
@@ -293,19 +295,19 @@ def meaning_differences(
     """What the generated files in `out` say that `proto` does not (empty: they agree). Compares meaning, not
     text: the registered FileDescriptorProto (minus source info), the `.pyi`'s messages and enums, the services'
     paths, streaming kinds and request/response types, and (with `descriptor_set`) the served comments."""
-    built = build_file(proto, proto_root, source_info=True).file[0]
+    built = build_descriptor_set(proto, proto_root, source_info=True).file[0]
     diffs: list[str] = []
     try:
-        registered = _module_file(ast.parse((out / "dense_pb2.py").read_text()))
+        registered = _module_file(ast.parse((out / "dense_pb2.py").read_text(encoding="utf-8")))
     except (OSError, ValueError, SyntaxError) as exc:
         diffs.append(f"dense_pb2.py: {exc}")
     else:
         if comparable(registered) != comparable(built):
             diffs += _differences("dense_pb2.py", _messages_and_enums(built), _messages_and_enums(registered))
             diffs.append("dense_pb2.py: its FileDescriptorProto differs from the proto's")
-    pyi = _pyi_classes(ast.parse((out / "dense_pb2.pyi").read_text()))
+    pyi = _pyi_classes(ast.parse((out / "dense_pb2.pyi").read_text(encoding="utf-8")))
     diffs += _differences("dense_pb2.pyi", _messages_and_enums(built), pyi)
-    grpc_module = ast.parse((out / "dense_pb2_grpc.py").read_text())
+    grpc_module = ast.parse((out / "dense_pb2_grpc.py").read_text(encoding="utf-8"))
     diffs += _differences("dense_pb2_grpc.py", _service_calls(built, package), _grpc_calls(grpc_module))
     if descriptor_set:
         try:
