@@ -1,6 +1,6 @@
 """GPU check: verify and measure the GPU path in one command that fits a 15-minute device lease.
 
-    python3 -m load_tests.gpu_check --out DIR            (on the lent GPU: DIR = $OUT; at most 8 minutes)
+    python3 -m load_tests.gpu_check --out DIR            (on the lent GPU: DIR = $OUT; at most 500 s)
     .venv/bin/python -m load_tests.gpu_check --cpu-smoke --out DIR      (make gpu-check-smoke; under 4 minutes)
 
 Steps, in the order they run; each writes DIR/gpu-check.json and DIR/gpu-table.md as it finishes (and the
@@ -34,7 +34,7 @@ what is left of the budget is `skipped` with both figures. At `--budget-s` (500 
 the watchdog stops the steps' process and every process under it, marks the step it was in `timed_out` and the
 steps it never reached `skipped`, and writes the report. The logs of the processes the steps start (pytest, the
 server, the compile and export children) and the steps' own output go to DIR/logs/, named in the report.
-Only this process and the steps' process import torch; the watchdog itself does not, so it starts at once.
+The watchdog never imports torch (only the steps' process and the children do), so it starts at once.
 """
 
 from __future__ import annotations
@@ -1202,8 +1202,8 @@ STEPS = ("environment", "cuda-tests", "checkpoint", "throughput", "fp16-vs-fp32"
 STEPS += ("onnxruntime", "tensorrt")
 #: Steps for the tests of the run machinery itself (`--drill NAME,...`): small and real, each doing what a step of
 #: the check can do: raise SystemExit, run a child with a log, hang in a child (that started a process in a session
-#: of its own) until the watchdog, or just finish.
-DRILLS = ("system-exit", "child-log", "hang", "ok")
+#: of its own) until the watchdog, end the steps' process at once as a crash in a native library would, or finish.
+DRILLS = ("system-exit", "child-log", "hang", "crash", "ok")
 HANG = (
     "import os, subprocess, sys, time\n"
     "grandchild = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(3600)'], start_new_session=True)\n"
@@ -1243,8 +1243,13 @@ def drill(ctx: Context, names: list[str]) -> StepList:
         run_logged([sys.executable, "-c", HANG], ctx.log("hang"), None)
         return Outcome("failed", "the child that hangs ended")
 
+    def crash() -> Outcome:
+        os.kill(os.getpid(), signal.SIGKILL)  # no exception, no finally: what a segfault in a runtime leaves
+        return Outcome("failed", "the steps' process is still alive")
+
     steps: dict[str, Callable[[], Outcome]] = {
-        "system-exit": system_exit, "child-log": child_log, "hang": hang, "ok": lambda: Outcome("ok", "ran"),
+        "system-exit": system_exit, "child-log": child_log, "hang": hang, "crash": crash,
+        "ok": lambda: Outcome("ok", "ran"),
     }  # fmt: skip
     return [(name, steps[name], None) for name in names]
 

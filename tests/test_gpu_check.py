@@ -186,6 +186,21 @@ def test_the_logs_of_the_processes_a_step_starts_are_copied_and_named(drill_run)
     assert "SystemExit: 3" in own and "== child-log: ok" in own and "== watchdog: the run reached its" in own
 
 
+def test_a_steps_process_that_dies_leaves_a_complete_report(tmp_path: Path) -> None:
+    """A crash no exception reports (a signal, as from a segfault in a native runtime): the watchdog still
+    completes the report, the step it died in failed with how, the rest skipped."""
+    out = tmp_path / "out"
+    proc, _ = _run(["--cpu-smoke", "--drill", "child-log,crash,ok", "--out", str(out)], 120)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    steps = _steps(out)
+    died = "the steps' process ended (signal SIGKILL) before its steps did"
+    assert steps["child-log"]["status"] == "ok" and steps["child-log"]["logs"] == ["logs/child-log.log"]
+    assert steps["crash"]["status"] == "failed" and steps["crash"]["note"].startswith(f"{died}, ")
+    assert steps["ok"]["status"] == "skipped" and steps["ok"]["note"] == f"not started: {died}"
+    assert json.loads((out / "gpu-check.json").read_text())["watchdog"] == died
+    assert (out / "logs" / "child-log.log").is_file()
+
+
 def test_a_step_whose_estimate_is_more_than_the_budget_left_is_skipped(tmp_path: Path) -> None:
     out = tmp_path / "out"
     args = ["--cpu-smoke", "--drill", "child-log,ok", "--estimate", "ok=100000", "--budget-s", "60"]
