@@ -581,14 +581,16 @@ def cmd_grpc(args: argparse.Namespace) -> int:
 
     from service.config import load_settings
     from service.embedded import frontend_probes, frontend_specs, preflight_queue, run_grpc
+    from service.ports import PortTaken, check_free
 
     try:
         keys = ("grpc_host", "grpc_port", "api_keys", "queue", "redis_url", "metrics_port", "host", "probes")
         settings = load_settings(args.config, **{k: getattr(args, k, None) for k in keys})
+        check_free("gRPC", settings.grpc_host or settings.host, settings.grpc_port, "--port")
         specs = frontend_specs(args.models or settings.models)
         frontend_probes(settings.probes, specs)
         preflight_queue(settings)
-    except (ModelError, ValidationError, FileNotFoundError, ValueError) as exc:
+    except (ModelError, ValidationError, FileNotFoundError, ValueError, PortTaken) as exc:
         return _error(exc)
     logs.configure(settings.log_level, settings.log_format, role="grpc")
     tracing.setup(settings.otel_enabled, "grpc", settings.otel_endpoint)
@@ -598,8 +600,6 @@ def cmd_grpc(args: argparse.Namespace) -> int:
         print(
             f"dense-serve listening on gRPC {address} (queue {settings.redis_url}), serving {models}", file=sys.stderr
         )
-
-    from service.ports import PortTaken
 
     try:
         return asyncio.run(run_grpc(settings, specs, announce))
