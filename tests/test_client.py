@@ -214,7 +214,7 @@ def test_the_distribution_ships_its_stubs_and_nothing_of_the_server(tmp_path: Pa
     metadata = next(zipfile.ZipFile(wheel).read(n).decode() for n in names if n.endswith("METADATA"))
     requires = [line for line in metadata.splitlines() if line.startswith("Requires-Dist:")]
     assert not [r for r in requires if "torch" in r]
-    assert {"Requires-Dist: httpx>=0.28", "Requires-Dist: numpy>=1.26", "Requires-Dist: pillow>=10.3"} <= set(requires)
+    assert {"Requires-Dist: httpx>=0.28", "Requires-Dist: numpy>=1.26", "Requires-Dist: pillow>=11.3"} <= set(requires)
 
 
 def test_client_stubs_match_the_proto() -> None:
