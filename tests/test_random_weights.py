@@ -14,10 +14,12 @@ import pytest
 from models.detect import RANDOM_WEIGHTS_KEY, CheckpointConfig, has_random_weights
 from models.loading import load_model
 from models.outputs import Family, Task
+from models.probes.declaration import ProbeDeclaration
 from models.spec import ModelSpec
 from models.tiny import write_model_index
 from service.grpc.stubs import dense_pb2 as pb
 from service.grpc.stubs.dense_pb2_grpc import DenseServiceStub
+from service.jobs import ModelInfo
 from tests.service_harness import running_service
 
 
@@ -66,3 +68,16 @@ async def test_models_endpoint_says_random_weights_by_checkpoint_not_id(
     flags = {m["id"]: m["random_weights"] for m in listed}
     assert flags == {"looks-trained": True, "tiny-looking": False}
     assert {m.id: m.random_weights for m in over_grpc if m.HasField("random_weights")} == flags
+
+
+def test_probe_entries_are_trained_heads_on_whatever_base() -> None:
+    """A probe's head is trained (on its base's features, random or not): its entries say false once the base
+    is loaded, and stay unknown (null) while only declared."""
+    probe = ProbeDeclaration(id="seg", base_model="base", family="lotus-g", processing_res=64, classes=["a", "b"])
+    base = ModelInfo(
+        id="base", family="lotus-g", task="depth", output_kind="depth", generative=True, processing_res=64,
+        device="cpu", dtype="fp32", max_batch_size=4, max_queue_delay_ms=5.0, random_weights=True,
+    )  # fmt: skip
+    assert [e.random_weights for e in base.probe_entries(probe)] == [False]
+    declared = base.model_copy(update={"random_weights": None})
+    assert [e.random_weights for e in declared.probe_entries(probe)] == [None]
