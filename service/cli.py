@@ -485,36 +485,38 @@ def _serving_setup(
 def cmd_serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from service.ports import PortTaken, check_free
+    from service.embedded import default_banner, frontend_probes, frontend_specs, preflight_queue
+    from service.ports import PortTaken
 
     api_only = args.role == "api"
     try:
-        keys = ("host", "port", "grpc_port", "api_keys", "queue", "redis_url", "probes") if api_only else SERVING_KEYS
-        settings = _settings(args, keys)
-        # A taken port is refused in a second, before minutes of imports and checks; bound for real below.
-        check_free("HTTP", settings.host, settings.port, "--port")
-        if settings.grpc_enabled:
-            check_free("gRPC", settings.grpc_host or settings.host, settings.grpc_port, "--grpc-port")
-    except (ValidationError, FileNotFoundError, ValueError, PortTaken) as exc:
-        return _error(exc)
-    if not api_only:  # the API process imports no model library
-        _quiet_hub_libraries()
-    from service.embedded import default_banner, frontend_probes, frontend_specs, preflight_queue
-
-    try:
         if api_only:
+            settings = _settings(args, ("host", "port", "grpc_port", "api_keys", "queue", "redis_url", "probes"))
             # The API reads no checkpoint: ids to wait for, and specs to accept jobs by before workers come.
             specs, defaults = frontend_specs(args.models or settings.models), []
             frontend_probes(settings.probes, specs)
+            _check_ports(settings)
             preflight_queue(settings)
         else:
+            settings = _settings(args)
+            _check_ports(settings)  # in a second, before the model libraries load
+            _quiet_hub_libraries()
             settings, specs, defaults = _serving_setup(args, settings)
-    except (ModelError, ValidationError, FileNotFoundError, ValueError) as exc:
+    except (ModelError, ValidationError, FileNotFoundError, ValueError, PortTaken) as exc:
         return _error(exc)
     logs.configure(settings.log_level, settings.log_format, role=("api" if api_only else "serve"))
     tracing.setup(settings.otel_enabled, ("api" if api_only else "serve"), settings.otel_endpoint)
     banner = default_banner(defaults, settings.tiny_dir) if defaults else ""
     return _run_http(settings, specs, not api_only, banner)
+
+
+def _check_ports(settings: Settings) -> None:
+    """PortTaken for a port another process holds, HTTP or gRPC; both are bound for real in `_run_http`."""
+    from service.ports import check_free
+
+    check_free("HTTP", settings.host, settings.port, "--port")
+    if settings.grpc_enabled:
+        check_free("gRPC", settings.grpc_host or settings.host, settings.grpc_port, "--grpc-port")
 
 
 def _run_http(settings: Settings, specs: list[ModelSpec], with_worker: bool, banner: str) -> int:

@@ -70,6 +70,7 @@ async def test_prometheus_scrapes_api_and_worker_and_promql_answers(tiny_dir, re
     assert check.returncode == 0, check.stdout + check.stderr
 
     env = {**os.environ, "DENSE_REDIS_PREFIX": redis_prefix, "DENSE_LOG_LEVEL": "warning", "OMP_NUM_THREADS": "1"}
+    env["DENSE_GRPC_ENABLED"] = "false"  # the API's gRPC port would be 50051, which a server beside may hold
     model_dir = str(tiny_dir("lotus-d", "depth"))
     worker = start_worker(
         redis_url,
