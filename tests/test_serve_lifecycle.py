@@ -169,7 +169,7 @@ def test_serve_fails_fast_on_a_bad_model(tmp_path: Path) -> None:
     for model, message in [(str(tmp_path / "missing"), "does not exist"), ("org/not-here", "cannot fetch hub")]:
         result = subprocess.run(
             [sys.executable, "-m", "service.cli", "serve", "--model", model, "--port", str(_free_port())],
-            env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")},
+            env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "DENSE_GRPC_PORT": "0"},
             capture_output=True,
             text=True,
             timeout=60,
