@@ -64,7 +64,7 @@ QUEUE_PENDING = Gauge(
     registry=REGISTRY,
 )
 QUEUE_LAG = Gauge(
-    f"{PREFIX}_queue_lag", "Entries in the model's stream the group has not read yet (Redis group lag).", ["model"],
+    f"{PREFIX}_queue_lag", "Entries in the model's stream no worker has read yet (XLEN - pending).", ["model"],
     registry=REGISTRY,
 )  # fmt: skip
 QUEUE_WAIT_SECONDS = Histogram(

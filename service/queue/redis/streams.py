@@ -1,5 +1,5 @@
 """What both sides share about the streams: how a job and a reply are laid out in an entry, the consumer
-group, and the queue's numbers (lag, pending)."""
+group, and the queue's numbers (waiting, pending)."""
 
 from __future__ import annotations
 
@@ -65,19 +65,32 @@ class Groups:
             self._made.discard(stream)
 
 
-async def group_info(r: Redis, stream: str) -> dict | None:
-    """XINFO GROUPS of a stream, our group's entry (None while no stream or group exists yet)."""
-    try:
-        groups = await r.xinfo_groups(stream)
-    except ResponseError:
-        return None
-    return next((g for g in groups if g.get("name") in (GROUP, GROUP.encode())), None)
+async def group_info(r: Redis, stream: str) -> tuple[dict | None, int]:
+    """Our group's entry of XINFO GROUPS (None while no stream or group exists yet) and the stream's XLEN, read
+    in one round trip so that the two describe the same moment."""
+    async with r.pipeline(transaction=True) as pipe:
+        pipe.xlen(stream)
+        pipe.xinfo_groups(stream)
+        length, groups = await pipe.execute(raise_on_error=False)
+    if isinstance(length, Exception):
+        raise length
+    if isinstance(groups, Exception):
+        if isinstance(groups, ResponseError):  # no such stream yet
+            return None, 0
+        raise groups
+    group = next((g for g in groups if g.get("name") in (GROUP, GROUP.encode())), None)
+    return group, int(length or 0)
 
 
-def stats_of(group: dict | None) -> QueueStats:
-    """lag = entries no worker has read yet; pending = read and not yet acknowledged."""
+def stats_of(group: dict | None, length: int) -> QueueStats:
+    """waiting = XLEN - pending: every answered job's entry is deleted (XACK+XDEL or XACKDEL in the reply script,
+    on every path), so the stream holds exactly the jobs in flight, and those a worker has read are pending.
+
+    Redis's own `lag` of XINFO GROUPS is not used: once entries are deleted out of order (several workers, the
+    one that read second finishing first) Redis cannot compute it and reports NULL until the gap closes, which
+    read as an empty queue (no 429, no scale-up) while hundreds of jobs waited."""
     if group is None:
         return QueueStats(depth=0, pending=0, lag=0)
-    lag = group.get("lag")
-    lag = int(lag) if isinstance(lag, int) else 0
-    return QueueStats(depth=lag, pending=int(group.get("pending") or 0), lag=lag)
+    pending = int(group.get("pending") or 0)
+    waiting = max(0, length - pending)
+    return QueueStats(depth=waiting, pending=pending, lag=waiting)

@@ -171,8 +171,8 @@ class Submitter:
             await self.r.set(self.keys.cancel(job_id), b"1", ex=ttl)
 
     async def _check_depth(self, model: str) -> None:
-        """429 when pending + lag of the model's stream reaches `max_depth`."""
-        group = await group_info(self.r, self.keys.jobs(model))
+        """429 when the jobs in flight for the model (waiting + pending = XLEN) reach `max_depth`."""
+        group, length = await group_info(self.r, self.keys.jobs(model))
         if group is None:
             return  # no stream yet: nothing waits
         read = group.get("entries-read")
@@ -181,8 +181,8 @@ class Submitter:
             if last is not None and read > last:
                 self._rates[model].record(read - last)
             self._entries_read[model] = read
-        stats = stats_of(group)
-        depth = (stats.pending or 0) + (stats.lag or 0)
+        stats = stats_of(group, length)
+        depth = stats.depth + (stats.pending or 0)
         if depth >= self.max_depth:
             raise QueueFull(
                 f"{depth} jobs are pending or waiting for model '{model}' (limit {self.max_depth})",
@@ -190,7 +190,7 @@ class Submitter:
             )
 
     async def queue_stats(self, model: str) -> QueueStats:
-        return stats_of(await group_info(self.r, self.keys.jobs(model)))
+        return stats_of(*await group_info(self.r, self.keys.jobs(model)))
 
     def _idem_key(self, key: str) -> str:
         return self.keys.idem(hashlib.sha256(key.encode()).hexdigest())
