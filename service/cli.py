@@ -512,8 +512,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def _check_ports(settings: Settings) -> None:
     """PortTaken for a port another process holds, HTTP or gRPC; both are bound for real in `_run_http`."""
-    from service.ports import check_free
+    from service.ports import PortTaken, check_free
 
+    if settings.grpc_enabled and settings.grpc_port == settings.port != 0:
+        raise PortTaken(f"HTTP and gRPC cannot share port {settings.port}; give gRPC another with --grpc-port")
     check_free("HTTP", settings.host, settings.port, "--port")
     if settings.grpc_enabled:
         check_free("gRPC", settings.grpc_host or settings.host, settings.grpc_port, "--grpc-port")
