@@ -555,7 +555,7 @@ def _run_http(settings: Settings, specs: list[ModelSpec], with_worker: bool, ban
         what = "" if with_worker else f" ({settings.queue} queue, API only)"
         models = ", ".join(s.id for s in specs) or "any model a worker serves"
         print(f"dense-serve listening on {where}{also}{what}, serving {models}", file=sys.stderr)
-        print(f"  demo page {where}/, API docs {where}/docs", file=sys.stderr)
+        print(f"  demo page {where}/, API docs {where}/docs; Ctrl+C stops it", file=sys.stderr)
         if banner:
             print(banner, file=sys.stderr)
         await server.serve(sockets=[sock])
