@@ -47,7 +47,7 @@ def default_banner(defaults: list[DefaultModel], tiny_dir: Path) -> str:
     return "\n".join(lines)
 
 
-def tiny_specs(tiny_dir: Path) -> tuple[list[ModelSpec], list[DefaultModel]]:
+def default_specs(tiny_dir: Path) -> tuple[list[ModelSpec], list[DefaultModel]]:
     """What is served when nothing is configured (service/defaults.py), random-weight checkpoints built once."""
     defaults = default_models(tiny_dir)
     return [build_tiny(m) for m in defaults], defaults
@@ -58,7 +58,7 @@ def serving_specs(settings: Settings) -> tuple[list[ModelSpec], list[DefaultMode
     (empty when models are configured) says which are trained and which random."""
     runtime = {"backend": settings.backend, "engine_cache": str(settings.engine_cache)}
     if not settings.models:
-        specs, defaults = tiny_specs(settings.tiny_dir)
+        specs, defaults = default_specs(settings.tiny_dir)
         return [s.model_copy(update={k: v for k, v in runtime.items() if v}) for s in specs], defaults
     specs = [resolve_spec(arg, device=settings.device, dtype=settings.dtype, **runtime) for arg in settings.models]
     ids = [s.id for s in specs]
