@@ -334,7 +334,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     x.add_argument("--model", required=True, help="spec .toml, local diffusers folder, shipped spec id or hub id")
     x.add_argument("--task", choices=TASKS, help="override the detected task")
-    x.add_argument("--format", choices=("onnx", "tensorrt", "triton"), default="onnx")
+    x.add_argument(
+        "--format",
+        choices=("onnx", "tensorrt", "triton"),
+        default="onnx",
+        help="onnx (ONNX Runtime), tensorrt (engines for this GPU) or triton (a model repository); default onnx",
+    )
     x.add_argument("--dtype", choices=("fp32", "fp16"), default="fp32", help="graph precision (default fp32)")
     x.add_argument("--out", type=Path, required=True, help="output folder (replaced if it exists)")
     x.add_argument("--max-batch", type=int, default=16, help="largest batch the graphs/engines take (default 16)")
@@ -357,8 +362,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(sub)
     add_probe_parser(sub)
 
-    sg = sub.add_parser("segment", help="class maps of image files from a trained probe (as POST /v1/segment)")
-    sg.add_argument("images", nargs="+", type=Path, help="input image files")
+    sg = sub.add_parser(
+        "segment",
+        help="class maps of image files from a trained probe (as POST /v1/segment)",
+        description="Write the class map of each image file from a trained segmentation probe (dense-serve probe "
+        "train) on its base model: what POST /v1/segment answers, as files.",
+    )
+    sg.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files (PNG, JPEG, WebP, ...)")
     sg.add_argument("--probe", type=Path, required=True, help="a trained probe folder")
     sg.add_argument("--model", help="its base model (default: the checkpoint it was trained on)")
     sg.add_argument("--processing-res", type=int, help="default: the probe's")
@@ -375,10 +385,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Write a tiny checkpoint with random weights (a few MB): it runs like a real model of its "
         "family, but its maps are noise.",
     )
-    t.add_argument("out", type=Path)
-    t.add_argument("--family", choices=FAMILIES, required=True)
-    t.add_argument("--task", choices=TASKS, required=True)
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("out", type=Path, metavar="DIR", help="the checkpoint folder to write (replaced if it exists)")
+    t.add_argument("--family", choices=FAMILIES, required=True, help="which model family it imitates")
+    t.add_argument("--task", choices=TASKS, required=True, help="what it predicts")
+    t.add_argument("--seed", type=int, default=0, metavar="N", help="seed of its random weights (default 0)")
     t.add_argument(
         "--scheduler", choices=("ddim", "lcm"), default="ddim", help="marigold: DDIM (v1-1, 4 steps) or LCM (1 step)"
     )
