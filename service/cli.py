@@ -793,18 +793,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     if probe is not None:
         what = f"{probe.id}: {probe.kind} probe on {model.model_id}"
     print(f"{done_count} of {len(args.images)} images -> {args.out} ({what}, {elapsed:.2f} s)")
-    if _random_weights(model.model_id):
+    if model.random_weights:  # the checkpoint's own mark, whatever --model named
         print(
             f"note: {model.model_id} has RANDOM WEIGHTS (a tiny test checkpoint): its maps are noise", file=sys.stderr
         )
     return 1 if failed else 0
-
-
-def _random_weights(model_id: str) -> bool:
-    """Whether `model_id` is one of the default list's random-weight tiny checkpoints."""
-    from service.defaults import default_models
-
-    return any(m.spec.id == model_id and not m.trained for m in default_models(_settings_or_defaults().tiny_dir))
 
 
 def _unreadable(path: Path) -> str | None:

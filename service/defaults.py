@@ -47,16 +47,18 @@ def demo_spec_files(demo_dir: Path = DEMO_DIR) -> list[Path]:
     return sorted(demo_dir.glob("*.toml")) + sorted(demo_dir.glob("*/*.toml"))
 
 
-def _trained(path: Path) -> DefaultModel | None:
-    """A demo spec with its family and task read from the checkpoint's configs (no weights are read); one that
-    cannot be read is left out with a warning rather than stopping the server."""
+def _demo(path: Path) -> DefaultModel | None:
+    """A demo spec with its family, task and training read from the checkpoint's configs (no weights are read:
+    make_tiny's checkpoints carry a random-weights mark); one that cannot be read is left out with a warning
+    rather than stopping the server."""
     try:
         spec = load_spec_file(path)
-        who = identify(spec, CheckpointConfig.read(resolve_source(spec)))
+        config = CheckpointConfig.read(resolve_source(spec))
+        who = identify(spec, config)
     except ModelError as exc:
         log.warning("demo spec %s left out: %s", path, exc)
         return None
-    return DefaultModel(spec, who.family, who.task, who.processing_res, trained=True)
+    return DefaultModel(spec, who.family, who.task, who.processing_res, trained=not config.random_weights)
 
 
 def _tiny(tiny_dir: Path, family: Family, task: Task) -> DefaultModel:
@@ -68,18 +70,19 @@ def _tiny(tiny_dir: Path, family: Family, task: Task) -> DefaultModel:
 def default_models(tiny_dir: Path, demo_dir: Path = DEMO_DIR) -> list[DefaultModel]:
     """The default list in serving order (the first model of a task is its default); tiny checkpoints are not
     built here (`build_tiny`), so listing costs no torch import."""
-    trained = [m for m in map(_trained, demo_spec_files(demo_dir)) if m is not None]
-    trained.sort(key=lambda m: -m.processing_res)  # stable: name order among equals
-    ids = [m.spec.id for m in trained]
-    for m in trained:
+    demos = [m for m in map(_demo, demo_spec_files(demo_dir)) if m is not None]
+    demos.sort(key=lambda m: (not m.trained, -m.processing_res))  # stable: name order among equals
+    ids = [m.spec.id for m in demos]
+    for m in demos:
         if ids.count(m.spec.id) > 1:
             raise ModelError(f"two demo specs share the id '{m.spec.id}' in {demo_dir}")
+    trained = [m for m in demos if m.trained]
     tiny = []
     if not any(m.task == "depth" and m.generative for m in trained):  # covers depth too when nothing trained does
         tiny.append(_tiny(tiny_dir, "lotus-g", "depth"))
     if not any(m.task == "normals" for m in trained):
         tiny.append(_tiny(tiny_dir, "lotus-g", "normals"))
-    return trained + tiny
+    return trained + tiny + [m for m in demos if not m.trained]
 
 
 def default_for(models: list[DefaultModel], task: Task) -> DefaultModel | None:

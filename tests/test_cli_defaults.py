@@ -3,7 +3,9 @@ without --model, `predict --model ID` with the ids /v1/models shows, and `dense-
 
 from __future__ import annotations
 
+import json
 import logging
+import shutil
 import subprocess
 import sys
 import time
@@ -11,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from models.detect import RANDOM_WEIGHTS_KEY
 from service.cli import main
 from service.defaults import DEMO_DIR, default_for, default_models, demo_spec_files
 from tests.conftest import REPO, SAMPLE
@@ -18,12 +21,21 @@ from tests.conftest import REPO, SAMPLE
 DEMO_SPEC = DEMO_DIR / "lotus-d-synthetic-demo.toml"
 
 
-def _spec(folder: Path, name: str, source: Path, res: int, **fields: str) -> Path:
+def _spec(folder: Path, name: str, source: Path, res: int) -> Path:
     """A demo spec as `dense-serve finetune` writes one: an id, a checkpoint folder, a processing size."""
-    extra = "".join(f'{k} = "{v}"\n' for k, v in fields.items())
     path = folder / f"{name}.toml"
-    path.write_text(f'id = "{name}"\nsource = "{source}"\nprocessing_res = {res}\n{extra}')
+    path.write_text(f'id = "{name}"\nsource = "{source}"\nprocessing_res = {res}\n')
     return path
+
+
+def _trained(tiny: Path, folder: Path) -> Path:
+    """A tiny checkpoint's copy without the random-weights mark, as a fine-tune export writes its index: what
+    the default list reads as a trained model (only the configs are read, never the weights)."""
+    copy = shutil.copytree(tiny, folder)
+    index = json.loads((copy / "model_index.json").read_text())
+    del index[RANDOM_WEIGHTS_KEY]
+    (copy / "model_index.json").write_text(json.dumps(index))
+    return copy
 
 
 def test_shipped_defaults_put_the_trained_demo_first_and_random_only_where_needed(tmp_path: Path) -> None:
@@ -44,23 +56,31 @@ def test_shipped_defaults_put_the_trained_demo_first_and_random_only_where_neede
 
 
 def test_a_demo_dir_with_trained_models_for_every_task_needs_no_random_one(tiny_dir, tmp_path: Path, caplog) -> None:
+    ckpt = tmp_path / "ckpt"
+    d_depth = _trained(tiny_dir("lotus-d", "depth"), ckpt / "d-depth")
     demo = tmp_path / "demo"
     (demo / "g-depth").mkdir(parents=True)
-    _spec(demo, "d-depth-64", tiny_dir("lotus-d", "depth"), 64)
-    _spec(demo / "g-depth", "g-depth-128", tiny_dir("lotus-g", "depth"), 128)
-    _spec(demo, "d-normals", tiny_dir("lotus-d", "normals"), 64)
+    _spec(demo, "d-depth-64", d_depth, 64)
+    _spec(demo / "g-depth", "g-depth-128", _trained(tiny_dir("lotus-g", "depth"), ckpt / "g-depth"), 128)
+    _spec(demo, "d-normals", _trained(tiny_dir("lotus-d", "normals"), ckpt / "d-normals"), 64)
+    _spec(demo, "e-normals-random", tiny_dir("e2e-ft", "normals"), 256)  # marked random: no default, listed last
     (demo / "broken.toml").write_text('id = "broken"\nsource = "no-such-folder"\n')
     with caplog.at_level(logging.WARNING):
         models = default_models(tmp_path / "tiny", demo)
-    assert [m.spec.id for m in models] == ["g-depth-128", "d-depth-64", "d-normals"]
-    assert all(m.trained for m in models)
+    assert [(m.spec.id, m.trained) for m in models] == [
+        ("g-depth-128", True),
+        ("d-depth-64", True),
+        ("d-normals", True),
+        ("e-normals-random", False),
+    ]
     assert default_for(models, "depth").spec.id == "g-depth-128"  # type: ignore[union-attr]  # the larger one
+    assert default_for(models, "normals").spec.id == "d-normals"  # type: ignore[union-attr]  # trained first
     assert "broken" in caplog.text, "an unreadable demo spec is left out, with a warning"
 
     # Only a deterministic depth model trained: a random Lotus-G depth model for uncertainty, after it.
     only_d = tmp_path / "only-d"
     only_d.mkdir()
-    _spec(only_d, "d-depth", tiny_dir("lotus-d", "depth"), 64)
+    _spec(only_d, "d-depth", d_depth, 64)
     ids = [(m.spec.id, m.trained) for m in default_models(tmp_path / "tiny", only_d)]
     assert ids == [("d-depth", True), ("tiny-lotus-g-depth", False), ("tiny-lotus-g-normals", False)]
 
@@ -82,6 +102,15 @@ def test_predict_without_model_is_the_default_and_the_demo_id_is_the_demo_spec(
     (written,) = (tmp_path / "default").iterdir()
     if default.spec.id == "lotus-d-synthetic-demo":  # the default while no larger trained depth demo is shipped
         np.testing.assert_array_equal(np.load(written), by_id)
+    assert "RANDOM WEIGHTS" not in capsys.readouterr().err  # the demo is trained
+
+    # Normals: the default normals model; a random-weight one is named as such.
+    normals = default_for(default_models(tmp_path / "tiny"), "normals")
+    assert normals is not None
+    assert main([*args, "--out", str(tmp_path / "normals"), "--task", "normals"]) == 0
+    captured = capsys.readouterr()
+    assert f"({normals.spec.id}: " in captured.out and (tmp_path / "normals" / "sample_normals.npy").is_file()
+    assert ("has RANDOM WEIGHTS" in captured.err) != normals.trained, captured.err
 
 
 def test_predict_a_missing_file_fails_before_any_model_library_loads(tmp_path: Path) -> None:
