@@ -579,7 +579,10 @@ def _run_http(settings: Settings, specs: list[ModelSpec], with_worker: bool, ban
         pass
     finally:
         sock.close()
-    return 0 if server.started else 3
+    if not server.started:
+        print("error: the server did not start (the log above says why)", file=sys.stderr)
+        return 3
+    return 0
 
 
 def _error(exc: BaseException | str) -> int:
