@@ -3,7 +3,8 @@ so the CLI's default model is the one `/v1/depth` answers with on `make run`.
 
 The list: every shipped demo spec (`models/demo/*.toml`, `models/demo/*/*.toml`: small models trained by
 `dense-serve finetune`, coarse but real), then tiny random-weight checkpoints only for what no trained demo
-covers (depth, normals, and a multi-seed Lotus-G depth model for `/v1/uncertainty`). The first model of a task
+covers: per task (depth, normals), a multi-seed Lotus-G model serves `/v1/uncertainty` and, where no trained
+model serves the task at all, its plain endpoint too (random ones come after trained ones). The first model of a task
 is that task's default (the front-end takes the first one serving it), so trained models come first and, among
 them, the one with the larger processing resolution.
 """
@@ -80,7 +81,7 @@ def default_models(tiny_dir: Path, demo_dir: Path = DEMO_DIR) -> list[DefaultMod
     tiny = []
     if not any(m.task == "depth" and m.generative for m in trained):  # covers depth too when nothing trained does
         tiny.append(_tiny(tiny_dir, "lotus-g", "depth"))
-    if not any(m.task == "normals" for m in trained):
+    if not any(m.task == "normals" and m.generative for m in trained):  # `/v1/uncertainty?task=normals` too
         tiny.append(_tiny(tiny_dir, "lotus-g", "normals"))
     return trained + tiny + [m for m in demos if not m.trained]
 

@@ -55,7 +55,7 @@ def test_shipped_defaults_put_the_trained_demo_first_and_random_only_where_neede
     assert not (tmp_path / "tiny").exists(), "listing the defaults builds nothing"
 
 
-def test_a_demo_dir_with_trained_models_for_every_task_needs_no_random_one(tiny_dir, tmp_path: Path, caplog) -> None:
+def test_random_models_only_for_what_no_trained_demo_covers(tiny_dir, tmp_path: Path, caplog) -> None:
     ckpt = tmp_path / "ckpt"
     d_depth = _trained(tiny_dir("lotus-d", "depth"), ckpt / "d-depth")
     demo = tmp_path / "demo"
@@ -67,10 +67,13 @@ def test_a_demo_dir_with_trained_models_for_every_task_needs_no_random_one(tiny_
     (demo / "broken.toml").write_text('id = "broken"\nsource = "no-such-folder"\n')
     with caplog.at_level(logging.WARNING):
         models = default_models(tmp_path / "tiny", demo)
+    # Trained first; a random Lotus-G normals model only for `/v1/uncertainty?task=normals` (Lotus-D gives one
+    # answer whatever the seed), after the trained normals model that `/v1/normals` defaults to.
     assert [(m.spec.id, m.trained) for m in models] == [
         ("g-depth-128", True),
         ("d-depth-64", True),
         ("d-normals", True),
+        ("tiny-lotus-g-normals", False),
         ("e-normals-random", False),
     ]
     assert default_for(models, "depth").spec.id == "g-depth-128"  # type: ignore[union-attr]  # the larger one
