@@ -42,7 +42,8 @@ def start_once(repo: Path, role: str, redis_url: str) -> tuple[float, float, boo
     args = ["api", "--port", str(port)] if role == "api" else ["grpc", "--port", str(free_port())]
     if role == "grpc":
         args += ["--metrics-port", str(port)]
-    env = {**os.environ, "PYTHONPATH": str(repo), "DENSE_LOG_LEVEL": "warning"}
+    # gRPC beside the api on a free port: 50051 may be held by another server (a taken port is refused).
+    env = {**os.environ, "PYTHONPATH": str(repo), "DENSE_LOG_LEVEL": "warning", "DENSE_GRPC_PORT": "0"}
     start = time.monotonic()
     proc = subprocess.Popen(
         [sys.executable, "-m", "service.cli", *args, "--queue", "redis", "--redis-url", redis_url],

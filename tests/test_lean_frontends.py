@@ -56,7 +56,14 @@ def start_frontend(*args: str, prefix: str, log: Path) -> subprocess.Popen[str]:
         return subprocess.Popen(
             [sys.executable, "-X", "importtime", "-c", WITHOUT_MODEL_LIBRARIES, *args],
             cwd=REPO,
-            env={"PATH": "/usr/bin:/bin", "DENSE_REDIS_PREFIX": prefix, "DENSE_LOG_LEVEL": "warning", "HOME": "/tmp"},
+            # gRPC on a free port: 50051 may be held by another server on the machine (a taken port is refused).
+            env={
+                "PATH": "/usr/bin:/bin",
+                "DENSE_REDIS_PREFIX": prefix,
+                "DENSE_LOG_LEVEL": "warning",
+                "HOME": "/tmp",
+                "DENSE_GRPC_PORT": "0",
+            },
             stdout=subprocess.DEVNULL,
             stderr=err,
             text=True,
