@@ -25,6 +25,9 @@ REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "assets" / "sample.png"
 
 torch.set_num_threads(1)  # two xdist workers on two cores
+# Servers the tests start (serve, api, and the load tests' servers) take any free gRPC port unless a test names
+# one: two xdist workers each starting a server would both ask for 50051, and a taken port is refused.
+os.environ.setdefault("DENSE_GRPC_PORT", "0")
 
 
 def require_tool(name: str, apt_package: str) -> str:
