@@ -7,6 +7,9 @@ import asyncio
 import io
 import json
 import logging
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import httpx
 import pytest
@@ -36,7 +39,7 @@ def value(samples: dict, name: str, **labels: str) -> float:
 
 @pytest.fixture(scope="module")
 async def svc(tiny_dir):
-    async with running_service(tiny_dir, max_queue_delay_ms=300.0) as harness:
+    async with running_service(tiny_dir) as harness:
         yield harness
 
 
@@ -47,12 +50,26 @@ async def metrics_now(svc) -> dict:
 
 
 async def test_requests_move_the_request_batch_stage_and_queue_series(svc) -> None:
-    before = await metrics_now(svc)
+    lane = svc.worker.lanes[MODEL]
     image = png_bytes(48, 64, seed=1)
-    replies = await asyncio.gather(
-        *(svc.client.post("/v1/depth", content=image, headers={"content-type": "image/png"}) for _ in range(4))
-    )
-    assert all(r.status_code == 200 for r in replies)
+
+    def post(body: bytes) -> asyncio.Task[httpx.Response]:
+        return asyncio.create_task(svc.client.post("/v1/depth", content=body, headers={"content-type": "image/png"}))
+
+    before = await metrics_now(svc)
+    # A first request holds the device (its real UNet pass paused in a pre-hook) until the four others are read
+    # and decoded: they then must form one batch however slowly this machine runs, with no timing window involved.
+    with held_device(svc, MODEL) as (entered, release):
+        first = post(png_bytes(64, 64, seed=7))
+        await until(lambda: entered.is_set() or first.done(), "the first request reaches the device")
+        assert not first.done(), first.result().text
+        four = [post(image) for _ in range(4)]
+        await until(lambda: len(lane._pending) == 4 and not lane._decoding, "the four requests wait, decoded")
+        assert lane.busy
+        release.set()
+        replies = await asyncio.gather(first, *four)
+    assert all(r.status_code == 200 for r in replies), [r.text for r in replies]
+    assert svc.worker.stats.batch_sizes(MODEL)[-2:] == [1, 4]
     bad = await svc.client.post("/v1/depth", content=b"not an image", headers={"content-type": "image/png"})
     assert bad.status_code == 415
     after = await metrics_now(svc)
@@ -61,21 +78,50 @@ async def test_requests_move_the_request_batch_stage_and_queue_series(svc) -> No
         return value(after, name, **labels) - value(before, name, **labels)
 
     ok = {"frontend": "rest", "route": "/v1/depth", "model": MODEL, "task": "depth", "status": "200"}
-    assert delta("dense_request_duration_seconds_count", **ok) == 4
+    assert delta("dense_request_duration_seconds_count", **ok) == 5
     assert delta("dense_request_duration_seconds_sum", **ok) > 0
     assert delta("dense_request_duration_seconds_count", route="/v1/depth", status="415") == 1
     assert delta("dense_request_bytes_total", frontend="rest", route="/v1/depth") >= 4 * len(image)
     assert delta("dense_response_bytes_total", frontend="rest", route="/v1/depth") > 0
     assert value(after, "dense_requests_in_flight", frontend="rest") == 0  # a scrape does not count itself
-    # The four concurrent requests waited for each other (300 ms batching window): one batch of 4.
-    assert delta("dense_batch_size_count", model=MODEL) == 1 and delta("dense_batch_size_sum", model=MODEL) == 4
-    assert delta("dense_queue_wait_seconds_count", model=MODEL) == 4
+    # Two forward passes: the first request alone, then the four that waited behind it together.
+    assert delta("dense_batch_size_count", model=MODEL) == 2 and delta("dense_batch_size_sum", model=MODEL) == 5
+    assert delta("dense_queue_wait_seconds_count", model=MODEL) == 5
     for stage in ("preprocess", "encode", "unet_decode", "postprocess", "output_encode"):
-        assert delta("dense_compute_seconds_count", model=MODEL, stage=stage) == 1, stage
-    assert delta("dense_compute_idle_seconds_count", model=MODEL) == 1
-    assert delta("dense_jobs_total", model=MODEL, status="ok") == 4
+        assert delta("dense_compute_seconds_count", model=MODEL, stage=stage) == 2, stage
+    assert delta("dense_compute_idle_seconds_count", model=MODEL) == 2
+    assert delta("dense_jobs_total", model=MODEL, status="ok") == 5
     assert value(after, "dense_model_info", model=MODEL, backend="torch", device="cpu") == 1
     assert value(after, "dense_model_load_seconds", model=MODEL) > 0
+
+
+@contextmanager
+def held_device(svc, model_id: str) -> Iterator[tuple[threading.Event, threading.Event]]:
+    """Pause the served model's first UNet pass (a forward pre-hook on the module the worker runs, in the compute
+    thread) until the test sets `release`; `entered` tells that the pass began. Later passes run freely."""
+    unet = svc.worker.served[model_id].predictor.runtime.core.unet
+    entered, release = threading.Event(), threading.Event()
+
+    def hold(_module: object, _args: object) -> None:
+        if not entered.is_set():
+            entered.set()
+            release.wait(60)
+
+    handle = unet.register_forward_pre_hook(hold)
+    try:
+        yield entered, release
+    finally:
+        release.set()
+        handle.remove()
+
+
+async def until(condition: Callable[[], bool], what: str, timeout_s: float = 60.0) -> None:
+    """Poll `condition` on the event loop (the service runs on it too) until it holds."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + timeout_s
+    while not condition():
+        assert loop.time() < end, f"timed out waiting: {what}"
+        await asyncio.sleep(0.005)
 
 
 async def test_expired_jobs_are_counted_and_queue_gauges_are_sampled(tiny_dir) -> None:
