@@ -43,6 +43,19 @@ def require_tool(name: str, apt_package: str) -> str:
     pytest.skip(reason)
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `heavy` (the learning runs, and the modules whose module fixture trains or exports a model,
+    which `xdist_group` keeps on one worker so the fixture is built once) go first, in their usual order. With
+    `-n 2 --dist loadgroup --no-loadscope-reorder` (pyproject.toml) both workers start on them and the short
+    tests fill in around them; last in the collection, one of them ran alone while the other worker had finished.
+    Single heavy tests (the learning runs) go before the heavy modules, so that each worker starts with one."""
+
+    def rank(item: pytest.Item) -> tuple[bool, bool]:
+        return item.get_closest_marker("heavy") is None, item.get_closest_marker("xdist_group") is not None
+
+    items.sort(key=rank)  # stable: the order within each rank stays
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[[Family, Task], Path]:
     """Builds each tiny checkpoint on first use, then reuses it."""

@@ -42,6 +42,8 @@ ALL_MODELS = [
     ("e2e-ft", "normals"),
 ]
 HAS_CUDA = torch.cuda.is_available()
+#: A module fixture trains or exports a model: one worker runs the whole module, first (conftest.py, "heavy").
+pytestmark = [pytest.mark.xdist_group("export"), pytest.mark.heavy]
 
 
 @pytest.fixture(scope="module")
