@@ -43,17 +43,48 @@ def require_tool(name: str, apt_package: str) -> str:
     pytest.skip(reason)
 
 
+#: Modules whose module fixture trains a probe, exports ONNX or loads the Marigold pipelines: with `-n 2` one worker
+#: runs each of them whole, so the fixture is built once (spread over both workers, it was built up to three times
+#: per worker). `--dist loadgroup` with `xdist_group` marks would say this, but pytest 9.2 with xdist 3.8 ignores the
+#: marks (pytest-dev/pytest-xdist#1386): the scheduler below groups by file name instead.
+WHOLE_MODULES = frozenset(
+    f"tests/{name}.py"
+    for name in (
+        "test_depth_probes",
+        "test_export",
+        "test_gpu_wheels",
+        "test_marigold_multistep",
+        "test_probe_serving",
+        "test_probes",
+    )
+)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Tests marked `heavy` (the learning runs, and the modules whose module fixture trains or exports a model,
-    which `xdist_group` keeps on one worker so the fixture is built once) go first, in their usual order. With
-    `-n 2 --dist loadgroup --no-loadscope-reorder` (pyproject.toml) both workers start on them and the short
-    tests fill in around them; last in the collection, one of them ran alone while the other worker had finished.
-    Single heavy tests (the learning runs) go before the heavy modules, so that each worker starts with one."""
+    """Tests marked `heavy` (the learning runs, the 800-request volume test, and the WHOLE_MODULES) go first, in
+    their usual order, single tests before whole modules, so that each worker starts with one. Last in the
+    collection, one of them ran alone while the other worker had finished everything else."""
 
     def rank(item: pytest.Item) -> tuple[bool, bool]:
-        return item.get_closest_marker("heavy") is None, item.get_closest_marker("xdist_group") is not None
+        return item.get_closest_marker("heavy") is None, item.nodeid.split("::")[0] in WHOLE_MODULES
 
     items.sort(key=rank)  # stable: the order within each rank stays
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
+    """With `-n N` and no `--dist` (or `--dist load`): xdist's scope scheduler, one unit per test except the
+    WHOLE_MODULES (one unit each), handed out in collection order as workers free up (no reorder by size)."""
+    if config.getvalue("dist") != "load":
+        return None  # an explicit --dist choice is xdist's
+    from xdist.scheduler import LoadScopeScheduling
+
+    class HeavyFirst(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::")[0]
+            return path if path in WHOLE_MODULES else nodeid
+
+    config.option.loadscopereorder = False
+    return HeavyFirst(config, log)
 
 
 @pytest.fixture(scope="session")

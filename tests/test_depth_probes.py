@@ -22,8 +22,8 @@ from tests.service_harness import read_npy, running_service
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_SPEC = ROOT / "models" / "demo" / "lotus-d-synthetic-demo.toml"
 RES = 64  # the demo model's own processing size
-#: A module fixture trains or exports a model: one worker runs the whole module, first (conftest.py, "heavy").
-pytestmark = [pytest.mark.xdist_group("depth_probes"), pytest.mark.heavy]
+#: A module fixture trains or exports a model: run first, by one worker (WHOLE_MODULES in conftest.py).
+pytestmark = pytest.mark.heavy
 #: The learning test's margins: the strong head's held-out AbsRel is at least MARGIN (absolute) below every
 #: image-independent baseline's, its delta1 at least DELTA1_MARGIN above. Measured: AbsRel 0.352 against 0.464
 #: (vertical ramp) and 0.465 (mean map); delta1 0.540 against 0.459 (mean map).

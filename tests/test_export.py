@@ -42,8 +42,8 @@ ALL_MODELS = [
     ("e2e-ft", "normals"),
 ]
 HAS_CUDA = torch.cuda.is_available()
-#: A module fixture trains or exports a model: one worker runs the whole module, first (conftest.py, "heavy").
-pytestmark = [pytest.mark.xdist_group("export"), pytest.mark.heavy]
+#: A module fixture trains or exports a model: run first, by one worker (WHOLE_MODULES in conftest.py).
+pytestmark = pytest.mark.heavy
 
 
 @pytest.fixture(scope="module")

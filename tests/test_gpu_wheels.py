@@ -37,6 +37,10 @@ def _python312() -> str | None:
     return None
 
 
+#: The module fixture builds the wheelhouse (minutes): run first, by one worker (WHOLE_MODULES in conftest.py).
+pytestmark = pytest.mark.heavy
+
+
 @pytest.fixture(scope="module")
 def wheelhouse(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dict]]:
     out = tmp_path_factory.mktemp("gpu-wheels") / "wheels"

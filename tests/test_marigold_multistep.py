@@ -25,8 +25,8 @@ from tests.conftest import REPO, random_image
 
 RES = 64
 PARITY_ATOL = 1e-4
-#: The module fixture loads three Marigold models and their pipelines: one worker runs the module, first (conftest.py).
-pytestmark = [pytest.mark.xdist_group("marigold_multistep"), pytest.mark.heavy]
+#: The module fixture loads three Marigold models and their pipelines: run first, by one worker (conftest.py).
+pytestmark = pytest.mark.heavy
 
 
 @pytest.fixture(scope="module")

@@ -25,8 +25,8 @@ from service.grpc.stubs.dense_pb2_grpc import DenseServiceStub
 from tests.service_harness import read_npy, read_png16, running_service
 from tests.test_probes import CI_RES, DEMO_SPEC, _b64, _image, trained_probe  # noqa: F401  (trained_probe: a fixture)
 
-#: A module fixture trains or exports a model: one worker runs the whole module, first (conftest.py, "heavy").
-pytestmark = [pytest.mark.anyio, pytest.mark.xdist_group("probe_serving"), pytest.mark.heavy]
+#: A module fixture trains or exports a model: run first, by one worker (WHOLE_MODULES in conftest.py).
+pytestmark = [pytest.mark.anyio, pytest.mark.heavy]
 
 
 async def test_stream_of_segment_frames_equals_unary_answers(trained_probe, tiny_dir) -> None:  # noqa: F811

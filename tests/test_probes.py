@@ -21,8 +21,8 @@ from tests.service_harness import read_npy, read_png16, running_service
 ROOT = Path(__file__).resolve().parent.parent
 DEMO_SPEC = ROOT / "models" / "demo" / "lotus-d-synthetic-demo.toml"
 CI_RES = 96
-#: A module fixture trains or exports a model: one worker runs the whole module, first (conftest.py, "heavy").
-pytestmark = [pytest.mark.xdist_group("probes"), pytest.mark.heavy]
+#: A module fixture trains or exports a model: run first, by one worker (WHOLE_MODULES in conftest.py).
+pytestmark = pytest.mark.heavy
 
 
 @pytest.mark.parametrize("family", ["lotus-g", "lotus-d", "e2e-ft"])

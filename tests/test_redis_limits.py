@@ -73,6 +73,7 @@ async def wait_ready(proc: subprocess.Popen[str], base: str, timeout_s: float = 
     raise TimeoutError("server not ready")
 
 
+@pytest.mark.heavy
 async def test_800_photos_at_volume_keep_redis_memory_flat(tiny_dir: TinyDir, redis_prefix: str) -> None:
     """What the first release failed: 64 MB of Redis filled after ~50 requests. Now memory follows what is in
     flight, and comes back to where it started."""
