@@ -333,6 +333,24 @@ def test_exact_resume_is_bit_identical(tmp_path: Path) -> None:
         finetune(cfg, resume="never", progress=False)
 
 
+def test_resume_keeps_the_step_0_baselines(tmp_path: Path) -> None:
+    """Baselines are scored once, at step 0: a resumed run must keep them in its eval table, with the step rows
+    up to its checkpoint, and drop the rows of the stretch after it."""
+    from models.training.metrics import DepthMetrics
+    from models.training.trainer import _history_until, write_history
+
+    def row(label: str, baseline: bool = False) -> EvalResult:
+        return EvalResult(
+            label, "synthetic", "disparity", 4, 0 if baseline else 32, DepthMetrics(0.3, 0.5, 4), None, baseline
+        )
+
+    rows = [row("step 0"), row("baseline: constant", True), row("step 2"), row("step 4"), row("m (step 4, exported)")]
+    write_history(tmp_path, rows)
+    kept = _history_until(tmp_path, 2)
+    assert [r.label for r in kept] == ["step 0", "baseline: constant", "step 2"]
+    assert _history_until(tmp_path, 0) == []
+
+
 def test_warm_start_refits_a_copy_of_the_source_vae(tiny_dir: Any, tmp_path: Path) -> None:
     """A Lotus-D disparity checkpoint starts a Lotus-G normals run: its VAE is refitted on a copy in OUTPUT/base
     (the source folder stays as it was), and the UNet gets Lotus-G's 8 input channels."""

@@ -412,14 +412,15 @@ def validate_export(
 
 
 def _history_until(output_dir: Path, step: int) -> list[EvalResult]:
-    """A resumed run keeps the evaluations up to its checkpoint (later ones belong to the lost stretch)."""
+    """A resumed run keeps the evaluations up to its checkpoint (later ones belong to the lost stretch) and the
+    baseline rows scored at step 0 (a resume does not score them again)."""
     path = output_dir / EVAL_JSON
     if step == 0 or not path.is_file():
         return []
     kept = []
     for row in load_results(path):
         m = re.fullmatch(r"step (\d+)", row.label)
-        if m is not None and int(m.group(1)) <= step:
+        if row.baseline or (m is not None and int(m.group(1)) <= step):
             kept.append(row)
     return kept
 
