@@ -92,9 +92,12 @@ def default_for(models: list[DefaultModel], task: Task) -> DefaultModel | None:
 
 
 def build_tiny(model: DefaultModel) -> ModelSpec:
-    """Write a random-weight checkpoint the first time it is needed (a second or two; it imports torch)."""
+    """Write a random-weight checkpoint the first time it is needed (a second or two; it imports torch), and
+    again where an older build in the cache lacks the random-weights mark (it would be taken for a trained one)."""
+    from models.detect import has_random_weights
+
     path = Path(model.spec.source)
-    if not model.trained and not (path / "model_index.json").is_file():
+    if not model.trained and not has_random_weights(path):
         from models.tiny import make_tiny
 
         make_tiny(path, model.family, model.task)

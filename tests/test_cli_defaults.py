@@ -151,3 +151,16 @@ def test_models_lists_the_default_models_then_the_shipped_specs(capsys) -> None:
         if line.strip().startswith("tiny-"):
             assert "RANDOM WEIGHTS" in line, line
     assert out.index("lotus-d-synthetic-demo") < out.index("GonzaloMG/marigold-e2e-ft-depth")
+
+
+def test_a_tiny_checkpoint_cached_without_the_mark_is_rebuilt_with_it(tiny_dir, tmp_path: Path) -> None:
+    """A cache written before checkpoints carried the random-weights mark would be served as trained."""
+    from models.detect import has_random_weights
+    from service.defaults import build_tiny
+
+    cache = tmp_path / "tiny"
+    (random_depth,) = [m for m in default_models(cache, tmp_path / "no-demos") if m.task == "depth"]
+    _trained(tiny_dir("lotus-g", "depth"), Path(random_depth.spec.source))  # an old, unmarked build
+    assert not has_random_weights(Path(random_depth.spec.source))
+    build_tiny(random_depth)
+    assert has_random_weights(Path(random_depth.spec.source))
