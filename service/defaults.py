@@ -5,8 +5,8 @@ The list: every shipped demo spec (`models/demo/*.toml`, `models/demo/*/*.toml`:
 `dense-serve finetune`, coarse but real), then tiny random-weight checkpoints only for what no trained demo
 covers: per task (depth, normals), a multi-seed Lotus-G model serves `/v1/uncertainty` and, where no trained
 model serves the task at all, its plain endpoint too (random ones come after trained ones). The first model of a task
-is that task's default (the front-end takes the first one serving it), so trained models come first and, among
-them, the one with the larger processing resolution.
+is that task's default (the front-end takes the first one serving it), so trained models come first, among them
+deterministic ones (one answer per image) before generative ones, then the larger processing resolution.
 """
 
 from __future__ import annotations
@@ -72,7 +72,9 @@ def default_models(tiny_dir: Path, demo_dir: Path = DEMO_DIR) -> list[DefaultMod
     """The default list in serving order (the first model of a task is its default); tiny checkpoints are not
     built here (`build_tiny`), so listing costs no torch import."""
     demos = [m for m in map(_demo, demo_spec_files(demo_dir)) if m is not None]
-    demos.sort(key=lambda m: (not m.trained, -m.processing_res))  # stable: name order among equals
+    # Trained first; then one-answer models before generative ones (Lotus-D over Lotus-G for a plain map, as the
+    # Lotus authors recommend; the generative ones still serve `/v1/uncertainty`), then the larger resolution.
+    demos.sort(key=lambda m: (not m.trained, m.generative, -m.processing_res))  # stable among equals
     ids = [m.spec.id for m in demos]
     for m in demos:
         if ids.count(m.spec.id) > 1:
@@ -108,11 +110,12 @@ def describe(models: list[DefaultModel]) -> str:
     """One line per default model for `dense-serve models` and the server's banner: id, task, whether it is
     the default of its endpoint, trained or random."""
     rows = []
+    width = max((len(m.spec.id) for m in models), default=0)
     for m in models:
         roles = [f"/v1/{m.task}"] if default_for(models, m.task) is m else []
         if m.generative and next((d for d in models if d.task == m.task and d.generative), None) is m:
             roles.append("/v1/uncertainty" + ("" if m.task == "depth" else f" (task={m.task})"))
         role = f"default of {', '.join(roles)}" if roles else "served"
         what = "trained demo, coarse but real" if m.trained else "RANDOM WEIGHTS, noise"
-        rows.append(f"{m.spec.id:24} {m.family:8} {m.task:8} {what}; {role}")
+        rows.append(f"{m.spec.id:{width}} {m.family:8} {m.task:8} {what}; {role}")
     return "\n".join(rows)

@@ -70,13 +70,14 @@ def test_random_models_only_for_what_no_trained_demo_covers(tiny_dir, tmp_path: 
     # Trained first; a random Lotus-G normals model only for `/v1/uncertainty?task=normals` (Lotus-D gives one
     # answer whatever the seed), after the trained normals model that `/v1/normals` defaults to.
     assert [(m.spec.id, m.trained) for m in models] == [
-        ("g-depth-128", True),
         ("d-depth-64", True),
         ("d-normals", True),
+        ("g-depth-128", True),
         ("tiny-lotus-g-normals", False),
         ("e-normals-random", False),
     ]
-    assert default_for(models, "depth").spec.id == "g-depth-128"  # type: ignore[union-attr]  # the larger one
+    # One answer per image before a generative model's seed-dependent one, whatever the resolution.
+    assert default_for(models, "depth").spec.id == "d-depth-64"  # type: ignore[union-attr]
     assert default_for(models, "normals").spec.id == "d-normals"  # type: ignore[union-attr]  # trained first
     assert "broken" in caplog.text, "an unreadable demo spec is left out, with a warning"
 
