@@ -147,6 +147,9 @@ def depth_probe(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
             "id": "rooms-depth-ci",
             "base": str(DEMO_SPEC),
             "train_data": {"type": "folder", "path": str(tmp / "labelled")},
+            # One thread, as every xdist worker (conftest.py): the config's 2 made two workers' probe fits spin on
+            # each other's cores (7 minutes instead of seconds) and stayed set for the worker's later tests.
+            "train": {**shipped.model_dump()["train"], "threads": 1},
             "output_dir": str(tmp / "rooms-depth-ci"),
         }
     )

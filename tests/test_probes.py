@@ -134,7 +134,7 @@ def trained_probe(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]
             "features": {"blocks": [0, 1, 2, 3], "timesteps": [999], "stride": 2, "processing_res": CI_RES},
             "train_data": {"type": "synthetic", "count": 12, "height": CI_RES, "width": CI_RES, "seed": 101},
             "eval_data": {"type": "synthetic", "count": 8, "height": CI_RES, "width": CI_RES, "seed": 202},
-            "train": {"members": 3, "hidden": [64, 32], "epochs": 3, "pixels_per_image": 512, "threads": 2},
+            "train": {"members": 3, "hidden": [64, 32], "epochs": 3, "pixels_per_image": 512, "threads": 1},
             "output_dir": str(tmp_path_factory.mktemp("probe") / "rooms-ci"),
         }
     )
