@@ -71,6 +71,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     items.sort(key=rank)  # stable: the order within each rank stays
 
 
+@pytest.hookimpl(optionalhook=True)  # without xdist (-p no:xdist) the hook is simply unused
 def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object | None:
     """With `-n N` and no `--dist` (or `--dist load`): xdist's scope scheduler, one unit per test except the
     WHOLE_MODULES (one unit each), handed out in collection order as workers free up (no reorder by size)."""
