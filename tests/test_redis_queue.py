@@ -318,7 +318,7 @@ async def test_several_api_instances_share_the_workers(tiny_dir, tiny_model, red
             *(post(a if i % 2 else b, "/v1/depth?format=npy", img) for i, img in enumerate(images))
         )
         for img, r in zip(images, replies, strict=True):
-            assert r.status_code == 200
+            assert r.status_code == 200, r.text
             np.testing.assert_allclose(read_npy(r.content), direct(tiny_model, "lotus-d", "depth", img), atol=1e-5)
         assert a.app.state.broker.submitter.reply_stream != b.app.state.broker.submitter.reply_stream
 

@@ -21,12 +21,17 @@ class ConnectionOptions:
     password: str | None = None
     tls_ca_file: Path | None = None
     op_timeout_s: float = 0.5
+    #: How long a reply may take: longer than a connect, because a busy event loop (a burst of uploads on two
+    #: cores) can sit on a reply that Redis sent at once, and slowness is not an outage. A stopped Redis still
+    #: fails at once (refused or reset connections), an unreachable host after `op_timeout_s`.
+    reply_timeout_s: float = 2.0
 
     def client(self, blocking: bool = False) -> Redis:
-        """Short timeouts so an outage is a fast 503; blocking reads get a client without a socket timeout."""
+        """Short connect timeouts so an outage is a fast 503; blocking reads get a client without a socket
+        timeout."""
         kwargs: dict[str, object] = {
             "socket_connect_timeout": self.op_timeout_s,
-            "socket_timeout": None if blocking else self.op_timeout_s,
+            "socket_timeout": None if blocking else max(self.op_timeout_s, self.reply_timeout_s),
             "retry": Retry(NoBackoff(), 0),
         }
         if self.password is not None:
