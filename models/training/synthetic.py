@@ -317,6 +317,31 @@ def look_at(position: np.ndarray, target: np.ndarray, roll: float = 0.0) -> np.n
     return np.stack([right, up, -forward], axis=1)
 
 
+def random_camera(
+    rng: np.random.Generator,
+    height: int,
+    width: int,
+    rotation: np.ndarray,
+    position: np.ndarray,
+    fov_deg: tuple[float, float],
+    center_jitter: float,
+) -> Camera:
+    """A pinhole camera with a random horizontal field of view, a slightly non-square pixel and a jittered
+    principal point; the draws keep one order, so a scene seed renders the same scene."""
+    fov_x = rng.uniform(math.radians(fov_deg[0]), math.radians(fov_deg[1]))
+    fx = (width / 2.0) / math.tan(fov_x / 2.0)
+    return Camera(
+        height=height,
+        width=width,
+        fx=fx,
+        fy=fx * rng.uniform(0.97, 1.03),
+        cx=(width - 1) / 2.0 + rng.uniform(-center_jitter, center_jitter) * width,
+        cy=(height - 1) / 2.0 + rng.uniform(-center_jitter, center_jitter) * height,
+        rotation=rotation,
+        position=position,
+    )
+
+
 def _rotation_y(angle: float) -> np.ndarray:
     c, s = math.cos(angle), math.sin(angle)
     return np.array([[c, 0.0, s], [0.0, 1.0, 0.0], [-s, 0.0, c]])
@@ -426,18 +451,7 @@ def random_scene_and_camera(rng: np.random.Generator, height: int, width: int) -
 
     target = cam_pos + look * 3.0 + np.array([0.0, rng.uniform(-1.8, 0.4), 0.0])
     rotation = look_at(cam_pos, target, roll=float(rng.uniform(-0.08, 0.08)))
-    fov_x = rng.uniform(math.radians(45.0), math.radians(75.0))
-    fx = (width / 2.0) / math.tan(fov_x / 2.0)
-    camera = Camera(
-        height=height,
-        width=width,
-        fx=fx,
-        fy=fx * rng.uniform(0.97, 1.03),
-        cx=(width - 1) / 2.0 + rng.uniform(-0.03, 0.03) * width,
-        cy=(height - 1) / 2.0 + rng.uniform(-0.03, 0.03) * height,
-        rotation=rotation,
-        position=cam_pos,
-    )
+    camera = random_camera(rng, height, width, rotation, cam_pos, fov_deg=(45.0, 75.0), center_jitter=0.03)
 
     elevation = rng.uniform(math.radians(30.0), math.radians(80.0))
     azimuth = rng.uniform(0.0, 2.0 * math.pi)
@@ -565,18 +579,7 @@ def _varied_scene_and_camera(rng: np.random.Generator, height: int, width: int) 
     else:
         target = cam_pos + look * 3.0 + np.array([0.0, rng.uniform(-2.5, 1.0), 0.0])
     rotation = look_at(cam_pos, target, roll=float(rng.uniform(-0.2, 0.2)))
-    fov_x = rng.uniform(math.radians(35.0), math.radians(90.0))
-    fx = (width / 2.0) / math.tan(fov_x / 2.0)
-    camera = Camera(
-        height=height,
-        width=width,
-        fx=fx,
-        fy=fx * rng.uniform(0.97, 1.03),
-        cx=(width - 1) / 2.0 + rng.uniform(-0.05, 0.05) * width,
-        cy=(height - 1) / 2.0 + rng.uniform(-0.05, 0.05) * height,
-        rotation=rotation,
-        position=cam_pos,
-    )
+    camera = random_camera(rng, height, width, rotation, cam_pos, fov_deg=(35.0, 90.0), center_jitter=0.05)
 
     def direction(lo_deg: float, hi_deg: float) -> np.ndarray:
         elevation = rng.uniform(math.radians(lo_deg), math.radians(hi_deg))
