@@ -147,8 +147,10 @@ async def test_a_cancelled_grpc_stream_on_redis_leaves_nothing_to_compute(
     tiny_dir: TinyDir, redis_url: str, redis_prefix: str
 ) -> None:
     source = str(tiny_dir("lotus-d", "depth"))
+    # Each frame computes for 2 s: the cancel has that long to travel client -> front-end -> Redis -> worker
+    # before a third frame would start (600 ms was too short once under full-suite load: 3 forwards).
     spec = ModelSpec(
-        id="slow", source=source, backend="simulated", simulated_batch_ms=600, max_batch_size=1, processing_res=64
+        id="slow", source=source, backend="simulated", simulated_batch_ms=2000, max_batch_size=1, processing_res=64
     )
     async with running_service(
         tiny_dir,
