@@ -127,7 +127,19 @@ class Settings(BaseSettings):
     result_ttl_s: int = Field(
         default=60,
         ge=1,
-        description="how long an answer stays for an Idempotency-Key retry: Redis holds answers/s x this",
+        description="how long a keyed answer stays for a retry when its client left before it was delivered",
+    )
+    answer_grace_s: float = Field(
+        default=5.0,
+        ge=0,
+        description="how long a keyed answer stays once delivered to its client (a retry after an answer lost "
+        "in transit)",
+    )
+    answer_store_bytes: int = Field(
+        default=128 * 2**20,
+        ge=0,
+        description="byte budget of all keyed answers kept for retries (per process, or per Redis deployment); "
+        "past it an answer is not kept and a retry computes again",
     )
     min_idle_ms: int = Field(
         default=10_000,
