@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +13,10 @@ from redis.exceptions import AuthenticationError, OutOfMemoryError, RedisError, 
 
 from service.errors import Unavailable
 
+log = logging.getLogger(__name__)
 MIN_VERSION = (7, 0)
+#: What a client reads when Redis fails: no host, no exception text (the log has both).
+UNREACHABLE = "the queue is unreachable; retry shortly"
 
 
 @dataclass(frozen=True)
@@ -92,7 +96,8 @@ async def check_server(r: Redis, where: str, has_password: bool = False) -> Serv
                 f"Redis at {where}: the TLS handshake failed ({exc}); set redis_tls_ca_file "
                 "(DENSE_REDIS_TLS_CA_FILE) to the CA that signed the server's certificate"
             ) from exc
-        raise Unavailable(f"the queue (Redis at {where}) is unreachable: {exc}", retry_after=1) from exc
+        log.warning("Redis at %s is unreachable: %s", where, exc)
+        raise Unavailable(UNREACHABLE, retry_after=1) from exc
     version = tuple(int(p) for p in str(info.get("redis_version", "0")).split(".")[:3] if p.isdigit())
     if version < MIN_VERSION:
         have, need = ".".join(map(str, version)), ".".join(map(str, MIN_VERSION))
@@ -116,11 +121,13 @@ def is_oom(exc: BaseException) -> bool:
 
 
 def unavailable(exc: BaseException, where: str) -> Unavailable:
-    """What a Redis failure means to a client: out of memory, or unreachable; both are worth a retry."""
+    """What a Redis failure means to a client: out of memory, or unreachable; both are worth a retry. The client
+    reads neither the host nor the exception's text; the log keeps both."""
+    log.warning("Redis at %s failed: %s", where, exc)
     if is_oom(exc):
         return Unavailable(
-            f"the queue (Redis at {where}) is out of memory (maxmemory reached, noeviction): it accepts new "
-            "jobs again as the queued ones finish",
+            "the queue is out of memory (maxmemory reached, noeviction): it accepts new jobs again as the queued "
+            "ones finish",
             retry_after=2,
         )
-    return Unavailable(f"the queue (Redis at {where}) is unreachable: {exc}", retry_after=1)
+    return Unavailable(UNREACHABLE, retry_after=1)
