@@ -56,6 +56,19 @@ class Settings(BaseSettings):
     tiny_dir: Path = Field(default=Path(".cache/tiny"), description="where random tiny checkpoints are built")
 
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
+    api_keys_dir: Path | None = Field(
+        default=None,
+        description="a directory of key files, one key per file (a mounted Kubernetes Secret); re-read as it "
+        "changes, so keys rotate without a restart",
+    )
+    api_keys_reload_s: float = Field(
+        default=2.0, gt=0, description="how often api_keys_dir is checked for changed keys (at most)"
+    )
+    auth: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="auto: `api` and `grpc` refuse to start without API keys, `serve` too unless bound to loopback; "
+        "on: keys required everywhere; off: no keys checked, on purpose (--no-auth)",
+    )
     auth_exempt_health: bool = Field(default=True, description="/healthz, /readyz and /metrics without a key")
     web_page: bool = Field(default=True, description="serve the demo page at GET / (and its files at /ui/)")
     auth_exempt_web_page: bool = Field(
@@ -67,6 +80,15 @@ class Settings(BaseSettings):
     max_processing_res: int = Field(default=2048, ge=8)
     default_timeout_ms: int = Field(default=30_000, ge=1)
     max_timeout_ms: int = Field(default=300_000, ge=1)
+    http_limit_concurrency: int = Field(
+        default=1024,
+        ge=2,
+        description="HTTP connections (keep-alive ones too, the asking one included) or requests at once before "
+        "uvicorn answers 503",
+    )
+    grpc_max_concurrent_rpcs: int = Field(
+        default=1024, ge=1, description="gRPC calls at once (a stream counts once) before RESOURCE_EXHAUSTED"
+    )
 
     queue_max_jobs: int = Field(default=256, ge=1, description="jobs waiting per model before 429")
     max_batch_size: int = Field(default=8, ge=1)
