@@ -15,3 +15,8 @@ class SpecError(ModelError):
 
 class BackendError(ModelError):
     """A backend is missing, misconfigured, or failed to run a graph."""
+
+
+class UnsafeFormatError(ModelLoadError):
+    """Weights or training state stored only as pickle (`.bin`, `.pt`, ...), which is never loaded: unpickling
+    can run code, so only safetensors (tensors) and JSON (the rest) are read."""

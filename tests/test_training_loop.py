@@ -30,6 +30,7 @@ from models.training.objectives import (
     target_image,
     widen_conv_in,
 )
+from models.training.state_io import load_state
 from models.training.trainer import BatchStream, SyntheticDataset, finetune, lr_factor
 from tests.conftest import REPO
 
@@ -316,8 +317,9 @@ def test_exact_resume_is_bit_identical(tmp_path: Path) -> None:
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     start = load_file(str(tmp_path / "straight" / "base" / "unet" / "diffusion_pytorch_model.safetensors"))
     assert not all(torch.equal(a[k], start[k]) for k in a)  # it did train
-    opt_a = torch.load(straight.output_dir / "checkpoints" / "step-0000006" / "optimizer.pt", weights_only=True)
-    opt_b = torch.load(resumed.output_dir / "checkpoints" / "step-0000006" / "optimizer.pt", weights_only=True)
+    opt_a = load_state(straight.output_dir / "checkpoints" / "step-0000006", "optimizer")
+    opt_b = load_state(resumed.output_dir / "checkpoints" / "step-0000006", "optimizer")
+    assert opt_a["param_groups"] == opt_b["param_groups"] and opt_a["state"].keys() == opt_b["state"].keys()
     for key, state in opt_a["state"].items():
         assert all(torch.equal(state[n], opt_b["state"][key][n]) for n in state)
     # keep_checkpoints (2) prunes older ones; TensorBoard has the scalars.

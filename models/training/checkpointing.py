@@ -4,6 +4,9 @@ A checkpoint is a folder `OUTPUT/checkpoints/step-NNNNNNN/` holding everything t
 the trained UNet weights (safetensors, exact bits), the optimizer, LR scheduler and grad-scaler states, the
 RNG states of every process, the step and the data position (micro-batches consumed). It is written to a
 temporary folder and renamed at the end, so a crash mid-write never leaves a checkpoint that looks complete.
+
+Nothing in it is a pickle (`models.training.state_io`): tensors are safetensors, the rest JSON. A checkpoint of
+the earlier format (`optimizer.pt`, `rng-0.pt`, ... written with `torch.save`) is refused, never unpickled.
 """
 
 from __future__ import annotations
@@ -21,11 +24,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from models import tiny
+from models.errors import UnsafeFormatError
 from models.outputs import Family, OutputKind, task_of
+from models.training.state_io import has_state, load_state, save_state
 
 CHECKPOINTS = "checkpoints"
 STATE_FILE = "trainer_state.json"
 UNET_FILE = "unet.safetensors"
+FORMAT = 2  # 1 (unmarked): optimizer, scheduler, scaler and RNG states as torch.save pickles
+PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
@@ -91,7 +98,7 @@ def staging_dir(output_dir: Path, step: int) -> Path:
 
 
 def save_rng(folder: Path, rank: int) -> None:
-    torch.save(capture_rng(), folder / f"rng-{rank}.pt")
+    save_state(folder, f"rng-{rank}", capture_rng())
 
 
 def save_training_state(
@@ -105,11 +112,11 @@ def save_training_state(
     """Main process: weights and optimizer-side state (identical on every process under DDP)."""
     weights = {k: v.detach().cpu().contiguous() for k, v in unet.state_dict().items()}
     save_file(weights, str(folder / UNET_FILE))
-    torch.save(optimizer.state_dict(), folder / "optimizer.pt")
-    torch.save(scheduler.state_dict(), folder / "scheduler.pt")
+    save_state(folder, "optimizer", optimizer.state_dict())
+    save_state(folder, "scheduler", scheduler.state_dict())
     if scaler is not None:
-        torch.save(scaler.state_dict(), folder / "scaler.pt")
-    (folder / STATE_FILE).write_text(json.dumps(state.__dict__, indent=2) + "\n")
+        save_state(folder, "scaler", scaler.state_dict())
+    (folder / STATE_FILE).write_text(json.dumps({"format": FORMAT, **state.__dict__}, indent=2) + "\n")
 
 
 def commit_checkpoint(output_dir: Path, step: int, keep: int) -> Path:
@@ -125,7 +132,17 @@ def commit_checkpoint(output_dir: Path, step: int, keep: int) -> Path:
 
 
 def read_state(folder: Path) -> TrainerState:
-    return TrainerState(**json.loads((folder / STATE_FILE).read_text()))
+    """The checkpoint's position; refuses a checkpoint that holds pickles or predates this format."""
+    data = json.loads((folder / STATE_FILE).read_text())
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles or data.pop("format", None) != FORMAT:
+        found = f"pickle files {', '.join(pickles)}" if pickles else "no format marker"
+        raise UnsafeFormatError(
+            f"checkpoint {folder} is in the old training-state format ({found}); it is not loaded, since "
+            "unpickling can run code. Start the run again in a new output_dir (or move "
+            f"{folder.parent} away); to keep its weights, its {UNET_FILE} is safe to read"
+        )
+    return TrainerState(**data)
 
 
 def load_training_state(
@@ -140,13 +157,14 @@ def load_training_state(
     state = read_state(folder)
     device = next(unet.parameters()).device
     unet.load_state_dict(load_file(str(folder / UNET_FILE), device=str(device)))
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location=device, weights_only=True))
-    scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
-    if scaler is not None and (folder / "scaler.pt").is_file():
-        scaler.load_state_dict(torch.load(folder / "scaler.pt", weights_only=True))
-    rng_file = folder / f"rng-{rank}.pt"
-    if rng_file.is_file():
-        restore_rng(torch.load(rng_file, weights_only=False))
+    # On the CPU: load_state_dict moves each state to its parameter's device and keeps AdamW's `step` where
+    # the optimizer made it (the CPU), as the uninterrupted run has it.
+    optimizer.load_state_dict(load_state(folder, "optimizer"))
+    scheduler.load_state_dict(load_state(folder, "scheduler"))
+    if scaler is not None and has_state(folder, "scaler"):
+        scaler.load_state_dict(load_state(folder, "scaler"))
+    if has_state(folder, f"rng-{rank}"):
+        restore_rng(load_state(folder, f"rng-{rank}"))
     return state
 
 
