@@ -32,9 +32,25 @@ class ServiceError(Exception):
         value = self.extra.get("field")
         return value if isinstance(value, str) else None
 
+    @property
+    def public(self) -> bool:
+        """Whether `detail` may reach a client. A 500's may quote an exception (a model's, a library's: paths,
+        hosts, internals); every other status carries our own sentence (a 503 says why and when to retry)."""
+        return self.http_status != 500
+
+    def client_detail(self, request_id: str | None) -> str:
+        """What the client reads: `detail`, or for a 500 a generic line and the request id (the log has the rest)."""
+        return self.detail if self.public else internal_detail(self.title, request_id)
+
     def info(self) -> ErrorInfo:
         """What travels through the queue: enough to raise the same error on the other side."""
         return ErrorInfo(code=self.code, detail=self.detail, field=self.field)
+
+
+def internal_detail(title: str, request_id: str | None) -> str:
+    """A 500's client-facing detail: what failed in general words, and where the log has the particulars."""
+    where = f" under request id {request_id}" if request_id else ""
+    return f"{title}; the server's log has the detail{where}"
 
 
 class Unauthorized(ServiceError):

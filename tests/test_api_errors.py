@@ -510,8 +510,8 @@ async def test_500_model_fault_fails_only_the_request_that_caused_it(tiny_dir: T
             assert max(seen_batches) > 1, f"the requests were not batched together: {seen_batches}"
             problem = assert_problem(replies[1], 500)
             assert problem["type"].endswith("/model_failure")
-            assert "lotus-d-depth" in problem["detail"] and "failed" in problem["detail"], problem
-            assert "injected fault" in problem["detail"]
+            # The exception's text stays in the log; the client reads a generic line and its request id.
+            assert "injected fault" not in problem["detail"] and problem["request_id"] in problem["detail"], problem
             for i in (0, 2, 3):
                 assert replies[i].status_code == 200, replies[i].text
                 expected = direct(tiny_model, "lotus-d", "depth", images[i])
@@ -668,7 +668,8 @@ async def test_unhandled_error_response_still_carries_the_request_id_header(svc:
     async with lenient_client(svc) as client:
         r = await client.get("/boom", headers={"x-request-id": "trace-42"})
     problem = assert_problem(r, 500)
-    assert problem["request_id"] == "trace-42" and "unexpected failure" in problem["detail"]
+    assert problem["request_id"] == "trace-42" and "trace-42" in problem["detail"]
+    assert "unexpected failure" not in problem["detail"] and "RuntimeError" not in problem["detail"], problem
     assert r.headers.get("x-request-id") == "trace-42", dict(r.headers)
 
 

@@ -19,6 +19,7 @@ from service.api.routes_predict import predict_router
 from service.config import Settings
 from service.frontend import declare_models
 from service.jobs import ModelInfo
+from service.keys import ApiKeys, checks_keys
 from service.queue.base import Broker
 from service.request import Limits
 
@@ -73,7 +74,8 @@ def create_app(
     app.state.grpc = grpc
     app.state.limits = Limits.of(settings)
     problems.install(app)
-    auth = [Depends(check_api_key)] if settings.api_keys else []
+    app.state.api_keys = ApiKeys.of(settings)
+    auth = [Depends(check_api_key)] if checks_keys(settings, app.state.api_keys) else []
     app.include_router(predict_router(app.state.limits), dependencies=auth)
     app.include_router(models_router, dependencies=auth)
     app.include_router(health_router, dependencies=[] if settings.auth_exempt_health else auth)

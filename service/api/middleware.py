@@ -15,6 +15,7 @@ from starlette_compress import CompressMiddleware, add_compress_type
 
 from service import logs, metrics
 from service.api.problems import PROBLEM, problem_body
+from service.errors import internal_detail
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +50,13 @@ class RequestIdMiddleware:
         try:
             with logs.context(request_id, traceparent):
                 await self.app(scope, receive, send_with_id)
-        except Exception as exc:
+        except Exception:
             if started:
                 raise
             log.exception("unhandled error on %s (request %s)", scope.get("path"), request_id)
-            body = problem_body(
-                500, "internal", "Internal error", f"{type(exc).__name__}: {exc}", scope.get("path"), request_id
-            )
+            # The exception's text stays in the log: it may name paths, hosts or internals.
+            detail = internal_detail("Internal error", request_id)
+            body = problem_body(500, "internal", "Internal error", detail, scope.get("path"), request_id)
             await _send_json(send_with_id, 500, body)
 
 

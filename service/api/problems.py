@@ -58,7 +58,11 @@ def service_error_response(request: Request, exc: ServiceError) -> JSONResponse:
     if isinstance(exc, Unauthorized):
         headers["WWW-Authenticate"] = 'Bearer realm="dense-serve"'
     extra = {k: v for k, v in exc.extra.items() if k != "retry_after"}
-    return problem(request, exc.http_status, exc.code, exc.title, exc.detail, headers, **extra)
+    request_id = getattr(request.state, "request_id", None)
+    if not exc.public:  # the client gets a generic line and the id; the log keeps what happened
+        log.error("%s on %s (request %s): %s", exc.code, request.url.path, request_id, exc.detail)
+    detail = exc.client_detail(request_id)
+    return problem(request, exc.http_status, exc.code, exc.title, detail, headers, **extra)
 
 
 def install(app: FastAPI) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
@@ -18,6 +17,7 @@ from service.config import Settings
 from service.grpc.descriptors import reflection_pool
 from service.grpc.servicer import DenseServicer
 from service.grpc.stubs import dense_pb2, dense_pb2_grpc
+from service.keys import ApiKeys, checks_keys, presented_key
 from service.ports import PortTaken, check_free
 from service.queue.base import Broker
 from service.readiness import readiness
@@ -31,23 +31,15 @@ EXEMPT = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
 class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
-    """`authorization: Bearer KEY` or `x-api-key: KEY` metadata; health and reflection stay open."""
+    """`authorization: Bearer KEY` or `x-api-key: KEY` metadata, checked against the one key source REST uses
+    (service/keys.py); health and reflection stay open."""
 
-    def __init__(self, keys: Sequence[str]) -> None:
-        self.keys = [k.encode() for k in keys]
+    def __init__(self, keys: ApiKeys | Sequence[str]) -> None:
+        self.keys = keys if isinstance(keys, ApiKeys) else ApiKeys(keys)
 
     def _valid(self, metadata: Sequence[tuple[str, str | bytes]]) -> bool:
-        md = {k.lower(): v for k, v in metadata}
-        given = md.get("x-api-key")
-        auth = md.get("authorization")
-        if given is None and isinstance(auth, str) and auth.lower().startswith("bearer "):
-            given = auth[7:].strip()
-        if not isinstance(given, str) or not given:
-            return False
-        valid = False
-        for key in self.keys:
-            valid |= hmac.compare_digest(given.encode(), key)
-        return valid
+        md = {k.lower(): v for k, v in metadata if isinstance(v, str)}
+        return self.keys.valid(presented_key(md))
 
     async def intercept_service(
         self,
@@ -102,8 +94,12 @@ class GrpcFrontend:
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ]
-        keys = [k.get_secret_value() for k in s.api_keys]
-        server = grpc.aio.server(interceptors=[ApiKeyInterceptor(keys)] if keys else [], options=options)
+        keys = ApiKeys.of(s)
+        server = grpc.aio.server(
+            interceptors=[ApiKeyInterceptor(keys)] if checks_keys(s, keys) else [],
+            options=options,
+            maximum_concurrent_rpcs=s.grpc_max_concurrent_rpcs,  # beyond it: RESOURCE_EXHAUSTED, not a pile-up
+        )
         try:
             self.port = server.add_insecure_port(self.address)
         except RuntimeError:  # grpcio >= 1.5x raises where older ones returned 0
