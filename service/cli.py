@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from models.spec import ModelSpec
     from service.config import Settings
     from service.defaults import DefaultModel
+    from service.keys import Role
 
 #: The answer formats a file can hold (`json`, `raw16` and `raw32` are wire-only); one spelling, as in REST and gRPC.
 FILE_FORMATS: tuple[Format, ...] = ("png", "npy", "color", "exr", "tiff")
@@ -136,6 +137,20 @@ def _bind(p: argparse.ArgumentParser, host_dest: str, port_dest: str, default_po
 
 def _api_keys(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", action="append", dest="api_keys", metavar="KEY", help="require this key (repeatable)")
+    p.add_argument(
+        "--api-keys-dir",
+        type=Path,
+        metavar="DIR",
+        help="also accept the key in each file of DIR (a mounted Secret); re-read as it changes, no restart needed",
+    )
+    p.add_argument(
+        "--no-auth",
+        dest="auth",
+        action="store_const",
+        const="off",
+        help="serve without API keys, on purpose (DENSE_AUTH=off); without keys `api`, `grpc` and a `serve` "
+        "reachable from other machines refuse to start",
+    )
 
 
 class Parser(argparse.ArgumentParser):
@@ -461,6 +476,8 @@ SERVING_KEYS = (
     "models",
     "probes",
     "api_keys",
+    "api_keys_dir",
+    "auth",
     "queue",
     "redis_url",
     "worker_name",
@@ -501,23 +518,42 @@ def cmd_serve(args: argparse.Namespace) -> int:
     api_only = args.role == "api"
     try:
         if api_only:
-            settings = _settings(args, ("host", "port", "grpc_port", "api_keys", "queue", "redis_url", "probes"))
+            keys = ("host", "port", "grpc_port", "api_keys", "api_keys_dir", "auth", "queue", "redis_url", "probes")
+            settings = _settings(args, keys)
             # The API reads no checkpoint: ids to wait for, and specs to accept jobs by before workers come.
             specs, defaults = frontend_specs(args.models or settings.models), []
             frontend_probes(settings.probes, specs)
+            _check_auth(settings, "api")
             _check_ports(settings)
             preflight_queue(settings)
         else:
             settings = _settings(args)
+            _check_auth(settings, "serve")
             _check_ports(settings)  # in a second, before the model libraries load
             _quiet_hub_libraries()
             settings, specs, defaults = _serving_setup(args, settings)
-    except (ModelError, ValidationError, FileNotFoundError, ValueError, PortTaken) as exc:
+    except (ModelError, ValidationError, FileNotFoundError, ValueError, PortTaken, AuthRefused) as exc:
         return _error(exc)
     logs.configure(settings.log_level, settings.log_format, role=("api" if api_only else "serve"))
     tracing.setup(settings.otel_enabled, ("api" if api_only else "serve"), settings.otel_endpoint)
     banner = default_banner(defaults, settings.tiny_dir) if defaults else ""
     return _run_http(settings, specs, not api_only, banner)
+
+
+class AuthRefused(Exception):
+    """A process that would serve without API keys where nobody said so; str() is the one line the CLI prints."""
+
+
+def _check_auth(settings: Settings, role: Role) -> None:
+    """AuthRefused unless keys are configured or serving open is allowed (a loopback `serve`) or asked for."""
+    from service.keys import auth_refusal
+
+    hosts = [settings.host] if role != "grpc" else []
+    if settings.grpc_enabled or role == "grpc":
+        hosts.append(settings.grpc_host or settings.host)
+    refusal = auth_refusal(settings, role, hosts)
+    if refusal:
+        raise AuthRefused(refusal)
 
 
 def _check_ports(settings: Settings) -> None:
@@ -553,6 +589,7 @@ def _run_http(settings: Settings, specs: list[ModelSpec], with_worker: bool, ban
         log_level=settings.log_level,
         log_config=None,  # keep our handlers (text or JSON, with request ids)
         timeout_graceful_shutdown=int(settings.shutdown_grace_s) or None,
+        limit_concurrency=settings.http_limit_concurrency,  # beyond it uvicorn answers 503 at once
     )
     server = uvicorn.Server(config)
 
@@ -585,6 +622,13 @@ def _run_http(settings: Settings, specs: list[ModelSpec], with_worker: bool, ban
     return 0
 
 
+def redis_where(settings: Settings) -> str:
+    """The Redis URL without its password, as start-up lines print it (they end up in shared logs)."""
+    from service.queue.redis.connection import ConnectionOptions
+
+    return ConnectionOptions(settings.redis_url).where
+
+
 def _error(exc: BaseException | str) -> int:
     """The one spelling of a refusal: `error: what went wrong`, on stderr, exit status 2."""
     print(f"error: {exc}", file=sys.stderr)
@@ -601,13 +645,14 @@ def cmd_grpc(args: argparse.Namespace) -> int:
     from service.ports import PortTaken, check_free
 
     try:
-        keys = ("grpc_host", "grpc_port", "api_keys", "queue", "redis_url", "metrics_port", "host", "probes")
-        settings = load_settings(args.config, **{k: getattr(args, k, None) for k in keys})
-        check_free("gRPC", settings.grpc_host or settings.host, settings.grpc_port, "--port")
+        keys = ("grpc_host", "grpc_port", "api_keys", "api_keys_dir", "auth", "queue", "redis_url", "metrics_port")
+        settings = load_settings(args.config, **{k: getattr(args, k, None) for k in (*keys, "host", "probes")})
         specs = frontend_specs(args.models or settings.models)
         frontend_probes(settings.probes, specs)
+        _check_auth(settings, "grpc")
+        check_free("gRPC", settings.grpc_host or settings.host, settings.grpc_port, "--port")
         preflight_queue(settings)
-    except (ModelError, ValidationError, FileNotFoundError, ValueError, PortTaken) as exc:
+    except (ModelError, ValidationError, FileNotFoundError, ValueError, PortTaken, AuthRefused) as exc:
         return _error(exc)
     logs.configure(settings.log_level, settings.log_format, role="grpc")
     tracing.setup(settings.otel_enabled, "grpc", settings.otel_endpoint)
@@ -615,7 +660,8 @@ def cmd_grpc(args: argparse.Namespace) -> int:
     def announce(address: str) -> None:
         models = ", ".join(s.id for s in specs) or "any model a worker serves"
         print(
-            f"dense-serve listening on gRPC {address} (queue {settings.redis_url}), serving {models}", file=sys.stderr
+            f"dense-serve listening on gRPC {address} (queue {redis_where(settings)}), serving {models}",
+            file=sys.stderr,
         )
 
     try:
@@ -641,7 +687,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     logs.configure(settings.log_level, settings.log_format, role="worker")
     tracing.setup(settings.otel_enabled, "worker", settings.otel_endpoint)
     print(
-        f"dense-serve worker {settings.worker_name or ''} on {settings.redis_url}: {', '.join(s.id for s in specs)}",
+        f"dense-serve worker {settings.worker_name or ''} on {redis_where(settings)}: {', '.join(s.id for s in specs)}",
         file=sys.stderr,
     )
     return asyncio.run(run_worker(settings, specs))

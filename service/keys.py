@@ -147,7 +147,10 @@ def auth_refusal(settings: Settings, role: Role, hosts: Sequence[str]) -> str | 
         return None
     fix = "give --api-key KEY (or DENSE_API_KEYS, or DENSE_API_KEYS_DIR: a directory of key files)"
     if role != "serve":
-        return f"dense-serve {role} serves other machines and has no API key: {fix}, or --no-auth (DENSE_AUTH=off)"
+        return (
+            f"dense-serve {role} has no API key and would answer anyone who reaches it: {fix}, or --no-auth "
+            "(DENSE_AUTH=off) to serve open on purpose"
+        )
     if settings.auth == "on":
         return f"auth is on (DENSE_AUTH=on) and no API key is configured: {fix}"
     exposed = [h for h in hosts if not is_loopback(h)]

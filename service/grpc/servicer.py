@@ -55,7 +55,26 @@ def trailers_of(exc: ServiceError) -> tuple[tuple[str, str], ...]:
 
 
 async def abort(context: grpc.aio.ServicerContext, exc: ServiceError) -> None:
-    await context.abort(status_of(exc), exc.detail, trailing_metadata=trailers_of(exc))
+    """The call's status with our sentence, or for an internal failure a generic one and the request id (the
+    log keeps the detail); the id also travels as `x-request-id` in the trailers."""
+    request_id = logs.REQUEST_ID.get()
+    log_internal(exc, request_id)
+    trailers = (*trailers_of(exc), *((("x-request-id", request_id),) if request_id else ()))
+    await context.abort(status_of(exc), exc.client_detail(request_id), trailing_metadata=trailers)
+
+
+def log_internal(exc: ServiceError, request_id: str | None) -> None:
+    """What the client is not told (a 500's detail, an unexpected exception's traceback) goes to the log."""
+    if not exc.public:
+        log.error("%s (request %s): %s", exc.code, request_id, exc.detail, exc_info=exc.__cause__)
+
+
+def unexpected(exc: Exception) -> ServiceError:
+    """An exception no code meant to raise, as a generic INTERNAL (left alone, gRPC would send the client its
+    type and text); the original rides along as the cause, for the log."""
+    error = ServiceError(f"{type(exc).__name__}: {exc}")
+    error.__cause__ = exc
+    return error
 
 
 def request_of(req: pb.PredictRequest, limits: Limits, deadline_s: float | None = None) -> PredictionRequest:
@@ -113,21 +132,28 @@ class DenseServicer(dense_pb2_grpc.DenseServiceServicer):
     # ------------------------------------------------------------------ unary
 
     async def Predict(self, request: pb.PredictRequest, context: grpc.aio.ServicerContext) -> pb.PredictResponse:
-        try:
-            with _log_context(context):
+        with _log_context(context):
+            try:
                 return await self._measured(request, time.perf_counter(), "Predict", context.time_remaining())
-        except ServiceError as exc:
-            await abort(context, exc)
-            raise  # unreachable: abort raises
+            except ServiceError as exc:
+                await abort(context, exc)
+                raise  # unreachable: abort raises
+            except Exception as exc:
+                await abort(context, unexpected(exc))
+                raise
 
     async def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListModelsResponse:
-        try:
-            catalog = await self.broker.catalog()
-        except ServiceError as exc:
-            await abort(context, exc)
-            raise
+        with _log_context(context):
+            try:
+                catalog = await self.broker.catalog()
+            except ServiceError as exc:
+                await abort(context, exc)
+                raise
+            except Exception as exc:
+                await abort(context, unexpected(exc))
+                raise
         return pb.ListModelsResponse(
             models=[
                 pb.ModelInfo(
@@ -341,19 +367,29 @@ class DenseServicer(dense_pb2_grpc.DenseServiceServicer):
     async def _frame(self, req: pb.PredictRequest) -> pb.PredictResponse:
         """One frame; a bad frame becomes an ERROR response and the stream goes on."""
         started = time.perf_counter()
-        try:
-            return await self._measured(req, started, "StreamPredict")
-        except ServiceError as exc:
-            return pb.PredictResponse(
-                frame_id=req.frame_id,
-                timestamp_ns=req.timestamp_ns,
-                status=pb.FRAME_STATUS_ERROR,
-                error_code=status_of(exc).value[0],
-                error_message=exc.detail,
-                error_type=exc.code,
-                error_field=exc.field or "",
-                total_ms=(time.perf_counter() - started) * 1000.0,
-            )
+        request_id = uuid.uuid4().hex  # each frame is its own job: its own id in the logs and in a 500's message
+        with logs.context(request_id, logs.TRACEPARENT.get()):
+            try:
+                return await self._measured(req, started, "StreamPredict")
+            except ServiceError as exc:
+                error = exc
+            except Exception as exc:
+                error = unexpected(exc)
+            log_internal(error, request_id)
+        return self._error_frame(req, error, request_id, started)
+
+    @staticmethod
+    def _error_frame(req: pb.PredictRequest, exc: ServiceError, request_id: str, started: float) -> pb.PredictResponse:
+        return pb.PredictResponse(
+            frame_id=req.frame_id,
+            timestamp_ns=req.timestamp_ns,
+            status=pb.FRAME_STATUS_ERROR,
+            error_code=status_of(exc).value[0],
+            error_message=exc.client_detail(request_id),
+            error_type=exc.code,
+            error_field=exc.field or "",
+            total_ms=(time.perf_counter() - started) * 1000.0,
+        )
 
 
 def _log_context(context: grpc.aio.ServicerContext) -> contextlib.AbstractContextManager[None]:
