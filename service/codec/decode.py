@@ -27,6 +27,9 @@ except ImportError:  # pragma: no cover - a declared dependency; kept optional f
 
 DEFAULT_MAX_PIXELS = 40_000_000
 SUPPORTED_FORMATS = frozenset({"PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF", "PPM"})
+#: Only these parsers ever see a client's bytes: Pillow knows dozens of formats (EPS runs Ghostscript, PSD, ICNS,
+#: FITS, ...) whose readers are attack surface for no use; anything else is unidentified before any is tried.
+OPEN_FORMATS = tuple(sorted(SUPPORTED_FORMATS))
 EXIF_ORIENTATION = 0x0112
 #: DCT scale denominators libjpeg decodes at cheaply (Pillow's `draft` uses the same ones).
 JPEG_SCALES = (8, 4, 2)
@@ -150,9 +153,11 @@ def _read(data: bytes | Path | str) -> bytes:
 def _open(raw: bytes, max_pixels: int) -> Image.Image:
     """Open lazily and refuse what is not a supported image or is too large, before any decoding."""
     try:
-        img = Image.open(io.BytesIO(raw))
+        img = Image.open(io.BytesIO(raw), formats=OPEN_FORMATS)
     except UnidentifiedImageError as exc:
-        raise ImageDecodeError("not a recognised image (corrupt or unsupported format)") from exc
+        raise ImageDecodeError(
+            f"not a recognised image (corrupt, or not one of the supported formats: {', '.join(OPEN_FORMATS)})"
+        ) from exc
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageTooLargeError(f"image too large: {exc}") from exc
     except (OSError, ValueError, EOFError, SyntaxError, struct.error) as exc:

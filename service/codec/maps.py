@@ -36,7 +36,7 @@ def encode_png16(values: np.ndarray, level: int = DEFAULT_LEVEL) -> bytes:
 
 
 def decode_png16(data: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(data)), dtype=np.float64).astype(np.float32) / 65535.0
+    return np.asarray(Image.open(io.BytesIO(data), formats=("PNG",)), dtype=np.float64).astype(np.float32) / 65535.0
 
 
 def encode_normals_png(normals: np.ndarray, level: int = DEFAULT_LEVEL) -> bytes:
@@ -45,7 +45,9 @@ def encode_normals_png(normals: np.ndarray, level: int = DEFAULT_LEVEL) -> bytes
 
 
 def decode_normals_png(data: bytes) -> np.ndarray:
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.float32) / 255.0 * 2.0 - 1.0
+    return (
+        np.asarray(Image.open(io.BytesIO(data), formats=("PNG",)).convert("RGB"), dtype=np.float32) / 255.0 * 2.0 - 1.0
+    )
 
 
 def encode_npy(values: np.ndarray) -> bytes:
