@@ -126,12 +126,16 @@ def make_broker(settings: Settings) -> Broker:
             max_depth=settings.queue_max_jobs,
             stream_maxlen=settings.stream_maxlen,
             result_ttl_s=settings.result_ttl_s,
+            answer_grace_s=settings.answer_grace_s,
+            answer_store_bytes=settings.answer_store_bytes,
             min_idle_ms=settings.min_idle_ms,
             max_deliveries=settings.max_deliveries,
             heartbeat_s=settings.heartbeat_s,
             consumer=settings.worker_name,
         )
-    return MemoryBroker(settings.queue_max_jobs, settings.result_ttl_s)
+    return MemoryBroker(
+        settings.queue_max_jobs, settings.result_ttl_s, settings.answer_grace_s, settings.answer_store_bytes
+    )
 
 
 def new_worker(broker: Broker, specs: list[ModelSpec], settings: Settings) -> Worker:

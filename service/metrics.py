@@ -90,6 +90,18 @@ JOBS_DROPPED = Counter(
     f"{PREFIX}_jobs_abandoned_total", "Jobs whose client had gone (cancelled, disconnected) before compute.",
     ["model"], registry=REGISTRY,
 )  # fmt: skip
+ANSWERS_NOT_KEPT = Counter(
+    f"{PREFIX}_answers_not_kept_total",
+    "Keyed answers not kept for a retry because the answer budget (answer_store_bytes) was full; a retry of one "
+    "computes again.",
+    ["model"],
+    registry=REGISTRY,
+)
+ANSWERS_KEPT_BYTES = Gauge(
+    f"{PREFIX}_answers_kept_bytes",
+    "Bytes of keyed answers kept for Idempotency-Key retries (the budget is answer_store_bytes).",
+    registry=REGISTRY,
+)
 JOBS_DONE = Counter(
     f"{PREFIX}_jobs_total", "Jobs a worker finished, by outcome (ok, error, expired, dropped).", ["model", "status"],
     registry=REGISTRY,

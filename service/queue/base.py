@@ -72,6 +72,11 @@ def fingerprint(job: Job) -> str:
     return digest.hexdigest()
 
 
+def answer_bytes(reply: Reply) -> int:
+    """What keeping a reply for a retry costs: its outputs (the bulk) and a fixed allowance for the rest."""
+    return sum(len(v) for v in reply.outputs.values()) + 1024
+
+
 class Broker(ABC):
     """Submit/await on the front-end side; consume/reply/publish on the worker side."""
 
@@ -86,8 +91,10 @@ class Broker(ABC):
     async def submit(self, job: Job, idempotency_key: str | None = None) -> Reply:
         """Enqueue and wait for the reply until `job.deadline`.
 
-        With an `idempotency_key` seen before (within the result TTL), return that job's stored reply, or
-        wait for it while it is in flight, instead of computing again. Raises QueueFull (with
+        With an `idempotency_key` seen before, return that job's kept reply, or wait for it while it is in
+        flight, instead of computing again. A reply is kept `answer_grace_s` once delivered to a waiting client,
+        `result_ttl_s` when its client left first, and not at all past the `answer_store_bytes` budget (a
+        retry then computes again). Raises QueueFull (with
         `retry_after`), DeadlineExceeded, Unavailable, or InvalidParameter (key reused for another request).
         """
 

@@ -6,9 +6,10 @@ import asyncio
 import time
 from dataclasses import dataclass
 
+from service import metrics
 from service.errors import DeadlineExceeded, InvalidParameter, QueueFull, Unavailable
 from service.jobs import Job, ModelInfo, Reply
-from service.queue.base import Broker, Delivery, DrainRate, fingerprint
+from service.queue.base import Broker, Delivery, DrainRate, answer_bytes, fingerprint
 
 
 @dataclass
@@ -19,12 +20,31 @@ class _MemoryDelivery(Delivery):
         return self.future is not None and self.future.done()
 
 
+@dataclass
+class _Kept:
+    """An Idempotency-Key's submission: its future (the reply, once answered), until when it is kept, and the
+    bytes its reply counts against the budget (0 while in flight)."""
+
+    fingerprint: str
+    future: asyncio.Future[Reply]
+    expires: float
+    size: int = 0
+
+
 class MemoryBroker(Broker):
-    def __init__(self, max_jobs_per_model: int = 256, result_ttl_s: float = 60.0) -> None:
+    def __init__(
+        self,
+        max_jobs_per_model: int = 256,
+        result_ttl_s: float = 60.0,
+        answer_grace_s: float = 5.0,
+        answer_store_bytes: int = 128 * 2**20,
+    ) -> None:
         self.max_jobs_per_model = max_jobs_per_model
         self.result_ttl_s = result_ttl_s
-        # Idempotency-Key -> (fingerprint, the first submission's future, expiry)
-        self._idempotent: dict[str, tuple[str, asyncio.Future[Reply], float]] = {}
+        self.answer_grace_s = answer_grace_s
+        self.answer_store_bytes = answer_store_bytes
+        self._idempotent: dict[str, _Kept] = {}
+        self.kept_bytes = 0
         self._queues: dict[str, asyncio.Queue[tuple[Job, asyncio.Future[Reply]]]] = {}
         self._models: dict[str, ModelInfo] = {}
         self._rates: dict[str, DrainRate] = {}
@@ -55,23 +75,58 @@ class MemoryBroker(Broker):
 
     async def _submit_idempotent(self, job: Job, key: str) -> Reply:
         now = time.time()
-        self._idempotent = {k: v for k, v in self._idempotent.items() if v[2] > now}
+        self._forget_expired(now)
         seen = self._idempotent.get(key)
         if seen is not None:
-            fp, future, _ = seen
-            if fp != fingerprint(job):
+            if seen.fingerprint != fingerprint(job):
                 raise InvalidParameter(
                     "Idempotency-Key was already used for a different request", field="Idempotency-Key"
                 )
-            if not future.cancelled():  # a first attempt that timed out is forgotten: compute afresh
+            if not seen.future.cancelled():  # a first attempt that timed out is forgotten: compute afresh
                 try:
-                    return await asyncio.wait_for(asyncio.shield(future), timeout=max(0.0, job.deadline - now))
+                    reply = await asyncio.wait_for(asyncio.shield(seen.future), timeout=max(0.0, job.deadline - now))
                 except TimeoutError:
                     raise DeadlineExceeded(f"no answer within the deadline for job {job.id}") from None
+                self._delivered(key, seen.future)
+                return reply
         self._admit(job)  # a refused job claims no key, so its retry is not left waiting for nothing
         future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
-        self._idempotent[key] = (fingerprint(job), future, now + self.result_ttl_s)
-        return await self._enqueue(job, future, idempotent=True)
+        self._idempotent[key] = _Kept(fingerprint(job), future, now + self.result_ttl_s)
+        future.add_done_callback(lambda f: self._answered(key, f, job.model))
+        reply = await self._enqueue(job, future, idempotent=True)
+        self._delivered(key, future)
+        return reply
+
+    def _answered(self, key: str, future: asyncio.Future[Reply], model: str) -> None:
+        """The reply is in: keep it within the byte budget, or forget the key (a retry computes again)."""
+        kept = self._idempotent.get(key)
+        if kept is None or kept.future is not future:
+            return
+        if future.cancelled() or future.exception() is not None:
+            del self._idempotent[key]
+            return
+        self._forget_expired(time.time())
+        size = answer_bytes(future.result())
+        if self.kept_bytes + size > self.answer_store_bytes:
+            del self._idempotent[key]
+            metrics.ANSWERS_NOT_KEPT.labels(model).inc()
+            return
+        kept.size = size
+        self.kept_bytes += size
+        metrics.ANSWERS_KEPT_BYTES.set(self.kept_bytes)
+
+    def _delivered(self, key: str, future: asyncio.Future[Reply]) -> None:
+        """The reply reached a waiting client: keep it only the grace a retry after a lost answer needs."""
+        kept = self._idempotent.get(key)
+        if kept is not None and kept.future is future:
+            kept.expires = min(kept.expires, time.time() + self.answer_grace_s)
+
+    def _forget_expired(self, now: float) -> None:
+        gone = [k for k, kept in self._idempotent.items() if kept.expires <= now]
+        for k in gone:
+            self.kept_bytes -= self._idempotent.pop(k).size
+        if gone:
+            metrics.ANSWERS_KEPT_BYTES.set(self.kept_bytes)
 
     def _admit(self, job: Job) -> None:
         """Refuse a job past its deadline or beyond the queue's limit, before anything records it."""

@@ -39,6 +39,8 @@ class RedisBroker(Broker):
         max_depth: int = 256,
         stream_maxlen: int = 10_000,
         result_ttl_s: int = 60,
+        answer_grace_s: float = 5.0,
+        answer_store_bytes: int = 128 * 2**20,
         min_idle_ms: int = 10_000,
         max_deliveries: int = 3,
         heartbeat_s: float = 2.0,
@@ -65,6 +67,8 @@ class RedisBroker(Broker):
             max_depth=max_depth,
             stream_maxlen=stream_maxlen,
             result_ttl_s=result_ttl_s,
+            answer_grace_s=answer_grace_s,
+            scripts=self.scripts,
         )
         self.consumer = Consumer(
             self.r,
@@ -80,6 +84,7 @@ class RedisBroker(Broker):
             max_deliveries=max_deliveries,
             stream_maxlen=stream_maxlen,
             result_ttl_s=result_ttl_s,
+            answer_store_bytes=answer_store_bytes,
         )
         self._closed = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []

@@ -27,7 +27,7 @@ from service.queue.base import Delivery
 from service.queue.redis.connection import unavailable
 from service.queue.redis.keys import DEAD_MAXLEN, DEAD_TTL_S, GROUP, REPLY_STREAM_MAXLEN, REPLY_STREAM_TTL_S, Keys
 from service.queue.redis.registry import Registry
-from service.queue.redis.scripts import Entry, Scripts
+from service.queue.redis.scripts import Entry, KeptAnswer, Scripts
 from service.queue.redis.stats import RedisStats
 from service.queue.redis.streams import Groups, job_fields, read_job, reply_fields
 
@@ -63,6 +63,7 @@ class Consumer:
         max_deliveries: int,
         stream_maxlen: int,
         result_ttl_s: int,
+        answer_store_bytes: int,
     ) -> None:
         self.r, self.rb = r, rb
         self.keys = keys
@@ -76,6 +77,7 @@ class Consumer:
         self.max_deliveries = max_deliveries
         self.stream_maxlen = stream_maxlen
         self.result_ttl_s = result_ttl_s
+        self.answer_store_bytes = answer_store_bytes
         self.xackdel = False  # set from the server's capabilities at start
         self.reclaimed: dict[str, list[RedisDelivery]] = defaultdict(list)
         self._own_pending_done: set[str] = set()
@@ -181,7 +183,7 @@ class Consumer:
             reply=Entry(job.reply_to, reply_fields(reply), REPLY_STREAM_MAXLEN, REPLY_STREAM_TTL_S)
             if job.reply_to
             else None,
-            result_key=self.keys.result(job.id) if keep else "",
+            keep=keep,
             what="reply",
         )
 
@@ -221,7 +223,7 @@ class Consumer:
                 reply=Entry(job.reply_to, reply_fields(reply), REPLY_STREAM_MAXLEN, REPLY_STREAM_TTL_S)
                 if job.reply_to
                 else None,
-                result_key=self.keys.result(job.id) if job.keep_result else "",
+                keep=job.keep_result,
                 extra=Entry(dead, entry, DEAD_MAXLEN, DEAD_TTL_S),
                 what="dead-letter",
             )
@@ -235,26 +237,43 @@ class Consumer:
         delivery: RedisDelivery,
         *,
         reply: Entry | None = None,
-        result_key: str = "",
+        keep: bool = False,
         extra: Entry | None = None,
         what: str,
     ) -> bool:
         """Run scripts.FINISH, riding out a short outage (else the entry stays pending and is reclaimed)."""
         job = delivery.job
         owned = False
+        kept = (
+            KeptAnswer(
+                job_id=job.id,
+                key=self.keys.result(job.id),
+                answered_key=self.keys.answered(job.id),
+                expiry_key=self.keys.kept_expiry(),
+                bytes_key=self.keys.kept_bytes(),
+                ttl_s=self.result_ttl_s,
+                budget_bytes=self.answer_store_bytes,
+            )
+            if keep
+            else None
+        )
         for attempt in range(20):
             try:
-                owned = await self.scripts.finish(
+                finished = await self.scripts.finish(
                     stream=self.keys.jobs(job.model),
                     group=GROUP,
                     consumer=self.name,
                     entry_id=delivery.entry_id,
                     xackdel=self.xackdel,
                     reply=reply,
-                    result_key=result_key,
-                    result_ttl_s=self.result_ttl_s,
+                    result=kept,
                     extra=extra,
                 )
+                owned = finished.owned
+                if kept is not None and finished.owned:
+                    metrics.ANSWERS_KEPT_BYTES.set(finished.kept_bytes)
+                    if finished.over_budget:
+                        metrics.ANSWERS_NOT_KEPT.labels(job.model).inc()
                 break
             except (RedisError, OSError) as exc:
                 if attempt == 19:

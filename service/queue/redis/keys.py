@@ -8,8 +8,13 @@ cluster (on one primary: scale out with more deployments, each its own prefix).
 |---|---|---|
 | `{p}:jobs:{model}` | stream of jobs, consumer group `workers` | entry deleted when acknowledged |
 | `{p}:replies:{api}` | one API instance's reply stream | entry deleted once read; key TTL 5 min, refreshed |
-| `{p}:result:{id}` | the answer, for Idempotency-Key retries only | `result_ttl_s` |
-| `{p}:idem:{sha}` | Idempotency-Key -> job id, fingerprint, deadline | `result_ttl_s` |
+| `{p}:result:{id}` | a keyed answer, for retries, within `answer_store_bytes` | grace once delivered, else TTL |
+| `{p}:answered:{id}` | the keyed job was answered (a retry finding no result computes again) | as its Idempotency-Key |
+| `{p}:idem:{sha}` | Idempotency-Key -> job id, fingerprint, deadline | grace once delivered, else TTL |
+| `{p}:kept:expiry` | sorted set: kept answers by expiry (ms), to release their bytes | entries removed as they expire |
+| `{p}:kept:bytes` | hash: each kept answer's bytes, and `_total` against `answer_store_bytes` | as above |
+
+(grace: `answer_grace_s`; TTL: `result_ttl_s`.)
 | `{p}:cancel:{id}` | the client gave up: workers drop the job | until the job's deadline |
 | `{p}:worker:{name}` | a worker's heartbeat and the models it serves | 3 heartbeats |
 | `{p}:models:known` | every model a worker announced (scale from zero) | a week, refreshed |
@@ -45,6 +50,15 @@ class Keys:
 
     def result(self, job_id: str) -> str:
         return f"{self.tag}:result:{job_id}"
+
+    def answered(self, job_id: str) -> str:
+        return f"{self.tag}:answered:{job_id}"
+
+    def kept_expiry(self) -> str:
+        return f"{self.tag}:kept:expiry"
+
+    def kept_bytes(self) -> str:
+        return f"{self.tag}:kept:bytes"
 
     def idem(self, key_hash: str) -> str:
         return f"{self.tag}:idem:{key_hash}"

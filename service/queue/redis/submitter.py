@@ -1,8 +1,11 @@
 """The front-end side: put a job in its model's stream and await the reply on this instance's reply stream.
 
 One XREAD loop per API instance resolves the waiting requests' futures and deletes every reply it has read,
-so replies hold memory only while in transit. Results are stored (`result:{id}`) only for requests that send
-an Idempotency-Key, so a retry, on any instance, gets the same answer without computing again.
+so replies hold memory only while in transit. Results are kept (`result:{id}`) only for requests that send
+an Idempotency-Key, so a retry, on any instance, gets the same answer without computing again: once delivered
+to the waiting client only for `answer_grace_s` (a retry after an answer lost in transit), the full
+`result_ttl_s` when the client left first, and never past the deployment's `answer_store_bytes` budget (the
+worker's FINISH script checks it; a retry of an answer not kept computes again).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from service.jobs import Job, Reply
 from service.queue.base import DrainRate, QueueStats, fingerprint
 from service.queue.redis.connection import is_oom, unavailable
 from service.queue.redis.keys import REPLY_STREAM_TTL_S, Keys
+from service.queue.redis.scripts import Scripts
 from service.queue.redis.stats import RedisStats
 from service.queue.redis.streams import Groups, group_info, job_fields, read_reply, stats_of
 
@@ -47,6 +51,8 @@ class Submitter:
         max_depth: int,
         stream_maxlen: int,
         result_ttl_s: int,
+        answer_grace_s: float,
+        scripts: Scripts,
     ) -> None:
         self.r, self.rb = r, rb  # rb: the blocking client (no socket timeout) for the reply loop
         self.keys = keys
@@ -56,6 +62,8 @@ class Submitter:
         self.max_depth = max_depth
         self.stream_maxlen = stream_maxlen
         self.result_ttl_s = result_ttl_s
+        self.answer_grace_s = answer_grace_s
+        self.scripts = scripts
         self.reply_stream = keys.replies(uuid.uuid4().hex[:12])
         self._waiting: dict[str, asyncio.Future[Reply]] = {}
         self._loop: asyncio.Task[None] | None = None
@@ -95,10 +103,15 @@ class Submitter:
         claimed: bytes | None = None
         add: asyncio.Task[Any] | None = None
         try:
-            if idempotency_key is not None:
+            while idempotency_key is not None:
                 existing, claimed = await self._claim_key(idempotency_key, job)
-                if existing is not None:
-                    return await self._await_existing(existing, job.deadline)
+                if existing is None:
+                    break
+                reply = await self._await_existing(existing, job.deadline)
+                if reply is not None:
+                    self._delivered(existing, idempotency_key)
+                    return reply
+                # That job was answered but its answer is no longer kept: claim the key again, compute anew.
             await self._check_depth(job.model)
             future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
             self._waiting[job.id] = future
@@ -123,7 +136,10 @@ class Submitter:
                 raise unavailable(exc, self.where) from exc
             raise
         try:
-            return await asyncio.wait_for(asyncio.shield(future), timeout=max(0.0, job.deadline - time.time()))
+            reply = await asyncio.wait_for(asyncio.shield(future), timeout=max(0.0, job.deadline - time.time()))
+            if idempotency_key is not None:
+                self._delivered(job.id, idempotency_key)
+            return reply
         except TimeoutError:
             raise DeadlineExceeded(f"no answer within the deadline for job {job.id}") from None
         except asyncio.CancelledError:
@@ -135,6 +151,15 @@ class Submitter:
             raise
         finally:
             self._waiting.pop(job.id, None)
+
+    def _delivered(self, job_id: str, key: str) -> None:
+        """The answer reached its client, which was still waiting: keep it only `answer_grace_s` from now."""
+        keys = [self.keys.result(job_id), self.keys.answered(job_id), self._idem_key(key), self.keys.kept_expiry()]
+        self._in_background(self._shorten(keys, job_id), f"dense-delivered-{job_id}")
+
+    async def _shorten(self, keys: list[str], job_id: str) -> None:
+        with contextlib.suppress(RedisError, OSError):  # best effort: without it the answer lives its full TTL
+            await self.scripts.delivered(keys, job_id, self.answer_grace_s)
 
     def _mark_cancelled(self, job: Job) -> None:
         ttl = max(1, int(job.deadline - time.time()) + 1)
@@ -209,12 +234,16 @@ class Submitter:
         job_id, fp, deadline = stored.decode().split("|")
         if fp != fingerprint(job):
             raise InvalidParameter("Idempotency-Key was already used for a different request", field="Idempotency-Key")
-        if float(deadline) < time.time() and not await self.r.exists(self.keys.result(job_id)):
-            await self.r.set(idem, value, ex=self.result_ttl_s)  # that attempt expired unanswered: start anew
+        if not await self.r.exists(self.keys.result(job_id)) and (
+            float(deadline) < time.time() or await self.r.exists(self.keys.answered(job_id))
+        ):
+            # That attempt expired unanswered, or was answered and its answer not kept: start anew.
+            await self.r.set(idem, value, ex=self.result_ttl_s)
             return None, value
         return job_id, None
 
-    async def _await_existing(self, job_id: str, deadline: float) -> Reply:
+    async def _await_existing(self, job_id: str, deadline: float) -> Reply | None:
+        """The earlier submission's answer, once there; None when it was answered and its answer is not kept."""
         while time.time() < deadline:
             future = self._waiting.get(job_id)
             if future is not None:
@@ -222,9 +251,14 @@ class Submitter:
                     return await asyncio.wait_for(asyncio.shield(future), timeout=max(0.0, deadline - time.time()))
                 except TimeoutError:
                     break
-            stored = await self.r.hgetall(self.keys.result(job_id))
+            async with self.r.pipeline(transaction=True) as pipe:
+                stored, answered = (
+                    await pipe.hgetall(self.keys.result(job_id)).exists(self.keys.answered(job_id)).execute()
+                )
             if stored:
                 return read_reply(stored)
+            if answered:
+                return None
             await asyncio.sleep(0.05)
         raise DeadlineExceeded(f"no answer within the deadline for job {job_id}")
 
