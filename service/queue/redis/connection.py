@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, OutOfMemoryError, RedisError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.errors import Unavailable
 
@@ -29,14 +31,22 @@ class ConnectionOptions:
     #: cores) can sit on a reply that Redis sent at once, and slowness is not an outage. A stopped Redis still
     #: fails at once (refused or reset connections), an unreachable host after `op_timeout_s`.
     reply_timeout_s: float = 2.0
+    #: Connections one client opens at most. A burst of requests beyond it waits for a free connection (up to
+    #: `pool_timeout_s`): slowness, not an outage. redis-py's own pool refused the 101st concurrent command with
+    #: "Too many connections", which a burst of 128 uploads turned into 503s against a healthy Redis.
+    max_connections: int = 64
+    pool_timeout_s: float = 10.0
 
     def client(self, blocking: bool = False) -> Redis:
         """Short connect timeouts so an outage is a fast 503; blocking reads get a client without a socket
-        timeout."""
-        kwargs: dict[str, object] = {
+        timeout. Commands wait for a pooled connection rather than fail, and a read that times out waiting for
+        its reply is sent once more (`_Client`); nothing else is retried."""
+        kwargs: dict[str, Any] = {
             "socket_connect_timeout": self.op_timeout_s,
             "socket_timeout": None if blocking else max(self.op_timeout_s, self.reply_timeout_s),
             "retry": Retry(NoBackoff(), 0),
+            "max_connections": self.max_connections,
+            "timeout": self.pool_timeout_s,
         }
         if self.password is not None:
             kwargs["password"] = self.password
@@ -47,7 +57,7 @@ class ConnectionOptions:
             kwargs["ssl_cert_reqs"] = "required"
         if self.tls_ca_file is not None:
             kwargs["ssl_ca_certs"] = str(self.tls_ca_file)
-        return Redis.from_url(self.url, **kwargs)
+        return _Client.from_pool(BlockingConnectionPool.from_url(self.url, **kwargs))
 
     @property
     def has_password(self) -> bool:
@@ -60,6 +70,35 @@ class ConnectionOptions:
         """The URL without its credentials, fit for messages and logs."""
         scheme, _, rest = self.url.partition("://")
         return f"{scheme}://{rest.rpartition('@')[2]}"
+
+
+#: Commands whose repetition changes nothing and whose second reply describes the same state: reads, and writes
+#: that set what they set again (EXPIRE; XGROUP CREATE answers BUSYGROUP, which its caller expects). Never XADD,
+#: SET NX, XREADGROUP or scripts: a first attempt that did reach Redis would be repeated (a job enqueued twice,
+#: a claimed key read as someone else's, entries delivered and lost).
+REPEATABLE = frozenset(
+    {
+        "PING", "INFO", "GET", "MGET", "EXISTS", "TTL", "PTTL", "TYPE", "HGET", "HGETALL", "HLEN", "SCAN", "XLEN",
+        "XRANGE", "XREVRANGE", "XREAD", "XPENDING", "XINFO GROUPS", "XINFO CONSUMERS", "XINFO STREAM", "EXPIRE",
+        "XGROUP CREATE",
+    }
+)  # fmt: skip
+
+
+class _Client(Redis):
+    """A Redis client that sends a `REPEATABLE` command once more when its reply did not come within the socket
+    timeout: on a healthy server that is a busy event loop (a burst of uploads on two cores) reading a prompt reply
+    late, and the second try answers. A refused or reset connection (Redis stopped) and a connect timeout (host
+    unreachable) are outages and fail at once, as does any other command (it may have taken effect)."""
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        try:
+            return await super().execute_command(*args, **options)
+        except RedisTimeoutError as exc:
+            if "connecting" in str(exc) or str(args[0]).upper() not in REPEATABLE:
+                raise
+            log.info("Redis: no reply to %s within the socket timeout; sending it once more", args[0])
+            return await super().execute_command(*args, **options)
 
 
 @dataclass(frozen=True)
