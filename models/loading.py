@@ -40,7 +40,9 @@ def empty_prompt_embedding(path: Path) -> torch.Tensor:
     from transformers import CLIPTextModel, CLIPTokenizer
 
     tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer")
-    encoder = CLIPTextModel.from_pretrained(path / "text_encoder", torch_dtype=torch.float32).eval()
+    encoder = CLIPTextModel.from_pretrained(
+        path / "text_encoder", torch_dtype=torch.float32, use_safetensors=True
+    ).eval()
     ids = tokenizer(
         "", padding="do_not_pad", truncation=True, max_length=tokenizer.model_max_length, return_tensors="pt"
     ).input_ids
@@ -54,8 +56,10 @@ def build_core(
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.models.attention_processor import AttnProcessor2_0
 
-    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype)
-    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype)
+    # `path` is a local folder (a hub id is already the snapshot of its pinned revision: models.source), so no
+    # revision here; use_safetensors=True: a pickle `.bin` is never a fallback.
+    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype, use_safetensors=True)
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype, use_safetensors=True)
     for module in (unet, vae):
         module.set_attn_processor(AttnProcessor2_0())  # fused SDPA attention
         module.requires_grad_(False)
@@ -144,8 +148,8 @@ def _load_marigold(
     dev = pick_device(device)
     dt = pick_dtype(dtype or spec.dtype, dev)
     try:
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dt)
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dt)
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dt, use_safetensors=True)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dt, use_safetensors=True)
         for module in (unet, vae):
             module.set_attn_processor(AttnProcessor2_0())
             module.requires_grad_(False)

@@ -15,6 +15,7 @@ from models.outputs import Family, OutputKind, Task
 
 SPECS_DIR = Path(__file__).parent / "specs"
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_ID_AT = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)@(?P<revision>[\w./-]+)$")
 DEFAULT_PROCESSING_RES = 768
 BACKEND_CHOICES = ("auto", "torch", "onnxruntime", "tensorrt", "triton", "simulated")
 
@@ -29,7 +30,12 @@ class ModelSpec(BaseModel):
 
     id: str = Field(min_length=1, pattern=r"^[\w.-]+$")
     source: str = Field(min_length=1, description="hub id (org/name) or a local diffusers folder")
-    revision: str | None = None
+    revision: str | None = Field(
+        default=None,
+        min_length=1,
+        pattern=r"^[\w./-]+$",
+        description="hub ids: the commit sha (or tag / branch, with a warning) to load; required for a hub id",
+    )
     family: Family | None = None
     task: Task | None = None
     output_kind: OutputKind | None = None
@@ -102,7 +108,8 @@ def shipped_specs() -> dict[str, ModelSpec]:
 
 
 def resolve_spec(arg: str, **overrides: object) -> ModelSpec:
-    """Turn a `--model` argument into a spec: a spec file, a local folder, a shipped id, or a hub id."""
+    """Turn a `--model` argument into a spec: a spec file, a local folder, a shipped id, or a hub id (`ORG/NAME`,
+    or `ORG/NAME@REVISION` to pin it: loading an unpinned hub id is refused)."""
     path = Path(arg)
     if path.suffix == ".toml" and path.is_file():
         spec = load_spec_file(path)
@@ -110,13 +117,15 @@ def resolve_spec(arg: str, **overrides: object) -> ModelSpec:
         spec = ModelSpec(id=_export_id(path) or _safe_id(path.resolve().name), source=str(path.resolve()))
     elif arg in (shipped := shipped_specs()):
         spec = shipped[arg]
+    elif m := HUB_ID_AT.match(arg):
+        spec = ModelSpec(id=_safe_id(m["repo"].split("/")[-1]), source=m["repo"], revision=m["revision"])
     elif arg.startswith(("/", ".", "~")) or arg.count("/") > 1 or path.suffix == ".toml":
         raise SpecError(f"model path '{arg}' does not exist (expected a diffusers folder or a spec .toml file)")
     elif HUB_ID.match(arg):
         spec = ModelSpec(id=_safe_id(arg.split("/")[-1]), source=arg)
     else:
         raise SpecError(
-            f"unknown model '{arg}': give a spec .toml file, a local diffusers folder, a hub id (org/name), "
+            f"unknown model '{arg}': give a spec .toml file, a local diffusers folder, a hub id (org/name@revision), "
             f"or one of: {', '.join(shipped)}"
         )
     given = {k: v for k, v in overrides.items() if v is not None}

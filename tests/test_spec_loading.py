@@ -190,7 +190,7 @@ def test_hub_id_loads_from_the_hugging_face_cache_offline(tiny_dir, tmp_path: Pa
             "predict",
             str(REPO / "assets" / "sample.png"),
             "--model",
-            "tiny-org/lotus-d-depth",
+            f"tiny-org/lotus-d-depth@{revision}",
             "--processing-res",
             "64",
             "--out",
@@ -202,3 +202,10 @@ def test_hub_id_loads_from_the_hugging_face_cache_offline(tiny_dir, tmp_path: Pa
     assert result.returncode == 0, result.stderr
     assert "lotus-d depth" in result.stdout
     assert (out / "sample_depth.png").is_file()
+    # The same id without a revision is refused before the cache is read: hub ids must be pinned.
+    unpinned = _cli(
+        ["predict", str(REPO / "assets" / "sample.png"), "--model", "tiny-org/lotus-d-depth", "--out", str(out)],
+        HF_HOME=str(tmp_path / "hf"),
+        HF_HUB_OFFLINE="1",
+    )
+    assert unpinned.returncode == 2 and "without a pinned revision" in unpinned.stderr, unpinned.stderr

@@ -276,7 +276,7 @@ def fit_vae(path: Path, cfg: TrainConfig, device: torch.device, progress: bool) 
     from diffusers import AutoencoderKL
 
     fit = cfg.vae_fit
-    vae = AutoencoderKL.from_pretrained(path, subfolder="vae").to(device).train()
+    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", use_safetensors=True).to(device).train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=fit.lr)
     dataset = build_dataset(cfg.data, cfg.run.seed)
     stream = BatchStream(dataset, fit.batch_size, cfg.run.seed + 1, cfg.data.shuffle, num_workers=cfg.data.num_workers)
@@ -314,8 +314,8 @@ def load_core(base: Path, cfg: TrainConfig) -> tuple[TrainingCore, list[str]]:
 
     from models.loading import empty_prompt_embedding
 
-    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", torch_dtype=torch.float32)
-    vae = AutoencoderKL.from_pretrained(base, subfolder="vae", torch_dtype=torch.float32)
+    unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", torch_dtype=torch.float32, use_safetensors=True)
+    vae = AutoencoderKL.from_pretrained(base, subfolder="vae", torch_dtype=torch.float32, use_safetensors=True)
     unet, changes = adapt_unet(unet, cfg.model.family)
     for module in (unet, vae):
         module.set_attn_processor(AttnProcessor2_0())
