@@ -317,6 +317,9 @@ def test_exact_resume_is_bit_identical(tmp_path: Path) -> None:
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     start = load_file(str(tmp_path / "straight" / "base" / "unet" / "diffusion_pytorch_model.safetensors"))
     assert not all(torch.equal(a[k], start[k]) for k in a)  # it did train
+    # The checkpoints hold no pickle: tensors in safetensors, the rest in JSON (tests/test_safe_weights.py).
+    files = {p.name for p in (resumed.output_dir / "checkpoints" / "step-0000006").iterdir()}
+    assert {p.rsplit(".", 1)[1] for p in files} == {"json", "safetensors"}, files
     opt_a = load_state(straight.output_dir / "checkpoints" / "step-0000006", "optimizer")
     opt_b = load_state(resumed.output_dir / "checkpoints" / "step-0000006", "optimizer")
     assert opt_a["param_groups"] == opt_b["param_groups"] and opt_a["state"].keys() == opt_b["state"].keys()
