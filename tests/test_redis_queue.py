@@ -478,3 +478,71 @@ async def test_a_keyed_client_leaving_while_its_xadd_is_on_the_wire_is_computed_
                 assert time.monotonic() < end, f"the abandoned job was not dropped: {dict(h.worker.stats.outcomes)}"
                 await asyncio.sleep(0.02)
             assert calls.images(tuple(small)) == 1, calls.calls  # the keyed job only: the abandoned one never ran
+
+
+async def test_a_keyed_retry_long_after_the_abandoned_xadd_settled_is_computed_once(
+    tiny_dir, redis_url, redis_prefix
+) -> None:
+    """The client leaves while its XADD is on the wire, and its retry comes 1.5 s after Redis added the job, long
+    after the abandoned submission settled (0.3 s): the key still names the queued job, so the retry waits for
+    that job's answer instead of claiming the key anew. One batch for both attempts (a key released once the
+    XADD had succeeded passed the on-the-wire test above, whose retry arrives before the settling)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    spec = ModelSpec(
+        id="slow",
+        source=str(tiny_dir("lotus-d", "depth")),
+        backend="simulated",
+        simulated_batch_ms=3000,  # still computing when the retry comes
+        max_batch_size=1,
+        processing_res=64,
+    )
+
+    async def batches(h) -> float:
+        text = (await h.client.get("/metrics")).text
+        return sum(
+            s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+            if s.name == "dense_batch_size_count" and s.labels.get("model") == "slow"
+        )
+
+    async with running_service(
+        tiny_dir, specs=[spec], queue="redis", redis_url=redis_url, redis_prefix=redis_prefix
+    ) as h:
+        submitter = h.app.state.broker.submitter
+        stats = h.worker.stats
+        forwards, counted, answered = stats.forwards["slow"], await batches(h), stats.outcomes[("slow", "ok")]
+        real_xadd = submitter.r.xadd
+        added = asyncio.Event()
+        added_at = 0.0
+
+        async def reply_in_transit(*args, **kwargs):
+            nonlocal added_at
+            entry = await real_xadd(*args, **kwargs)  # Redis has the job ...
+            added_at = time.monotonic()
+            added.set()
+            await asyncio.sleep(0.3)  # ... and its reply reaches the API after the client left
+            return entry
+
+        image = png_bytes(32, 40, seed=21)
+        url = "/v1/depth?format=npy&model=slow"
+        submitter.r.xadd = reply_in_transit
+        try:
+            client = asyncio.create_task(post(h, url, image, **{"idempotency-key": "late-retry-1"}))
+            await asyncio.wait_for(added.wait(), timeout=10)
+            client.cancel()  # the connection drops now
+            with pytest.raises(asyncio.CancelledError):
+                await client
+        finally:
+            del submitter.r.xadd
+        await asyncio.sleep(max(0.0, added_at + 1.5 - time.monotonic()))
+        assert not [t.get_name() for t in submitter._background if t.get_name().startswith("dense-settle")]
+        assert stats.outcomes[("slow", "ok")] == answered, dict(stats.outcomes)  # still queued or computing
+        retry = await post(h, url, image, **{"idempotency-key": "late-retry-1"})
+        assert retry.status_code == 200, retry.text
+        assert read_npy(retry.content).shape == (32, 40)
+        await asyncio.sleep(0.5)  # a second job would have reached the worker by now
+        assert stats.forwards["slow"] - forwards == 1, dict(stats.forwards)  # computed once, for both attempts
+        assert await batches(h) - counted == 1
+        assert stats.outcomes[("slow", "ok")] - answered == 1, dict(stats.outcomes)
