@@ -18,7 +18,7 @@ TINY := .cache/tiny
 OUT ?= out
 PYTEST_WORKERS ?= 2
 
-.PHONY: install run demo lock bench-http bench-sizes bench-codecs bench-steps gpu-wheels gpu-check-smoke chaos soak fuzz proto robot test lint clean
+.PHONY: install run demo lock bench-http bench-keyed bench-sizes bench-codecs bench-steps gpu-wheels gpu-check-smoke chaos soak fuzz proto robot test lint clean
 
 # install_lock LOCK EDITABLES: a venv holding exactly requirements/LOCK.txt and the chosen torch, then the
 # project itself without dependencies. pip's output goes to $(VENV)/install.log; the terminal gets one line.
@@ -57,6 +57,10 @@ bench-http: $(DEV_STAMP)
 # The data path at 640x480, 1080p and 4K through a real server; BEFORE=<git ref> measures that commit too.
 bench-sizes: $(DEV_STAMP)
 	$(BIN)/python -m load_tests.bench_sizes $(if $(BEFORE),--before $(BEFORE)) $(ARGS)
+
+# Keyed answers at volume: the client's defaults over 240 1080p JPEGs through Redis with maxmemory 256mb.
+bench-keyed: $(DEV_STAMP)
+	$(BIN)/python -m load_tests.keyed_volume $(ARGS)
 
 bench-steps: $(DEV_STAMP)
 	$(BIN)/python -m load_tests.bench_steps $(ARGS)

@@ -158,7 +158,7 @@ class Settings(BaseSettings):
         "in transit)",
     )
     answer_store_bytes: int = Field(
-        default=128 * 2**20,
+        default=64 * 2**20,
         ge=0,
         description="byte budget of all keyed answers kept for retries (per process, or per Redis deployment); "
         "past it an answer is not kept and a retry computes again",

@@ -37,7 +37,7 @@ class MemoryBroker(Broker):
         max_jobs_per_model: int = 256,
         result_ttl_s: float = 60.0,
         answer_grace_s: float = 5.0,
-        answer_store_bytes: int = 128 * 2**20,
+        answer_store_bytes: int = 64 * 2**20,
     ) -> None:
         self.max_jobs_per_model = max_jobs_per_model
         self.result_ttl_s = result_ttl_s

@@ -40,7 +40,7 @@ class RedisBroker(Broker):
         stream_maxlen: int = 10_000,
         result_ttl_s: int = 60,
         answer_grace_s: float = 5.0,
-        answer_store_bytes: int = 128 * 2**20,
+        answer_store_bytes: int = 64 * 2**20,
         min_idle_ms: int = 10_000,
         max_deliveries: int = 3,
         heartbeat_s: float = 2.0,
