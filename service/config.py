@@ -77,6 +77,12 @@ class Settings(BaseSettings):
 
     max_upload_bytes: int = Field(default=20 * 2**20, ge=1024)
     max_pixels: int = Field(default=40_000_000, ge=1)
+    max_answer_bytes: int = Field(
+        default=128 * 2**20,
+        ge=1024,
+        description="largest answer a request may ask for (its maps at their size and format, before compression); "
+        "413 past it: every answer passes through the queue's memory",
+    )
     max_processing_res: int = Field(default=2048, ge=8)
     default_timeout_ms: int = Field(default=30_000, ge=1)
     max_timeout_ms: int = Field(default=300_000, ge=1)

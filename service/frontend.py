@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from models.outputs import FAMILY_NORMALS_AXES, MULTI_STEP_FAMILIES, ServedTask, task_of
 from models.probes.declaration import ProbeDeclaration
 from models.spec import DEFAULT_PROCESSING_RES, ModelSpec
-from service.errors import ModelNotFound, TaskNotServed, Unavailable
+from service.errors import ModelNotFound, PayloadTooLarge, TaskNotServed, Unavailable
 from service.jobs import Job, JobKind, JobParams, ModelInfo
 from service.queue.base import Broker
 from service.request import PredictionRequest, check_for_model
@@ -128,6 +128,47 @@ async def resolve_model(
     return info
 
 
+#: Bytes per value of each answer format, uncompressed: the bound an answer's size is checked against.
+_VALUE_BYTES = {"npy": 4, "tiff": 4, "raw32": 4, "png": 2, "exr": 2, "raw16": 2}
+
+
+def answer_size_bound(request: PredictionRequest, info: ModelInfo, width: int, height: int) -> int:
+    """The most bytes the answer to `request` can take for a `width` x `height` image: every map it carries at its
+    output size, in its format before any compression (PNG and TIFF deflate only make it smaller)."""
+    if request.match_input_resolution:
+        out_w, out_h = width, height
+    else:
+        res = request.processing_res or info.processing_res
+        scale = res / max(width, height) if res else 1.0
+        out_w, out_h = max(1, round(width * scale)), max(1, round(height * scale))
+    pixels = out_w * out_h
+    fmt = request.format
+    encoding = request.json_encoding if fmt == "json" else fmt
+    if encoding == "color":
+        per_map = 3 * pixels  # an 8-bit RGB picture of any map
+    else:
+        per_map = _VALUE_BYTES.get(encoding, 4) * pixels * (3 if info.output_kind == "normals" else 1)
+    maps = 1 + (request.uncertainty != "none" or request.kind == "uncertainty") + request.with_depth
+    total = maps * per_map
+    if request.kind == "uncertainty" and request.return_members and fmt == "json":
+        total += len(request.ensemble or ()) * 4 * pixels * (3 if info.output_kind == "normals" else 1)
+    return total * 4 // 3 if fmt == "json" else total  # JSON carries base64
+
+
+def check_answer_size(
+    request: PredictionRequest, info: ModelInfo, width: int, height: int, max_answer_bytes: int
+) -> None:
+    """413 before enqueueing an answer larger than the server lets through its queue, with what to change."""
+    size = answer_size_bound(request, info, width, height)
+    if size > max_answer_bytes:
+        mib = 2**20
+        raise PayloadTooLarge(
+            f"the answer for a {width} x {height} image as {request.format} would take up to {size / mib:.1f} MiB, "
+            f"over this server's answer limit of {max_answer_bytes / mib:.1f} MiB (max_answer_bytes); ask for a "
+            "smaller format (png), fewer outputs, match_input_resolution=false, or send a smaller image"
+        )
+
+
 def make_job(
     request: PredictionRequest,
     info: ModelInfo,
@@ -136,11 +177,15 @@ def make_job(
     default_timeout_ms: int,
     request_id: str,
     traceparent: str | None,
+    image_size: tuple[int, int],
+    max_answer_bytes: int,
     raw_shape: list[int] | None = None,
 ) -> Job:
     """The job a validated request becomes, the same way from REST and gRPC; refused (422) when it asks the
-    model for what its family cannot do (steps of a single-step family, ...)."""
+    model for what its family cannot do (steps of a single-step family, ...), 413 when its answer would be larger
+    than `max_answer_bytes` for the image's `image_size` (width, height)."""
     check_for_model(request, info.id, info.family, info.multi_step, info.default_steps)
+    check_answer_size(request, info, *image_size, max_answer_bytes)
     timeout_ms = request.timeout_ms or default_timeout_ms
     params = JobParams.of(request)
     if info.base_model is not None:  # a probe: its jobs join its base model's queue, to share the UNet pass

@@ -152,7 +152,7 @@ async def _handle(
     key = request.headers.get("idempotency-key")
     if key is not None and not 1 <= len(key) <= 255:
         raise InvalidParameter("Idempotency-Key must be 1 to 255 characters", field="Idempotency-Key")
-    await _probe(image, ctx.settings.max_pixels)
+    size = await _probe(image, ctx.settings.max_pixels)
     with tracing.span("dense.request", request.state.traceparent, model=info.id, task=req.task, kind=kind) as tp:
         job = make_job(
             req,
@@ -161,6 +161,8 @@ async def _handle(
             default_timeout_ms=ctx.settings.default_timeout_ms,
             request_id=request.state.request_id,
             traceparent=tp,
+            image_size=size,
+            max_answer_bytes=ctx.settings.max_answer_bytes,
         )
         reply = (await _submit_unless_disconnected(request, ctx.broker.submit(job, key))).raise_for_status()
     total_ms = (time.perf_counter() - started) * 1000.0
@@ -200,10 +202,12 @@ async def _disconnected(request: Request) -> None:
         pass
 
 
-async def _probe(image: bytes, max_pixels: int) -> None:
-    """Reject at the edge what the worker would reject anyway: wrong format, too many pixels (header only)."""
+async def _probe(image: bytes, max_pixels: int) -> tuple[int, int]:
+    """Reject at the edge what the worker would reject anyway: wrong format, too many pixels (header only);
+    the image's (width, height)."""
     try:
-        await run_in_threadpool(codec.probe_image, image, max_pixels)
+        _, width, height = await run_in_threadpool(codec.probe_image, image, max_pixels)
+        return width, height
     except codec.ImageTooLargeError as exc:
         raise PayloadTooLarge(str(exc), limit=max_pixels) from exc
     except codec.ImageDecodeError as exc:

@@ -205,7 +205,7 @@ class DenseServicer(dense_pb2_grpc.DenseServiceServicer):
         info = await resolve_model(
             self.broker, request.model, request.task, "predict", self.expected, s.scale_from_zero
         )
-        image, raw_shape = await self._image(req)
+        image, raw_shape, size = await self._image(req)
         job = make_job(
             request,
             info,
@@ -213,6 +213,8 @@ class DenseServicer(dense_pb2_grpc.DenseServiceServicer):
             default_timeout_ms=s.default_timeout_ms,
             request_id=logs.REQUEST_ID.get() or uuid.uuid4().hex,
             traceparent=logs.TRACEPARENT.get(),
+            image_size=size,
+            max_answer_bytes=s.max_answer_bytes,
             raw_shape=raw_shape,
         )
         reply = (await self.broker.submit(job)).raise_for_status()
@@ -248,21 +250,22 @@ class DenseServicer(dense_pb2_grpc.DenseServiceServicer):
             uncertainty_max=meta.uncertainty_max or 0.0,
         )
 
-    async def _image(self, req: pb.PredictRequest) -> tuple[bytes, list[int] | None]:
+    async def _image(self, req: pb.PredictRequest) -> tuple[bytes, list[int] | None, tuple[int, int]]:
+        """The image, its raw shape (raw RGB only) and its (width, height), checked against the limits."""
         s = self.settings
         which = req.WhichOneof("image")
         try:
             if which == "raw":
                 raw = req.raw
                 codec.check_raw_rgb(len(raw.data), raw.height, raw.width, s.max_pixels)
-                return raw.data, [raw.height, raw.width]
+                return raw.data, [raw.height, raw.width], (raw.width, raw.height)
             if which == "encoded":
                 if len(req.encoded) > s.max_upload_bytes:
                     raise PayloadTooLarge(
                         f"image of {len(req.encoded)} bytes exceeds the upload limit of {s.max_upload_bytes} bytes"
                     )
-                await asyncio.to_thread(codec.probe_image, req.encoded, s.max_pixels)
-                return req.encoded, None
+                _, width, height = await asyncio.to_thread(codec.probe_image, req.encoded, s.max_pixels)
+                return req.encoded, None, (width, height)
         except codec.ImageTooLargeError as exc:
             raise PayloadTooLarge(str(exc)) from exc
         except codec.ImageDecodeError as exc:
