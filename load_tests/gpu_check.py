@@ -687,6 +687,29 @@ def bench_variant(
         )  # fmt: skip
 
 
+REFERENCE_FILE = "eager-outputs.safetensors"  # in the work folder: the eager outputs the children compare with
+
+
+def save_reference(reference: dict[tuple[int, int], torch.Tensor], path: Path) -> None:
+    """The eager outputs as safetensors (no pickle), one tensor per configuration named `RESxBATCH`."""
+    from safetensors.torch import save_file
+
+    save_file({f"{res}x{batch}": out.contiguous() for (res, batch), out in reference.items()}, str(path))
+
+
+def load_reference(path: Path) -> dict[tuple[int, int], torch.Tensor]:
+    """What `save_reference` wrote (an empty dict where the eager step left no file)."""
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        return {}
+    reference: dict[tuple[int, int], torch.Tensor] = {}
+    for name, out in load_file(str(path)).items():
+        res, batch = name.split("x")
+        reference[(int(res), int(batch))] = out
+    return reference
+
+
 def rows_outcome(rows: list[BenchRow], extra: str = "") -> Outcome:
     """ok when every configuration that can run here was measured; partial when some failed or time ran out
     first; failed when none could be measured."""
@@ -757,7 +780,7 @@ def step_throughput(ctx: Context) -> Outcome:
     deadline = time.monotonic() + ctx.budget.share(profile.caps["throughput"])
     reference: dict[tuple[int, int], torch.Tensor] = {}
     bench_variant("eager", runtime, profile, deadline, reference, ctx.keep)
-    torch.save(reference, ctx.work / "eager-outputs.pt")  # the child processes compare against these
+    save_reference(reference, ctx.work / REFERENCE_FILE)  # the child processes compare against these
     if runtime.device.type == "cuda":
         bench_variant("cuda-graphs", runtime, profile, deadline, reference, ctx.keep)
     else:
@@ -963,8 +986,7 @@ def child_main(args: argparse.Namespace) -> int:
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     deadline = time.monotonic() + args.deadline_s
     ckpt, rows_file, work = Path(args.ckpt), Path(args.rows), Path(args.work)
-    reference_file = work / "eager-outputs.pt"
-    reference = torch.load(reference_file) if reference_file.is_file() else {}
+    reference = load_reference(work / REFERENCE_FILE)
     started = time.monotonic()
     runtime: Runtime
     if args.child == "compile":
