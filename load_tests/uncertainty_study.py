@@ -76,8 +76,8 @@ def train(folder: Path, scenes, steps: int, batch: int, lr: float) -> list[float
 
     from models.loading import empty_prompt_embedding
 
-    vae = AutoencoderKL.from_pretrained(folder / "vae").eval().requires_grad_(False)
-    unet = UNet2DConditionModel.from_pretrained(folder / "unet").train()
+    vae = AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=True).eval().requires_grad_(False)
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=True).train()
     scheduler = DDIMScheduler.from_pretrained(folder / "scheduler")
     prompt = empty_prompt_embedding(folder)
     scale = float(vae.config.scaling_factor)

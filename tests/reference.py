@@ -21,13 +21,13 @@ from transformers import CLIPTextModel, CLIPTokenizer
 def _components(ckpt: str) -> tuple[UNet2DConditionModel, AutoencoderKL, torch.Tensor, DDIMScheduler]:
     path = Path(ckpt)
     tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer")
-    text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder")
+    text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", use_safetensors=True)
     ids = tokenizer("", padding="do_not_pad", return_tensors="pt").input_ids
     assert ids.shape == (1, 2), "empty prompt must tokenise to BOS, EOS"
     with torch.no_grad():
         prompt = text_encoder(ids)[0]
-    unet = UNet2DConditionModel.from_pretrained(path / "unet").eval()
-    vae = AutoencoderKL.from_pretrained(path / "vae").eval()
+    unet = UNet2DConditionModel.from_pretrained(path / "unet", use_safetensors=True).eval()
+    vae = AutoencoderKL.from_pretrained(path / "vae", use_safetensors=True).eval()
     scheduler = DDIMScheduler.from_pretrained(path / "scheduler")
     return unet, vae, prompt, scheduler
 
