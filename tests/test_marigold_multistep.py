@@ -44,7 +44,7 @@ def marigold(tiny_dir, tmp_path_factory):
     out = {}
     for name, path in dirs.items():
         cls = MarigoldNormalsPipeline if name == "normals" else MarigoldDepthPipeline
-        pipe = cls.from_pretrained(path)
+        pipe = cls.from_pretrained(path, use_safetensors=True)
         pipe.set_progress_bar_config(disable=True)
         out[name] = (path, load_model(ModelSpec(id=f"m-{name}", source=str(path))), pipe)
     return out

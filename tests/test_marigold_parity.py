@@ -15,7 +15,7 @@ from tests.conftest import random_image
 @pytest.mark.parametrize(("hw", "res"), [((48, 64), 64), ((37, 53), 64), ((30, 70), 128)])
 def test_e2eft_equals_diffusers_marigold(tiny_dir, tiny_model, task, hw, res) -> None:
     cls = MarigoldDepthPipeline if task == "depth" else MarigoldNormalsPipeline
-    pipe = cls.from_pretrained(tiny_dir("e2e-ft", task))
+    pipe = cls.from_pretrained(tiny_dir("e2e-ft", task), use_safetensors=True)
     pipe.scheduler = DDIMScheduler.from_config(
         pipe.scheduler.config, timestep_spacing="trailing", set_alpha_to_one=True
     )

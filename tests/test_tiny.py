@@ -39,10 +39,10 @@ def test_classes_and_config_keys(tiny_dir, family, task) -> None:
         assert sched["prediction_type"] == "v_prediction"
         assert sched["timestep_spacing"] == "trailing" and sched["set_alpha_to_one"] is True
         assert index["_class_name"] == ("MarigoldDepthPipeline" if task == "depth" else "MarigoldNormalsPipeline")
-    vae = AutoencoderKL.from_pretrained(path / "vae")
+    vae = AutoencoderKL.from_pretrained(path / "vae", use_safetensors=True)
     assert 2 ** (len(vae.config.block_out_channels) - 1) == 8
-    assert isinstance(UNet2DConditionModel.from_pretrained(path / "unet"), UNet2DConditionModel)
-    assert isinstance(CLIPTextModel.from_pretrained(path / "text_encoder"), CLIPTextModel)
+    assert isinstance(UNet2DConditionModel.from_pretrained(path / "unet", use_safetensors=True), UNet2DConditionModel)
+    assert isinstance(CLIPTextModel.from_pretrained(path / "text_encoder", use_safetensors=True), CLIPTextModel)
     tok = CLIPTokenizer.from_pretrained(path / "tokenizer")
     assert tok("", padding="do_not_pad").input_ids == [tok.bos_token_id, tok.eos_token_id]
     assert len(tok("a photo").input_ids) > 2
