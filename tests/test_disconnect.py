@@ -23,6 +23,7 @@ from models.outputs import Family, Task
 from models.spec import ModelSpec
 from service.grpc.stubs import dense_pb2 as pb
 from service.grpc.stubs.dense_pb2_grpc import DenseServiceStub
+from service.queue.redis import Keys
 from tests.conftest import REPO
 from tests.redis_server import free_port
 from tests.service_harness import png_bytes, running_service
@@ -178,11 +179,21 @@ async def test_a_cancelled_grpc_stream_on_redis_leaves_nothing_to_compute(
             assert (await call.read()).frame_id == 0
             answered.set()
             call.cancel()
+        # The front-end marks each withdrawn frame's job cancelled in Redis; from then on a worker drops them.
+        # How long that takes is the machine's business (seconds under full-suite load), so the count of
+        # forwards is taken once the marks are there, not after a fixed time.
+        r, markers = h.app.state.broker.r, Keys(redis_prefix).tag + ":cancel:*"
         end = time.monotonic() + 30
+        while not await r.keys(markers):
+            assert time.monotonic() < end, "no frame was withdrawn"
+            await asyncio.sleep(0.02)
+        forwards_at_cancel = stats.forwards["slow"]
         while sum(n for (model, _), n in stats.outcomes.items() if model == "slow") < 6:  # every frame settled
             assert time.monotonic() < end, dict(stats.outcomes)
             await asyncio.sleep(0.05)
-        assert stats.forwards["slow"] <= 2  # frame 0, and frame 1 if it had started when the call ended
-        # One answer (frame 0); every other frame dropped: before compute, or after it and before encoding.
-        assert stats.outcomes[("slow", "ok")] == 1
-        assert stats.outcomes[("slow", "dropped")] == 5, dict(stats.outcomes)
+        # At most the frame computing when the marks landed finishes after them; nothing else starts.
+        assert stats.forwards["slow"] <= forwards_at_cancel + 1, (forwards_at_cancel, stats.forwards)
+        # Frame 0 answered (and any frame computed before the marks landed); every other frame dropped: before
+        # compute, or after it and before encoding.
+        ok, dropped = stats.outcomes[("slow", "ok")], stats.outcomes[("slow", "dropped")]
+        assert 1 <= ok <= forwards_at_cancel and ok + dropped == 6, dict(stats.outcomes)

@@ -22,6 +22,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.errors import DeadlineExceeded, InvalidParameter, QueueFull, ServiceError, Unavailable
 from service.jobs import Job, Reply
@@ -107,11 +108,13 @@ class Submitter:
                 existing, claimed = await self._claim_key(idempotency_key, job)
                 if existing is None:
                     break
-                reply = await self._await_existing(existing, job.deadline)
+                job_id, its_deadline = existing
+                reply = await self._await_existing(job_id, job.deadline, its_deadline)
                 if reply is not None:
-                    self._delivered(existing, idempotency_key)
+                    self._delivered(job_id, idempotency_key)
                     return reply
-                # That job was answered but its answer is no longer kept: claim the key again, compute anew.
+                # That job was answered and its answer is no longer kept, or it never came (its deadline passed
+                # unanswered: an XADD whose reply was lost may not have added it): claim the key again.
             await self._check_depth(job.model)
             future: asyncio.Future[Reply] = asyncio.get_running_loop().create_future()
             self._waiting[job.id] = future
@@ -180,7 +183,14 @@ class Submitter:
         if add is not None:
             with contextlib.suppress(BaseException):
                 await add
-            queued = add.done() and not add.cancelled() and add.exception() is None
+            # A reply that timed out leaves it unknown whether Redis added the job: count it as queued, so a
+            # job without a key is marked cancelled, and a keyed one keeps its key (a retry waits for it, at
+            # most until its deadline, then computes anew).
+            queued = (
+                add.done()
+                and not add.cancelled()
+                and (add.exception() is None or isinstance(add.exception(), RedisTimeoutError))
+            )
         if not queued:
             if key is not None and claimed is not None:
                 await self._release_key(key, claimed)
@@ -220,9 +230,9 @@ class Submitter:
     def _idem_key(self, key: str) -> str:
         return self.keys.idem(hashlib.sha256(key.encode()).hexdigest())
 
-    async def _claim_key(self, key: str, job: Job) -> tuple[str | None, bytes | None]:
-        """Register the key for this job (returning the value claimed), or return the job id of an earlier live
-        submission instead."""
+    async def _claim_key(self, key: str, job: Job) -> tuple[tuple[str, float] | None, bytes | None]:
+        """Register the key for this job (returning the value claimed), or return the job id and deadline of an
+        earlier live submission instead."""
         idem = self._idem_key(key)
         value = f"{job.id}|{fingerprint(job)}|{job.deadline}".encode()
         if await self.r.set(idem, value, nx=True, ex=self.result_ttl_s):
@@ -240,11 +250,14 @@ class Submitter:
             # That attempt expired unanswered, or was answered and its answer not kept: start anew.
             await self.r.set(idem, value, ex=self.result_ttl_s)
             return None, value
-        return job_id, None
+        return (job_id, float(deadline)), None
 
-    async def _await_existing(self, job_id: str, deadline: float) -> Reply | None:
-        """The earlier submission's answer, once there; None when it was answered and its answer is not kept."""
+    async def _await_existing(self, job_id: str, deadline: float, its_deadline: float) -> Reply | None:
+        """The earlier submission's answer, once there; None when it was answered and its answer is not kept, or
+        when its own deadline passed without an answer (a worker answers a job by then, or drops it)."""
         while time.time() < deadline:
+            if time.time() > its_deadline + 1.0 and job_id not in self._waiting:
+                return None
             future = self._waiting.get(job_id)
             if future is not None:
                 try:
