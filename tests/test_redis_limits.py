@@ -293,3 +293,25 @@ async def test_a_hung_worker_loses_its_jobs_to_another_and_its_late_answers_are_
         stop(victim)
         if other is not None:
             stop(other)
+
+
+async def test_a_command_the_acl_denies_counts_as_missing(redis_prefix: str) -> None:
+    """The start-up probe of optional commands (XACKDEL on Redis 8.2) reads a NOPERM as "not there", so the
+    scripts fall back to what the user may run instead of failing on every answer."""
+    from redis.asyncio import Redis
+
+    from service.queue.redis.connection import _knows
+
+    server = RedisServer().start()
+    try:
+        admin = server.client()
+        admin.execute_command("ACL", "SETUSER", "limited", "on", ">pw", "~*", "+@all", "-xlen")
+        r = Redis.from_url(f"redis://limited:pw@127.0.0.1:{server.port}/0")
+        try:
+            assert await _knows(r, "XRANGE", "{probe}:none", "-", "+")  # allowed and known
+            assert not await _knows(r, "XLEN", "{probe}:none")  # known to Redis, denied to this user
+            assert not await _knows(r, "NOSUCHCOMMAND", "x")
+        finally:
+            await r.aclose()
+    finally:
+        server.close()

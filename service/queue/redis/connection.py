@@ -10,7 +10,7 @@ from typing import Any
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import AuthenticationError, OutOfMemoryError, RedisError, ResponseError
+from redis.exceptions import AuthenticationError, NoPermissionError, OutOfMemoryError, RedisError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from service.errors import Unavailable
@@ -147,9 +147,12 @@ async def check_server(r: Redis, where: str, has_password: bool = False) -> Serv
 
 
 async def _knows(r: Redis, *command: str) -> bool:
-    """Whether the server has a command: run it harmlessly (on a key that does not exist) and see."""
+    """Whether the server has a command that this user may run: run it harmlessly (on a key that does not exist)
+    and see. An ACL that denies it (NOPERM) counts as not having it: the scripts then use what they may."""
     try:
         await r.execute_command(*command)
+    except NoPermissionError:
+        return False
     except ResponseError as exc:
         return "unknown command" not in str(exc).lower()
     return True
