@@ -1221,8 +1221,9 @@ def test_k8s_redis_tls_is_consistent(directory: Path) -> None:
 #              + answer_store_bytes                                  keyed answers kept for retries
 #              + worker lanes x max_batch_size x largest answer      answers written, not yet read
 #              + headroom                                            heartbeats, keys, stream and allocator overhead
-# A worker lane is one model on one worker. The largest answer: max_pixels x 16 bytes, a float32 normals map (12) and
-# its float32 uncertainty map (4).
+# A worker lane is one model on one worker. The largest answer: max_answer_bytes (the front-ends refuse a request whose
+# answer would be larger), set to what max_pixels needs for a float32 normals map (12 bytes a pixel) and its float32
+# uncertainty map (4).
 ANSWER_BYTES_PER_PIXEL = 16
 HEADROOM_MIB = 256
 MIB = 2**20
@@ -1233,7 +1234,7 @@ def redis_worst_mib(settings: Any, models: int, lanes: int, batch: int) -> dict[
     terms = {
         "jobs": models * settings.queue_max_jobs * settings.max_upload_bytes,
         "answer store": settings.answer_store_bytes,
-        "answers in flight": lanes * batch * settings.max_pixels * ANSWER_BYTES_PER_PIXEL,
+        "answers in flight": lanes * batch * settings.max_answer_bytes,
         "headroom": HEADROOM_MIB * MIB,
     }
     mib = {k: math.ceil(v / MIB) for k, v in terms.items()}
@@ -1264,8 +1265,9 @@ def test_k8s_redis_maxmemory_holds_the_worst_in_flight() -> None:
     # The front-ends and the workers bound what they admit with the same settings.
     for deployment in by_kind(docs, "Deployment"):
         settings = _settings(_env_of(docs, pod_spec(deployment)["containers"][0]))
-        for field in ("queue_max_jobs", "max_upload_bytes", "max_pixels", "answer_store_bytes"):
+        for field in ("queue_max_jobs", "max_upload_bytes", "max_pixels", "max_answer_bytes", "answer_store_bytes"):
             assert getattr(settings, field) == getattr(config, field), (deployment["metadata"]["name"], field)
+    assert config.max_answer_bytes == config.max_pixels * ANSWER_BYTES_PER_PIXEL, "the answer cap fits the pixel cap"
     container, options = _redis_args(docs)
     assert options["maxmemory-policy"] == "noeviction" and options["appendonly"] == "yes"
     assert worst["total"] <= _mib(options["maxmemory"]), (worst, options["maxmemory"])
