@@ -1,7 +1,7 @@
 """The data path at real sizes, through a real `dense-serve serve` on loopback: what a request costs besides
 the model, per stage, at 640x480, 1920x1080 and 3840x2160, with default settings.
 
-    .venv/bin/python -m load_tests.bench_sizes [--before REF] [--out docs/bench-sizes.md]   (make bench-sizes)
+    .venv/bin/python -m load_tests.bench_sizes [--before REF] [--out bench-sizes.md]   (make bench-sizes)
 
 - c=1: median latency per input size, input format (JPEG, PNG) and answer format (png, npy, exr, json), split
   into the stages the server reports in Server-Timing (decode, queue wait, preprocess, compute, postprocess,

@@ -2,7 +2,7 @@
 
     .venv/bin/python -m load_tests.gpu_wheels [--out .gpu-wheels]        (make gpu-wheels)
 
-The device machine (docs: /work/.library/device/KINDS.md, kind `nvidia-h200`) runs Python 3.12 with torch,
+The device machine (the device tool's notes, kind `nvidia-h200`) runs Python 3.12 with torch,
 transformers, numpy, onnxruntime (CPU), pillow, grpcio, ... but no diffusers, fastapi, uvicorn or redis, and it
 cannot reach a package registry. So this resolves the project's runtime dependencies for CPython 3.12 on
 manylinux x86_64 against that image (its recorded versions are pinned, so nothing is picked that the image's own
@@ -45,7 +45,7 @@ PLATFORMS = (
     "manylinux2014_x86_64",
     "manylinux1_x86_64",
 )
-#: The Python packages of the device image ('cuda'), as KINDS.md lists them (read 2026-11-17).
+#: The Python packages of the device image ('cuda'), as the device tool's notes list them (read 2026-11-17).
 _IMAGE_LIST = """
     absl-py accelerate aiofiles aiohappyeyeballs aiohttp aiosignal annotated-doc anyio attrs botorch build certifi
     charset-normalizer chex click cloudpickle cmake colorama contourpy coverage cuda-bindings cuda-core
@@ -69,8 +69,8 @@ _IMAGE_LIST = """
     wheel wrapt xarray xxhash yarl zipp
 """
 IMAGE_PACKAGES = frozenset(canonicalize_name(n) for n in _IMAGE_LIST.split())
-#: Versions KINDS.md records for the image (a session's `pip list`, 2026-11): pinned while resolving, so the
-#: wheels chosen work with them (diffusers must accept huggingface-hub 1.33, not the newest hub).
+#: Versions the device tool's notes record for the image (a session's `pip list`, 2026-11): pinned while resolving,
+#: so the wheels chosen work with them (diffusers must accept huggingface-hub 1.33, not the newest hub).
 IMAGE_VERSIONS = {
     "accelerate": "1.15.0",
     "huggingface-hub": "1.33.0",
