@@ -46,7 +46,7 @@ def start_once(repo: Path, role: str, redis_url: str) -> tuple[float, float, boo
     env = {**os.environ, "PYTHONPATH": str(repo), "DENSE_LOG_LEVEL": "warning", "DENSE_GRPC_PORT": "0"}
     start = time.monotonic()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", *args, "--queue", "redis", "--redis-url", redis_url],
+        [sys.executable, "-m", "service.cli", *args, "--queue", "redis", "--redis-url", redis_url, "--no-auth"],
         cwd=repo,
         env=env,
         stdout=subprocess.DEVNULL,

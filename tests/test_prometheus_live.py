@@ -82,7 +82,7 @@ async def test_prometheus_scrapes_api_and_worker_and_promql_answers(tiny_dir, re
         DENSE_METRICS_INTERVAL_S="0.2",
     )
     api = subprocess.Popen(
-        [sys.executable, "-m", "service.cli", "api", "--redis-url", redis_url, "--port", str(api_port)],
+        [sys.executable, "-m", "service.cli", "api", "--redis-url", redis_url, "--port", str(api_port), "--no-auth"],
         cwd=REPO,
         env=env,
         stdout=subprocess.DEVNULL,
