@@ -74,7 +74,7 @@ def build(out: Path) -> Path:
 def train(folder: Path, scenes, steps: int, batch: int, lr: float) -> list[float]:
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
-    from models.loading import empty_prompt_embedding
+    from models.build import empty_prompt_embedding
 
     vae = AutoencoderKL.from_pretrained(folder / "vae", use_safetensors=True).eval().requires_grad_(False)
     unet = UNet2DConditionModel.from_pretrained(folder / "unet", use_safetensors=True).train()

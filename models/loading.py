@@ -7,11 +7,12 @@ from pathlib import Path
 
 import torch
 
+from models.build import build_core, empty_prompt_embedding, load_unet_vae
 from models.detect import CheckpointConfig, ModelIdentity, has_random_weights, identify
 from models.errors import ModelLoadError
+from models.export.exporter import export_model
 from models.export.manifest import Manifest, checkpoint_hash, is_export
 from models.inference import DensePredictor
-from models.predictors import E2EFTPredictor, LotusPredictor, SingleStepPredictor
 from models.runtime import Runtime, TorchRuntime
 from models.source import resolve_source
 from models.spec import ModelSpec
@@ -33,50 +34,6 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
     if name == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
     return {"fp16": torch.float16, "fp32": torch.float32}[name]
-
-
-def empty_prompt_embedding(path: Path) -> torch.Tensor:
-    """Tokenise "" without padding (BOS, EOS) and encode it once, in fp32 on the CPU: `[1, 2, C]`."""
-    from transformers import CLIPTextModel, CLIPTokenizer
-
-    tokenizer = CLIPTokenizer.from_pretrained(path / "tokenizer")
-    encoder = CLIPTextModel.from_pretrained(
-        path / "text_encoder", torch_dtype=torch.float32, use_safetensors=True
-    ).eval()
-    ids = tokenizer(
-        "", padding="do_not_pad", truncation=True, max_length=tokenizer.model_max_length, return_tensors="pt"
-    ).input_ids
-    with torch.inference_mode():
-        return encoder(ids)[0].clone()
-
-
-def build_core(
-    path: Path, cfg: CheckpointConfig, ident: ModelIdentity, device: torch.device, dtype: torch.dtype
-) -> SingleStepPredictor:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffusers.models.attention_processor import AttnProcessor2_0
-
-    # `path` is a local folder (a hub id is already the snapshot of its pinned revision: models.source), so no
-    # revision here; use_safetensors=True: a pickle `.bin` is never a fallback.
-    unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype, use_safetensors=True)
-    vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dtype, use_safetensors=True)
-    for module in (unet, vae):
-        module.set_attn_processor(AttnProcessor2_0())  # fused SDPA attention
-        module.requires_grad_(False)
-    prompt = empty_prompt_embedding(path).to(dtype)
-    core: SingleStepPredictor
-    if ident.family == "e2e-ft":
-        core = E2EFTPredictor(
-            unet,
-            vae,
-            prompt,
-            ident.output_kind,
-            alpha_bar=E2EFTPredictor.alpha_bar_from_scheduler(cfg.scheduler),
-            use_full_z_range=bool(cfg.model_index.get("use_full_z_range", True)),
-        )
-    else:
-        core = LotusPredictor(unet, vae, prompt, ident.output_kind, generative=ident.family == "lotus-g")
-    return core.to(device).eval()
 
 
 DEFAULT_ENGINE_CACHE = Path(".cache/engines")
@@ -139,20 +96,13 @@ def _load_from(spec: ModelSpec, path: Path, chosen: str, device: str, dtype: str
 def _load_marigold(
     spec: ModelSpec, path: Path, cfg: CheckpointConfig, ident: ModelIdentity, device: str, dtype: str | None
 ) -> DensePredictor:
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from diffusers.models.attention_processor import AttnProcessor2_0
-
     from models.multistep import MultiStepPredictor
     from models.predictors.marigold import MarigoldCore
 
     dev = pick_device(device)
     dt = pick_dtype(dtype or spec.dtype, dev)
     try:
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dt, use_safetensors=True)
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", torch_dtype=dt, use_safetensors=True)
-        for module in (unet, vae):
-            module.set_attn_processor(AttnProcessor2_0())
-            module.requires_grad_(False)
+        unet, vae = load_unet_vae(path, dt)
         core = MarigoldCore(
             unet,
             vae,
@@ -194,8 +144,6 @@ def _export_dtype(dtype: str, device: str) -> str:
 def cached_export(spec: ModelSpec, path: Path, backend: str, dtype: str) -> Path:
     """The export of a checkpoint for a backend, from the engine cache or made now (atomically, so workers
     starting together never see half an export)."""
-    from models.export.exporter import export_model
-
     fmt = "tensorrt" if backend == "tensorrt" else "onnx"
     cache = Path(spec.engine_cache or DEFAULT_ENGINE_CACHE)
     model_hash = checkpoint_hash(path)

@@ -156,7 +156,7 @@ def test_normals_ground_truth_uses_the_served_convention(tmp_path: Path) -> None
     """+x image LEFT, +y up, +z towards the camera (the released checkpoints' axes) in every training source:
     synthetic renderings, the folder format, the in-memory synthetic source and the Hypersim reader."""
     from models.outputs import NORMALS_CONVENTION
-    from models.training.trainer import SyntheticDataset
+    from models.training.datasets import SyntheticDataset
 
     assert NORMALS_CONVENTION.startswith("+x image left")
     scene, cam = _corner_room()

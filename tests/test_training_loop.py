@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 from models.predictors import SingleStepPredictor
 from models.training import folder_format, losses, synthetic
 from models.training.config import OptimConfig, TrainConfig, load_config
+from models.training.datasets import SyntheticDataset
 from models.training.evaluate import EvalResult
 from models.training.objectives import (
     CONV_IN_BIAS_HALVED,
@@ -31,7 +32,7 @@ from models.training.objectives import (
     widen_conv_in,
 )
 from models.training.state_io import load_state
-from models.training.trainer import BatchStream, SyntheticDataset, finetune, lr_factor
+from models.training.trainer import BatchStream, finetune, lr_factor
 from tests.conftest import REPO
 
 DEMO = REPO / "models" / "demo"
@@ -551,7 +552,7 @@ def test_finetune_cli_runs_stops_and_refuses_bad_configs(tmp_path: Path, capsys:
 
 
 def test_config_rules_and_shipped_configs() -> None:
-    from models.probes.train import load_config as load_probe_config
+    from models.probes.job import load_config as load_probe_config
 
     for path in sorted((REPO / "configs").glob("*.yaml")):
         (load_probe_config if path.name.startswith("probe-") else load_config)(path)

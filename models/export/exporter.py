@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from models.build import build_core
 from models.detect import CheckpointConfig, ModelIdentity, identify
 from models.errors import ModelError
 from models.export.manifest import (
@@ -28,6 +29,7 @@ from models.export.onnx_export import DEFAULT_OPSET, export_onnx
 from models.export.profiles import bucket_profiles
 from models.export.verify import verify
 from models.predictors.base import SingleStepPredictor
+from models.source import resolve_source
 from models.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -38,9 +40,6 @@ class ExportError(ModelError):
 
 
 def _reference(spec: ModelSpec) -> tuple[Path, ModelIdentity, SingleStepPredictor]:
-    from models.loading import build_core
-    from models.source import resolve_source
-
     path = resolve_source(spec)
     if is_export(path):
         raise ExportError(f"'{spec.source}' is already an export; export from the diffusers checkpoint")

@@ -167,8 +167,8 @@ def _reference_core(spec: ModelSpec) -> SingleStepPredictor:
     """The base checkpoint as an eager CPU fp32 core, as `dense-serve export` traces it."""
     import torch
 
+    from models.build import build_core
     from models.detect import CheckpointConfig, identify
-    from models.loading import build_core
 
     path = Path(spec.source)
     cfg = CheckpointConfig.read(path)

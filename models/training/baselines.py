@@ -19,16 +19,22 @@ Rows carry `baseline=True` and are scored by `models.training.metrics` exactly a
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import argparse
+import sys
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import Dataset
 
 from models.outputs import OutputKind
 from models.training import folder_format
-from models.training.evaluate import EvalResult
+from models.training.config import TrainConfig, load_config
+from models.training.datasets import Sample, build_dataset, write_synthetic
+from models.training.evaluate import EvalResult, to_markdown, write_results
 from models.training.metrics import DepthEvaluator, NormalsEvaluator
 
 BASELINES = ("mean map", "vertical ramp", "constant")
@@ -228,6 +234,32 @@ def evaluate_baselines(
     return results
 
 
+def baseline_rows(cfg: TrainConfig, sets: Sequence[Path], dataset: Dataset[Sample] | None = None) -> list[EvalResult]:
+    """The image-independent baselines on each validation set, the mean map from the run's training data: the
+    rows a run writes to eval.md at step 0 (also callable without training, e.g. for an existing run)."""
+    kind = cfg.model.output_kind
+    mean = training_mean_map(dataset if dataset is not None else build_dataset(cfg.data, cfg.run.seed), kind)
+    return [row for root in sets for row in evaluate_baselines(root, kind, limit=cfg.validation.limit, mean_map=mean)]
+
+
+def training_mean_map(dataset: Dataset[Sample], kind: OutputKind, limit: int = 512) -> MeanMap:
+    """The training set's mean target map (the `mean map` baseline), from at most `limit` evenly spaced samples
+    as the loop sees them (augmented, epoch 0)."""
+    size = len(dataset)  # type: ignore[arg-type]
+    n = min(size, limit)
+
+    def pairs() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for i in range(n):
+            s = dataset[i * size // n]
+            if kind == "normals":
+                if bool(s["has_normals"]):
+                    yield s["normals"].permute(1, 2, 0).numpy(), s["normals_valid"][0].numpy()
+            else:
+                yield s["depth"][0].numpy(), s["valid"][0].numpy()
+
+    return mean_map_from(kind, pairs())
+
+
 def best(rows: Sequence[EvalResult], dataset: str | None = None) -> EvalResult:
     """The strongest baseline row (lowest AbsRel or mean angle), optionally on one dataset."""
     pool = [r for r in rows if r.baseline and (dataset is None or r.dataset == dataset)]
@@ -240,14 +272,6 @@ def main(argv: list[str] | None = None) -> int:
     """`python -m models.training.baselines CONFIG.yaml [--out FILE]`: the baseline rows a fine-tune run with
     this config writes at step 0 (mean map from its training data, scored on its validation sets), without
     training. Held-out synthetic scenes are written to a temporary folder."""
-    import argparse
-    import sys
-    import tempfile
-
-    from models.training.config import load_config
-    from models.training.evaluate import to_markdown, write_results
-    from models.training.trainer import baseline_rows, write_synthetic
-
     p = argparse.ArgumentParser(prog="python -m models.training.baselines", description=main.__doc__)
     p.add_argument("config", type=Path, help="fine-tune run config (.yaml)")
     p.add_argument("--out", type=Path, action="append", metavar="FILE", help="write the rows: .md or .json")

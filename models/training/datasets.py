@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from models.training import folder_format
+from models.training import folder_format, synthetic
+from models.training.config import Augment, DataConfig, SyntheticScenes
 from models.training.folder_format import RawSample
 
 Sample = dict[str, Any]
@@ -475,3 +476,74 @@ class MixedDataset(Dataset[Sample]):
     def __getitem__(self, index: int) -> Sample:
         k, j = self.pick(index)
         return self.sources[k][j]
+
+
+class SyntheticDataset(DenseDataset):
+    """Procedural scenes rendered on first use and kept in memory (scene i uses the seed (scene_seed, i));
+    normals in the served convention (+x image left), like every other source."""
+
+    source = "synthetic"
+
+    def __init__(
+        self,
+        count: int,
+        height: int,
+        width: int,
+        scene_seed: int,
+        augmentation: Augmentation | None = None,
+        seed: int = 0,
+        variety: synthetic.Variety = "base",
+    ) -> None:
+        super().__init__(synthetic.DEPTH_RANGE, augmentation, seed)
+        self.count, self.height, self.width, self.scene_seed = count, height, width, scene_seed
+        self.variety = variety
+        self._cache: dict[int, RawSample] = {}
+
+    def __len__(self) -> int:
+        return self.count
+
+    def name(self, index: int) -> str:
+        return f"{index:06d}"
+
+    def load(self, index: int) -> RawSample:
+        if index not in self._cache:
+            r = synthetic.generate((self.scene_seed, index), self.height, self.width, self.variety)
+            self._cache[index] = RawSample(r.rgb, r.depth, r.valid, r.served_normals, r.valid.copy())
+        return self._cache[index]
+
+
+def _augmentation(aug: Augment) -> Augmentation:
+    return Augmentation(resize_hw=aug.resize, crop_hw=aug.crop, hflip_prob=aug.hflip)
+
+
+def build_dataset(data: DataConfig, seed: int) -> Dataset[Sample]:
+    """The configured sources, mixed by ratio when there are several (or when samples_per_epoch is set)."""
+    sources: list[DenseDataset] = []
+    for src in data.sources:
+        aug = _augmentation(src.augment or data.augment)
+        if src.type == "folder":
+            sources.append(FolderDataset(src.root, depth_range=src.depth_range, augmentation=aug, seed=seed))
+        elif src.type == "hypersim":
+            sources.append(HypersimDataset(src.root, src.split_csv, src.split, augmentation=aug, seed=seed))
+        elif src.type == "vkitti2":
+            sources.append(VirtualKitti2Dataset(src.root, src.scenes, src.variations, augmentation=aug, seed=seed))
+        else:
+            sources.append(SyntheticDataset(src.count, src.height, src.width, src.seed, aug, seed, src.variety))
+    for src_cfg, ds in zip(data.sources, sources, strict=True):
+        if len(ds) == 0:
+            raise ValueError(f"training source {src_cfg.type} ({getattr(src_cfg, 'root', '')}) has no samples")
+    if len(sources) == 1 and data.samples_per_epoch is None:
+        return sources[0]
+    shapes = {tuple(ds[0]["image"].shape[-2:]) for ds in sources}
+    if len(shapes) > 1:
+        raise ValueError(f"mixed sources give different image sizes {sorted(shapes)}: set resize/crop per source")
+    length = data.samples_per_epoch or sum(len(ds) for ds in sources)
+    return MixedDataset(sources, [s.ratio for s in data.sources], length, seed)
+
+
+def write_synthetic(root: Path, syn: SyntheticScenes) -> Path:
+    """Render held-out scenes to `root` in the folder format, staged and renamed so a crash leaves no half set."""
+    staged = root.with_name(f".tmp-{root.name}")
+    synthetic.write_scenes(staged, syn.count, syn.height, syn.width, syn.seed, variety=syn.variety)
+    staged.rename(root)
+    return root

@@ -25,29 +25,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm import tqdm
 
-from models.outputs import OutputKind
+from models.build import empty_prompt_embedding
 from models.training import checkpointing as ckpt
-from models.training import folder_format, synthetic
-from models.training.baselines import MeanMap, evaluate_baselines, mean_map_from
-from models.training.config import (
-    Augment,
-    DataConfig,
-    OptimConfig,
-    SyntheticScenes,
-    TrainConfig,
-    dump_config,
-)
-from models.training.datasets import (
-    Augmentation,
-    DenseDataset,
-    FolderDataset,
-    HypersimDataset,
-    MixedDataset,
-    Sample,
-    VirtualKitti2Dataset,
-)
+from models.training import folder_format
+from models.training.baselines import baseline_rows
+from models.training.config import OptimConfig, TrainConfig, dump_config
+from models.training.datasets import Sample, build_dataset, write_synthetic
 from models.training.evaluate import EvalResult, evaluate_dataset, load_results, to_json, to_markdown
-from models.training.folder_format import RawSample
 from models.training.objectives import TrainingCore, adapt_unet, alpha_bar_999, target_image, vae_fit_loss
 
 log = logging.getLogger(__name__)
@@ -68,69 +52,6 @@ class FinetuneResult:
 
 
 # --- data -----------------------------------------------------------------------------------------
-
-
-class SyntheticDataset(DenseDataset):
-    """Procedural scenes rendered on first use and kept in memory (scene i uses the seed (scene_seed, i));
-    normals in the served convention (+x image left), like every other source."""
-
-    source = "synthetic"
-
-    def __init__(
-        self,
-        count: int,
-        height: int,
-        width: int,
-        scene_seed: int,
-        augmentation: Augmentation | None = None,
-        seed: int = 0,
-        variety: synthetic.Variety = "base",
-    ) -> None:
-        super().__init__(synthetic.DEPTH_RANGE, augmentation, seed)
-        self.count, self.height, self.width, self.scene_seed = count, height, width, scene_seed
-        self.variety = variety
-        self._cache: dict[int, RawSample] = {}
-
-    def __len__(self) -> int:
-        return self.count
-
-    def name(self, index: int) -> str:
-        return f"{index:06d}"
-
-    def load(self, index: int) -> RawSample:
-        if index not in self._cache:
-            r = synthetic.generate((self.scene_seed, index), self.height, self.width, self.variety)
-            self._cache[index] = RawSample(r.rgb, r.depth, r.valid, r.served_normals, r.valid.copy())
-        return self._cache[index]
-
-
-def _augmentation(aug: Augment) -> Augmentation:
-    return Augmentation(resize_hw=aug.resize, crop_hw=aug.crop, hflip_prob=aug.hflip)
-
-
-def build_dataset(data: DataConfig, seed: int) -> Dataset[Sample]:
-    """The configured sources, mixed by ratio when there are several (or when samples_per_epoch is set)."""
-    sources: list[DenseDataset] = []
-    for src in data.sources:
-        aug = _augmentation(src.augment or data.augment)
-        if src.type == "folder":
-            sources.append(FolderDataset(src.root, depth_range=src.depth_range, augmentation=aug, seed=seed))
-        elif src.type == "hypersim":
-            sources.append(HypersimDataset(src.root, src.split_csv, src.split, augmentation=aug, seed=seed))
-        elif src.type == "vkitti2":
-            sources.append(VirtualKitti2Dataset(src.root, src.scenes, src.variations, augmentation=aug, seed=seed))
-        else:
-            sources.append(SyntheticDataset(src.count, src.height, src.width, src.seed, aug, seed, src.variety))
-    for src_cfg, ds in zip(data.sources, sources, strict=True):
-        if len(ds) == 0:
-            raise ValueError(f"training source {src_cfg.type} ({getattr(src_cfg, 'root', '')}) has no samples")
-    if len(sources) == 1 and data.samples_per_epoch is None:
-        return sources[0]
-    shapes = {tuple(ds[0]["image"].shape[-2:]) for ds in sources}
-    if len(shapes) > 1:
-        raise ValueError(f"mixed sources give different image sizes {sorted(shapes)}: set resize/crop per source")
-    length = data.samples_per_epoch or sum(len(ds) for ds in sources)
-    return MixedDataset(sources, [s.ratio for s in data.sources], length, seed)
 
 
 def _collate(items: list[Sample]) -> dict[str, Any]:
@@ -312,8 +233,6 @@ def load_core(base: Path, cfg: TrainConfig) -> tuple[TrainingCore, list[str]]:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from diffusers.models.attention_processor import AttnProcessor2_0
 
-    from models.loading import empty_prompt_embedding
-
     unet = UNet2DConditionModel.from_pretrained(base, subfolder="unet", torch_dtype=torch.float32, use_safetensors=True)
     vae = AutoencoderKL.from_pretrained(base, subfolder="vae", torch_dtype=torch.float32, use_safetensors=True)
     unet, changes = adapt_unet(unet, cfg.model.family)
@@ -350,39 +269,6 @@ def validation_sets(cfg: TrainConfig, is_main: bool) -> list[Path]:
             write_synthetic(root, syn)
         sets.append(root)
     return sets
-
-
-def baseline_rows(cfg: TrainConfig, sets: Sequence[Path], dataset: Dataset[Sample] | None = None) -> list[EvalResult]:
-    """The image-independent baselines on each validation set, the mean map from the run's training data: the
-    rows a run writes to eval.md at step 0 (also callable without training, e.g. for an existing run)."""
-    kind = cfg.model.output_kind
-    mean = training_mean_map(dataset if dataset is not None else build_dataset(cfg.data, cfg.run.seed), kind)
-    return [row for root in sets for row in evaluate_baselines(root, kind, limit=cfg.validation.limit, mean_map=mean)]
-
-
-def training_mean_map(dataset: Dataset[Sample], kind: OutputKind, limit: int = 512) -> MeanMap:
-    """The training set's mean target map (the `mean map` baseline), from at most `limit` evenly spaced samples
-    as the loop sees them (augmented, epoch 0)."""
-    size = len(dataset)  # type: ignore[arg-type]
-    n = min(size, limit)
-
-    def pairs() -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        for i in range(n):
-            s = dataset[i * size // n]
-            if kind == "normals":
-                if bool(s["has_normals"]):
-                    yield s["normals"].permute(1, 2, 0).numpy(), s["normals_valid"][0].numpy()
-            else:
-                yield s["depth"][0].numpy(), s["valid"][0].numpy()
-
-    return mean_map_from(kind, pairs())
-
-
-def write_synthetic(root: Path, syn: SyntheticScenes) -> Path:
-    staged = root.with_name(f".tmp-{root.name}")
-    synthetic.write_scenes(staged, syn.count, syn.height, syn.width, syn.seed, variety=syn.variety)
-    staged.rename(root)
-    return root
 
 
 def validate_core(
