@@ -134,7 +134,8 @@ def depth_probe(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     """The CI learning run: configs/probe-depth-synthetic.yaml's settings, its training scenes read back from the
     probe folder format (rgb/ + depth/), on the shipped demo model."""
     from models.probes.data import synthetic_depth, write_depth_folder
-    from models.probes.train import load_config, train_probe
+    from models.probes.job import load_config
+    from models.probes.train import train_probe
 
     tmp = tmp_path_factory.mktemp("depth-probe")
     shipped = load_config(ROOT / "configs" / "probe-depth-synthetic.yaml")
@@ -360,7 +361,8 @@ async def test_a_depth_probe_on_a_marigold_base_is_trained_and_served(tiny_dir, 
     """A Marigold base gives its features from the image latent noised to t (models/probes/marigold_features.py):
     a depth probe trains on them and `/v1/depth?model=ID` answers the probe's direct computation, in one pass
     (no steps); the Marigold base itself still answers with its own multi-step run."""
-    from models.probes.train import load_config, train_probe
+    from models.probes.job import load_config
+    from models.probes.train import train_probe
 
     shipped = load_config(ROOT / "configs" / "probe-depth-synthetic.yaml")
     cfg = type(shipped).model_validate(

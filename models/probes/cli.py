@@ -111,7 +111,8 @@ def _logging() -> None:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from models.errors import ModelError
-    from models.probes.train import load_config, train_probe
+    from models.probes.job import load_config
+    from models.probes.train import train_probe
 
     _logging()
     try:
@@ -164,7 +165,8 @@ def depth_curve_table(rows: list[dict[str, Any]]) -> str:
 
 def cmd_curve(args: argparse.Namespace) -> int:
     """The same config with the first N training images, for each N: one probe and one evaluation each."""
-    from models.probes.train import FolderSource, load_config, train_probe
+    from models.probes.job import FolderSource, load_config
+    from models.probes.train import train_probe
 
     _logging()
     cfg = load_config(args.config)
@@ -208,7 +210,8 @@ def cmd_curve(args: argparse.Namespace) -> int:
 
 def depth_curve(cfg: Any, args: argparse.Namespace) -> int:
     """`probe curve` for a depth config: AbsRel / delta1 of both heads and of the baselines per N."""
-    from models.probes.train import FolderSource, train_probe
+    from models.probes.job import FolderSource
+    from models.probes.train import train_probe
 
     rows = []
     for n in args.counts:

@@ -32,8 +32,7 @@ from models.probes.artifact import EVAL
 from models.probes.depth import DepthHeads, DepthMLP, check_taps, extract_depth_features, tap_channels
 from models.probes.depth_probe import DepthProbe, save_depth_probe
 from models.probes.features import TapConfig, unet_input_noise
-from models.probes.segmenter import torch_core
-from models.probes.train import (
+from models.probes.job import (
     BATCH,
     FolderSource,
     ProbeBase,
@@ -42,6 +41,7 @@ from models.probes.train import (
     TrainSettings,
     same_size_chunks,
 )
+from models.probes.segmenter import torch_core
 from models.training.baselines import BASELINES, constant, mean_map_from, normalized_target, ramp
 from models.training.metrics import DepthEvaluator
 
