@@ -3,18 +3,29 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Literal
+from typing import Literal, Protocol
 
 from pydantic import BaseModel, Field
 
 from service.frontend import waiting_models
 from service.queue.base import Broker
 
-if TYPE_CHECKING:
-    from service.worker.worker import Worker
-
 #: A worker's life: the same words in `/readyz`, `/healthz` and the worker itself.
 WorkerState = Literal["idle", "loading", "ready", "failed", "stopping", "stopped"]
+
+
+class WorkerStatus(Protocol):
+    """What readiness reads of an embedded worker (`service.worker.worker.Worker` has it): a protocol, so this
+    module, which both front-ends import, never names the worker (which imports this module for `WorkerState`)."""
+
+    @property
+    def ready(self) -> bool: ...
+
+    @property
+    def state(self) -> WorkerState: ...
+
+    @property
+    def error(self) -> str | None: ...
 
 
 class Liveness(BaseModel):
@@ -43,7 +54,7 @@ class WorkerReadiness(BaseModel):
 
 
 async def readiness(
-    broker: Broker, worker: Worker | None, expected: Sequence[str], scale_from_zero: bool = False
+    broker: Broker, worker: WorkerStatus | None, expected: Sequence[str], scale_from_zero: bool = False
 ) -> Readiness:
     """With `scale_from_zero`, a model whose workers are scaled down counts: its jobs wait for one."""
     queue_ok = await broker.reachable()
