@@ -98,9 +98,11 @@ test: $(DEV_STAMP)
 	$(BIN)/python -m ruff check .
 	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) -q
 
+# The import contracts (pyproject.toml [tool.importlinter], docs/architecture.md) ride along with ruff.
 lint: $(DEV_STAMP)
 	$(BIN)/python -m ruff check .
 	$(BIN)/python -m ruff format --check .
+	$(BIN)/lint-imports --no-cache --no-logo
 
 # Rewrite requirements/*.txt from pyproject.toml and requirements/*.in (README: "Updating a dependency").
 # ARGS="--upgrade-package NAME" moves one package, ARGS=--upgrade all; TORCH_CPU_WHEELS=DIR reads the CPU
