@@ -283,10 +283,13 @@ async def test_grpc_max_concurrent_rpcs_answers_resource_exhausted(clean_env) ->
             yield pb.StreamRequest(config=pb.StreamConfig(max_in_flight=1))  # the call reaches the server
             await release.wait()
 
-        stream = stub.StreamPredict(held_open())
+        stream: Any = None
         exhausted = None
-        end = time.monotonic() + 10
-        while exhausted is None and time.monotonic() < end:  # the stream reaches the server in a moment
+        end = time.monotonic() + 20
+        while exhausted is None and time.monotonic() < end:
+            if stream is None or stream.done():  # a stream that lost the race to a ListModels was refused: again
+                stream = stub.StreamPredict(held_open())
+                await asyncio.sleep(0.2)  # it reaches the server in a moment
             try:
                 await stub.ListModels(pb.ListModelsRequest(), timeout=5)
             except grpc.aio.AioRpcError as err:
