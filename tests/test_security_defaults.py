@@ -253,17 +253,24 @@ def test_http_limit_concurrency_answers_503_to_one_request_too_many(redis_url: s
             assert proc.poll() is None, "the api process exited"
             assert time.monotonic() < end, "the api process never answered"
             time.sleep(0.1)
-        time.sleep(0.5)  # the probes' connections are closed on the server's side too
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as slow:
-            slow.sendall(
-                b"POST /v1/depth HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 100000\r\n\r\n"
-                + b"\x89PNG\r\n\x1a\n"
-            )  # ... and the rest of the upload never comes
-            time.sleep(0.5)
-            slow.setblocking(False)
-            with pytest.raises(BlockingIOError):
-                slow.recv(1)  # still in flight: no answer yet
-            assert _get(f"{base}/healthz") == 503
+        for _ in range(20):  # until the slow request itself got in (a probe's closed connection may count a moment)
+            time.sleep(0.3)
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as slow:
+                slow.sendall(
+                    b"POST /v1/depth HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 100000\r\n\r\n"
+                    + b"\x89PNG\r\n\x1a\n"
+                )  # ... and the rest of the upload never comes
+                time.sleep(0.5)
+                slow.setblocking(False)
+                try:
+                    slow.recv(1)
+                    continue  # answered already (503): try again
+                except BlockingIOError:
+                    pass  # still in flight
+                assert _get(f"{base}/healthz") == 503
+                break
+        else:
+            pytest.fail("the slow request was never let in")
         end = time.monotonic() + 10
         while _get(f"{base}/healthz") != 200:  # the slow one gone, there is room again
             assert time.monotonic() < end, "no room after the slow request went away"
