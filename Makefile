@@ -104,7 +104,7 @@ lint: $(DEV_STAMP)
 	$(BIN)/python -m ruff format --check .
 	$(BIN)/lint-imports --no-cache --no-logo
 
-# Rewrite requirements/*.txt from pyproject.toml and requirements/*.in (README: "Updating a dependency").
+# Rewrite requirements/*.txt from pyproject.toml and requirements/*.in (docs/development.md: "Updating a dependency").
 # ARGS="--upgrade-package NAME" moves one package, ARGS=--upgrade all; TORCH_CPU_WHEELS=DIR reads the CPU
 # build of torch from a local folder where PyTorch's index cannot be reached.
 lock: $(DEV_STAMP)

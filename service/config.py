@@ -31,7 +31,7 @@ def _split_list(value: Any) -> Any:
 
 
 class Settings(BaseSettings):
-    """Every knob of `dense-serve serve`; each is documented in the README's configuration table."""
+    """Every knob of `dense-serve serve`; each is documented in docs/configuration.md's table."""
 
     model_config = SettingsConfigDict(env_prefix="DENSE_", extra="forbid", validate_default=True)
 

@@ -100,10 +100,10 @@ def unmet(requirements: list[Requirement], locked: dict[str, Version], extra: st
 def test_every_requirement_of_pyproject_is_locked_at_a_version_it_allows(lock: str) -> None:
     requirements = project_requirements(REPO / "pyproject.toml", UNIVERSAL[lock])
     locked = pinned(lock) | pinned("torch-cpu")
-    assert unmet(requirements, locked) == [], "run `make lock` (README: Updating a dependency)"
+    assert unmet(requirements, locked) == [], "run `make lock` (docs/development.md: Updating a dependency)"
     if lock == "dev":
         client = project_requirements(REPO / "clients/python/pyproject.toml", ("all",))
-        assert unmet(client, locked) == [], "run `make lock` (README: Updating a dependency)"
+        assert unmet(client, locked) == [], "run `make lock` (docs/development.md: Updating a dependency)"
 
 
 def test_every_pin_is_exact_and_hashed_and_the_locks_agree_with_each_other() -> None:

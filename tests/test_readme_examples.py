@@ -1,5 +1,6 @@
-"""The README's quickstart curls and its StreamClient example, run as written against a real `dense-serve
-serve` on the default models: each does what the README says it does."""
+"""The docs' examples, run as written against a real `dense-serve serve` on the default models: the README's
+quickstart curls and the StreamClient example of docs/client.md each do what their page says they do. An
+example is found by the sentence before it in README.md or any docs/*.md page, wherever it has moved."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from PIL import Image
 
 from tests.conftest import REPO, SAMPLE, require_tool
 
-README = (REPO / "README.md").read_text()
+PAGES = {path: path.read_text() for path in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]}
 
 
 def _free_port() -> int:
@@ -29,9 +30,11 @@ def _free_port() -> int:
 
 
 def _block_after(marker: str, language: str) -> str:
-    """The first fenced block of `language` after `marker` in the README."""
-    start = README.index(marker)
-    match = re.compile(rf"```{language}\n(.*?)```", re.S).search(README, start)
+    """The first fenced block of `language` after `marker` in the one page (README.md, docs/*.md) that has it."""
+    found = [text for text in PAGES.values() if marker in text]
+    assert len(found) == 1, f"{marker!r} is on {len(found)} pages of README.md and docs/*.md, not one"
+    text = found[0]
+    match = re.compile(rf"```{language}\n(.*?)```", re.S).search(text, text.index(marker))
     assert match is not None, marker
     return match.group(1)
 

@@ -1,7 +1,7 @@
 """Drive the demo page (`GET /`) in a real headless Chromium: Debian's `chromium` through Playwright's Python
 API (`executable_path`; Playwright's own browser download is never used).
 
-Used by tests/test_web_page.py, and to refresh the README's screenshot against the default models (the
+Used by tests/test_web_page.py, and to refresh docs/client.md's screenshot against the default models (the
 shipped demo depth model and the tiny Lotus-G checkpoints):
 
     .venv/bin/python -m tests.web_page_driver --out docs/web-page.png
