@@ -22,3 +22,10 @@ def test_ci_runs_the_readme_test_command() -> None:
     setup = "\n".join(commands[:-1])
     assert "pytest" not in setup and "make" not in setup, commands
     assert "apt-get install" in setup and "prometheus" in setup and "chromium" in setup, commands
+
+
+def test_readme_stays_a_newcomers_page_and_links_every_docs_page() -> None:
+    readme = (REPO / "README.md").read_text()
+    assert len(readme.splitlines()) <= 350, "README.md is for newcomers: move detail into a docs/ page"
+    unlinked = [p.name for p in sorted((REPO / "docs").glob("*.md")) if f"](docs/{p.name})" not in readme]
+    assert not unlinked, f"README.md's documentation table does not link {unlinked}"
