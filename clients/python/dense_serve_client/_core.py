@@ -1,6 +1,9 @@
 """What the sync and async clients share: building a request, reading an answer, and the retry policy.
 
-No I/O here, so `Client` and `AsyncClient` differ only in how they send and sleep.
+No I/O here, so `Client` and `AsyncClient` differ only in how they send and sleep. Each method is a *plan*, a
+generator that yields a `Call` to send (and receives its `httpx.Response`, or has the connection's
+`httpx.TransportError` thrown in) or a `Sleep` to wait out, and returns the method's result; `_drive` in
+each client is the only loop that does I/O.
 """
 
 from __future__ import annotations
@@ -10,15 +13,24 @@ import contextlib
 import email.utils
 import time
 import uuid
+from collections import deque
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Generic, Literal, Protocol, TypeVar
 
 import httpx
 import numpy as np
 
-from dense_serve_client.errors import APIError, from_problem
+from dense_serve_client.errors import APIError, TransportError, from_problem
 from dense_serve_client.images import ImageInput, image_bytes
-from dense_serve_client.results import Prediction, UncertaintyPrediction, decode_npy, decode_png_map
+from dense_serve_client.results import (
+    Health,
+    ModelInfo,
+    Prediction,
+    UncertaintyPrediction,
+    decode_npy,
+    decode_png_map,
+)
 
 Task = Literal["depth", "normals"]
 #: What a prediction may be asked for: a task, or `uncertainty` (a Lotus-G multi-seed ensemble).
@@ -79,6 +91,11 @@ class Call:
     timeout: float | None = None
     kind: Kind | None = None
     wire: WireFormat = "npy"
+
+    def options(self) -> dict[str, Any]:
+        """The keyword arguments of `httpx.Client.request` (and `AsyncClient.request`) that send it."""
+        timeout = self.timeout if self.timeout is not None else httpx.USE_CLIENT_DEFAULT
+        return {"params": self.params, "content": self.content, "headers": self.headers, "timeout": timeout}
 
 
 def _param(value: Any) -> str:
@@ -258,3 +275,246 @@ def user_agent() -> str:
     from dense_serve_client import __version__
 
     return f"dense-serve-client/{__version__} httpx/{httpx.__version__}"
+
+
+# ---- plans: the methods' logic as generators, run by `Client._drive` (blocking) or `AsyncClient._drive` (asyncio)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Sleep:
+    """A plan's wait before its next attempt: `time.sleep` or `asyncio.sleep`, as the driver runs."""
+
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Done(Generic[T]):
+    """A plan's result, once it has nothing more to send."""
+
+    value: T
+
+
+#: What a plan yields (a request to send, a wait) and receives back (the answer to a `Call`, `None` after a
+#: `Sleep`); a connection failure is thrown into it instead. It returns the method's result.
+Plan = Generator[Call | Sleep, httpx.Response | None, T]
+#: What a driver hands back to a plan after a step.
+Outcome = httpx.Response | httpx.TransportError | None
+
+
+def advance(plan: Plan[T], outcome: Outcome) -> Call | Sleep | Done[T]:
+    """The plan's next step after `outcome` (`None` to start it, and after a `Sleep`)."""
+    try:
+        if isinstance(outcome, httpx.TransportError):
+            return plan.throw(outcome)
+        return plan.send(outcome)
+    except StopIteration as stop:
+        return Done(stop.value)
+
+
+def exchange(call: Call, policy: RetryPolicy, base_url: str) -> Plan[tuple[httpx.Response, int]]:
+    """`call` until a 2xx answer (returned with the number of attempts) or the policy gives up. Every attempt is
+    the same `Call`, so the same body and the same Idempotency-Key: the server computes it at most once."""
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            response = yield call
+        except httpx.TransportError as exc:
+            if attempt <= policy.max_retries and policy.retries_transport(exc):
+                yield Sleep(policy.wait_s(attempt, None))
+                continue
+            raise TransportError(f"{call.method} {base_url}{call.path}: {exc!r}", attempt) from exc
+        assert response is not None
+        if response.is_success:
+            return response, attempt
+        if response.status_code in policy.statuses and attempt <= policy.max_retries:
+            yield Sleep(policy.wait_s(attempt, retry_after_s(response)))
+            continue
+        raise error_of(response, attempt)
+
+
+def prediction_plan(call: Call, policy: RetryPolicy, base_url: str) -> Plan[Prediction]:
+    """A prediction call, retried by `policy`, its answer read into a `Prediction`."""
+    response, attempts = yield from exchange(call, policy, base_url)
+    return parse_prediction(call, response, attempts)
+
+
+def uncertainty_plan(plan: Plan[Prediction]) -> Plan[UncertaintyPrediction]:
+    """`plan` narrowed: an uncertainty endpoint always answers with an `UncertaintyPrediction`."""
+    result = yield from plan
+    assert isinstance(result, UncertaintyPrediction)
+    return result
+
+
+def models_plan() -> Plan[list[ModelInfo]]:
+    """`GET /v1/models`, sent once: a connection failure is the caller's to see."""
+    response = yield Call("GET", "/v1/models")
+    assert response is not None
+    if not response.is_success:
+        raise error_of(response, 1)
+    return [ModelInfo.from_json(row) for row in response.json()["models"]]
+
+
+def health_plan() -> Plan[Health]:
+    """`/healthz` then `/readyz`; an unreachable server is `alive=False`, not an exception."""
+    try:
+        live = yield Call("GET", "/healthz")
+        ready = yield Call("GET", "/readyz")
+    except httpx.TransportError as exc:
+        return Health(alive=False, ready=False, detail={"error": str(exc)})
+    assert live is not None and ready is not None
+    for response in (live, ready):
+        if response.status_code in (401, 403):
+            raise error_of(response, 1)
+    try:
+        body = ready.json()
+    except ValueError:
+        body = {}
+    body = body if isinstance(body, dict) else {}
+    models = body.get("models") if isinstance(body.get("models"), dict) else {}
+    return Health(alive=live.status_code == 200, ready=ready.status_code == 200, models=models, detail=body)
+
+
+def arguments(method_locals: dict[str, Any]) -> tuple[ImageInput, dict[str, Any]]:
+    """A prediction method's `locals()` -> its image and its keyword parameters, as `predict(**params)` takes
+    them: the methods spell their parameters out for readers and type checkers, and pass them on in one line."""
+    params = {name: value for name, value in method_locals.items() if name not in ("self", "image")}
+    return method_locals["image"], params
+
+
+class Core:
+    """A client's settings, and its methods as plans: all of `Client` and `AsyncClient` but the sending."""
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None,
+        timeout: float,
+        retry: RetryPolicy | None,
+        compress: bool,
+        idempotency: bool,
+        headers: dict[str, str] | None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.timeout = timeout
+        self.retry = retry if retry is not None else RetryPolicy()
+        self.idempotency = idempotency
+        self._headers = base_headers(api_key, compress, headers)
+
+    def _http_options(self, max_connections: int) -> dict[str, Any]:
+        """The pooled `httpx.Client` / `httpx.AsyncClient`'s settings: every connection may stay open."""
+        limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+        return {"base_url": self.base_url, "headers": self._headers, "timeout": self.timeout, "limits": limits}
+
+    def _prediction(self, task: Kind, image: ImageInput, params: dict[str, Any]) -> Plan[Prediction]:
+        """`predict(image, task, **params)`'s plan. The call is built here, before the plan runs, so a bad
+        argument raises where the method is called (or awaited)."""
+        kind, params, wire, key = self._prediction_kwargs(task, params)
+        return prediction_plan(self._call(kind, image, params, wire, key), self.retry, self.base_url)
+
+    def _uncertainty(self, image: ImageInput, params: dict[str, Any]) -> Plan[UncertaintyPrediction]:
+        return uncertainty_plan(self._prediction("uncertainty", image, params))
+
+    def _many(self, task: Kind, params: dict[str, Any], concurrency: int) -> Callable[[ImageInput], Plan[Prediction]]:
+        """`predict_many`'s checks, and what makes each image's plan (with a fresh Idempotency-Key each)."""
+        if concurrency < 1:
+            raise ValueError("concurrency must be at least 1")
+        kind, params, wire, key = self._prediction_kwargs(task, params)
+        if key is not None:
+            raise TypeError("predict_many gives each image its own Idempotency-Key; do not pass idempotency_key")
+
+        def plan(image: ImageInput) -> Plan[Prediction]:
+            return prediction_plan(self._call(kind, image, params, wire, None), self.retry, self.base_url)
+
+        return plan
+
+    def _call(self, kind: Kind, image: ImageInput, params: dict[str, Any], wire: WireFormat, key: str | None) -> Call:
+        return prediction_call(
+            kind, image, params, wire=wire, idempotency_key=key, idempotent=self.idempotency, http_timeout=self.timeout
+        )
+
+    def _prediction_kwargs(self, task: Kind, params: dict[str, Any]) -> tuple[Kind, dict[str, Any], WireFormat, Any]:
+        """`predict(image, task, **params)` -> the call's parts; unknown names are a TypeError, as in a method."""
+        params = dict(params)
+        wire = params.pop("format", "npy")
+        key = params.pop("idempotency_key", None)
+        allowed = {"model", "processing_res", "match_input_resolution", "seed", "steps", "ensemble_size", "timeout_ms"}
+        if task == "uncertainty":
+            allowed |= {"task", "seeds", "reduction", "return_members", "method"}
+        elif task in ("depth", "normals"):
+            allowed |= {"uncertainty"}
+        else:
+            raise ValueError(f"task must be 'depth', 'normals' or 'uncertainty', got {task!r}")
+        unknown = sorted(set(params) - allowed)
+        if unknown:
+            raise TypeError(f"unknown parameter(s) for {task}: {', '.join(unknown)}")
+        return task, params, wire, key
+
+
+# ---- predict_many: which requests run, and which result is next, for threads and asyncio tasks alike
+
+
+class _Pending(Protocol):
+    """What `Window` needs of a `concurrent.futures.Future` or an `asyncio.Task`."""
+
+    def done(self) -> bool: ...
+    def result(self) -> Any: ...
+    def exception(self) -> BaseException | None: ...
+
+
+F = TypeVar("F", bound=_Pending)
+
+
+class Window(Generic[F]):
+    """`predict_many`'s bookkeeping: another request starts while fewer than `concurrency` run (and fewer than
+    4x that wait, finished, for an earlier one), and results leave in the input's order."""
+
+    def __init__(self, concurrency: int, return_exceptions: bool, images: object, progress: bool) -> None:
+        self.concurrency = concurrency
+        self.return_exceptions = return_exceptions
+        self.pending: deque[F] = deque()
+        self.exhausted = False
+        self._bar = progress_bar(images, progress)
+
+    def wants_more(self) -> bool:
+        running = sum(1 for f in self.pending if not f.done())
+        return not self.exhausted and running < self.concurrency and len(self.pending) < 4 * self.concurrency
+
+    def running(self) -> list[F]:
+        return [f for f in self.pending if not f.done()]
+
+    def pop(self) -> F | None:
+        """The oldest request once it is done (counted on the bar), else None: the caller waits."""
+        if not self.pending[0].done():
+            return None
+        if self._bar is not None:
+            self._bar.update(1)
+        return self.pending.popleft()
+
+    def outcome(self, head: F) -> Prediction:
+        """A finished request's result; its error is raised (the rest are abandoned), or with
+        `return_exceptions` returned in its place."""
+        exc = head.exception()
+        if exc is None:
+            result: Prediction = head.result()
+            return result
+        if self.return_exceptions:
+            return exc  # type: ignore[return-value]
+        raise exc
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def progress_bar(images: object, enabled: bool) -> Any:
+    if not enabled:
+        return None
+    try:
+        from tqdm.auto import tqdm
+    except ImportError as exc:
+        raise ImportError("progress=True needs tqdm: pip install 'dense-serve-client[progress]'") from exc
+    total = len(images) if hasattr(images, "__len__") else None  # type: ignore[arg-type]
+    return tqdm(total=total, unit="img", desc="dense-serve")
