@@ -166,3 +166,70 @@ async def test_redis_releases_the_bytes_of_expired_answers(redis_url: str, redis
         assert expiry == 1, expiry  # only the last one is counted
         for key in (Keys(redis_prefix).kept_expiry(), Keys(redis_prefix).kept_bytes()):
             assert await q.api.r.ttl(key) > 0  # the index goes when keyed traffic stops
+
+
+class SlowReplies:
+    """A loopback TCP proxy in front of Redis that passes commands at once and holds each reply back `delay_s`:
+    a command has taken effect in Redis while its client still waits for the answer."""
+
+    def __init__(self, port: int, delay_s: float) -> None:
+        self.port, self.delay_s = port, delay_s
+        self.server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> str:
+        self.server = await asyncio.start_server(self._client, "127.0.0.1", 0)
+        return f"redis://127.0.0.1:{self.server.sockets[0].getsockname()[1]}/0"
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.port)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter, delay_s: float) -> None:
+            try:
+                while data := await src.read(65536):
+                    if delay_s:
+                        await asyncio.sleep(delay_s)
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, asyncio.CancelledError):
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer, 0.0), pipe(up_reader, writer, self.delay_s))
+
+
+async def test_a_client_leaving_while_its_key_claim_is_on_the_wire_does_not_block_its_retry(
+    redis_url: str, redis_prefix: str
+) -> None:
+    """The claim (SET NX) took effect in Redis, but its reply had not come when the client left: nothing was
+    queued, so the claim is released and the retry is computed at once, instead of waiting for the deadline of a
+    job that does not exist (a 504 seen in full-suite runs when a connection dropped early)."""
+    port = int(redis_url.rsplit(":", 1)[1].split("/")[0])
+    async with SlowReplies(port, delay_s=0.3) as slow_url:
+        api = RedisBroker(slow_url, redis_prefix, answer_grace_s=1.0)
+        worker = RedisBroker(redis_url, redis_prefix, consumer="w")
+        q = Queue(api, worker)
+        await api.start()
+        await worker.start()
+        try:
+            first = asyncio.create_task(api.submit(request(b"photo", timeout_s=30), idempotency_key="k"))
+            idem = Keys(redis_prefix).tag + ":idem:*"
+            while not await worker.r.keys(idem):  # the claim is in Redis; its reply is still on the way
+                await asyncio.sleep(0.01)
+            first.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await first
+            await asyncio.sleep(1.0)  # the release (a script, through the slow proxy) has run
+            assert await nothing_to_compute(q, 0.2)  # nothing was queued
+            t0 = time.monotonic()
+            retry = asyncio.create_task(api.submit(request(b"photo", timeout_s=30), idempotency_key="k"))
+            await answer(q, b"map", wait_s=8)
+            assert (await retry).outputs["prediction"] == b"map"
+            assert time.monotonic() - t0 < 8
+        finally:
+            await api.close()
+            await worker.close()

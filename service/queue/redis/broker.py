@@ -44,7 +44,7 @@ class RedisBroker(Broker):
         min_idle_ms: int = 10_000,
         max_deliveries: int = 3,
         heartbeat_s: float = 2.0,
-        op_timeout_s: float = 0.5,
+        op_timeout_s: float = 1.0,
         consumer: str | None = None,
     ) -> None:
         self.options = ConnectionOptions(url, password, tls_ca_file, op_timeout_s)

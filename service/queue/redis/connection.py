@@ -26,7 +26,10 @@ class ConnectionOptions:
     url: str
     password: str | None = None
     tls_ca_file: Path | None = None
-    op_timeout_s: float = 0.5
+    #: How long a connect may take: an unreachable host is an outage after this. 0.5 s was too short for a pool
+    #: opening dozens of connections at once on a loaded 2-core machine (a connect timed out against a healthy
+    #: Redis in a full-suite run); a stopped Redis still refuses at once.
+    op_timeout_s: float = 1.0
     #: How long a reply may take: longer than a connect, because a busy event loop (a burst of uploads on two
     #: cores) can sit on a reply that Redis sent at once, and slowness is not an outage. A stopped Redis still
     #: fails at once (refused or reset connections), an unreachable host after `op_timeout_s`.

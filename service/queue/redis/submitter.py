@@ -101,11 +101,14 @@ class Submitter:
         if self._loop is None or self._loop.done():
             self._loop = asyncio.create_task(self._reply_loop(), name="dense-replies")
         stream = self.keys.jobs(job.model)
-        claimed: bytes | None = None
+        # What this job's claim of the key says (its own job id: releasing it can never free another's claim).
+        # Known before the SET is sent: a client leaving while the SET is on the wire leaves us unsure whether
+        # Redis took it, and the release below must cover that too.
+        claimed = self._claim_value(job) if idempotency_key is not None else None
         add: asyncio.Task[Any] | None = None
         try:
             while idempotency_key is not None:
-                existing, claimed = await self._claim_key(idempotency_key, job)
+                existing = await self._claim_key(idempotency_key, job, claimed)
                 if existing is None:
                     break
                 job_id, its_deadline = existing
@@ -131,7 +134,7 @@ class Submitter:
             # that made it into the stream keeps its key (the retry gets its stored answer) or, without a key,
             # is marked cancelled so no worker computes it for nobody.
             self._waiting.pop(job.id, None)
-            if add is not None or (claimed is not None and idempotency_key is not None):
+            if add is not None or claimed is not None:
                 self._in_background(self._settle_unqueued(job, add, idempotency_key, claimed), f"dense-settle-{job.id}")
             if isinstance(exc, RedisError | OSError):
                 if is_oom(exc):
@@ -230,17 +233,20 @@ class Submitter:
     def _idem_key(self, key: str) -> str:
         return self.keys.idem(hashlib.sha256(key.encode()).hexdigest())
 
-    async def _claim_key(self, key: str, job: Job) -> tuple[tuple[str, float] | None, bytes | None]:
-        """Register the key for this job (returning the value claimed), or return the job id and deadline of an
-        earlier live submission instead."""
+    @staticmethod
+    def _claim_value(job: Job) -> bytes:
+        return f"{job.id}|{fingerprint(job)}|{job.deadline}".encode()
+
+    async def _claim_key(self, key: str, job: Job, value: bytes) -> tuple[str, float] | None:
+        """Register the key for this job (claimed as `value`), or return the job id and deadline of an earlier
+        live submission instead."""
         idem = self._idem_key(key)
-        value = f"{job.id}|{fingerprint(job)}|{job.deadline}".encode()
         if await self.r.set(idem, value, nx=True, ex=self.result_ttl_s):
-            return None, value
+            return None
         stored = await self.r.get(idem)
         if stored is None:
             await self.r.set(idem, value, ex=self.result_ttl_s)
-            return None, value
+            return None
         job_id, fp, deadline = stored.decode().split("|")
         if fp != fingerprint(job):
             raise InvalidParameter("Idempotency-Key was already used for a different request", field="Idempotency-Key")
@@ -249,8 +255,8 @@ class Submitter:
         ):
             # That attempt expired unanswered, or was answered and its answer not kept: start anew.
             await self.r.set(idem, value, ex=self.result_ttl_s)
-            return None, value
-        return (job_id, float(deadline)), None
+            return None
+        return job_id, float(deadline)
 
     async def _await_existing(self, job_id: str, deadline: float, its_deadline: float) -> Reply | None:
         """The earlier submission's answer, once there; None when it was answered and its answer is not kept, or
