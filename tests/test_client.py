@@ -392,9 +392,18 @@ def test_429s_are_retried_with_one_key_each_and_computed_once(server: Server) ->
     assert sum(r.attempts for r in results) == len(recorder.exchanges)
     assert server.jobs_ok("slow") - before == 10
 
-    with server.client(retry=RetryPolicy(max_retries=0)) as impatient, pytest.raises(QueueFull) as full:
-        list(impatient.predict_many(images, concurrency=10, model="slow"))
-    assert full.value.status == 429 and full.value.retry_after is not None and full.value.retry_after >= 0
+    # Without retries the 429 reaches the caller. Ten at once overflow a queue of 2 unless the machine spreads their
+    # arrivals over several batches (seen once on a loaded CI machine), so a few rounds are allowed.
+    refused: QueueFull | None = None
+    with server.client(retry=RetryPolicy(max_retries=0)) as impatient:
+        for _ in range(5):
+            try:
+                list(impatient.predict_many(images, concurrency=10, model="slow"))
+            except QueueFull as exc:
+                refused = exc
+                break
+    assert refused is not None, "ten requests at once on a queue of 2 were never refused"
+    assert refused.status == 429 and refused.retry_after is not None and refused.retry_after >= 0
 
 
 def test_one_idempotency_key_is_computed_once(server: Server) -> None:
