@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fastapi import FastAPI
+from pydantic import ValidationError
 
 from models.detect import CheckpointConfig, identify
 from models.errors import SpecError
@@ -53,14 +54,32 @@ def default_specs(tiny_dir: Path) -> tuple[list[ModelSpec], list[DefaultModel]]:
     return [build_tiny(m) for m in defaults], defaults
 
 
+def served_spec(spec: ModelSpec, settings: Settings) -> ModelSpec:
+    """What a served model runs with, by one precedence (the README's configuration section): a setting that
+    overrides every model (`device`, `dtype`, `backend`: unset unless given) wins over the spec; the spec's own
+    value wins over the server's default (`engine_cache`, `max_batch_size`, `max_queue_delay_ms`), which fills
+    only what the spec leaves unset."""
+    overrides = {"device": settings.device, "dtype": settings.dtype, "backend": settings.backend}
+    defaults = {
+        "engine_cache": str(settings.engine_cache),
+        "max_batch_size": settings.max_batch_size,
+        "max_queue_delay_ms": settings.max_queue_delay_ms,
+    }
+    update = {k: v for k, v in defaults.items() if getattr(spec, k) is None}
+    update |= {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return ModelSpec(**{**spec.model_dump(), **update})
+    except ValidationError as exc:
+        raise SpecError(f"invalid setting for model '{spec.id}': {exc}") from exc
+
+
 def serving_specs(settings: Settings) -> tuple[list[ModelSpec], list[DefaultModel]]:
-    """The configured specs with the global device/dtype applied, or the default ones; the defaults' list
+    """The specs to serve, each merged with the settings (`served_spec`), or the default ones; the defaults' list
     (empty when models are configured) says which are trained and which random."""
-    runtime = {"backend": settings.backend, "engine_cache": str(settings.engine_cache)}
     if not settings.models:
         specs, defaults = default_specs(settings.tiny_dir)
-        return [s.model_copy(update={k: v for k, v in runtime.items() if v}) for s in specs], defaults
-    specs = [resolve_spec(arg, device=settings.device, dtype=settings.dtype, **runtime) for arg in settings.models]
+        return [served_spec(s, settings) for s in specs], defaults
+    specs = [served_spec(resolve_spec(arg), settings) for arg in settings.models]
     ids = [s.id for s in specs]
     if len(set(ids)) != len(ids):
         raise SpecError(f"two served models share an id: {ids}; give each spec a distinct id")
