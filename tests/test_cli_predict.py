@@ -11,6 +11,7 @@ from PIL import Image
 from models.inference import BatchItem
 from service import codec
 from service.cli import main
+from service.worker.float_maps import decode_exr, decode_tiff
 from service.worker.prepare import decode_for
 from tests.conftest import SAMPLE
 
@@ -174,8 +175,8 @@ def test_predict_many_real_size_jpegs_in_every_format(tiny_dir, tiny_model, tmp_
         assert np.abs(values - full).max() < 0.01
         png = np.asarray(Image.open(out / f"photo{i}_depth.png"))
         assert np.array_equal(png, codec.quantize_unit(values))
-        assert np.abs(codec.decode_exr((out / f"photo{i}_depth.exr").read_bytes()) - values).max() <= 2**-11
-        assert np.array_equal(codec.decode_tiff((out / f"photo{i}_depth.tiff").read_bytes()), values)
+        assert np.abs(decode_exr((out / f"photo{i}_depth.exr").read_bytes()) - values).max() <= 2**-11
+        assert np.array_equal(decode_tiff((out / f"photo{i}_depth.tiff").read_bytes()), values)
     # One format: the map leaves the device already quantised, and the bytes are the same.
     alone = tmp_path / "alone"
     assert main([*args, "--format", "png", "--out", str(alone), "--batch-size", "2"]) == 0

@@ -22,6 +22,7 @@ from models.outputs import Family, PredictionMap, Task
 from models.predictors.forms import to_form
 from models.spec import ModelSpec
 from service import codec
+from service.worker.float_maps import decode_exr, decode_tiff, encode_exr, encode_tiff
 from service.worker.prepare import decode_for
 from tests.conftest import random_image
 from tests.service_harness import TEST_RES, read_npy, read_png16, running_service
@@ -127,14 +128,14 @@ def test_exr_is_half_float_y_or_rgb_and_round_trips() -> None:
     import OpenEXR
 
     depth = smooth_map(33, 47, seed=4)
-    data = codec.encode_exr(depth)
+    data = encode_exr(depth)
     channels = OpenEXR.File(io.BytesIO(data)).channels()
     assert set(channels) == {"Y"} and channels["Y"].pixels.dtype == np.float16
-    back = codec.decode_exr(data)
+    back = decode_exr(data)
     assert np.array_equal(back, depth.astype(np.float16))  # ZIP is lossless on the halves
     assert np.abs(back.astype(np.float32) - depth).max() <= 2**-11  # half precision on [0, 1]
     normals = unit_normals(20, 30, seed=5)
-    back = codec.decode_exr(codec.encode_exr(normals))
+    back = decode_exr(encode_exr(normals))
     assert back.shape == (20, 30, 3) and np.array_equal(back, normals.astype(np.float16))
 
 
@@ -143,11 +144,11 @@ def test_tiff_is_float32_and_round_trips_exactly(compression: codec.TiffCompress
     import tifffile
 
     for arr in (smooth_map(33, 47, seed=6), unit_normals(20, 30, seed=7)):
-        data = codec.encode_tiff(arr, compression)
+        data = encode_tiff(arr, compression)
         page = tifffile.TiffFile(io.BytesIO(data)).pages[0]
         assert page.dtype == np.float32
         assert page.compression.name == {"deflate": "ADOBE_DEFLATE", "zstd": "ZSTD", "none": "NONE"}[compression]
-        back = codec.decode_tiff(data)
+        back = decode_tiff(data)
         assert back.dtype == np.float32 and np.array_equal(back, arr)
 
 
@@ -297,10 +298,10 @@ async def test_real_size_answers_in_every_format(tiny_dir: TinyDir, tiny_model) 
         assert np.array_equal(read_npy((await get("format=npy")).content), expected)
         exr = await get("format=exr")
         assert exr.headers["content-type"] == "image/x-exr"
-        assert np.array_equal(codec.decode_exr(exr.content), expected.astype(np.float16))
+        assert np.array_equal(decode_exr(exr.content), expected.astype(np.float16))
         tiff = await get("", accept="image/tiff")
         assert tiff.headers["content-type"] == "image/tiff"
-        assert np.array_equal(codec.decode_tiff(tiff.content), expected)
+        assert np.array_equal(decode_tiff(tiff.content), expected)
         colour = await get("format=color")
         assert np.array_equal(np.asarray(Image.open(io.BytesIO(colour.content))), codec.colorize(expected))
 

@@ -17,6 +17,7 @@ from PIL import Image
 from models.errors import ModelLoadError
 from models.inference import BatchItem
 from models.spec import load_spec_file
+from service.worker.float_maps import decode_tiff
 from tests.service_harness import read_npy, running_service
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -249,7 +250,7 @@ async def test_depth_endpoint_serves_the_probe_as_its_direct_computation(depth_p
         body = (await h.client.post(q + "json", files=files)).json()
         assert body["kind"] == direct["rooms-depth-ci"].kind and body["model"] == "rooms-depth-ci"
         tiff = await h.client.post(q + "tiff", files=files)
-        np.testing.assert_allclose(codec.decode_tiff(tiff.content), want, atol=1e-5)
+        np.testing.assert_allclose(decode_tiff(tiff.content), want, atol=1e-5)
         # The base model still answers its own /v1/depth; a depth probe is no segmentation model.
         r = await h.client.post("/v1/depth?model=lotus-d-synthetic-demo&format=npy", files=files)
         assert r.status_code == 200 and r.headers["x-output-kind"] == "disparity"

@@ -17,10 +17,10 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 
 import service.worker.registry as registry
-from service import codec
 from service.grpc.codegen import meaning_differences
 from service.grpc.stubs import dense_pb2 as pb
 from service.grpc.stubs.dense_pb2_grpc import DenseServiceStub
+from service.worker.float_maps import decode_exr, decode_tiff
 from tests.service_harness import (
     Harness,
     model_calls,
@@ -70,8 +70,8 @@ async def test_unary_equals_rest_and_raw_input_equals_encoded(tiny_dir) -> None:
         half = await stub.Predict(pb.PredictRequest(encoded=image, seed=3, task=pb.TASK_NORMALS))
         assert half.dtype == "float16" and tuple(half.shape) == (40, 56, 3) and len(half.data) == 40 * 56 * 3 * 2
         for encoding, decode in (
-            (pb.OUTPUT_ENCODING_EXR, codec.decode_exr),
-            (pb.OUTPUT_ENCODING_TIFF, codec.decode_tiff),
+            (pb.OUTPUT_ENCODING_EXR, decode_exr),
+            (pb.OUTPUT_ENCODING_TIFF, decode_tiff),
         ):
             answer = await stub.Predict(pb.PredictRequest(encoded=image, seed=3, encoding=encoding))
             assert answer.encoding == encoding and answer.dtype == {4: "exr", 5: "tiff"}[encoding]

@@ -1,4 +1,5 @@
-"""Map encodings: 16-bit PNG, 8-bit normals PNG, the colour preview, NPY, half-float OpenEXR, float32 TIFF.
+"""Map encodings: 16-bit PNG, 8-bit normals PNG, the colour preview, NPY (the float formats, OpenEXR and TIFF,
+need the worker's libraries: service/worker/float_maps.py).
 
 Quantisation is defined once here (`round(v * 65535)` for [0, 1] maps, `round((n + 1) / 2 * 255)` for
 normals); the runtime's device applies the same arithmetic (models/predictors/forms.py), so a map that
@@ -94,50 +95,3 @@ def encode_map_png(pred: PredictionMap, level: int = DEFAULT_LEVEL) -> bytes:
     if pred.kind == "normals":
         return encode_normals_png(pred.array, level)
     return encode_png16(pred.array, level)
-
-
-def encode_exr(values: np.ndarray) -> bytes:
-    """Half-float OpenEXR, ZIP-compressed (lossless on the halves): channel Y for a scalar map (what image
-    viewers and OpenCV read as gray), R, G, B for normals."""
-    import OpenEXR
-
-    half = np.ascontiguousarray(values, dtype=np.float16)
-    channels = {"Y": half} if half.ndim == 2 else {"RGB": half}
-    header = {"compression": OpenEXR.ZIP_COMPRESSION, "type": OpenEXR.scanlineimage}
-    buf = io.BytesIO()
-    OpenEXR.File(header, channels).write(buf)
-    return buf.getvalue()
-
-
-def decode_exr(data: bytes) -> np.ndarray:
-    import OpenEXR
-
-    channels = OpenEXR.File(io.BytesIO(data)).channels()
-    if "Y" in channels:
-        return np.asarray(channels["Y"].pixels)
-    if "RGB" in channels:
-        return np.asarray(channels["RGB"].pixels)
-    return np.stack([np.asarray(channels[c].pixels) for c in ("R", "G", "B")], axis=-1)
-
-
-def encode_tiff(values: np.ndarray, compression: TiffCompression = "deflate") -> bytes:
-    """float32 TIFF with the floating-point predictor; deflate (readable everywhere) or zstd (faster)."""
-    import tifffile
-
-    arr = np.ascontiguousarray(values, dtype=np.float32)
-    kwargs: dict[str, object] = {}
-    if compression != "none":
-        kwargs = {
-            "compression": "zlib" if compression == "deflate" else "zstd",
-            "compressionargs": {"level": 1},
-            "predictor": True,
-        }
-    buf = io.BytesIO()
-    tifffile.imwrite(buf, arr, photometric="rgb" if arr.ndim == 3 else "minisblack", **kwargs)
-    return buf.getvalue()
-
-
-def decode_tiff(data: bytes) -> np.ndarray:
-    import tifffile
-
-    return tifffile.imread(io.BytesIO(data))

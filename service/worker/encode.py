@@ -12,6 +12,7 @@ from models.outputs import MapForm, PredictionMap
 from models.probes.segmenter import Segmentation
 from service import codec
 from service.jobs import Encoding, MapMetadata
+from service.worker.float_maps import encode_exr, encode_tiff
 
 #: The form each encoding wants a map in when it leaves the device: only that crosses to the CPU.
 FORM_OF: dict[Encoding, MapForm] = {
@@ -52,9 +53,9 @@ def encode_prediction(pred: PredictionMap, encoding: Encoding, options: EncodeOp
     if encoding == "raw32":
         return np.ascontiguousarray(pred.float_array(), "<f4").tobytes()
     if encoding == "exr":
-        return codec.encode_exr(pred.array if pred.form == "float16" else pred.float_array())
+        return encode_exr(pred.array if pred.form == "float16" else pred.float_array())
     if encoding == "tiff":
-        return codec.encode_tiff(pred.float_array(), options.tiff_compression)
+        return encode_tiff(pred.float_array(), options.tiff_compression)
     return codec.encode_npy(pred.float_array())
 
 
@@ -75,9 +76,9 @@ def encode_uncertainty_map(
     if encoding == "png":
         return codec.encode_png16(values / scale, options.png_level)
     if encoding == "exr":
-        return codec.encode_exr(values)
+        return encode_exr(values)
     if encoding == "tiff":
-        return codec.encode_tiff(values, options.tiff_compression)
+        return encode_tiff(values, options.tiff_compression)
     if encoding == "raw16":
         return np.ascontiguousarray(values, "<f2").tobytes()
     if encoding == "raw32":
