@@ -260,7 +260,7 @@ async def run_grpc(settings: Settings, specs: list[ModelSpec], announce: Callabl
     await frontend.start(broker, None, expected)
     async with contextlib.AsyncExitStack() as stack:
         if settings.metrics_port is not None:
-            from service.probes import probe_app, serving
+            from service.health import probe_app, serving
 
             async def healthz() -> tuple[bool, Liveness]:
                 return True, Liveness()
@@ -291,7 +291,7 @@ async def run_worker(settings: Settings, specs: list[ModelSpec]) -> int:
     await worker.start()
     async with contextlib.AsyncExitStack() as stack:
         if settings.metrics_port is not None:
-            from service.probes import serving
+            from service.health import serving
             from service.worker.http import worker_app
 
             await stack.enter_async_context(serving(worker_app(worker), settings.host, settings.metrics_port))

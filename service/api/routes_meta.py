@@ -7,7 +7,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from service.api.schemas import ModelsOut
-from service.probes import metrics_response
+from service.health import metrics_response
 from service.readiness import Liveness, Readiness, readiness
 
 models_router = APIRouter(prefix="/v1", tags=["models"])

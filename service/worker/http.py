@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from starlette.applications import Starlette
 
-from service.probes import probe_app
+from service.health import probe_app
 from service.readiness import Liveness, WorkerReadiness
 from service.worker.worker import Worker
 
