@@ -18,7 +18,6 @@ from models.training.cli import add_eval_parser, add_finetune_parser
 from service import logs, tracing
 from service.errors import InvalidParameter
 from service.request import (
-    FORMAT_ALIASES,
     AnswerUncertainty,
     Format,
     Limits,
@@ -58,7 +57,7 @@ def _quiet_hub_libraries() -> None:
 
 
 def _formats(value: str) -> list[Format]:
-    items = [FORMAT_ALIASES.get(v.strip(), v.strip()) for v in value.split(",") if v.strip()]
+    items = [v.strip() for v in value.split(",") if v.strip()]
     bad = [v for v in items if v not in FILE_FORMATS]
     if bad or not items:
         raise argparse.ArgumentTypeError(f"formats must be a comma list of {', '.join(FILE_FORMATS)}; got {value!r}")
@@ -233,9 +232,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", metavar="DEVICE", help="auto, cpu, cuda, cuda:N (default: the spec's, auto)")
     p.add_argument("--dtype", choices=("auto", "fp16", "fp32"), help="default: fp16 on CUDA, fp32 on CPU")
     p.add_argument("--max-pixels", metavar="N", type=int, default=None, help="refuse larger images (default 40 MP)")
-    p.add_argument(
-        "--native-size", dest="match_input_resolution", action="store_false", help=argparse.SUPPRESS
-    )  # the old spelling of --no-match-input-resolution
     p.add_argument("--backend", choices=BACKEND_CHOICES, help="runtime (default: the spec's; auto = torch)")
     p.add_argument(
         "--io-threads",

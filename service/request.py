@@ -33,8 +33,6 @@ from service.errors import InvalidParameter
 #: `raw16` / `raw32` are bare little-endian floats (gRPC's default answer); `json` wraps a png or npy map.
 Format = Literal["png", "npy", "exr", "tiff", "color", "json", "raw16", "raw32"]
 FORMATS: tuple[Format, ...] = get_args(Format)
-#: Older spellings still accepted on input (the CLI's `png16`).
-FORMAT_ALIASES: dict[str, Format] = {"png16": "png"}
 #: What a class map can be answered as: 8-bit index PNG, uint8 NPY, colour overlay, or JSON (class names and
 #: per-class pixel counts, the map inside).
 SEGMENT_FORMATS: tuple[Format, ...] = ("png", "npy", "color", "json")
@@ -163,11 +161,6 @@ class PredictionRequest(BaseModel):
                 "(/v1/uncertainty chooses its measure with method)"
             )
         return self
-
-    @field_validator("format", mode="before")
-    @classmethod
-    def _alias(cls, value: Any) -> Any:
-        return FORMAT_ALIASES.get(value, value) if isinstance(value, str) else value
 
     @field_validator("processing_res")
     @classmethod

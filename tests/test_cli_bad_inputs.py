@@ -165,7 +165,7 @@ def test_all_three_formats(tiny_model: Path, tmp_path: Path, capsys: pytest.Capt
     bad.write_bytes(b"")
     out = tmp_path / "out"
 
-    rc = _predict(tiny_model, [*good, bad], out, "--format", "png16,npy,color")
+    rc = _predict(tiny_model, [*good, bad], out, "--format", "png,npy,color")
     captured = capsys.readouterr()
 
     assert rc == 1

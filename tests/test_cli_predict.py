@@ -28,7 +28,7 @@ def test_predict_sample_writes_every_format(tiny_dir, tiny_model, tmp_path: Path
             "--processing-res",
             "64",
             "--format",
-            "png16,npy,color",
+            "png,npy,color",
             "--out",
             str(out),
             "--seed",
@@ -159,7 +159,7 @@ def test_predict_many_real_size_jpegs_in_every_format(tiny_dir, tiny_model, tmp_
         paths.append(str(path))
     out = tmp_path / "maps"
     args = ["predict", *paths, "--model", str(tiny_dir("lotus-d", "depth")), "--processing-res", "64"]
-    assert main([*args, "--format", "npy,png16,exr,tiff", "--out", str(out), "--batch-size", "2"]) == 0
+    assert main([*args, "--format", "npy,png,exr,tiff", "--out", str(out), "--batch-size", "2"]) == 0
     assert "5 of 5 images" in capsys.readouterr().out
     model = tiny_model("lotus-d", "depth")
     for i in range(5):

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from service.errors import InvalidParameter
 from service.grpc.stubs import dense_pb2 as pb
 from service.grpc.stubs.dense_pb2_grpc import DenseServiceStub
 from service.request import FORMATS, Limits, PredictionRequest, parse_request
@@ -123,8 +124,10 @@ async def test_the_answer_says_how_many_steps_ran(tiny_dir) -> None:
         assert bad.status_code == 422 and bad.json()["field"] == "steps"
 
 
-def test_one_spelling_per_format_and_the_old_one_still_read() -> None:
-    assert parse_request({"format": "png16"}, Limits()).format == "png"
+def test_one_spelling_per_format() -> None:
+    with pytest.raises(InvalidParameter) as refused:
+        parse_request({"format": "png16"}, Limits())
+    assert refused.value.field == "format"
     assert set(FORMATS) >= {"png", "npy", "exr", "tiff", "color", "json"}
     for name in ("processing_res", "match_input_resolution", "seed", "seeds", "steps", "format", "timeout_ms"):
         assert name in PredictionRequest.model_fields
