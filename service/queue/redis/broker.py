@@ -1,6 +1,6 @@
 """The Redis Streams broker: front-ends and workers in separate processes, at-least-once delivery, nothing
 lost, memory bounded by what is in flight. It joins the roles: `Submitter` (front-end side), `Consumer`
-(worker side), `Registry` (heartbeats, announced models), over the keys of `keys.py`."""
+(worker side), `Heartbeats` (worker heartbeats, announced models), over the keys of `keys.py`."""
 
 from __future__ import annotations
 
@@ -18,10 +18,10 @@ from service.jobs import Job, ModelInfo, Reply
 from service.queue.base import Broker, Delivery, QueueStats
 from service.queue.redis.connection import ConnectionOptions, RedisSetupError, ServerInfo, check_server
 from service.queue.redis.consumer import Consumer
+from service.queue.redis.counters import RedisStats
+from service.queue.redis.heartbeats import Heartbeats
 from service.queue.redis.keys import Keys
-from service.queue.redis.registry import Registry
 from service.queue.redis.scripts import Scripts
-from service.queue.redis.stats import RedisStats
 from service.queue.redis.streams import Groups
 from service.queue.redis.submitter import Submitter
 
@@ -56,7 +56,7 @@ class RedisBroker(Broker):
         where = self.options.where
         groups = Groups(self.r)
         self.scripts = Scripts(self.r)
-        self.registry = Registry(self.r, self.keys, self.scripts, heartbeat_s, where)
+        self.heartbeats = Heartbeats(self.r, self.keys, self.scripts, heartbeat_s, where)
         self.submitter = Submitter(
             self.r,
             self.rb,
@@ -76,7 +76,7 @@ class RedisBroker(Broker):
             self.keys,
             groups,
             self.scripts,
-            self.registry,
+            self.heartbeats,
             self.stats,
             name=consumer or f"{socket.gethostname()}-{os.getpid()}",
             where=where,
@@ -114,7 +114,7 @@ class RedisBroker(Broker):
         await self.submitter.close()
         if self._announced:
             with contextlib.suppress(RedisError, OSError):
-                await self.registry.leave(self.consumer.name)
+                await self.heartbeats.leave(self.consumer.name)
         await self.r.aclose()
         await self.rb.aclose()
 
@@ -124,14 +124,14 @@ class RedisBroker(Broker):
         return await self.submitter.submit(job, idempotency_key)
 
     async def catalog(self) -> list[ModelInfo]:
-        return await self.registry.catalog()
+        return await self.heartbeats.catalog()
 
     async def dormant_models(self) -> list[ModelInfo]:
-        return await self.registry.dormant()
+        return await self.heartbeats.dormant()
 
     async def declare_models(self, infos: list[ModelInfo]) -> None:
         if infos:
-            await self.registry.declare(infos)
+            await self.heartbeats.declare(infos)
 
     async def reachable(self) -> bool:
         try:
@@ -145,22 +145,24 @@ class RedisBroker(Broker):
     # ---- worker side
 
     async def publish_models(self, infos: list[ModelInfo]) -> None:
-        self.registry.infos = list(infos)
+        self.heartbeats.infos = list(infos)
         self._announced = [i.id for i in infos]
         for info in infos:
             with contextlib.suppress(RedisError, OSError):
                 await self.consumer.groups.ensure(self.keys.jobs(info.id))
-        await self.registry.beat(self.consumer.name)
+        await self.heartbeats.beat(self.consumer.name)
         name = self.consumer.name
-        self._tasks.append(asyncio.create_task(self.registry.beat_forever(name, self._closed), name="dense-heartbeat"))
-        reaper = self.consumer.reap_forever(self._announced, self._closed, self.registry.heartbeat_s)
+        self._tasks.append(
+            asyncio.create_task(self.heartbeats.beat_forever(name, self._closed), name="dense-heartbeat")
+        )
+        reaper = self.consumer.reap_forever(self._announced, self._closed, self.heartbeats.heartbeat_s)
         self._tasks.append(asyncio.create_task(reaper, name="dense-reaper"))
 
     async def withdraw_models(self, ids: list[str]) -> None:
         """Stop announcing models (shutting down); the heartbeat goes on while the worker drains."""
-        self.registry.infos = [i for i in self.registry.infos if i.id not in ids]
+        self.heartbeats.infos = [i for i in self.heartbeats.infos if i.id not in ids]
         with contextlib.suppress(RedisError, OSError):
-            await self.registry.beat(self.consumer.name)
+            await self.heartbeats.beat(self.consumer.name)
 
     async def consume(self, model: str, max_items: int, timeout_s: float) -> list[Delivery]:
         return await self.consumer.consume(model, max_items, timeout_s)

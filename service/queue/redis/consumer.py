@@ -25,10 +25,10 @@ from service.errors import ErrorInfo, ModelFailure, ServiceError
 from service.jobs import Reply
 from service.queue.base import Delivery
 from service.queue.redis.connection import unavailable
+from service.queue.redis.counters import RedisStats
+from service.queue.redis.heartbeats import Heartbeats
 from service.queue.redis.keys import DEAD_MAXLEN, DEAD_TTL_S, GROUP, REPLY_STREAM_MAXLEN, REPLY_STREAM_TTL_S, Keys
-from service.queue.redis.registry import Registry
 from service.queue.redis.scripts import Entry, KeptAnswer, Scripts
-from service.queue.redis.stats import RedisStats
 from service.queue.redis.streams import Groups, job_fields, read_job, reply_fields
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ class Consumer:
         keys: Keys,
         groups: Groups,
         scripts: Scripts,
-        registry: Registry,
+        heartbeats: Heartbeats,
         stats: RedisStats,
         *,
         name: str,
@@ -69,7 +69,7 @@ class Consumer:
         self.keys = keys
         self.groups = groups
         self.scripts = scripts
-        self.registry = registry
+        self.heartbeats = heartbeats
         self.stats = stats
         self.name = name
         self.where = where
@@ -297,7 +297,7 @@ class Consumer:
         taken = 0
         consumers = await self.r.xinfo_consumers(stream, GROUP)
         others = [c for c in consumers if _name(c) != self.name]
-        alive = await self.registry.alive([_name(c) for c in others])
+        alive = await self.heartbeats.alive([_name(c) for c in others])
         for c in others:
             name = _name(c)
             if name in alive:
@@ -308,7 +308,9 @@ class Consumer:
             pending = await self.r.xpending_range(stream, GROUP, "-", "+", RECLAIM_BATCH, consumername=name)
             times = {p["message_id"]: int(p["times_delivered"]) for p in pending}
             # min-idle of one heartbeat: two reapers racing for the same dead worker do not both win.
-            claimed = await self.r.xclaim(stream, GROUP, self.name, int(self.registry.heartbeat_s * 1000), list(times))
+            claimed = await self.r.xclaim(
+                stream, GROUP, self.name, int(self.heartbeats.heartbeat_s * 1000), list(times)
+            )
             for entry_id, fields in claimed:
                 taken += await self._take_over(model, entry_id, fields, times.get(entry_id, 1) + 1, dead=True)
         # Hung: idle past min_idle_ms under a live heartbeat (never our own: we know what we hold).

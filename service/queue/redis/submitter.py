@@ -28,9 +28,9 @@ from service.errors import DeadlineExceeded, InvalidParameter, QueueFull, Servic
 from service.jobs import Job, Reply
 from service.queue.base import DrainRate, QueueStats, fingerprint
 from service.queue.redis.connection import is_oom, unavailable
+from service.queue.redis.counters import RedisStats
 from service.queue.redis.keys import REPLY_STREAM_TTL_S, Keys
 from service.queue.redis.scripts import Scripts
-from service.queue.redis.stats import RedisStats
 from service.queue.redis.streams import Groups, group_info, job_fields, read_reply, stats_of
 
 log = logging.getLogger(__name__)

@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 CATALOG_CACHE_S = 0.5
 
 
-class Registry:
+class Heartbeats:
     def __init__(self, r: Redis, keys: Keys, scripts: Scripts, heartbeat_s: float, where: str) -> None:
         self.r = r
         self.keys = keys
