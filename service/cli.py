@@ -493,7 +493,7 @@ def _serving_setup(
     args: argparse.Namespace, settings: Settings | None = None
 ) -> tuple[Settings, list[ModelSpec], list[DefaultModel]]:
     """Settings from file/env/flags, the specs to serve (the defaults when none), checked before starting."""
-    from service.embedded import preflight, preflight_probes, preflight_queue, serving_specs
+    from service.processes import preflight, preflight_probes, preflight_queue, serving_specs
     from service.worker.encode import EncodeOptions
 
     settings = settings or _settings(args)
@@ -508,8 +508,8 @@ def _serving_setup(
 def cmd_serve(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from service.embedded import default_banner, frontend_probes, frontend_specs, preflight_queue
     from service.ports import PortTaken
+    from service.processes import default_banner, frontend_probes, frontend_specs, preflight_queue
 
     api_only = args.role == "api"
     try:
@@ -570,9 +570,9 @@ def _run_http(settings: Settings, specs: list[ModelSpec], with_worker: bool, ban
 
     import uvicorn
 
-    from service.embedded import build_app
     from service.grpc.server import GrpcFrontend
     from service.ports import PortTaken, listen_http
+    from service.processes import build_app
 
     try:
         sock = listen_http(settings.host, settings.port)
@@ -637,8 +637,8 @@ def cmd_grpc(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from service.config import load_settings
-    from service.embedded import frontend_probes, frontend_specs, preflight_queue, run_grpc
     from service.ports import PortTaken, check_free
+    from service.processes import frontend_probes, frontend_specs, preflight_queue, run_grpc
 
     try:
         keys = ("grpc_host", "grpc_port", "api_keys", "api_keys_dir", "auth", "queue", "redis_url", "metrics_port")
@@ -672,7 +672,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     from pydantic import ValidationError
 
-    from service.embedded import default_banner, run_worker
+    from service.processes import default_banner, run_worker
 
     try:
         settings, specs, defaults = _serving_setup(args)

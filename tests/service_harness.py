@@ -19,8 +19,8 @@ from PIL import Image
 from models.outputs import Family, Task
 from models.spec import ModelSpec
 from service.config import Settings
-from service.embedded import build_app
 from service.jobs import Job, Reply
+from service.processes import build_app
 from service.worker.worker import Worker
 
 DEFAULT_MODELS: list[tuple[Family, Task]] = [("lotus-g", "depth"), ("lotus-g", "normals"), ("lotus-d", "depth")]

@@ -29,7 +29,7 @@ from models.loading import load_model
 from models.runtime.base import BackendError
 from models.spec import ModelSpec, resolve_spec
 from service.config import Settings
-from service.embedded import serving_specs
+from service.processes import serving_specs
 from tests.conftest import random_image
 from tests.service_harness import png_bytes, read_npy, running_service, specs_for
 

@@ -343,7 +343,7 @@ def test_a_declared_probe_whose_base_the_front_end_does_not_name_is_refused(trai
     an unreadable folder names the file."""
     from models.errors import ModelLoadError, SpecError
     from models.spec import ModelSpec
-    from service.embedded import frontend_probes
+    from service.processes import frontend_probes
 
     folder, _ = trained_probe
     other = ModelSpec(id="other-model", source="elsewhere")

@@ -353,7 +353,7 @@ async def test_redis_outage_is_the_queue_is_unreachable_without_host_or_exceptio
 
     port = free_port()  # nothing listens: a real connection refused, through the real broker, to a client
     settings = Settings(queue="redis", redis_url=f"redis://:hunter2@127.0.0.1:{port}/0", grpc_enabled=False)
-    from service.embedded import make_broker
+    from service.processes import make_broker
 
     async with frontend(settings, make_broker(settings)) as (_, client):  # type: ignore[arg-type]
         r = await client.get("/v1/models")
@@ -411,14 +411,14 @@ def test_the_grpc_start_up_line_names_redis_without_its_password(
     clean_env: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     import service.cli
-    import service.embedded
+    import service.processes
 
     async def fake_run_grpc(settings: Settings, specs: list[Any], announce: Callable[[str], None]) -> int:
         announce("127.0.0.1:1")
         return 0
 
-    clean_env.setattr(service.embedded, "run_grpc", fake_run_grpc)
-    clean_env.setattr(service.embedded, "preflight_queue", lambda settings: None)
+    clean_env.setattr(service.processes, "run_grpc", fake_run_grpc)
+    clean_env.setattr(service.processes, "preflight_queue", lambda settings: None)
     clean_env.setattr(service.cli.logs, "configure", lambda *a, **k: None)
     clean_env.setattr(service.cli.tracing, "setup", lambda *a, **k: None)
     url = "redis://:hunter2@redis.internal:6379/0"

@@ -1,4 +1,4 @@
-"""One precedence for what a served model runs with (service.embedded.served_spec): settings that override every
+"""One precedence for what a served model runs with (service.processes.served_spec): settings that override every
 model win over the spec, the spec wins over the server's defaults. Before, Settings won for engine_cache (a
 spec's own cache was silently ignored) while the spec won for batching."""
 
@@ -11,7 +11,7 @@ import pytest
 from models.errors import SpecError
 from models.spec import ModelSpec
 from service.config import Settings
-from service.embedded import served_spec, serving_specs
+from service.processes import served_spec, serving_specs
 
 
 def spec_file(tmp_path: Path, source: Path, **fields: object) -> Path:

@@ -1,5 +1,5 @@
-"""Wiring of the three process shapes: all-in-one (`serve`), API only (`api`) and worker only (`worker`),
-on the in-process queue (embedded default) or Redis Streams."""
+"""Wiring of the four process shapes: all-in-one (`serve`), REST only (`api`), gRPC only (`grpc`) and worker
+only (`worker`), on the in-process queue (embedded default) or Redis Streams."""
 
 from __future__ import annotations
 
