@@ -106,9 +106,7 @@ def run(
         port = free_port()
         log = Path(tmp) / "serve.log"
         queue = ["--queue", "redis", "--redis-url", server.url]
-        procs.append(
-            _start(["serve", *queue, "--model", model_dir, "--port", str(port), "--grpc-port", "0"], env, log)
-        )
+        procs.append(_start(["serve", *queue, "--model", model_dir, "--port", str(port), "--grpc-port", "0"], env, log))
         for i in range(workers):
             procs.append(_start(["worker", *queue, "--model", model_dir, "--name", f"extra-{i}"], env, log))
         base = f"http://127.0.0.1:{port}"
