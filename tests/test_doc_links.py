@@ -7,7 +7,7 @@ file the repository tracks; every #anchor into a Markdown file names one of its 
   one; an anchor into a Markdown file (or `#anchor` alone: the same file) must match a heading's slug there,
   by GitHub's rules (see `slug`), or an HTML `id` / `name`.
 - Code and configs (`*.py`, `*.toml`, `*.yaml`, `*.yml`, the Makefile, Dockerfiles, shell scripts) and Markdown
-  prose: every path that ends in `.md` and has a folder in it (`docs/performance.md`, `../shared/x.md`) must
+  prose: every path that ends in `.md` and has a folder in it (`docs/performance.md`, `../elsewhere/x.md`) must
   resolve, from the repository root or from the citing file's folder, to a tracked file inside the repository,
   and an `#anchor` after it must name a heading there. URLs, and placeholders such as `DIR/x.md`, are left out.
 """
@@ -34,7 +34,7 @@ INLINE_LINK = re.compile(r"!?\[(?:[^\[\]]|\[[^\[\]]*\])*\]\(\s*(<[^>]*>|[^\s()]*
 REFERENCE_DEF = re.compile(r"^\s{0,3}\[[^\]]+\]:\s*(<[^>]*>|\S+)", re.MULTILINE)
 SCHEME = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")
 URL = re.compile(r"[a-zA-Z][a-zA-Z0-9+.-]*://\S+")
-# A path with at least one folder that ends in .md: docs/x.md, ../shared/docs/x.md, /abs/x.md.
+# A path with at least one folder that ends in .md: docs/x.md, ../elsewhere/docs/x.md, /abs/x.md.
 MD_PATH = re.compile(r"(?<![\w.\-/])((?:\.{1,2}/|/)?(?:[\w.\-]+/)+[\w.\-]+\.md)\b(?:#([\w\-]+))?")
 CITING = ("*.py", "*.toml", "*.yaml", "*.yml", "Makefile", "Dockerfile*", "*.sh", "*.cfg", "*.ini")
 #: A first folder in capitals (DIR, OUT, $OUT) stands for a folder the reader picks, not a path in the repository.
@@ -195,15 +195,15 @@ def test_the_checks_catch_what_they_should(tmp_path: Path) -> None:
     assert check_link(md, "https://example.com/missing.md") is None
     assert "anchor" in (check_link(md, "benchmarks.md#no-such-heading") or "")
     assert "not a tracked" in (check_link(md, "missing.md") or "")
-    assert "outside" in (check_link(md, "../../shared/docs/x.md") or "")
+    assert "outside" in (check_link(md, "../../elsewhere/docs/x.md") or "")
     assert check_cited("load_tests/gpu_check.py", "docs/benchmarks.md") is None
     assert check_cited("load_tests/gpu_check.py", "DIR/gpu-table.md") is None
     assert check_cited("Makefile", "docs/benchmarks.md", "gpu-check-one-lease") is None
     assert "anchor" in (check_cited("Makefile", "docs/benchmarks.md", "no-such-heading") or "")
     assert check_cited("load_tests/gpu_check.py", "docs/no-such-page.md") == "names no tracked file"
     assert check_cited("load_tests/gpu_check.py", "/abs/KINDS.md") == "an absolute path: cite a file in the repository"
-    assert check_cited("docs/training.md", "shared/docs/model-semantics.md") == "names no tracked file"
-    assert check_cited("README.md", "../shared/docs/model-semantics.md") == "points outside the repository"
+    assert check_cited("docs/training.md", "elsewhere/docs/notes.md") == "names no tracked file"
+    assert check_cited("README.md", "../elsewhere/docs/notes.md") == "points outside the repository"
     assert cited_paths("tests/test_doc_links.py")  # this file cites paths of both kinds above
     assert [p for _, p in links("docs/performance.md")]  # the parser finds links at all
 
