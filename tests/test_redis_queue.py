@@ -431,6 +431,34 @@ async def test_a_cancelled_request_is_never_computed_on_redis(tiny_dir, redis_ur
         assert (await broker.queue_stats("lotus-g-depth")).pending == 0  # acknowledged, not left behind
 
 
+async def drop_while_xadd_in_transit(h, url: str, image: bytes, key: str | None, reply_delay_s: float) -> float:
+    """Post (with an Idempotency-Key when `key` is given) and drop the connection once Redis has added the job but
+    before the XADD's reply reaches the API (held back `reply_delay_s`); when Redis added it (monotonic seconds)."""
+    submitter = h.app.state.broker.submitter
+    real_xadd = submitter.r.xadd
+    added = asyncio.Event()
+    added_at = 0.0
+
+    async def reply_in_transit(*args, **kwargs):
+        nonlocal added_at
+        entry = await real_xadd(*args, **kwargs)  # Redis has the job ...
+        added_at = time.monotonic()
+        added.set()
+        await asyncio.sleep(reply_delay_s)  # ... and its reply has not reached the API yet
+        return entry
+
+    submitter.r.xadd = reply_in_transit
+    try:
+        client = asyncio.create_task(post(h, url, image, **({"idempotency-key": key} if key else {})))
+        await asyncio.wait_for(added.wait(), timeout=10)
+        client.cancel()  # the connection drops now
+        with pytest.raises(asyncio.CancelledError):
+            await client
+    finally:
+        del submitter.r.xadd
+    return added_at
+
+
 async def test_a_keyed_client_leaving_while_its_xadd_is_on_the_wire_is_computed_once(
     tiny_dir, redis_url, redis_prefix
 ) -> None:
@@ -438,43 +466,17 @@ async def test_a_keyed_client_leaving_while_its_xadd_is_on_the_wire_is_computed_
     that job keeps its Idempotency-Key, so the retry gets its stored answer instead of computing it again
     (found by CI: test_disconnect's retry[redis] computed twice when the drop raced the XADD)."""
     async with on_redis(tiny_dir, redis_url, redis_prefix, models=[("lotus-g", "depth")]) as h:
-        submitter = h.app.state.broker.submitter
-        real_xadd = submitter.r.xadd
-        added = asyncio.Event()
-
-        async def reply_in_transit(*args, **kwargs):
-            entry = await real_xadd(*args, **kwargs)  # Redis has the job ...
-            added.set()
-            await asyncio.sleep(1.0)  # ... and its reply has not reached the API yet
-            return entry
-
         image = png_bytes(32, 40, seed=12)
         url = "/v1/depth?format=npy&model=lotus-g-depth"
         with model_calls(h, "lotus-g-depth") as calls:
-            submitter.r.xadd = reply_in_transit
-            try:
-                client = asyncio.create_task(post(h, url, image, **{"idempotency-key": "on-the-wire-1"}))
-                await asyncio.wait_for(added.wait(), timeout=10)
-                client.cancel()  # the connection drops now
-                with pytest.raises(asyncio.CancelledError):
-                    await client
-            finally:
-                del submitter.r.xadd
+            await drop_while_xadd_in_transit(h, url, image, "on-the-wire-1", reply_delay_s=1.0)
             retry = await post(h, url, image, **{"idempotency-key": "on-the-wire-1"})
             assert retry.status_code == 200, retry.text
             assert calls.images() == 1, calls.calls  # computed once, for both attempts
             _, *small = calls.calls[0]
             slow = await start_slow(h)  # the lane is busy: the next job waits in the stream
-            added.clear()
-            submitter.r.xadd = reply_in_transit
-            try:
-                plain = asyncio.create_task(post(h, url, png_bytes(32, 40, seed=13)))
-                await asyncio.wait_for(added.wait(), timeout=10)
-                plain.cancel()  # without a key: the job in the stream is marked cancelled, never computed
-                with pytest.raises(asyncio.CancelledError):
-                    await plain
-            finally:
-                del submitter.r.xadd
+            # Without a key: the job in the stream is marked cancelled, never computed.
+            await drop_while_xadd_in_transit(h, url, png_bytes(32, 40, seed=13), None, reply_delay_s=1.0)
             assert (await slow).status_code == 200
             end = time.monotonic() + 10
             while h.worker.stats.outcomes[("lotus-g-depth", "dropped")] < 1:
@@ -516,29 +518,9 @@ async def test_a_keyed_retry_long_after_the_abandoned_xadd_settled_is_computed_o
         submitter = h.app.state.broker.submitter
         stats = h.worker.stats
         forwards, counted, answered = stats.forwards["slow"], await batches(h), stats.outcomes[("slow", "ok")]
-        real_xadd = submitter.r.xadd
-        added = asyncio.Event()
-        added_at = 0.0
-
-        async def reply_in_transit(*args, **kwargs):
-            nonlocal added_at
-            entry = await real_xadd(*args, **kwargs)  # Redis has the job ...
-            added_at = time.monotonic()
-            added.set()
-            await asyncio.sleep(0.3)  # ... and its reply reaches the API after the client left
-            return entry
-
         image = png_bytes(32, 40, seed=21)
         url = "/v1/depth?format=npy&model=slow"
-        submitter.r.xadd = reply_in_transit
-        try:
-            client = asyncio.create_task(post(h, url, image, **{"idempotency-key": "late-retry-1"}))
-            await asyncio.wait_for(added.wait(), timeout=10)
-            client.cancel()  # the connection drops now
-            with pytest.raises(asyncio.CancelledError):
-                await client
-        finally:
-            del submitter.r.xadd
+        added_at = await drop_while_xadd_in_transit(h, url, image, "late-retry-1", reply_delay_s=0.3)
         await asyncio.sleep(max(0.0, added_at + 1.5 - time.monotonic()))
         assert not [t.get_name() for t in submitter._background if t.get_name().startswith("dense-settle")]
         assert stats.outcomes[("slow", "ok")] == answered, dict(stats.outcomes)  # still queued or computing
